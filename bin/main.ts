@@ -1,0 +1,16 @@
+import { Command } from 'commander';
+import { registerPlanCommand } from './plan.ts';
+
+/** `strata`: a thin dispatcher; each command lives in its own module. */
+export function buildProgram(): Command {
+  const program = new Command('strata')
+    .description('Pipeline-parallel inference for Hugging Face transformers: stages over gRPC, requests through BullMQ')
+    .showHelpAfterError();
+  registerPlanCommand(program);
+  return program;
+}
+
+const isEntry = process.argv[1] && /strata(\.js)?$|main\.ts$/.test(process.argv[1]);
+if (isEntry) {
+  await buildProgram().parseAsync(process.argv);
+}

@@ -1,0 +1,71 @@
+/**
+ * float16 / bfloat16 <-> float32 conversions. Node 20 has no Float16Array, so these are written by
+ * hand (IEEE 754 binary16, round-to-nearest-even), as every JS ONNX/safetensors tool does.
+ */
+const f32 = new Float32Array(1);
+const u32 = new Uint32Array(f32.buffer);
+
+export function f16ToF32(h: number): number {
+  const sign = h & 0x8000 ? -1 : 1;
+  const exp = (h >> 10) & 0x1f;
+  const frac = h & 0x3ff;
+  if (exp === 0) return sign * frac * 2 ** -24;
+  if (exp === 31) return frac ? NaN : sign * Infinity;
+  return sign * (1 + frac / 1024) * 2 ** (exp - 15);
+}
+
+export function f32ToF16(value: number): number {
+  f32[0] = value;
+  const x = u32[0];
+  const sign = (x >>> 16) & 0x8000;
+  const exp = (x >>> 23) & 0xff;
+  let mant = x & 0x7fffff;
+  if (exp === 0xff) return sign | 0x7c00 | (mant ? 0x200 : 0);
+  let e = exp - 127 + 15;
+  if (e >= 31) return sign | 0x7c00;
+  if (e <= 0) {
+    if (e < -10) return sign;
+    mant |= 0x800000;
+    const shift = 14 - e;
+    let half = mant >> shift;
+    const rest = mant & ((1 << shift) - 1);
+    const mid = 1 << (shift - 1);
+    if (rest > mid || (rest === mid && half & 1)) half++;
+    return sign | half;
+  }
+  let half = (e << 10) | (mant >> 13);
+  const rest = mant & 0x1fff;
+  if (rest > 0x1000 || (rest === 0x1000 && half & 1)) half++;
+  return sign | half;
+}
+
+export function toFloat32(src: Uint8Array, dtype: 'F32' | 'F16' | 'BF16'): Float32Array {
+  if (dtype === 'F32') {
+    const copy = new Uint8Array(src.byteLength);
+    copy.set(src);
+    return new Float32Array(copy.buffer);
+  }
+  const n = src.byteLength / 2;
+  const halves = new Uint16Array(n);
+  new Uint8Array(halves.buffer).set(src);
+  const out = new Float32Array(n);
+  if (dtype === 'BF16') {
+    const bits = new Uint32Array(out.buffer);
+    for (let i = 0; i < n; i++) bits[i] = halves[i] << 16;
+  } else {
+    for (let i = 0; i < n; i++) out[i] = f16ToF32(halves[i]);
+  }
+  return out;
+}
+
+export function float32ToFloat16(src: Float32Array): Uint16Array {
+  const out = new Uint16Array(src.length);
+  for (let i = 0; i < src.length; i++) out[i] = f32ToF16(src[i]);
+  return out;
+}
+
+export function float16ToFloat32(src: Uint16Array): Float32Array {
+  const out = new Float32Array(src.length);
+  for (let i = 0; i < src.length; i++) out[i] = f16ToF32(src[i]);
+  return out;
+}

@@ -1,0 +1,149 @@
+import { randomUUID } from 'node:crypto';
+import type { StepInput } from './stage.ts';
+import type { TensorData } from './tensor.ts';
+import { createRng, selectNextToken, type SamplingParams } from './sampling.ts';
+import { StrataError } from './errors.ts';
+
+/**
+ * How the last stage turns logits into tokens. Stateless per step (the RNG is seeded from seed and step index),
+ * so any replica of the last stage, or a replay after a fault, picks the same token.
+ */
+export interface SelectSpec {
+  sampling: SamplingParams;
+  /** Per batch row: every id so far (prompt + generated), for the repetition penalty. */
+  history: number[][];
+  step: number;
+}
+
+export interface PipelineStep extends StepInput {
+  /** When set, the last stage returns chosen token ids instead of logits. */
+  select?: SelectSpec;
+}
+
+export interface StepResult {
+  logits?: TensorData;
+  tokens?: number[];
+}
+
+/** A whole pipeline as the request logic sees it: in-process stages, or K workers over gRPC. */
+export interface Stepper {
+  step(sessionId: string, input: PipelineStep): Promise<StepResult>;
+  /** Frees the session's KV caches on every stage. */
+  end(sessionId: string): Promise<void>;
+}
+
+/** Applies `sel` to logits [B, R, V]: one token per batch row, from its last requested position. */
+export function pickTokens(logits: TensorData, sel: SelectSpec): number[] {
+  const [batch, rows, vocab] = logits.dims;
+  const data = logits.data as Float32Array;
+  const seed = sel.sampling.seed ?? 0;
+  const rng = createRng((Math.imul(seed | 0, 0x9e3779b1) ^ Math.imul(sel.step + 1, 0x85ebca6b)) >>> 0);
+  const out: number[] = [];
+  for (let b = 0; b < batch; b++) {
+    const start = (b * rows + rows - 1) * vocab;
+    out.push(selectNextToken(data.subarray(start, start + vocab), sel.sampling, rng, sel.history[b] ?? []));
+  }
+  return out;
+}
+
+const i64 = (rows: number[][]): TensorData => ({ dtype: 'int64', dims: [rows.length, rows[0].length], data: BigInt64Array.from(rows.flat(), BigInt) });
+const range = (from: number, to: number) => Array.from({ length: to - from }, (_, i) => from + i);
+
+export interface GenerateOptions {
+  maxNewTokens: number;
+  sampling?: SamplingParams;
+  /** Stop after emitting this id (HF generate's default behaviour). null: never. */
+  eosTokenId?: number | null;
+  /** Called with each new token as soon as it is chosen; return false to stop (stop sequences). */
+  onToken?: (id: number, index: number) => boolean | void;
+  maxPositions?: number;
+}
+
+export interface GenerateResult {
+  outputIds: number[];
+  finishReason: 'length' | 'stop';
+}
+
+/** Prefill once, then one token per step through the KV caches. */
+export async function generate(stepper: Stepper, promptIds: number[], opts: GenerateOptions): Promise<GenerateResult> {
+  if (promptIds.length === 0) throw new StrataError('prompt_empty', 'the prompt has no tokens');
+  if (opts.maxPositions !== undefined && promptIds.length + opts.maxNewTokens > opts.maxPositions) {
+    throw new StrataError('prompt_too_long', `prompt (${promptIds.length} tokens) + max new tokens (${opts.maxNewTokens}) exceeds the model's context of ${opts.maxPositions}; shorten the prompt or lower max_tokens`);
+  }
+  const sampling = opts.sampling ?? {};
+  const sessionId = randomUUID();
+  const history = [...promptIds];
+  const outputIds: number[] = [];
+  let finishReason: GenerateResult['finishReason'] = 'length';
+  try {
+    let input: PipelineStep = {
+      inputIds: i64([promptIds]), positionIds: i64([range(0, promptIds.length)]), attentionMask: i64([promptIds.map(() => 1)]),
+      logitPositions: { dtype: 'int64', dims: [1], data: BigInt64Array.of(BigInt(promptIds.length - 1)) },
+    };
+    for (let i = 0; i < opts.maxNewTokens; i++) {
+      const { tokens } = await stepper.step(sessionId, { ...input, select: { sampling, history: [history], step: i } });
+      const next = tokens![0];
+      outputIds.push(next);
+      history.push(next);
+      if (opts.onToken?.(next, i) === false || (opts.eosTokenId != null && next === opts.eosTokenId)) {
+        finishReason = 'stop';
+        break;
+      }
+      const pos = history.length - 1;
+      input = { inputIds: i64([[next]]), positionIds: i64([[pos]]), attentionMask: i64([history.map(() => 1)]) };
+    }
+  } finally {
+    await stepper.end(sessionId);
+  }
+  return { outputIds, finishReason };
+}
+
+/** Logits for every position of one sequence: [T][vocab]. */
+export async function forwardLogits(stepper: Stepper, ids: number[]): Promise<number[][]> {
+  const logits = await forwardRows(stepper, ids, range(0, ids.length));
+  return toRows(logits);
+}
+
+async function forwardRows(stepper: Stepper, ids: number[], positions: number[]): Promise<TensorData> {
+  if (ids.length === 0) throw new StrataError('prompt_empty', 'the input has no tokens');
+  const sessionId = randomUUID();
+  try {
+    const { logits } = await stepper.step(sessionId, {
+      inputIds: i64([ids]), positionIds: i64([range(0, ids.length)]), attentionMask: i64([ids.map(() => 1)]),
+      logitPositions: { dtype: 'int64', dims: [positions.length], data: BigInt64Array.from(positions, BigInt) },
+    });
+    return logits!;
+  } finally {
+    await stepper.end(sessionId);
+  }
+}
+
+export function toRows(logits: TensorData): number[][] {
+  const [, rows, vocab] = logits.dims;
+  const data = logits.data as Float32Array;
+  return range(0, rows).map((r) => Array.from(data.subarray(r * vocab, (r + 1) * vocab)));
+}
+
+export interface FillMaskCandidate {
+  id: number;
+  score: number;
+}
+
+/** Top-k candidates (softmax probabilities) for the token at `maskIndex`, as HF's fill-mask pipeline scores them. */
+export async function fillMask(stepper: Stepper, ids: number[], maskIndex: number, topK: number): Promise<FillMaskCandidate[]> {
+  if (!Number.isInteger(maskIndex) || maskIndex < 0 || maskIndex >= ids.length) {
+    throw new StrataError('mask_index_invalid', `mask index ${maskIndex} is outside the input (length ${ids.length})`);
+  }
+  const row = toRows(await forwardRows(stepper, ids, [maskIndex]))[0];
+  return topKSoftmax(row, topK);
+}
+
+export function topKSoftmax(row: number[], k: number): FillMaskCandidate[] {
+  const max = Math.max(...row);
+  let sum = 0;
+  for (const v of row) sum += Math.exp(v - max);
+  return row
+    .map((v, id) => ({ id, score: Math.exp(v - max) / sum }))
+    .sort((a, b) => b.score - a.score || a.id - b.id)
+    .slice(0, k);
+}

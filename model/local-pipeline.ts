@@ -1,0 +1,61 @@
+import { loadModelSpec, type ModelSpec } from './config.ts';
+import { evenSplit, type BlockRange } from './range.ts';
+import { prepareStage, type PreparedStage } from './stage-cache.ts';
+import { StageSession, type SessionOptions } from './executor.ts';
+import { Stage, type KvCache } from './stage.ts';
+import { pickTokens, type PipelineStep, type StepResult, type Stepper } from './generation.ts';
+import type { WeightDType } from './stage-graph.ts';
+
+export interface LocalPipelineOptions extends SessionOptions {
+  dtype?: WeightDType;
+  cacheDir?: string;
+  onProgress?: (msg: string) => void;
+}
+
+/**
+ * K stage graphs run one after another in this process, without gRPC: the reference path every distributed
+ * configuration must agree with.
+ */
+export class LocalPipeline implements Stepper {
+  private readonly caches = new Map<string, KvCache[]>();
+
+  private constructor(
+    readonly spec: ModelSpec,
+    readonly stages: Stage[],
+    readonly prepared: PreparedStage[],
+  ) {}
+
+  static async load(modelDir: string, split: number | BlockRange[], opts: LocalPipelineOptions = {}): Promise<LocalPipeline> {
+    const spec = loadModelSpec(modelDir);
+    const ranges = typeof split === 'number' ? evenSplit(spec.blocks, split) : split;
+    const dtype = opts.dtype ?? 'float32';
+    const prepared = ranges.map((r) => prepareStage(modelDir, r, { dtype, cacheDir: opts.cacheDir, onProgress: opts.onProgress }));
+    const stages: Stage[] = [];
+    for (const p of prepared) stages.push(new Stage(spec, p.range, await StageSession.create(p.path, opts), dtype));
+    return new LocalPipeline(spec, stages, prepared);
+  }
+
+  async step(sessionId: string, input: PipelineStep): Promise<StepResult> {
+    let caches = this.caches.get(sessionId);
+    if (!caches) {
+      const batch = input.positionIds.dims[0];
+      caches = this.stages.map((s) => s.emptyCache(batch));
+      if (this.spec.causal) this.caches.set(sessionId, caches);
+    }
+    let hidden = undefined;
+    for (const [i, stage] of this.stages.entries()) {
+      const out = await stage.step({ ...input, hidden }, this.spec.causal ? caches[i] : null);
+      if (stage.isLast) return input.select ? { tokens: pickTokens(out.logits!, input.select) } : { logits: out.logits };
+      hidden = out.hidden;
+    }
+    throw new Error('unreachable: the pipeline has no last stage');
+  }
+
+  async end(sessionId: string): Promise<void> {
+    this.caches.delete(sessionId);
+  }
+
+  async close(): Promise<void> {
+    for (const s of this.stages) await s.session.release();
+  }
+}

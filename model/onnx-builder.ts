@@ -1,0 +1,145 @@
+import onnxProto from 'onnx-proto';
+import { closeSync, openSync, writeSync } from 'node:fs';
+import { f32ToF16 as f16Bits } from './dtype.ts';
+
+// onnx-proto ships protobufjs-generated ONNX messages (IR 8 schema); we never hand-copy the schema.
+export const { onnx } = onnxProto;
+export const ElemType = onnx.TensorProto.DataType;
+export type ElemTypeId = number;
+type Attr = number | number[] | string | { float: number } | { floats: number[] };
+
+/** Where initializer bytes go: a side file (external data, no 2 GB protobuf limit) or nowhere (size accounting). */
+export interface WeightSink {
+  /** Records `bytes` and returns their place in the data file. */
+  append(bytes: Uint8Array): { offset: number; length: number };
+  readonly location: string;
+  close(): void;
+}
+
+export class FileSink implements WeightSink {
+  private fd: number;
+  private offset = 0;
+  constructor(path: string, readonly location: string) {
+    this.fd = openSync(path, 'w');
+  }
+  append(bytes: Uint8Array) {
+    // 64-byte alignment keeps each tensor friendly to mmap and SIMD loads.
+    const pad = (64 - (this.offset % 64)) % 64;
+    if (pad) writeSync(this.fd, new Uint8Array(pad));
+    const offset = this.offset + pad;
+    writeSync(this.fd, bytes);
+    this.offset = offset + bytes.byteLength;
+    return { offset, length: bytes.byteLength };
+  }
+  close() {
+    closeSync(this.fd);
+  }
+}
+
+/** Counts bytes without writing: for shape/size checks of full-size graphs. */
+export class CountingSink implements WeightSink {
+  readonly location = 'weights.bin';
+  total = 0;
+  append(bytes: Uint8Array) {
+    const offset = this.total;
+    this.total += bytes.byteLength;
+    return { offset, length: bytes.byteLength };
+  }
+  close() {}
+}
+
+const valueInfo = (name: string, elemType: ElemTypeId, dims: (number | string)[]) => ({
+  name,
+  type: { tensorType: { elemType, shape: { dim: dims.map((d) => (typeof d === 'number' ? { dimValue: d } : { dimParam: d })) } } },
+});
+
+/** A small fluent layer over ONNX GraphProto: unique value names, typed attributes, inline constants, external weights. */
+export class GraphBuilder {
+  private nodes: object[] = [];
+  private inits: object[] = [];
+  private inputs: object[] = [];
+  private outputs: object[] = [];
+  private counter = 0;
+  readonly weightNames = new Set<string>();
+  paramBytes = 0;
+
+  constructor(private readonly sink: WeightSink) {}
+
+  input(name: string, elemType: ElemTypeId, dims: (number | string)[]): string {
+    this.inputs.push(valueInfo(name, elemType, dims));
+    return name;
+  }
+
+  output(value: string, name: string, elemType: ElemTypeId, dims: (number | string)[]): void {
+    this.op('Identity', [value], {}, [name]);
+    this.outputs.push(valueInfo(name, elemType, dims));
+  }
+
+  /** Adds one node; returns its output names (fresh unless given). */
+  op(opType: string, inputs: string[], attrs: Record<string, Attr> = {}, outputs: string[] | number = 1, domain = ''): string[] {
+    const outs = typeof outputs === 'number' ? Array.from({ length: outputs }, () => `${opType.toLowerCase()}_${this.counter++}`) : outputs;
+    const attribute = Object.entries(attrs).map(([name, v]) => {
+      const A = onnx.AttributeProto.AttributeType;
+      // JS cannot tell 1 from 1.0: float attributes are passed as {float} so ORT sees the right type.
+      if (typeof v === 'string') return { name, type: A.STRING, s: Buffer.from(v) };
+      if (Array.isArray(v)) return { name, type: A.INTS, ints: v };
+      if (typeof v === 'object' && 'float' in v) return { name, type: A.FLOAT, f: v.float };
+      if (typeof v === 'object' && 'floats' in v) return { name, type: A.FLOATS, floats: v.floats };
+      return { name, type: A.INT, i: v };
+    });
+    this.nodes.push({ opType, input: inputs, output: outs, attribute, domain, name: `${opType}_${this.nodes.length}` });
+    return outs;
+  }
+
+  /** Single-output shorthand. */
+  o(opType: string, inputs: string[], attrs: Record<string, Attr> = {}, domain = ''): string {
+    return this.op(opType, inputs, attrs, 1, domain)[0];
+  }
+
+  /** Small inline constant (shapes, scalars, axes). */
+  constInt64(values: number[], dims: number[] = [values.length]): string {
+    const name = `const_${this.counter++}`;
+    this.inits.push({ name, dims, dataType: ElemType.INT64, int64Data: values });
+    return name;
+  }
+
+  constScalar(value: number, elemType: ElemTypeId): string {
+    const name = `const_${this.counter++}`;
+    if (elemType === ElemType.FLOAT16) {
+      this.inits.push({ name, dims: [], dataType: elemType, int32Data: [f16Bits(value)] });
+    } else {
+      this.inits.push({ name, dims: [], dataType: elemType, floatData: [value] });
+    }
+    return name;
+  }
+
+  /** A weight tensor, stored as external data. Reusing a name returns the existing initializer (tied weights). */
+  weight(name: string, elemType: ElemTypeId, dims: number[], bytes: () => Uint8Array): string {
+    if (this.weightNames.has(name)) return name;
+    const data = bytes();
+    const { offset, length } = this.sink.append(data);
+    this.paramBytes += length;
+    this.weightNames.add(name);
+    this.inits.push({
+      name, dims, dataType: elemType, dataLocation: onnx.TensorProto.DataLocation.EXTERNAL,
+      externalData: [
+        { key: 'location', value: this.sink.location },
+        { key: 'offset', value: String(offset) },
+        { key: 'length', value: String(length) },
+      ],
+    });
+    return name;
+  }
+
+  /** Serialises the model; the caller closes the sink. */
+  encode(graphName: string, opsets: Record<string, number>, metadata: Record<string, string>): Uint8Array {
+    const model = onnx.ModelProto.create({
+      irVersion: 8,
+      producerName: 'strata',
+      opsetImport: Object.entries(opsets).map(([domain, version]) => ({ domain, version })),
+      metadataProps: Object.entries(metadata).map(([key, value]) => ({ key, value })),
+      graph: { name: graphName, node: this.nodes, initializer: this.inits, input: this.inputs, output: this.outputs },
+    });
+    return onnx.ModelProto.encode(model).finish();
+  }
+}

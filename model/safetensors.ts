@@ -1,0 +1,149 @@
+import { closeSync, existsSync, fstatSync, openSync, readFileSync, readSync, readdirSync } from 'node:fs';
+import { createHash } from 'node:crypto';
+import { join } from 'node:path';
+import { StrataError } from './errors.ts';
+import { toFloat32 } from './dtype.ts';
+
+export type StDType = 'F32' | 'F16' | 'BF16';
+const SUPPORTED: Record<string, number> = { F32: 4, F16: 2, BF16: 2 };
+
+export interface TensorInfo {
+  key: string;
+  dtype: StDType;
+  shape: number[];
+  file: string;
+  /** Absolute byte offset in `file`. */
+  offset: number;
+  length: number;
+}
+
+interface Shard {
+  path: string;
+  fd: number;
+  header: Buffer;
+  size: number;
+}
+
+/**
+ * A safetensors checkpoint (one file or a sharded index), read lazily: only the header is parsed up front and a
+ * tensor's bytes are read from disk when asked for, so a 24 GB checkpoint never sits in memory and a stage reads
+ * only its own tensors.
+ */
+export class Checkpoint {
+  private readonly tensors = new Map<string, TensorInfo>();
+  private readonly shards: Shard[] = [];
+
+  private constructor(readonly dir: string) {}
+
+  static open(dir: string): Checkpoint {
+    const ck = new Checkpoint(dir);
+    const index = join(dir, 'model.safetensors.index.json');
+    const single = join(dir, 'model.safetensors');
+    if (existsSync(index)) {
+      let weightMap: Record<string, string>;
+      try {
+        weightMap = JSON.parse(readFileSync(index, 'utf8')).weight_map;
+      } catch (e) {
+        throw new StrataError('weights_invalid', `${index} is not valid JSON: ${(e as Error).message}`);
+      }
+      if (!weightMap || typeof weightMap !== 'object') throw new StrataError('weights_invalid', `${index} has no "weight_map"`);
+      for (const file of [...new Set(Object.values(weightMap))].sort()) ck.addShard(join(dir, file));
+      for (const [key, file] of Object.entries(weightMap)) {
+        const info = ck.tensors.get(key);
+        if (!info || info.file !== join(dir, file)) throw new StrataError('weights_invalid', `${index} maps "${key}" to ${file}, but that shard does not hold it`);
+      }
+    } else if (existsSync(single)) {
+      ck.addShard(single);
+    } else {
+      const bin = readdirSync(dir).find((f) => /^pytorch_model.*\.bin$/.test(f) || f.endsWith('.pt'));
+      const fix = `convert it once with: python -c "from transformers import AutoModel; AutoModel.from_pretrained('${dir}').save_pretrained('${dir}', safe_serialization=True)"`;
+      throw new StrataError(
+        'weights_missing',
+        bin ? `${dir} has only ${bin} (PyTorch pickle); strata reads safetensors only, ${fix}` : `${dir} has no model.safetensors or model.safetensors.index.json`,
+      );
+    }
+    return ck;
+  }
+
+  private addShard(path: string): void {
+    if (!existsSync(path)) throw new StrataError('weights_missing', `weights shard ${path} is missing`);
+    const fd = openSync(path, 'r');
+    const size = fstatSync(fd).size;
+    const lenBuf = Buffer.alloc(8);
+    readSync(fd, lenBuf, 0, 8, 0);
+    const headerLen = Number(lenBuf.readBigUInt64LE(0));
+    if (size < 8 || headerLen > size - 8 || headerLen > 100 * 1024 * 1024) {
+      closeSync(fd);
+      throw new StrataError('weights_invalid', `${path} is not a safetensors file (bad header length)`);
+    }
+    const header = Buffer.alloc(headerLen);
+    readSync(fd, header, 0, headerLen, 8);
+    let entries: Record<string, { dtype: string; shape: number[]; data_offsets: [number, number] }>;
+    try {
+      entries = JSON.parse(header.toString('utf8'));
+    } catch {
+      closeSync(fd);
+      throw new StrataError('weights_invalid', `${path} has a corrupt safetensors header`);
+    }
+    const base = 8 + headerLen;
+    for (const [key, e] of Object.entries(entries)) {
+      if (key === '__metadata__') continue;
+      const [begin, end] = e.data_offsets;
+      if (end > size - base) throw new StrataError('weights_invalid', `${path}: tensor "${key}" lies past the end of the file (truncated download?)`);
+      this.tensors.set(key, { key, dtype: e.dtype as StDType, shape: e.shape, file: path, offset: base + begin, length: end - begin });
+    }
+    this.shards.push({ path, fd, header, size });
+  }
+
+  has(key: string): boolean {
+    return this.tensors.has(key);
+  }
+
+  keys(): string[] {
+    return [...this.tensors.keys()];
+  }
+
+  info(key: string): TensorInfo | undefined {
+    return this.tensors.get(key);
+  }
+
+  /** Reads one tensor as float32, checking it exists and has the shape the model config implies. */
+  readFloat32(key: string, expectedShape: number[]): Float32Array {
+    const info = this.tensors.get(key);
+    const want = `[${expectedShape.join(', ')}]`;
+    if (!info) throw new StrataError('weight_missing', `checkpoint ${this.dir} has no tensor "${key}" (expected shape ${want}); is config.json from the same checkpoint as the weights?`);
+    if (info.shape.length !== expectedShape.length || info.shape.some((d, i) => d !== expectedShape[i])) {
+      throw new StrataError('weight_shape_mismatch', `tensor "${key}" has shape [${info.shape.join(', ')}] but config.json implies ${want}; the config and weights are from different checkpoints`);
+    }
+    if (!(info.dtype in SUPPORTED)) throw new StrataError('weight_dtype_unsupported', `tensor "${key}" has dtype ${info.dtype}; supported: F32, F16, BF16`);
+    const buf = Buffer.alloc(info.length);
+    const shard = this.shards.find((s) => s.path === info.file)!;
+    readSync(shard.fd, buf, 0, info.length, info.offset);
+    return toFloat32(buf, info.dtype);
+  }
+
+  /**
+   * Identity of the checkpoint for caches and the stage handshake: config + every shard's header, size and the first
+   * and last MiB of its data. Cheap on a 24 GB checkpoint, and different for any re-trained or re-sharded copy.
+   */
+  fingerprint(): string {
+    const h = createHash('sha256');
+    const config = join(this.dir, 'config.json');
+    if (existsSync(config)) h.update(readFileSync(config));
+    for (const s of this.shards) {
+      h.update(s.header).update(String(s.size));
+      const span = Math.min(1 << 20, s.size);
+      const head = Buffer.alloc(span);
+      const tail = Buffer.alloc(span);
+      readSync(s.fd, head, 0, span, 0);
+      readSync(s.fd, tail, 0, span, s.size - span);
+      h.update(head).update(tail);
+    }
+    return h.digest('hex').slice(0, 16);
+  }
+
+  close(): void {
+    for (const s of this.shards) closeSync(s.fd);
+    this.shards.length = 0;
+  }
+}

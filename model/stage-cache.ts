@@ -1,0 +1,72 @@
+import { existsSync, mkdirSync, renameSync, rmSync, writeFileSync, readFileSync } from 'node:fs';
+import { homedir } from 'node:os';
+import { join } from 'node:path';
+import { loadModelSpec, type ModelSpec } from './config.ts';
+import { Checkpoint } from './safetensors.ts';
+import { keyPrefix } from './layout.ts';
+import { buildStageGraph, GRAPH_VERSION, type WeightDType } from './stage-graph.ts';
+import { FileSink } from './onnx-builder.ts';
+import { checkRange, rangeLabel, type BlockRange } from './range.ts';
+
+export interface PreparedStage {
+  spec: ModelSpec;
+  range: BlockRange;
+  dtype: WeightDType;
+  /** Checkpoint identity: peers must agree on it before hidden states flow between them. */
+  fingerprint: string;
+  /** stage.onnx, with its weights in weights.bin beside it. */
+  path: string;
+  paramBytes: number;
+  /** Whether this call built the graph (false: served from the disk cache). */
+  built: boolean;
+}
+
+export const defaultCacheDir = (): string => process.env.STRATA_CACHE_DIR ?? join(homedir(), '.cache', 'strata');
+
+/**
+ * Returns the stage graph for `range` of the checkpoint in `modelDir`, building it on first use. Graphs are cached
+ * on disk under (checkpoint fingerprint, range, dtype, graph version) and written atomically, so K workers sharing a
+ * cache volume never see half a graph.
+ */
+export function prepareStage(
+  modelDir: string,
+  range: BlockRange,
+  opts: { dtype?: WeightDType; cacheDir?: string; onProgress?: (msg: string) => void } = {},
+): PreparedStage {
+  const dtype = opts.dtype ?? 'float32';
+  const spec = loadModelSpec(modelDir);
+  checkRange(range, spec.blocks);
+  const ck = Checkpoint.open(modelDir);
+  try {
+    const fingerprint = ck.fingerprint();
+    const dir = join(opts.cacheDir ?? defaultCacheDir(), fingerprint, `${range.first}-${range.last}-${dtype}-v${GRAPH_VERSION}`);
+    const path = join(dir, 'stage.onnx');
+    const metaPath = join(dir, 'meta.json');
+    if (existsSync(path) && existsSync(metaPath)) {
+      const { paramBytes } = JSON.parse(readFileSync(metaPath, 'utf8'));
+      return { spec, range, dtype, fingerprint, path, paramBytes, built: false };
+    }
+    opts.onProgress?.(`building stage graph for blocks ${rangeLabel(range)} (${dtype}) of ${modelDir}`);
+    const tmp = `${dir}.tmp-${process.pid}-${Date.now()}`;
+    mkdirSync(tmp, { recursive: true });
+    const sink = new FileSink(join(tmp, 'weights.bin'), 'weights.bin');
+    let model: Uint8Array, paramBytes: number;
+    try {
+      const source = { prefix: keyPrefix(spec, (k) => ck.has(k)), readFloat32: (k: string, s: number[]) => ck.readFloat32(k, s) };
+      ({ model, paramBytes } = buildStageGraph(spec, range, source, sink, { dtype }));
+    } catch (e) {
+      sink.close();
+      rmSync(tmp, { recursive: true, force: true });
+      throw e;
+    }
+    sink.close();
+    writeFileSync(join(tmp, 'stage.onnx'), model);
+    writeFileSync(join(tmp, 'meta.json'), JSON.stringify({ fingerprint, range, dtype, paramBytes, modelDir }));
+    rmSync(dir, { recursive: true, force: true });
+    renameSync(tmp, dir);
+    opts.onProgress?.(`stage graph ${rangeLabel(range)} ready: ${(paramBytes / 2 ** 20).toFixed(1)} MiB of weights`);
+    return { spec, range, dtype, fingerprint, path, paramBytes, built: true };
+  } finally {
+    ck.close();
+  }
+}
