@@ -1,11 +1,15 @@
 import { Command } from 'commander';
 import { registerPlanCommand } from './plan.ts';
+import { registerRunCommands } from './run-commands.ts';
+import { registerWorkerCommand } from './worker.ts';
 
 /** `strata`: a thin dispatcher; each command lives in its own module. */
 export function buildProgram(): Command {
   const program = new Command('strata')
     .description('Pipeline-parallel inference for Hugging Face transformers: stages over gRPC, requests through BullMQ')
     .showHelpAfterError();
+  registerRunCommands(program);
+  registerWorkerCommand(program);
   registerPlanCommand(program);
   return program;
 }

@@ -259,10 +259,10 @@ const pct = (x: number): string => `${(100 * x).toFixed(1)}%`;
 export function formatPlan(plan: StagePlan): string {
   const total = plan.stages.reduce((a, s) => a + s.cost, 0);
   const rows = [
-    ['stage', 'worker', 'blocks', 'n', 'params', 'memory', 'time share'],
+    ['stage', 'worker', 'blocks', 'n', 'params', 'memory', 'time share  '],
     ...plan.stages.map((s, i) => [
       String(i), s.worker, `[${s.range.first}, ${s.range.last})`, String(s.range.last - s.range.first),
-      fmtBytes(s.paramBytes), fmtBytes(s.memoryBytes), pct(s.cost / total) + (s.cost === plan.bottleneck ? ' *' : ''),
+      fmtBytes(s.paramBytes), fmtBytes(s.memoryBytes), pct(s.cost / total) + (s.cost === plan.bottleneck ? ' *' : '  '),
     ]),
   ];
   const widths = rows[0].map((_, c) => Math.max(...rows.map((r) => r[c].length)));

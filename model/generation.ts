@@ -1,5 +1,6 @@
 import { randomUUID } from 'node:crypto';
-import type { StepInput } from './stage.ts';
+import type { StepInput, StepOutput } from './stage.ts';
+import { float16ToFloat32 } from './dtype.ts';
 import type { TensorData } from './tensor.ts';
 import { createRng, selectNextToken, type SamplingParams } from './sampling.ts';
 import { StrataError } from './errors.ts';
@@ -18,11 +19,41 @@ export interface SelectSpec {
 export interface PipelineStep extends StepInput {
   /** When set, the last stage returns chosen token ids instead of logits. */
   select?: SelectSpec;
+  /** 'hidden_mean': the last stage returns the mask-weighted mean of its final hidden states (embeddings). */
+  output?: 'tokens_or_logits' | 'hidden_mean';
 }
 
 export interface StepResult {
   logits?: TensorData;
   tokens?: number[];
+  /** float32 [B, D] */
+  hiddenMean?: TensorData;
+}
+
+/** What the last stage sends back for a step: chosen tokens, logits, or pooled hidden states. */
+export function finishStep(out: StepOutput, input: PipelineStep): StepResult {
+  if (input.output === 'hidden_mean') return { hiddenMean: meanPool(out.lastHidden!, input.attentionMask) };
+  if (input.select) return { tokens: pickTokens(out.logits!, input.select) };
+  return { logits: out.logits };
+}
+
+/** Mean over the positions the mask keeps (its last T columns: a decoder mask also spans the past). */
+export function meanPool(hidden: TensorData, mask: TensorData): TensorData {
+  const [batch, seq, d] = hidden.dims;
+  const total = mask.dims[1];
+  const src = hidden.dtype === 'float16' ? float16ToFloat32(hidden.data as Uint16Array) : (hidden.data as Float32Array);
+  const m = mask.data as BigInt64Array;
+  const out = new Float32Array(batch * d);
+  for (let b = 0; b < batch; b++) {
+    let count = 0;
+    for (let t = 0; t < seq; t++) {
+      if (m[b * total + total - seq + t] === 0n) continue;
+      count++;
+      for (let i = 0; i < d; i++) out[b * d + i] += src[(b * seq + t) * d + i];
+    }
+    for (let i = 0; i < d; i++) out[b * d + i] /= Math.max(count, 1);
+  }
+  return { dtype: 'float32', dims: [batch, d], data: out };
 }
 
 /** A whole pipeline as the request logic sees it: in-process stages, or K workers over gRPC. */
@@ -70,7 +101,8 @@ export async function generate(stepper: Stepper, promptIds: number[], opts: Gene
   if (opts.maxPositions !== undefined && promptIds.length + opts.maxNewTokens > opts.maxPositions) {
     throw new StrataError('prompt_too_long', `prompt (${promptIds.length} tokens) + max new tokens (${opts.maxNewTokens}) exceeds the model's context of ${opts.maxPositions}; shorten the prompt or lower max_tokens`);
   }
-  const sampling = opts.sampling ?? {};
+  // The last stage seeds its RNG from (seed, step); an unseeded request draws its seed once, here.
+  const sampling = { ...opts.sampling, seed: opts.sampling?.seed ?? Math.floor(Math.random() * 2 ** 31) };
   const sessionId = randomUUID();
   const history = [...promptIds];
   const outputIds: number[] = [];
@@ -146,4 +178,19 @@ export function topKSoftmax(row: number[], k: number): FillMaskCandidate[] {
     .map((v, id) => ({ id, score: Math.exp(v - max) / sum }))
     .sort((a, b) => b.score - a.score || a.id - b.id)
     .slice(0, k);
+}
+
+/** Mean-pooled last hidden state of one sequence (the /v1/embeddings vector). */
+export async function embed(stepper: Stepper, ids: number[]): Promise<Float32Array> {
+  if (ids.length === 0) throw new StrataError('prompt_empty', 'the input has no tokens');
+  const sessionId = randomUUID();
+  try {
+    const { hiddenMean } = await stepper.step(sessionId, {
+      inputIds: i64([ids]), positionIds: i64([range(0, ids.length)]), attentionMask: i64([ids.map(() => 1)]),
+      logitPositions: { dtype: 'int64', dims: [1], data: BigInt64Array.of(BigInt(ids.length - 1)) }, output: 'hidden_mean',
+    });
+    return hiddenMean!.data as Float32Array;
+  } finally {
+    await stepper.end(sessionId);
+  }
 }

@@ -3,7 +3,7 @@ import { evenSplit, type BlockRange } from './range.ts';
 import { prepareStage, type PreparedStage } from './stage-cache.ts';
 import { StageSession, type SessionOptions } from './executor.ts';
 import { Stage, type KvCache } from './stage.ts';
-import { pickTokens, type PipelineStep, type StepResult, type Stepper } from './generation.ts';
+import { finishStep, type PipelineStep, type StepResult, type Stepper } from './generation.ts';
 import type { WeightDType } from './stage-graph.ts';
 
 export interface LocalPipelineOptions extends SessionOptions {
@@ -45,7 +45,7 @@ export class LocalPipeline implements Stepper {
     let hidden = undefined;
     for (const [i, stage] of this.stages.entries()) {
       const out = await stage.step({ ...input, hidden }, this.spec.causal ? caches[i] : null);
-      if (stage.isLast) return input.select ? { tokens: pickTokens(out.logits!, input.select) } : { logits: out.logits };
+      if (stage.isLast) return finishStep(out, input);
       hidden = out.hidden;
     }
     throw new Error('unreachable: the pipeline has no last stage');

@@ -10,8 +10,8 @@ type Attr = number | number[] | string | { float: number } | { floats: number[] 
 
 /** Where initializer bytes go: a side file (external data, no 2 GB protobuf limit) or nowhere (size accounting). */
 export interface WeightSink {
-  /** Records `bytes` and returns their place in the data file. */
-  append(bytes: Uint8Array): { offset: number; length: number };
+  /** Records a tensor of `length` bytes (produced by `bytes` only if the sink stores them); returns its place. */
+  append(length: number, bytes: () => Uint8Array): { offset: number; length: number };
   readonly location: string;
   close(): void;
 }
@@ -22,7 +22,9 @@ export class FileSink implements WeightSink {
   constructor(path: string, readonly location: string) {
     this.fd = openSync(path, 'w');
   }
-  append(bytes: Uint8Array) {
+  append(length: number, produce: () => Uint8Array) {
+    const bytes = produce();
+    if (bytes.byteLength !== length) throw new Error(`weight produced ${bytes.byteLength} bytes, its shape needs ${length}`);
     // 64-byte alignment keeps each tensor friendly to mmap and SIMD loads.
     const pad = (64 - (this.offset % 64)) % 64;
     if (pad) writeSync(this.fd, new Uint8Array(pad));
@@ -36,14 +38,14 @@ export class FileSink implements WeightSink {
   }
 }
 
-/** Counts bytes without writing: for shape/size checks of full-size graphs. */
+/** Counts bytes without producing or writing them: for shape/size checks of full-size graphs. */
 export class CountingSink implements WeightSink {
   readonly location = 'weights.bin';
   total = 0;
-  append(bytes: Uint8Array) {
+  append(length: number) {
     const offset = this.total;
-    this.total += bytes.byteLength;
-    return { offset, length: bytes.byteLength };
+    this.total += length;
+    return { offset, length };
   }
   close() {}
 }
@@ -116,8 +118,8 @@ export class GraphBuilder {
   /** A weight tensor, stored as external data. Reusing a name returns the existing initializer (tied weights). */
   weight(name: string, elemType: ElemTypeId, dims: number[], bytes: () => Uint8Array): string {
     if (this.weightNames.has(name)) return name;
-    const data = bytes();
-    const { offset, length } = this.sink.append(data);
+    const size = elemType === ElemType.FLOAT16 ? 2 : elemType === ElemType.INT64 ? 8 : 4;
+    const { offset, length } = this.sink.append(dims.reduce((a, b) => a * b, size), bytes);
     this.paramBytes += length;
     this.weightNames.add(name);
     this.inits.push({

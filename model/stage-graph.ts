@@ -27,6 +27,7 @@ export const IO = {
   attentionMask: 'attention_mask',
   logitPositions: 'logits_positions',
   logits: 'logits',
+  lastHidden: 'last_hidden_state',
   pastKey: (layer: number) => `past_key_${layer}`,
   pastValue: (layer: number) => `past_value_${layer}`,
   presentKey: (layer: number) => `present_key_${layer}`,
@@ -34,7 +35,7 @@ export const IO = {
 } as const;
 
 /** Bump when the graph a given checkpoint/range/dtype produces changes, so disk caches rebuild. */
-export const GRAPH_VERSION = 1;
+export const GRAPH_VERSION = 2;
 
 const FLOAT32_MIN = -3.4028234663852886e38;
 
@@ -197,6 +198,8 @@ export function buildStageGraph(spec: ModelSpec, range: BlockRange, source: Weig
     // Only the requested positions go through the head (generation needs just the last one).
     const positions = g.input(IO.logitPositions, ElemType.INT64, ['rows']);
     let h = head.norm ? layerNorm(x, head.norm) : x;
+    // HF's base-model last_hidden_state (after the final norm for GPT), for embeddings.
+    g.output(g.o('Reshape', [h, shapeBTD]), IO.lastHidden, ACT, ['batch', 'seq', D]);
     const picked = g.o('Gather', [g.o('Reshape', [h, shapeBTD]), positions], { axis: 1 }); // [B,R,D]
     h = g.o('Reshape', [picked, g.constInt64([-1, D])]);
     if (head.transform) h = layerNorm(activation(linear(h, head.transform.weight, head.transform.bias, false)), head.transform.norm);

@@ -22,6 +22,8 @@ export interface StepInput {
 export interface StepOutput {
   hidden?: TensorData;
   logits?: TensorData;
+  /** Last stage: the final hidden states [B, T, D] (HF's last_hidden_state). */
+  lastHidden?: TensorData;
 }
 
 /** The KV cache of one session for this stage's blocks: [B, H, len, hd] per layer. */
@@ -97,7 +99,7 @@ export class Stage {
       for (const l of cache.layers.keys()) cache.layers.set(l, { key: out[IO.presentKey(l)], value: out[IO.presentValue(l)] });
       cache.length += seq;
     }
-    return this.isLast ? { logits: out[IO.logits] } : { hidden: out[IO.hiddenOut] };
+    return this.isLast ? { logits: out[IO.logits], lastHidden: out[IO.lastHidden] } : { hidden: out[IO.hiddenOut] };
   }
 }
 

@@ -1,0 +1,45 @@
+import type { Command } from 'commander';
+import pino from 'pino';
+import { StageWorker } from '../worker/server.ts';
+import { isStrataError } from '../model/errors.ts';
+import { parseSize } from './plan.ts';
+
+export function registerWorkerCommand(program: Command): void {
+  program
+    .command('worker')
+    .description('serve one pipeline stage over gRPC (the coordinator assigns its block range)')
+    .requiredOption('--listen <host:port>', 'address to serve the Stage service on (port 0 = any free port)', process.env.STRATA_LISTEN)
+    .requiredOption('--model <dir>', 'Hugging Face model directory (config.json + safetensors)', process.env.STRATA_MODEL)
+    .option('--device <device>', 'cpu | cuda:N (falls back to CPU loudly when the CUDA provider is missing)', process.env.STRATA_DEVICE ?? 'cpu')
+    .option('--threads <n>', 'ORT intra-op threads (default: all cores)', process.env.STRATA_THREADS)
+    .option('--cache-dir <dir>', 'stage-graph cache directory (STRATA_CACHE_DIR)')
+    .option('--kv-budget-mb <mb>', 'memory budget for KV caches; least-recently-used sessions are evicted beyond it', process.env.STRATA_KV_BUDGET_MB ?? '2048')
+    .option('--session-ttl-s <s>', 'drop sessions idle longer than this', process.env.STRATA_SESSION_TTL_S ?? '600')
+    .option('--memory <size>', 'memory this worker offers the planner, e.g. 24GB (default: unlimited)', process.env.STRATA_WORKER_MEMORY)
+    .option('--speed <x>', 'relative speed this worker reports to the planner', process.env.STRATA_WORKER_SPEED ?? '1')
+    .action(async (o) => {
+      const log = pino({ name: 'strata-worker' }, pino.destination(2));
+      let worker: StageWorker;
+      try {
+        worker = new StageWorker({
+          listen: o.listen, modelDir: o.model, device: o.device, threads: o.threads ? Number(o.threads) : undefined, cacheDir: o.cacheDir,
+          kvBudgetBytes: Number(o.kvBudgetMb) * 2 ** 20, sessionTtlMs: Number(o.sessionTtlS) * 1000,
+          memoryBytes: o.memory ? parseSize(o.memory) : undefined, speed: Number(o.speed),
+          log: (obj, msg) => log.info(obj, msg),
+        });
+      } catch (e) {
+        console.error(`strata worker: ${isStrataError(e) ? e.message : (e as Error).stack}`);
+        process.exit(2);
+      }
+      const address = await worker.listen();
+      // One machine-readable line on stdout: launchers (strata up, --stages K) wait for it.
+      process.stdout.write(JSON.stringify({ event: 'listening', address, pid: process.pid, fingerprint: worker.fingerprint }) + '\n');
+      log.info({ address, model: o.model, blocks: worker.spec.blocks }, 'worker listening');
+      const stop = async () => {
+        await worker.close();
+        process.exit(0);
+      };
+      process.once('SIGINT', stop);
+      process.once('SIGTERM', stop);
+    });
+}

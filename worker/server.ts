@@ -1,0 +1,190 @@
+import * as grpc from '@grpc/grpc-js';
+import { HealthImplementation } from 'grpc-health-check';
+import { loadModelSpec, type ModelSpec } from '../model/config.ts';
+import { Checkpoint } from '../model/safetensors.ts';
+import { StrataError } from '../model/errors.ts';
+import { checkRange, rangeLabel, type BlockRange } from '../model/range.ts';
+import type { WeightDType } from '../model/stage-graph.ts';
+import { StageClient, type WireStepReply, type WireStepRequest } from '../proto/client.ts';
+import { resultToWire, stepFromWire, stepToWire } from '../proto/step-codec.ts';
+import { channelOptions, PROTOCOL_VERSION, sameModel, StageService, toServiceError, type WireIdentity } from '../proto/wire.ts';
+import { StageHost } from './stage-host.ts';
+
+export interface WorkerOptions {
+  listen: string;
+  modelDir: string;
+  device?: string;
+  threads?: number;
+  cacheDir?: string;
+  kvBudgetBytes?: number;
+  sessionTtlMs?: number;
+  /** Capacity and relative speed this worker reports to the planner. */
+  memoryBytes?: number;
+  speed?: number;
+  stepTimeoutMs?: number;
+  credentials?: { server: grpc.ServerCredentials; client: grpc.ChannelCredentials };
+  log?: (obj: object, msg: string) => void;
+}
+
+interface Assignment {
+  range: BlockRange;
+  dtype: WeightDType;
+  next: StageClient | null;
+  identity: WireIdentity;
+  device: string;
+}
+
+/**
+ * One pipeline stage as a gRPC server: receives a step (token ids or hidden states), runs its blocks on the stage
+ * thread, forwards the hidden states straight to the next stage and relays that stage's reply back upstream.
+ */
+export class StageWorker {
+  private readonly server = new grpc.Server({ 'grpc.max_receive_message_length': channelOptions['grpc.max_receive_message_length'], 'grpc.max_send_message_length': channelOptions['grpc.max_send_message_length'] });
+  private readonly health = new HealthImplementation({ '': 'NOT_SERVING', 'strata.v1.Stage': 'NOT_SERVING' });
+  private readonly host: StageHost;
+  private assignment: Assignment | null = null;
+  private configuring: Promise<unknown> = Promise.resolve();
+  private sweepTimer: NodeJS.Timeout | null = null;
+  readonly spec: ModelSpec;
+  readonly fingerprint: string;
+  address = '';
+
+  constructor(private readonly opts: WorkerOptions) {
+    // Fail fast (before listening) on a bad model directory, with the model layer's typed message.
+    this.spec = loadModelSpec(opts.modelDir);
+    const ck = Checkpoint.open(opts.modelDir);
+    this.fingerprint = ck.fingerprint();
+    ck.close();
+    this.host = new StageHost((m) => this.log({}, m));
+    this.health.addToServer(this.server);
+    this.server.addService(StageService, {
+      Info: this.unary(() => this.info()),
+      Configure: this.unary((req) => this.configure(req)),
+      Handshake: this.unary((req) => this.handshake(req)),
+      Step: this.unary((req) => this.step(req)),
+      EndSession: this.unary((req) => this.endSession(req)),
+    });
+  }
+
+  private log(obj: object, msg: string): void {
+    this.opts.log?.(obj, msg);
+  }
+
+  private unary(fn: (req: any) => Promise<unknown>): grpc.handleUnaryCall<any, any> {
+    return (call, callback) => {
+      fn(call.request).then(
+        (res) => callback(null, res),
+        (e) => callback(toServiceError(e) as grpc.ServiceError),
+      );
+    };
+  }
+
+  async listen(): Promise<string> {
+    const creds = this.opts.credentials?.server ?? grpc.ServerCredentials.createInsecure();
+    const port = await new Promise<number>((resolve, reject) => this.server.bindAsync(this.opts.listen, creds, (err, p) => (err ? reject(err) : resolve(p))));
+    const host = this.opts.listen.slice(0, this.opts.listen.lastIndexOf(':'));
+    this.address = `${host}:${port}`;
+    this.sweepTimer = setInterval(() => this.host.stats().then((s) => s.expired.length && this.log({ expired: s.expired.length }, 'expired idle sessions'), () => {}), 30_000);
+    this.sweepTimer.unref();
+    return this.address;
+  }
+
+  identity(): WireIdentity {
+    const a = this.assignment;
+    return {
+      fingerprint: this.fingerprint, first: a?.range.first ?? 0, last: a?.range.last ?? 0, dtype: a?.dtype ?? '',
+      protocol: PROTOCOL_VERSION, blocks: this.spec.blocks, model_type: this.spec.modelType,
+    };
+  }
+
+  private async info() {
+    const stats = this.assignment ? await this.host.stats() : { sessions: 0, kvBytes: 0 };
+    return {
+      identity: this.identity(), configured: !!this.assignment, next_address: this.assignment?.next?.address ?? '', pid: process.pid,
+      device: this.assignment?.device ?? this.opts.device ?? 'cpu', memory_bytes: this.opts.memoryBytes ?? 0, speed: this.opts.speed ?? 1,
+      sessions: stats.sessions, kv_bytes: stats.kvBytes,
+    };
+  }
+
+  /** Loads a block range (building its graph if needed) and connects to the next stage, verifying it. */
+  async configure(req: { first: number; last: number; dtype: string; next_address: string; fingerprint: string }) {
+    if (req.fingerprint && req.fingerprint !== this.fingerprint) {
+      throw new StrataError('checkpoint_mismatch', `this worker serves checkpoint ${this.fingerprint} (${this.opts.modelDir}) but the coordinator expects ${req.fingerprint}; start it with the same --model`, 'failed_precondition');
+    }
+    const range = checkRange({ first: req.first, last: req.last }, this.spec.blocks);
+    const dtype = (req.dtype || 'float32') as WeightDType;
+    if (dtype !== 'float32' && dtype !== 'float16') throw new StrataError('dtype_invalid', `dtype "${req.dtype}" is not float32 or float16`);
+    const run = async () => {
+      this.health.setStatus('', 'NOT_SERVING');
+      const same = this.assignment && this.assignment.range.first === range.first && this.assignment.range.last === range.last && this.assignment.dtype === dtype;
+      let device = this.assignment?.device ?? 'cpu';
+      if (!same) {
+        this.log({ range: rangeLabel(range), dtype }, 'loading stage');
+        const loaded = await this.host.load({
+          modelDir: this.opts.modelDir, range, dtype, cacheDir: this.opts.cacheDir, threads: this.opts.threads, device: this.opts.device,
+          kvBudgetBytes: this.opts.kvBudgetBytes ?? 2 * 1024 ** 3, sessionTtlMs: this.opts.sessionTtlMs ?? 10 * 60_000,
+        });
+        device = loaded.provider;
+        this.log({ range: rangeLabel(range), paramBytes: loaded.paramBytes, provider: loaded.provider, cached: !loaded.built }, 'stage loaded');
+      }
+      this.assignment?.next?.close();
+      this.assignment = { range, dtype, next: null, identity: null as never, device };
+      this.assignment.identity = this.identity();
+      if (range.last < this.spec.blocks) {
+        if (!req.next_address) throw new StrataError('next_stage_missing', `blocks ${rangeLabel(range)} do not end the model (${this.spec.blocks} blocks): a next_address is required`);
+        const next = new StageClient(req.next_address, this.opts.credentials?.client);
+        const { identity: theirs } = await next.handshake(this.identity());
+        if (theirs.first !== range.last) {
+          next.close();
+          throw new StrataError('peer_mismatch', `next stage ${req.next_address} starts at block ${theirs.first}, but this stage ends at ${range.last}`, 'failed_precondition');
+        }
+        this.assignment.next = next;
+      }
+      this.health.setStatus('', 'SERVING');
+      this.health.setStatus('strata.v1.Stage', 'SERVING');
+      return { identity: this.identity() };
+    };
+    const p = this.configuring.then(run, run);
+    this.configuring = p.catch(() => {});
+    return p;
+  }
+
+  /** The previous stage introduces itself: it must be the same checkpoint and dtype, and end where this stage starts. */
+  private async handshake(req: { peer: WireIdentity }) {
+    const mine = this.identity();
+    if (!this.assignment) throw new StrataError('stage_not_configured', 'this worker has no block range yet; configure it before its predecessor', 'failed_precondition');
+    const why = sameModel(req.peer, mine);
+    if (why) throw new StrataError('peer_mismatch', `refusing a previous stage built from a different model (${why})`, 'failed_precondition');
+    if (req.peer.last !== mine.first) throw new StrataError('peer_mismatch', `previous stage ends at block ${req.peer.last} but this stage starts at ${mine.first}`, 'failed_precondition');
+    return { identity: mine };
+  }
+
+  private async step(req: WireStepRequest): Promise<WireStepReply> {
+    const a = this.assignment;
+    if (!a) throw new StrataError('stage_not_configured', 'this worker has no block range yet', 'failed_precondition');
+    if ((req.fingerprint && req.fingerprint !== this.fingerprint) || req.first !== a.range.first) {
+      throw new StrataError('stage_mismatch', `step addressed to blocks from ${req.first} of checkpoint ${req.fingerprint || '?'}, but this stage is ${rangeLabel(a.range)} of ${this.fingerprint}`, 'failed_precondition');
+    }
+    const { input, hidden } = stepFromWire(req);
+    const done = await this.host.step(req.session_id, { ...input, hidden });
+    const timing = { first: a.range.first, last: a.range.last, run_ms: done.runMs };
+    if (!a.next) return resultToWire(done.result, [timing]);
+    const reply = await a.next.step(stepToWire(req.session_id, { fingerprint: this.fingerprint, first: a.range.last }, input, done.hidden), this.opts.stepTimeoutMs ?? 120_000);
+    reply.timings = [timing, ...(reply.timings ?? [])];
+    return reply;
+  }
+
+  private async endSession(req: { session_id: string }) {
+    await this.host.end(req.session_id);
+    await this.assignment?.next?.endSession(req.session_id).catch(() => {});
+    return {};
+  }
+
+  async close(): Promise<void> {
+    if (this.sweepTimer) clearInterval(this.sweepTimer);
+    this.health.setStatus('', 'NOT_SERVING');
+    await new Promise<void>((resolve) => this.server.tryShutdown(() => resolve()));
+    this.assignment?.next?.close();
+    await this.host.close();
+  }
+}

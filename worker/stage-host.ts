@@ -1,0 +1,58 @@
+import { Worker } from 'node:worker_threads';
+import { StrataError, type ErrorKind } from '../model/errors.ts';
+import type { PipelineStep } from '../model/generation.ts';
+import type { LoadedInfo, LoadRequest, StepDone, ThreadReply, ThreadRequest } from './thread-protocol.ts';
+
+/** Main-thread handle on the stage thread: promise-returning calls, one message each way. */
+export class StageHost {
+  private readonly thread: Worker;
+  private readonly pending = new Map<number, { resolve: (v: unknown) => void; reject: (e: Error) => void }>();
+  private nextId = 1;
+
+  constructor(private readonly onProgress: (msg: string) => void = () => {}) {
+    this.thread = new Worker(new URL('./stage-thread.js', import.meta.url));
+    this.thread.on('message', (msg: ThreadReply) => {
+      if ('progress' in msg) return this.onProgress(msg.progress);
+      const p = this.pending.get(msg.id);
+      if (!p) return;
+      this.pending.delete(msg.id);
+      if (msg.ok) p.resolve(msg.value);
+      else p.reject(new StrataError(msg.error.code, msg.error.message, msg.error.kind as ErrorKind));
+    });
+    this.thread.on('error', (e) => this.failAll(e));
+    this.thread.on('exit', (code) => this.failAll(new StrataError('stage_thread_exited', `stage thread exited (code ${code})`, 'internal')));
+  }
+
+  private failAll(e: Error): void {
+    for (const p of this.pending.values()) p.reject(e);
+    this.pending.clear();
+  }
+
+  private call<T>(req: ThreadRequest): Promise<T> {
+    const id = this.nextId++;
+    return new Promise<T>((resolve, reject) => {
+      this.pending.set(id, { resolve: resolve as (v: unknown) => void, reject });
+      this.thread.postMessage({ id, req });
+    });
+  }
+
+  load(req: Omit<LoadRequest, 'type'>): Promise<LoadedInfo> {
+    return this.call({ type: 'load', ...req });
+  }
+
+  step(sessionId: string, input: PipelineStep): Promise<StepDone> {
+    return this.call({ type: 'step', sessionId, input });
+  }
+
+  end(sessionId: string): Promise<void> {
+    return this.call({ type: 'end', sessionId });
+  }
+
+  stats(): Promise<{ sessions: number; kvBytes: number; expired: string[] }> {
+    return this.call({ type: 'stats' });
+  }
+
+  async close(): Promise<void> {
+    await this.thread.terminate();
+  }
+}

@@ -1,0 +1,38 @@
+import type { PipelineStep, StepResult } from '../model/generation.ts';
+import type { WeightDType } from '../model/stage-graph.ts';
+import type { BlockRange } from '../model/range.ts';
+
+/** Messages between a worker's main thread (gRPC) and the thread that owns the ORT session and KV caches. */
+export interface LoadRequest {
+  type: 'load';
+  modelDir: string;
+  range: BlockRange;
+  dtype: WeightDType;
+  cacheDir?: string;
+  threads?: number;
+  device?: string;
+  kvBudgetBytes: number;
+  sessionTtlMs: number;
+}
+
+export interface LoadedInfo {
+  fingerprint: string;
+  paramBytes: number;
+  provider: string;
+  built: boolean;
+}
+
+export type ThreadRequest =
+  | LoadRequest
+  | { type: 'step'; sessionId: string; input: PipelineStep }
+  | { type: 'end'; sessionId: string }
+  | { type: 'stats' };
+
+export interface StepDone {
+  result: StepResult;
+  /** Only when this stage is not the last: the hidden states to forward. */
+  hidden?: StepResult['logits'];
+  runMs: number;
+}
+
+export type ThreadReply = { id: number; ok: true; value: unknown } | { id: number; ok: false; error: { code: string; message: string; kind: string } } | { id: -1; progress: string };
