@@ -2,6 +2,7 @@ import { Command } from 'commander';
 import { registerPlanCommand } from './plan.ts';
 import { registerRunCommands } from './run-commands.ts';
 import { registerWorkerCommand } from './worker.ts';
+import { registerServeCommands } from './serve.ts';
 
 /** `strata`: a thin dispatcher; each command lives in its own module. */
 export function buildProgram(): Command {
@@ -10,6 +11,7 @@ export function buildProgram(): Command {
     .showHelpAfterError();
   registerRunCommands(program);
   registerWorkerCommand(program);
+  registerServeCommands(program);
   registerPlanCommand(program);
   return program;
 }

@@ -15,6 +15,7 @@ export function registerWorkerCommand(program: Command): void {
     .option('--cache-dir <dir>', 'stage-graph cache directory (STRATA_CACHE_DIR)')
     .option('--kv-budget-mb <mb>', 'memory budget for KV caches; least-recently-used sessions are evicted beyond it', process.env.STRATA_KV_BUDGET_MB ?? '2048')
     .option('--session-ttl-s <s>', 'drop sessions idle longer than this', process.env.STRATA_SESSION_TTL_S ?? '600')
+    .option('--max-batch <n>', 'decode steps of different sessions batched into one ORT run (1 = no batching)', process.env.STRATA_MAX_BATCH ?? '8')
     .option('--memory <size>', 'memory this worker offers the planner, e.g. 24GB (default: unlimited)', process.env.STRATA_WORKER_MEMORY)
     .option('--speed <x>', 'relative speed this worker reports to the planner', process.env.STRATA_WORKER_SPEED ?? '1')
     .action(async (o) => {
@@ -24,7 +25,7 @@ export function registerWorkerCommand(program: Command): void {
         worker = new StageWorker({
           listen: o.listen, modelDir: o.model, device: o.device, threads: o.threads ? Number(o.threads) : undefined, cacheDir: o.cacheDir,
           kvBudgetBytes: Number(o.kvBudgetMb) * 2 ** 20, sessionTtlMs: Number(o.sessionTtlS) * 1000,
-          memoryBytes: o.memory ? parseSize(o.memory) : undefined, speed: Number(o.speed),
+          memoryBytes: o.memory ? parseSize(o.memory) : undefined, speed: Number(o.speed), maxBatch: Number(o.maxBatch),
           log: (obj, msg) => log.info(obj, msg),
         });
       } catch (e) {

@@ -4,7 +4,7 @@ import { StrataError } from '../model/errors.ts';
 import type { PipelineStep, StepResult, Stepper } from '../model/generation.ts';
 import { rangeLabel, type BlockRange } from '../model/range.ts';
 import type { WeightDType } from '../model/stage-graph.ts';
-import { StageClient, type WireInfo } from '../proto/client.ts';
+import { StageClient, type WireInfo, type WireTiming } from '../proto/client.ts';
 import { resultFromWire, stepToWire } from '../proto/step-codec.ts';
 import { planPartition } from './planner.ts';
 
@@ -25,8 +25,8 @@ export interface RemotePipelineOptions {
   ranges?: BlockRange[];
   credentials?: grpc.ChannelCredentials;
   stepTimeoutMs?: number;
-  /** Called with each stage's ORT time per step (for metrics). */
-  onTiming?: (stage: number, first: number, last: number, ms: number) => void;
+  /** Called with each stage's ORT run per step (metrics, bench timelines). */
+  onTiming?: (stage: number, timing: WireTiming) => void;
   log?: (obj: object, msg: string) => void;
 }
 
@@ -99,7 +99,7 @@ export class RemotePipeline implements Stepper {
   async step(sessionId: string, input: PipelineStep): Promise<StepResult> {
     const req = stepToWire(sessionId, { fingerprint: this.opts.fingerprint, first: 0 }, input);
     const reply = resultFromWire(await this.clients[0].step(req, this.opts.stepTimeoutMs ?? 120_000));
-    reply.timings.forEach((t, i) => this.opts.onTiming?.(i, t.first, t.last, t.run_ms));
+    reply.timings.forEach((t, i) => this.opts.onTiming?.(i, t));
     return reply;
   }
 

@@ -26,17 +26,61 @@ export interface StepOutput {
   lastHidden?: TensorData;
 }
 
-/** The KV cache of one session for this stage's blocks: [B, H, len, hd] per layer. */
+/**
+ * The KV cache of one session for this stage's blocks. Its tensors [Bt, H, Pt, hd] may be shared with the other
+ * sessions of a batched run: this session's rows are [row, row + batch) and its positions [offset, offset + length).
+ * Sharing lets a batch that meets again next step feed last step's present tensors as past without a copy.
+ */
 export interface KvCache {
   length: number;
   layers: Map<number, { key: TensorData; value: TensorData }>;
+  row: number;
+  offset: number;
+  batch: number;
 }
 
 export const kvCacheBytes = (c: KvCache): number => {
-  let n = 0;
-  for (const { key, value } of c.layers.values()) n += key.data.byteLength + value.data.byteLength;
-  return n;
+  const first = c.layers.values().next().value;
+  if (!first) return 0;
+  const [, heads, , headDim] = first.key.dims;
+  return c.layers.size * 2 * c.batch * heads * c.length * headDim * BYTES_PER_ELEMENT[first.key.dtype];
 };
+
+/** True when the cache's tensors hold exactly this session (no other rows, no padding): feed them as they are. */
+const isExact = (c: KvCache): boolean => {
+  const t = c.layers.values().next().value?.key;
+  return !t || (c.row === 0 && c.offset === 0 && t.dims[0] === c.batch && t.dims[2] === c.length);
+};
+
+/**
+ * Gathers the caches of several sessions into fresh [sum(batch), H, P, hd] tensors, each session's positions
+ * right-aligned (left padding, masked out by the attention mask).
+ */
+function packCaches(caches: KvCache[], P: number, dtype: DType, heads: number, headDim: number): Map<number, { key: TensorData; value: TensorData }> {
+  const rows = caches.reduce((n, c) => n + c.batch, 0);
+  const out = new Map<number, { key: TensorData; value: TensorData }>();
+  const alloc = (): TensorData => ({ dtype, dims: [rows, heads, P, headDim], data: dtype === 'float16' ? new Uint16Array(rows * heads * P * headDim) : new Float32Array(rows * heads * P * headDim) });
+  for (const layer of caches[0].layers.keys()) {
+    const key = alloc();
+    const value = alloc();
+    let dstRow = 0;
+    for (const c of caches) {
+      const src = c.layers.get(layer)!;
+      const [, , srcP] = src.key.dims;
+      for (let r = 0; r < c.batch; r++, dstRow++) {
+        for (let h = 0; h < heads; h++) {
+          const from = (((c.row + r) * heads + h) * srcP + c.offset) * headDim;
+          const to = ((dstRow * heads + h) * P + (P - c.length)) * headDim;
+          const n = c.length * headDim;
+          (key.data as Float32Array).set((src.key.data as Float32Array).subarray(from, from + n), to);
+          (value.data as Float32Array).set((src.value.data as Float32Array).subarray(from, from + n), to);
+        }
+      }
+    }
+    out.set(layer, { key, value });
+  }
+  return out;
+}
 
 /** One stage (a block range and its ORT session) that steps sequences through its blocks, keeping their KV caches. */
 export class Stage {
@@ -63,7 +107,7 @@ export class Stage {
     const layers = new Map<number, { key: TensorData; value: TensorData }>();
     const empty = (): TensorData => ({ dtype: this.actDType, dims: [batch, this.spec.heads, 0, this.spec.headDim], data: this.actDType === 'float16' ? new Uint16Array(0) : new Float32Array(0) });
     for (let l = this.range.first; l < this.range.last; l++) layers.set(l, { key: empty(), value: empty() });
-    return { length: 0, layers };
+    return { length: 0, layers, row: 0, offset: 0, batch };
   }
 
   /** Runs one step. For decoders `cache` is read as past and replaced by present (pass null for encoders). */
@@ -84,7 +128,8 @@ export class Stage {
       if (!cache) throw new StrataError('stage_input_invalid', 'decoder stages need a KV cache');
       const expectMask = cache.length + seq;
       checkDims(input.attentionMask, [batch, expectMask], 'attention_mask', 'int64');
-      for (const [l, kv] of cache.layers) {
+      const past = isExact(cache) ? cache.layers : packCaches([cache], cache.length, this.actDType, this.spec.heads, this.spec.headDim);
+      for (const [l, kv] of past) {
         feeds[IO.pastKey(l)] = kv.key;
         feeds[IO.pastValue(l)] = kv.value;
       }
@@ -96,10 +141,64 @@ export class Stage {
     }
     const out = await this.session.run(feeds);
     if (cache) {
-      for (const l of cache.layers.keys()) cache.layers.set(l, { key: out[IO.presentKey(l)], value: out[IO.presentValue(l)] });
-      cache.length += seq;
+      // A new map: after a batched run the old one is shared with the batch's other sessions.
+      const layers = new Map([...cache.layers.keys()].map((l) => [l, { key: out[IO.presentKey(l)], value: out[IO.presentValue(l)] }]));
+      Object.assign(cache, { layers, length: cache.length + seq, row: 0, offset: 0 });
     }
     return this.isLast ? { logits: out[IO.logits], lastHidden: out[IO.lastHidden] } : { hidden: out[IO.hiddenOut] };
+  }
+
+  /**
+   * One decode step (T = 1) of several sessions as ONE ORT run: their caches are left-padded to a common length
+   * and the padding masked out, so each session computes what it would alone. When the same sessions met in the
+   * previous run, in the same order, last run's present tensors are fed back as past without copying.
+   */
+  async stepBatch(inputs: StepInput[], caches: KvCache[]): Promise<StepOutput[]> {
+    const B = inputs.length;
+    for (const [b, input] of inputs.entries()) {
+      const c = caches[b];
+      if (input.positionIds.dims[0] !== 1 || input.positionIds.dims[1] !== 1 || c.batch !== 1) throw new StrataError('batch_input_invalid', 'only single-row decode steps (T = 1) can be batched');
+      checkDims(input.attentionMask, [1, c.length + 1], 'attention_mask', 'int64');
+    }
+    const shared = caches[0].layers.values().next().value!.key;
+    const reuse = caches.every((c, b) => c.layers.values().next().value!.key === shared && c.row === b && c.offset + c.length === shared.dims[2]) && shared.dims[0] === B;
+    const P = reuse ? shared.dims[2] : Math.max(...caches.map((c) => c.length));
+    const past = reuse ? caches[0].layers : packCaches(caches, P, this.actDType, this.spec.heads, this.spec.headDim);
+    const offsets = caches.map((c) => (reuse ? c.offset : P - c.length));
+
+    const mask = new BigInt64Array(B * (P + 1));
+    inputs.forEach((input, b) => mask.set(input.attentionMask.data as BigInt64Array, b * (P + 1) + offsets[b]));
+    const feeds: Record<string, TensorData> = {
+      [IO.positionIds]: { dtype: 'int64', dims: [B, 1], data: BigInt64Array.from(inputs, (i) => (i.positionIds.data as BigInt64Array)[0]) },
+      [IO.attentionMask]: { dtype: 'int64', dims: [B, P + 1], data: mask },
+    };
+    if (this.isFirst) {
+      const ids = { dtype: 'int64' as const, dims: [B, 1], data: BigInt64Array.from(inputs, (i) => (i.inputIds!.data as BigInt64Array)[0]) };
+      checkTokenIds(ids, this.spec.vocab);
+      feeds[IO.inputIds] = ids;
+    } else {
+      const D = this.spec.dModel;
+      const hidden = this.actDType === 'float16' ? new Uint16Array(B * D) : new Float32Array(B * D);
+      inputs.forEach((input, b) => {
+        checkDims(input.hidden!, [1, 1, D], 'hidden_states', this.actDType);
+        hidden.set(input.hidden!.data as Float32Array, b * D);
+      });
+      feeds[IO.hiddenIn] = { dtype: this.actDType, dims: [B, 1, D], data: hidden };
+    }
+    if (this.isLast) feeds[IO.logitPositions] = { dtype: 'int64', dims: [1], data: BigInt64Array.of(0n) };
+    for (const [l, kv] of past) {
+      feeds[IO.pastKey(l)] = kv.key;
+      feeds[IO.pastValue(l)] = kv.value;
+    }
+    const out = await this.session.run(feeds);
+    const present = new Map([...past.keys()].map((l) => [l, { key: out[IO.presentKey(l)], value: out[IO.presentValue(l)] }]));
+    caches.forEach((c, b) => Object.assign(c, { layers: present, row: b, offset: offsets[b], length: c.length + 1 }));
+    // Each session gets its own copy of its row, so results can travel (and be transferred) independently.
+    const rowOf = (t: TensorData, b: number): TensorData => {
+      const n = t.data.length / B;
+      return { dtype: t.dtype, dims: [1, ...t.dims.slice(1)], data: t.data.slice(b * n, (b + 1) * n) as TensorData['data'] };
+    };
+    return inputs.map((_, b) => (this.isLast ? { logits: rowOf(out[IO.logits], b), lastHidden: rowOf(out[IO.lastHidden], b) } : { hidden: rowOf(out[IO.hiddenOut], b) }));
   }
 }
 

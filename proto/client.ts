@@ -23,7 +23,16 @@ export interface WireStepReply {
   logits?: WireTensor | null;
   tokens: number[];
   hidden_mean?: WireTensor | null;
-  timings: { first: number; last: number; run_ms: number }[];
+  timings: WireTiming[];
+}
+
+export interface WireTiming {
+  first: number;
+  last: number;
+  run_ms: number;
+  start_unix_ms: number;
+  batch: number;
+  pid: number;
 }
 
 export interface WireInfo {
@@ -77,6 +86,11 @@ export class StageClient {
 
   step(req: WireStepRequest, timeoutMs: number): Promise<WireStepReply> {
     return this.unary('Step', req, timeoutMs);
+  }
+
+  /** Sends a tensor that the worker validates and drops: the transport cost of one hop. */
+  ping(payload: WireTensor, timeoutMs = 60_000): Promise<{ bytes: number }> {
+    return this.unary('Ping', { payload }, timeoutMs);
   }
 
   endSession(sessionId: string, timeoutMs = 5_000): Promise<void> {

@@ -31,6 +31,10 @@ export class KvStore {
     return this.total;
   }
 
+  has(sessionId: string): boolean {
+    return this.entries.has(sessionId);
+  }
+
   /** The cache a step continues from; `pastLength` is what the request's attention mask implies. */
   take(sessionId: string, pastLength: number, create: () => KvCache): KvCache {
     const entry = this.entries.get(sessionId);

@@ -7,7 +7,7 @@ import { checkRange, rangeLabel, type BlockRange } from '../model/range.ts';
 import type { WeightDType } from '../model/stage-graph.ts';
 import { StageClient, type WireStepReply, type WireStepRequest } from '../proto/client.ts';
 import { resultToWire, stepFromWire, stepToWire } from '../proto/step-codec.ts';
-import { channelOptions, PROTOCOL_VERSION, sameModel, StageService, toServiceError, type WireIdentity } from '../proto/wire.ts';
+import { channelOptions, fromWire, PROTOCOL_VERSION, sameModel, StageService, toServiceError, type WireIdentity } from '../proto/wire.ts';
 import { StageHost } from './stage-host.ts';
 
 export interface WorkerOptions {
@@ -22,6 +22,8 @@ export interface WorkerOptions {
   memoryBytes?: number;
   speed?: number;
   stepTimeoutMs?: number;
+  /** Decode steps of different sessions merged into one ORT run. */
+  maxBatch?: number;
   credentials?: { server: grpc.ServerCredentials; client: grpc.ChannelCredentials };
   log?: (obj: object, msg: string) => void;
 }
@@ -63,6 +65,7 @@ export class StageWorker {
       Handshake: this.unary((req) => this.handshake(req)),
       Step: this.unary((req) => this.step(req)),
       EndSession: this.unary((req) => this.endSession(req)),
+      Ping: this.unary(async (req) => ({ bytes: fromWire(req.payload, 'payload')?.data.byteLength ?? 0 })),
     });
   }
 
@@ -122,7 +125,7 @@ export class StageWorker {
         this.log({ range: rangeLabel(range), dtype }, 'loading stage');
         const loaded = await this.host.load({
           modelDir: this.opts.modelDir, range, dtype, cacheDir: this.opts.cacheDir, threads: this.opts.threads, device: this.opts.device,
-          kvBudgetBytes: this.opts.kvBudgetBytes ?? 2 * 1024 ** 3, sessionTtlMs: this.opts.sessionTtlMs ?? 10 * 60_000,
+          kvBudgetBytes: this.opts.kvBudgetBytes ?? 2 * 1024 ** 3, sessionTtlMs: this.opts.sessionTtlMs ?? 10 * 60_000, maxBatch: this.opts.maxBatch ?? 8,
         });
         device = loaded.provider;
         this.log({ range: rangeLabel(range), paramBytes: loaded.paramBytes, provider: loaded.provider, cached: !loaded.built }, 'stage loaded');
@@ -167,7 +170,7 @@ export class StageWorker {
     }
     const { input, hidden } = stepFromWire(req);
     const done = await this.host.step(req.session_id, { ...input, hidden });
-    const timing = { first: a.range.first, last: a.range.last, run_ms: done.runMs };
+    const timing = { first: a.range.first, last: a.range.last, run_ms: done.runMs, start_unix_ms: done.startUnixMs, batch: done.batch, pid: process.pid };
     if (!a.next) return resultToWire(done.result, [timing]);
     const reply = await a.next.step(stepToWire(req.session_id, { fingerprint: this.fingerprint, first: a.range.last }, input, done.hidden), this.opts.stepTimeoutMs ?? 120_000);
     reply.timings = [timing, ...(reply.timings ?? [])];

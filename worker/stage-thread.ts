@@ -2,8 +2,8 @@ import { parentPort } from 'node:worker_threads';
 import { performance } from 'node:perf_hooks';
 import { prepareStage } from '../model/stage-cache.ts';
 import { StageSession } from '../model/executor.ts';
-import { Stage } from '../model/stage.ts';
-import { finishStep } from '../model/generation.ts';
+import { Stage, type KvCache } from '../model/stage.ts';
+import { finishStep, type PipelineStep } from '../model/generation.ts';
 import { StrataError } from '../model/errors.ts';
 import type { TensorData } from '../model/tensor.ts';
 import { KvStore } from './kv-store.ts';
@@ -13,7 +13,14 @@ import type { LoadedInfo, StepDone, ThreadReply, ThreadRequest } from './thread-
 // for gRPC streams, keepalives and health checks.
 let stage: Stage | null = null;
 let kv: KvStore | null = null;
-let queue: Promise<void> = Promise.resolve();
+let maxBatch = 1;
+
+interface Pending {
+  id: number;
+  req: ThreadRequest;
+}
+const pending: Pending[] = [];
+let busy = false;
 
 const port = parentPort!;
 const reply = (msg: ThreadReply, transfer: ArrayBuffer[] = []) => {
@@ -23,6 +30,24 @@ const reply = (msg: ThreadReply, transfer: ArrayBuffer[] = []) => {
     port.postMessage(msg); // buffers ORT owns cannot always be transferred: copy them
   }
 };
+const replyError = (id: number, e: unknown) => {
+  const err = e instanceof StrataError ? e : new StrataError('stage_internal', (e as Error).message, 'internal');
+  reply({ id, ok: false, error: { code: err.code, message: err.message, kind: err.kind } });
+};
+
+function configured(): { stage: Stage; kv: KvStore } {
+  if (!stage || !kv) throw new StrataError('stage_not_configured', 'this worker has no block range yet; the coordinator must Configure it first', 'failed_precondition');
+  return { stage, kv };
+}
+
+const pastLength = (input: PipelineStep) => input.attentionMask.dims[1] - input.positionIds.dims[1];
+
+/** A decode step (one row, one token, KV cache already there) can share an ORT run with other sessions' steps. */
+function batchable(p: Pending): boolean {
+  if (p.req.type !== 'step' || !stage?.spec.causal || !kv) return false;
+  const { input } = p.req;
+  return input.positionIds.dims[0] === 1 && input.positionIds.dims[1] === 1 && input.output !== 'hidden_mean' && pastLength(input) > 0 && kv.has(p.req.sessionId);
+}
 
 async function handle(req: ThreadRequest): Promise<unknown> {
   switch (req.type) {
@@ -32,27 +57,12 @@ async function handle(req: ThreadRequest): Promise<unknown> {
       if (stage) await stage.session.release();
       stage = new Stage(prepared.spec, prepared.range, session, req.dtype);
       kv = new KvStore(req.kvBudgetBytes, req.sessionTtlMs);
+      maxBatch = Math.max(1, req.maxBatch ?? 1);
       const info: LoadedInfo = { fingerprint: prepared.fingerprint, paramBytes: prepared.paramBytes, provider: session.executionProvider, built: prepared.built };
       return info;
     }
-    case 'step': {
-      if (!stage || !kv) throw new StrataError('stage_not_configured', 'this worker has no block range yet; the coordinator must Configure it first', 'failed_precondition');
-      const { input, sessionId } = req;
-      const seq = input.positionIds.dims[1];
-      const cache = stage.spec.causal ? kv.take(sessionId, input.attentionMask.dims[1] - seq, () => stage!.emptyCache(input.positionIds.dims[0])) : null;
-      const t0 = performance.now();
-      let out;
-      try {
-        out = await stage.step(input, cache);
-      } catch (e) {
-        if (cache) kv.drop(sessionId); // a failed step leaves the cache in an unknown state
-        throw e;
-      }
-      const runMs = performance.now() - t0;
-      if (cache) kv.commit(sessionId, cache);
-      const done: StepDone = stage.isLast ? { result: finishStep(out, input), runMs } : { result: {}, hidden: out.hidden, runMs };
-      return done;
-    }
+    case 'step':
+      return (await runSteps([{ sessionId: req.sessionId, input: req.input }]))[0];
     case 'end':
       kv?.drop(req.sessionId);
       return null;
@@ -61,21 +71,71 @@ async function handle(req: ThreadRequest): Promise<unknown> {
   }
 }
 
+/** Runs one step alone, or several sessions' decode steps as one batched run. */
+async function runSteps(steps: { sessionId: string; input: PipelineStep }[]): Promise<StepDone[]> {
+  const { stage, kv } = configured();
+  const caches = steps.map(({ sessionId, input }) => (stage.spec.causal ? kv.take(sessionId, pastLength(input), () => stage.emptyCache(input.positionIds.dims[0])) : null));
+  const startUnixMs = performance.timeOrigin + performance.now();
+  const t0 = performance.now();
+  let outs;
+  try {
+    outs = steps.length === 1 ? [await stage.step(steps[0].input, caches[0])] : await stage.stepBatch(steps.map((s) => s.input), caches as KvCache[]);
+  } catch (e) {
+    steps.forEach((s) => kv.drop(s.sessionId)); // a failed step leaves the caches in an unknown state
+    throw e;
+  }
+  const timing = { runMs: performance.now() - t0, startUnixMs, batch: steps.length };
+  return steps.map((s, i) => {
+    if (caches[i]) kv.commit(s.sessionId, caches[i]!);
+    return stage.isLast ? { result: finishStep(outs[i], s.input), ...timing } : { result: {}, hidden: outs[i].hidden, ...timing };
+  });
+}
+
 const buffersOf = (v: unknown): ArrayBuffer[] => {
   const done = v as StepDone | null;
   const ts = [done?.hidden, done?.result?.logits, done?.result?.hiddenMean].filter(Boolean) as TensorData[];
   return ts.map((t) => t.data.buffer as ArrayBuffer).filter((b, i, all) => all.indexOf(b) === i);
 };
 
-port.on('message', ({ id, req }: { id: number; req: ThreadRequest }) => {
-  // One request at a time: KV take/commit must not interleave across a session's steps.
-  queue = queue.then(async () => {
-    try {
-      const value = await handle(req);
-      reply({ id, ok: true, value }, req.type === 'step' ? buffersOf(value) : []);
-    } catch (e) {
-      const err = e instanceof StrataError ? e : new StrataError('stage_internal', (e as Error).message, 'internal');
-      reply({ id, ok: false, error: { code: err.code, message: err.message, kind: err.kind } });
+/**
+ * Continuous batching: while a run is in progress, requests queue; the next run takes the oldest request and, when
+ * it is a decode step, every other queued decode step of a different session (up to --max-batch). Sessions join
+ * and leave between runs; prefill and other steps run alone, in arrival order.
+ */
+async function pump(): Promise<void> {
+  if (busy || pending.length === 0) return;
+  busy = true;
+  const head = pending.shift()!;
+  const group = [head];
+  if (batchable(head)) {
+    const sessions = new Set([(head.req as { sessionId: string }).sessionId]);
+    for (let i = 0; i < pending.length && group.length < maxBatch; ) {
+      const p = pending[i];
+      const sid = (p.req as { sessionId?: string }).sessionId;
+      if (batchable(p) && !sessions.has(sid!)) {
+        sessions.add(sid!);
+        group.push(...pending.splice(i, 1));
+      } else i++;
     }
-  });
+  }
+  try {
+    if (group.length === 1) {
+      const value = await handle(head.req);
+      reply({ id: head.id, ok: true, value }, head.req.type === 'step' ? buffersOf(value) : []);
+    } else {
+      const done = await runSteps(group.map((p) => p.req as { sessionId: string; input: PipelineStep }));
+      group.forEach((p, i) => reply({ id: p.id, ok: true, value: done[i] }, buffersOf(done[i])));
+    }
+  } catch (e) {
+    group.forEach((p) => replyError(p.id, e));
+  } finally {
+    busy = false;
+    // Let messages that arrived during the run land in `pending` before choosing the next batch.
+    setImmediate(() => void pump());
+  }
+}
+
+port.on('message', (msg: Pending) => {
+  pending.push(msg);
+  void pump();
 });

@@ -13,6 +13,7 @@ export interface LoadRequest {
   device?: string;
   kvBudgetBytes: number;
   sessionTtlMs: number;
+  maxBatch?: number;
 }
 
 export interface LoadedInfo {
@@ -33,6 +34,9 @@ export interface StepDone {
   /** Only when this stage is not the last: the hidden states to forward. */
   hidden?: StepResult['logits'];
   runMs: number;
+  startUnixMs: number;
+  /** Sessions that shared the ORT run. */
+  batch: number;
 }
 
 export type ThreadReply = { id: number; ok: true; value: unknown } | { id: number; ok: false; error: { code: string; message: string; kind: string } } | { id: -1; progress: string };

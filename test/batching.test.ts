@@ -1,0 +1,126 @@
+import { describe, test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { loadModelSpec } from '../model/config.ts';
+import { Checkpoint } from '../model/safetensors.ts';
+import { LocalPipeline } from '../model/local-pipeline.ts';
+import { forwardLogits, generate } from '../model/generation.ts';
+import type { KvCache, Stage } from '../model/stage.ts';
+import type { TensorData } from '../model/tensor.ts';
+import { RemotePipeline } from '../coordinator/remote-pipeline.ts';
+import { startLocalCluster, type LocalCluster } from '../bin/local-cluster.ts';
+import { CAUSAL_FIXTURES, expected, fixtureDir, maxAbsDiff, testCacheDir } from './helpers/fixtures.ts';
+
+before(() => testCacheDir());
+
+const i64 = (rows: number[][]): TensorData => ({ dtype: 'int64', dims: [rows.length, rows[0].length], data: BigInt64Array.from(rows.flat(), BigInt) });
+const argmax = (t: TensorData) => {
+  const d = t.data as Float32Array;
+  let best = 0;
+  for (let i = 1; i < d.length; i++) if (d[i] > d[best]) best = i;
+  return best;
+};
+
+/** Sessions driven step by step through a chain of stages, decode steps batched in whatever groups the test picks. */
+class Driver {
+  caches = new Map<string, KvCache[]>();
+  ids = new Map<string, number[]>();
+  logits = new Map<string, number[][]>();
+  constructor(private stages: Stage[]) {}
+
+  async prefill(sid: string, prompt: number[]) {
+    const caches = this.stages.map((s) => s.emptyCache(1));
+    this.caches.set(sid, caches);
+    let hidden: TensorData | undefined;
+    let out;
+    for (const [i, s] of this.stages.entries()) {
+      out = await s.step({ inputIds: i64([prompt]), hidden, positionIds: i64([prompt.map((_, j) => j)]), attentionMask: i64([prompt.map(() => 1)]), logitPositions: i64([[prompt.length - 1]]).dims && { dtype: 'int64', dims: [1], data: BigInt64Array.of(BigInt(prompt.length - 1)) } }, caches[i]);
+      hidden = out.hidden;
+    }
+    this.ids.set(sid, [...prompt, argmax(out!.logits!)]);
+    this.logits.set(sid, [Array.from(out!.logits!.data as Float32Array)]);
+  }
+
+  /** One decode step for every session in `group`, as one batched run per stage. */
+  async decode(group: string[]) {
+    let hiddens: (TensorData | undefined)[] = group.map(() => undefined);
+    let outs;
+    for (const [i, s] of this.stages.entries()) {
+      const inputs = group.map((sid, b) => {
+        const ids = this.ids.get(sid)!;
+        return { inputIds: i64([[ids.at(-1)!]]), hidden: hiddens[b], positionIds: i64([[ids.length - 1]]), attentionMask: i64([ids.map(() => 1)]) };
+      });
+      // A lone session takes the single-step path, as the stage thread does.
+      outs = group.length === 1 ? [await s.step(inputs[0], this.caches.get(group[0])![i])] : await s.stepBatch(inputs, group.map((sid) => this.caches.get(sid)![i]));
+      hiddens = outs.map((o) => o.hidden);
+    }
+    group.forEach((sid, b) => {
+      this.ids.get(sid)!.push(argmax(outs![b].logits!));
+      this.logits.get(sid)!.push(Array.from(outs![b].logits!.data as Float32Array));
+    });
+  }
+}
+
+describe('continuous batching at a stage (decode steps of many sessions in one ORT run)', () => {
+  for (const name of CAUSAL_FIXTURES) {
+    test(`${name}: sessions joining and leaving mid-stream match their solo runs (ids identical, logits 1e-4)`, async () => {
+      const dir = fixtureDir(name);
+      const p = await LocalPipeline.load(dir, 2);
+      const prompts = [...expected(name).generate!.map((g) => g.input_ids), [7, 8, 9], [100, 3, 44, 12, 9, 1, 2, 3, 4, 5, 6]];
+      const steps = 10;
+      // Solo references, and their per-step logits.
+      const solo = await Promise.all(prompts.map((pr) => generate(p, pr, { maxNewTokens: steps + 2, eosTokenId: null })));
+      const d = new Driver(p.stages);
+      const live = ['s0', 's1'];
+      await d.prefill('s0', prompts[0]);
+      await d.prefill('s1', prompts[1]);
+      for (let step = 0; step < steps; step++) {
+        if (step === 2) (await d.prefill('s2', prompts[2]), live.push('s2')); // joins
+        if (step === 4) (await d.prefill('s3', prompts[3]), live.push('s3'));
+        const group = step % 3 === 0 ? [...live].reverse() : live; // order changes force re-packing
+        await d.decode(group);
+        if (step === 5) await d.decode(['s0']); // one session alone between batches: its cache leaves the shared tensors
+        if (step === 6) live.splice(live.indexOf('s1'), 1); // leaves early
+      }
+      for (const [i, sid] of ['s0', 's1', 's2', 's3'].entries()) {
+        const got = d.ids.get(sid)!.slice(prompts[i].length);
+        assert.deepEqual(got, solo[i].outputIds.slice(0, got.length), `${sid} ids`);
+        const want = [];
+        for (let t = 0; t < got.length; t++) {
+          const seq = [...prompts[i], ...got.slice(0, t)];
+          want.push((await forwardLogits(p, seq)).at(-1)!);
+        }
+        assert.ok(maxAbsDiff(d.logits.get(sid)!, want) <= 1e-4, `${sid} logits`);
+      }
+      expected(name).generate!.forEach((g, i) => {
+        assert.deepEqual(d.ids.get(`s${i}`)!.slice(g.input_ids.length, g.input_ids.length + 8), g.output_ids.slice(0, 8));
+      });
+      await p.close();
+    });
+  }
+});
+
+describe('8 concurrent sessions through one 3-stage gRPC pipeline', () => {
+  let cluster: LocalCluster;
+  const dir = fixtureDir('gptj-tiny');
+  before(async () => {
+    cluster = await startLocalCluster(dir, 3);
+  });
+  after(async () => cluster?.stop());
+
+  test('each equals its solo run (no KV crosstalk), with decode steps batched across sessions', async () => {
+    const spec = loadModelSpec(dir);
+    const batches: number[] = [];
+    const p = await RemotePipeline.connect(cluster.workers.map((w) => w.address), {
+      spec, fingerprint: Checkpoint.open(dir).fingerprint(), onTiming: (_stage, t) => batches.push(t.batch),
+    });
+    const prompts = Array.from({ length: 8 }, (_, i) => Array.from({ length: 3 + i * 2 }, (_, j) => (i * 37 + j * 11 + 5) % spec.vocab));
+    const local = await LocalPipeline.load(dir, 1);
+    const solo = [];
+    for (const pr of prompts) solo.push((await generate(local, pr, { maxNewTokens: 12, eosTokenId: null })).outputIds);
+    const together = await Promise.all(prompts.map((pr) => generate(p, pr, { maxNewTokens: 12, eosTokenId: null })));
+    together.forEach((r, i) => assert.deepEqual(r.outputIds, solo[i], `session ${i}`));
+    assert.ok(Math.max(...batches) > 1, `decode steps were batched (largest batch ${Math.max(...batches)})`);
+    p.close();
+    await local.close();
+  });
+});
