@@ -64,9 +64,11 @@ export class KvStore {
     }
     this.drop(sessionId);
     const victims: string[] = [];
-    for (const [id] of this.entries) {
-      if (this.total + bytes <= this.budgetBytes) break;
+    let kept = this.total;
+    for (const [id, e] of this.entries) {
+      if (kept + bytes <= this.budgetBytes) break;
       victims.push(id);
+      kept -= e.bytes;
     }
     for (const id of victims) this.forget(id, 'memory budget');
     this.entries.set(sessionId, { cache, bytes, lastUsed: this.now() });

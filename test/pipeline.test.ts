@@ -1,0 +1,126 @@
+import { describe, test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import { mkdtempSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import * as grpc from '@grpc/grpc-js';
+import { loadModelSpec } from '../model/config.ts';
+import { Checkpoint } from '../model/safetensors.ts';
+import { StrataError } from '../model/errors.ts';
+import { writeSyntheticModel } from '../model/synthetic.ts';
+import { KvStore } from '../worker/kv-store.ts';
+import { StageClient } from '../proto/client.ts';
+import { stepToWire } from '../proto/step-codec.ts';
+import { RemotePipeline } from '../coordinator/remote-pipeline.ts';
+import { startWorkerProcess, startLocalCluster, type LocalCluster, type LocalWorker } from '../bin/local-cluster.ts';
+import { fixtureDir, testCacheDir } from './helpers/fixtures.ts';
+
+before(() => testCacheDir());
+const STRATA = fileURLToPath(new URL('../bin/strata.js', import.meta.url));
+const i64 = (rows: number[][]) => ({ dtype: 'int64' as const, dims: [rows.length, rows[0].length], data: BigInt64Array.from(rows.flat(), BigInt) });
+const code = (c: string) => (e: unknown) => e instanceof StrataError && e.code === c;
+
+describe('KV store: budget, LRU eviction, TTL', () => {
+  const cache = (len: number) => ({ length: len, row: 0, offset: 0, batch: 1, layers: new Map([[0, { key: { dtype: 'float32' as const, dims: [1, 1, len, 4], data: new Float32Array(len * 4) }, value: { dtype: 'float32' as const, dims: [1, 1, len, 4], data: new Float32Array(len * 4) } }]]) });
+  test('evicts least-recently-used sessions and tells their owner clearly', () => {
+    let now = 0;
+    const store = new KvStore(3 * 32 * 10, 60_000, () => now); // room for three 10-token sessions
+    for (const s of ['a', 'b', 'c']) store.commit(s, cache(10));
+    store.take('a', 10, () => assert.fail()); // a is now the most recent
+    assert.deepEqual(store.commit('d', cache(10)), ['b']);
+    assert.throws(() => store.take('b', 10, () => cache(0)), code('session_evicted'));
+    assert.throws(() => store.take('zzz', 5, () => cache(0)), code('session_unknown'));
+    assert.throws(() => store.take('a', 7, () => cache(0)), code('session_out_of_step'));
+    assert.throws(() => store.commit('huge', cache(100)), code('kv_budget_exceeded'));
+    assert.equal(store.take('new', 0, () => cache(0)).length, 0, 'a new session starts empty');
+    now = 120_000;
+    assert.deepEqual(store.sweep().sort(), ['a', 'c', 'd']);
+    assert.equal(store.sessions, 0);
+    assert.equal(store.bytes, 0);
+  });
+});
+
+describe('stage handshake and refusals', () => {
+  let a: LocalWorker, b: LocalWorker;
+  before(async () => {
+    [a, b] = await Promise.all([startWorkerProcess(fixtureDir('gptj-tiny')), startWorkerProcess(fixtureDir('gptneo-rotary-tiny'))]);
+  });
+  after(() => {
+    a?.process.kill();
+    b?.process.kill();
+  });
+
+  test('a stage refuses a predecessor built from a different checkpoint', async () => {
+    const ca = new StageClient(a.address);
+    const cb = new StageClient(b.address);
+    await cb.configure({ first: 1, last: 3, dtype: 'float32', next_address: '', fingerprint: '' });
+    await assert.rejects(ca.configure({ first: 0, last: 1, dtype: 'float32', next_address: b.address, fingerprint: '' }), (e: StrataError) => e.code === 'peer_mismatch' && /checkpoint/.test(e.message));
+    // A step addressed with another checkpoint's fingerprint is refused too (FAILED_PRECONDITION on the wire).
+    const req = stepToWire('s1', { fingerprint: Checkpoint.open(fixtureDir('gptj-tiny')).fingerprint(), first: 1 }, { positionIds: i64([[0]]), attentionMask: i64([[1]]) });
+    await assert.rejects(cb.step(req, 5_000), code('stage_mismatch'));
+    // The coordinator refuses the pair as well, before configuring anything.
+    const spec = loadModelSpec(fixtureDir('gptj-tiny'));
+    await assert.rejects(RemotePipeline.connect([a.address, b.address], { spec, fingerprint: Checkpoint.open(fixtureDir('gptj-tiny')).fingerprint() }), code('checkpoint_mismatch'));
+    ca.close();
+    cb.close();
+  });
+
+  test('malformed tensors are INVALID_ARGUMENT, and the worker keeps serving', async () => {
+    const cb = new StageClient(b.address);
+    const fp = Checkpoint.open(fixtureDir('gptneo-rotary-tiny')).fingerprint();
+    await cb.configure({ first: 0, last: 3, dtype: 'float32', next_address: '', fingerprint: fp });
+    const good = stepToWire('s2', { fingerprint: fp, first: 0 }, { inputIds: i64([[1, 2]]), positionIds: i64([[0, 1]]), attentionMask: i64([[1, 1]]) });
+    const lying = { ...good, input_ids: { dtype: 'int64', dims: [1, 1 << 30], data: new Uint8Array(16) } };
+    await assert.rejects(cb.step(lying, 5_000), code('tensor_too_large'));
+    await assert.rejects(cb.step({ ...good, input_ids: { dtype: 'int64', dims: [1, 3], data: new Uint8Array(16) } }, 5_000), code('tensor_size_mismatch'));
+    await assert.rejects(cb.step({ ...good, position_ids: { dtype: 'float64', dims: [1, 2], data: new Uint8Array(16) } }, 5_000), code('tensor_dtype_invalid'));
+    await assert.rejects(cb.step(stepToWire('s3', { fingerprint: fp, first: 0 }, { inputIds: i64([[1, 999]]), positionIds: i64([[0, 1]]), attentionMask: i64([[1, 1]]) }), 5_000), code('token_id_out_of_range'));
+    await assert.rejects(cb.step(stepToWire('s4', { fingerprint: fp, first: 0 }, { inputIds: i64([[1]]), positionIds: i64([[7]]), attentionMask: i64([Array(8).fill(1)]) }), 5_000), code('session_unknown'));
+    const ok = await cb.step(good, 5_000);
+    assert.equal(ok.logits?.dims.join(), '1,2,256');
+    assert.equal(await cb.checkHealth(), 'SERVING');
+    cb.close();
+  });
+});
+
+describe('worker start-up', () => {
+  test('a worker given a bad model directory exits with a clear message', () => {
+    const r = spawnSync(process.execPath, [STRATA, 'worker', '--listen', '127.0.0.1:0', '--model', '/nonexistent/model'], { encoding: 'utf8' });
+    assert.equal(r.status, 2);
+    assert.match(r.stderr, /\/nonexistent\/model has no config\.json/);
+    const noWeights = mkdtempSync(join(tmpdir(), 'strata-noweights-'));
+    spawnSync('cp', [join(fixtureDir('gpt2-tiny'), 'config.json'), noWeights]);
+    const r2 = spawnSync(process.execPath, [STRATA, 'worker', '--listen', '127.0.0.1:0', '--model', noWeights], { encoding: 'utf8' });
+    assert.equal(r2.status, 2);
+    assert.match(r2.stderr, /no model\.safetensors/);
+  });
+});
+
+describe('a 16 MiB hidden-state hop (1024 tokens × 4096 float32)', () => {
+  let cluster: LocalCluster;
+  const dir = join(mkdtempSync(join(tmpdir(), 'strata-wide-')), 'gptj-wide');
+  before(async () => {
+    // GPT-J width, a narrow MLP and tiny vocabulary keep the weights (2 × 268 MB) and the compute bearable.
+    writeSyntheticModel(dir, { family: 'gptj', blocks: 2, dModel: 4096, heads: 32, inner: 64, vocab: 64, maxPositions: 1024, rotaryDim: 64 });
+    cluster = await startLocalCluster(dir, 2);
+  });
+  after(async () => cluster?.stop());
+
+  test('a 1024-token prefill passes stage 0 → stage 1 over gRPC', async () => {
+    const spec = loadModelSpec(dir);
+    const p = await RemotePipeline.connect(cluster.workers.map((w) => w.address), { spec, fingerprint: Checkpoint.open(dir).fingerprint(), ranges: [{ first: 0, last: 1 }, { first: 1, last: 2 }] });
+    const ids = Array.from({ length: 1024 }, (_, i) => i % 64);
+    const r = await p.step('wide', { inputIds: i64([ids]), positionIds: i64([ids.map((_, i) => i)]), attentionMask: i64([ids.map(() => 1)]), logitPositions: { dtype: 'int64', dims: [1], data: BigInt64Array.of(1023n) } });
+    assert.deepEqual(r.logits!.dims, [1, 1, 64]);
+    assert.ok((r.logits!.data as Float32Array).every(Number.isFinite));
+    await p.end('wide');
+    p.close();
+  });
+});
+
+test('TLS-less gRPC defaults are sized for the hop', () => {
+  assert.ok(Number(process.env.STRATA_MAX_MESSAGE_MB ?? 256) * 2 ** 20 >= 1024 * 4096 * 4 + 4096);
+  assert.ok(grpc.status.INVALID_ARGUMENT === 3);
+});
