@@ -1,9 +1,10 @@
 import type * as grpc from '@grpc/grpc-js';
 import type { ModelSpec } from '../model/config.ts';
-import { StrataError } from '../model/errors.ts';
-import type { PipelineStep, StepResult, Stepper } from '../model/generation.ts';
+import { isStrataError, StrataError } from '../model/errors.ts';
+import { embed, type PipelineStep, type StepResult, type Stepper } from '../model/generation.ts';
 import { rangeLabel, type BlockRange } from '../model/range.ts';
 import type { WeightDType } from '../model/stage-graph.ts';
+import type { TensorData } from '../model/tensor.ts';
 import { StageClient, type WireInfo, type WireTiming } from '../proto/client.ts';
 import { resultFromWire, stepToWire } from '../proto/step-codec.ts';
 import { planPartition } from './planner.ts';
@@ -23,24 +24,54 @@ export interface RemotePipelineOptions {
   dtype?: WeightDType;
   /** Explicit ranges (one per address); default: the partition planner over the workers' reported capacities. */
   ranges?: BlockRange[];
+  /** Standby workers that take over the range of a worker that died. */
+  spares?: string[];
   credentials?: grpc.ChannelCredentials;
   stepTimeoutMs?: number;
+  /** How long a request waits for the pipeline to be whole again after a fault before failing. */
+  recoveryTimeoutMs?: number;
+  /** How long recovery waits for a lost worker to come back (restart, spare) before re-planning onto fewer. */
+  replaceGraceMs?: number;
   /** Called with each stage's ORT run per step (metrics, bench timelines). */
   onTiming?: (stage: number, timing: WireTiming) => void;
+  /** Called after each recovery: how long the pipeline was broken, and the new plan. */
+  onRecovery?: (ms: number, stages: StageView[]) => void;
   log?: (obj: object, msg: string) => void;
 }
+
+interface SessionLog {
+  /** The session id the stages know now: a replay starts a fresh one so no stale cache can interfere. */
+  wireId: string;
+  epoch: number;
+  /** Every step's token-level input so far (no hidden states: the coordinator never has them). */
+  steps: PipelineStep[];
+}
+
+/** Failures a replay can cure: a stage is gone, or it lost this session's KV cache. */
+const RECOVERABLE = new Set(['stage_unavailable', 'session_unknown', 'session_evicted', 'session_out_of_step', 'stage_not_configured', 'stage_mismatch', 'stage_thread_exited']);
+const recoverable = (e: unknown) => isStrataError(e) && (e.kind === 'unavailable' || RECOVERABLE.has(e.code));
 
 /**
  * The coordinator's view of K workers as one Stepper. It configures each worker with its block range and next hop
  * (last stage first, so every predecessor can handshake its successor), then sends token ids to stage 0 and gets
  * tokens or logits back from the chain. It never sees hidden states.
+ *
+ * It keeps every live session's token-level inputs, so when a stage dies mid-request it re-plans onto the workers
+ * that answer (a restarted worker at its old address, a spare, or fewer stages), replays each affected session's
+ * tokens to rebuild the lost KV caches, and carries on: greedy output is the same as without the fault.
  */
 export class RemotePipeline implements Stepper {
   private clients: StageClient[] = [];
+  private active: string[] = [];
   private infos: WireInfo[] = [];
   private ranges: BlockRange[] = [];
   private healthy: boolean[] = [];
   private monitor: NodeJS.Timeout | null = null;
+  private readonly sessions = new Map<string, SessionLog>();
+  private recovering: Promise<void> | null = null;
+  /** Bumped by every (re)configuration; a failure seen under an older generation needs no new recovery. */
+  private generation = 0;
+  recoveries = 0;
 
   private constructor(
     private readonly addresses: string[],
@@ -50,65 +81,197 @@ export class RemotePipeline implements Stepper {
   static async connect(addresses: string[], opts: RemotePipelineOptions): Promise<RemotePipeline> {
     if (addresses.length === 0) throw new StrataError('no_workers', 'no worker addresses given; pass --workers HOST:PORT,...', 'failed_precondition');
     const p = new RemotePipeline(addresses, opts);
-    await p.configure();
+    await p.configure(addresses, opts.ranges);
     return p;
   }
 
-  private async configure(): Promise<void> {
+  private async configure(addresses: string[], fixedRanges?: BlockRange[]): Promise<void> {
     const { spec, fingerprint } = this.opts;
-    this.clients.forEach((c) => c.close());
-    this.clients = this.addresses.map((a) => new StageClient(a, this.opts.credentials));
-    this.infos = await Promise.all(this.clients.map((c) => c.info(30_000)));
-    this.infos.forEach((info, i) => {
-      if (info.identity.fingerprint !== fingerprint || info.identity.blocks !== spec.blocks) {
-        throw new StrataError('checkpoint_mismatch', `worker ${this.addresses[i]} serves checkpoint ${info.identity.fingerprint} (${info.identity.blocks} blocks), the coordinator's model is ${fingerprint} (${spec.blocks} blocks); start every worker with the same --model`, 'failed_precondition');
+    const clients = addresses.map((a) => new StageClient(a, this.opts.credentials));
+    try {
+      const infos = await Promise.all(clients.map((c) => c.info(30_000)));
+      infos.forEach((info, i) => {
+        if (info.identity.fingerprint !== fingerprint || info.identity.blocks !== spec.blocks) {
+          throw new StrataError('checkpoint_mismatch', `worker ${addresses[i]} serves checkpoint ${info.identity.fingerprint} (${info.identity.blocks} blocks), the coordinator's model is ${fingerprint} (${spec.blocks} blocks); start every worker with the same --model`, 'failed_precondition');
+        }
+      });
+      const dtype = this.opts.dtype ?? 'float32';
+      const ranges = fixedRanges ?? planPartition(spec, infos.map((info, i) => ({ id: addresses[i], memoryBytes: info.memory_bytes || Infinity, speed: info.speed || 1 })), { dtype }).stages.map((s) => s.range);
+      if (ranges.length !== clients.length) {
+        throw new StrataError('plan_unusable', `the plan uses ${ranges.length} of ${clients.length} workers; give every worker enough memory`, 'failed_precondition');
       }
-    });
-    const dtype = this.opts.dtype ?? 'float32';
-    this.ranges = this.opts.ranges ?? planPartition(spec, this.infos.map((info, i) => ({ id: this.addresses[i], memoryBytes: info.memory_bytes || Infinity, speed: info.speed || 1 })), { dtype }).stages.map((s) => s.range);
-    if (this.ranges.length !== this.clients.length) {
-      // The planner may leave out workers too small for any stage.
-      throw new StrataError('plan_unusable', `the plan uses ${this.ranges.length} of ${this.clients.length} workers; give every worker enough memory`, 'failed_precondition');
+      for (let i = clients.length - 1; i >= 0; i--) {
+        this.opts.log?.({ stage: i, blocks: rangeLabel(ranges[i]), address: addresses[i] }, 'configuring stage');
+        await clients[i].configure({ first: ranges[i].first, last: ranges[i].last, dtype, next_address: addresses[i + 1] ?? '', fingerprint });
+      }
+      this.clients.forEach((c) => c.close());
+      Object.assign(this, { clients, active: addresses, infos, ranges, healthy: clients.map(() => true) });
+      this.generation++;
+    } catch (e) {
+      clients.forEach((c) => c.close());
+      throw e;
     }
-    for (let i = this.clients.length - 1; i >= 0; i--) {
-      const r = this.ranges[i];
-      this.opts.log?.({ stage: i, blocks: rangeLabel(r), address: this.addresses[i] }, 'configuring stage');
-      await this.clients[i].configure({ first: r.first, last: r.last, dtype, next_address: this.addresses[i + 1] ?? '', fingerprint });
-    }
-    this.healthy = this.clients.map(() => true);
   }
 
-  /** Polls grpc.health.v1 on every stage so /health and /v1/pipeline tell the truth. */
+  /** Polls grpc.health.v1 on every stage so /health and /v1/pipeline tell the truth, and grows back to full size. */
   startHealthMonitor(intervalMs = 2_000): void {
     this.monitor = setInterval(() => {
-      this.clients.forEach((c, i) => c.checkHealth(Math.min(intervalMs, 2_000)).then((s) => (this.healthy[i] = s === 'SERVING'), () => (this.healthy[i] = false)));
+      if (this.active.length < this.addresses.length && !this.recovering) void this.regrow();
+      const clients = this.clients;
+      clients.forEach((c, i) => c.checkHealth(Math.min(intervalMs, 2_000)).then((s) => clients === this.clients && (this.healthy[i] = s === 'SERVING'), () => clients === this.clients && (this.healthy[i] = false)));
     }, intervalMs);
     this.monitor.unref();
   }
 
   get isHealthy(): boolean {
-    return this.healthy.length > 0 && this.healthy.every(Boolean);
+    return !this.recovering && this.healthy.length > 0 && this.healthy.every(Boolean);
   }
 
   describe(): { stages: StageView[] } {
     return {
-      stages: this.ranges.map((r, i) => ({ blocks: [r.first, r.last], address: this.addresses[i], pid: this.infos[i]?.pid, healthy: this.healthy[i] ?? false, device: this.infos[i]?.device })),
+      stages: this.ranges.map((r, i) => ({ blocks: [r.first, r.last], address: this.active[i], pid: this.infos[i]?.pid, healthy: this.healthy[i] ?? false, device: this.infos[i]?.device })),
     };
   }
 
   async step(sessionId: string, input: PipelineStep): Promise<StepResult> {
-    const req = stepToWire(sessionId, { fingerprint: this.opts.fingerprint, first: 0 }, input);
-    const reply = resultFromWire(await this.clients[0].step(req, this.opts.stepTimeoutMs ?? 120_000));
+    let log = this.sessions.get(sessionId);
+    if (!log) {
+      log = { wireId: sessionId, epoch: 0, steps: [] };
+      if (this.opts.spec.causal) this.sessions.set(sessionId, log);
+    }
+    const deadline = Date.now() + (this.opts.recoveryTimeoutMs ?? 60_000);
+    for (;;) {
+      const generation = this.generation;
+      try {
+        const result = await this.send(log.wireId, input);
+        if (this.opts.spec.causal) log.steps.push({ inputIds: input.inputIds, positionIds: input.positionIds, attentionMask: input.attentionMask });
+        return result;
+      } catch (e) {
+        if (!recoverable(e) || Date.now() > deadline) throw e;
+        this.opts.log?.({ session: sessionId, err: (e as Error).message }, 'step failed; recovering the pipeline');
+        await this.recover(generation, deadline);
+        if (log.steps.length > 0) await this.replay(log);
+      }
+    }
+  }
+
+  private async send(wireId: string, input: PipelineStep): Promise<StepResult> {
+    const req = stepToWire(wireId, { fingerprint: this.opts.fingerprint, first: 0 }, input);
+    const reply = resultFromWire(await this.clients[0].step(req, this.opts.stepTimeoutMs ?? 60_000));
     reply.timings.forEach((t, i) => this.opts.onTiming?.(i, t));
     return reply;
   }
 
+  /** Rebuilds a session's KV caches under a fresh wire id: one prefill of every token so far. */
+  private async replay(log: SessionLog): Promise<void> {
+    const old = log.wireId;
+    log.epoch++;
+    log.wireId = `${old.replace(/#\d+$/, '')}#${log.epoch}`;
+    void this.clients[0]?.endSession(old).catch(() => {});
+    const singleRow = log.steps.every((s) => s.positionIds.dims[0] === 1);
+    const steps = singleRow ? [concatSteps(log.steps)] : log.steps;
+    for (const s of steps) {
+      const seq = s.positionIds.dims[1];
+      await this.send(log.wireId, { ...s, logitPositions: { dtype: 'int64', dims: [1], data: BigInt64Array.of(BigInt(seq - 1)) } });
+    }
+  }
+
+  /** One recovery at a time: re-plan onto whichever workers answer, within the deadline. */
+  private recover(failedGeneration: number, deadline: number): Promise<void> {
+    if (this.generation !== failedGeneration) return Promise.resolve(); // someone already re-planned
+    this.recovering ??= (async () => {
+      const started = Date.now();
+      this.healthy = this.healthy.map(() => false);
+      for (let attempt = 0; ; attempt++) {
+        const live = await this.liveWorkers();
+        const waiting = live.length < this.addresses.length && Date.now() - started < (this.opts.replaceGraceMs ?? 5_000);
+        if (waiting && Date.now() < deadline) {
+          await new Promise((r) => setTimeout(r, 250));
+          continue;
+        }
+        try {
+          if (live.length === 0) throw new StrataError('pipeline_unavailable', 'no worker answers', 'unavailable');
+          const sameShape = this.opts.ranges && live.length === this.opts.ranges.length ? this.opts.ranges : undefined;
+          await this.configure(live, sameShape);
+          this.recoveries++;
+          this.opts.log?.({ ms: Date.now() - started, workers: live }, 'pipeline recovered');
+          this.opts.onRecovery?.(Date.now() - started, this.describe().stages);
+          return;
+        } catch (e) {
+          if (Date.now() > deadline) {
+            throw new StrataError('pipeline_unavailable', `the pipeline lost a stage and could not be re-planned within ${this.opts.recoveryTimeoutMs ?? 60_000} ms (${(e as Error).message}); start a replacement worker or add spares`, 'unavailable');
+          }
+          await new Promise((r) => setTimeout(r, Math.min(200 * (attempt + 1), 2_000)));
+        }
+      }
+    })().finally(() => {
+      this.recovering = null;
+    });
+    return this.recovering;
+  }
+
+  /**
+   * After shrinking, a returning worker (restarted at its address) re-registers: re-plan onto the larger set. Steps in
+   * flight then meet a re-configured stage and replay, like after a fault.
+   */
+  async regrow(): Promise<boolean> {
+    const live = await this.liveWorkers();
+    if (live.length <= this.active.length || this.recovering) return false;
+    await this.recover(this.generation, Date.now() + (this.opts.recoveryTimeoutMs ?? 60_000));
+    return true;
+  }
+
+  /** The workers to use now: each original position keeps its worker if it answers, else takes a live spare. */
+  private async liveWorkers(): Promise<string[]> {
+    const alive = async (a: string) => {
+      const c = new StageClient(a, this.opts.credentials);
+      try {
+        await c.info(2_000);
+        return true;
+      } catch {
+        return false;
+      } finally {
+        c.close();
+      }
+    };
+    const spares = this.opts.spares ?? [];
+    const status = await Promise.all([...this.addresses, ...spares].map(alive));
+    const liveSpares = spares.filter((_, i) => status[this.addresses.length + i]);
+    const out: string[] = [];
+    this.addresses.forEach((a, i) => {
+      if (status[i]) out.push(a);
+      else if (liveSpares.length) out.push(liveSpares.shift()!);
+    });
+    return out;
+  }
+
   async end(sessionId: string): Promise<void> {
-    await this.clients[0]?.endSession(sessionId).catch(() => {});
+    const log = this.sessions.get(sessionId);
+    this.sessions.delete(sessionId);
+    await this.clients[0]?.endSession(log?.wireId ?? sessionId).catch(() => {});
+  }
+
+  /** Mean-pooled last hidden state (the /v1/embeddings vector). */
+  embed(ids: number[]): Promise<Float32Array> {
+    return embed(this, ids);
   }
 
   close(): void {
     if (this.monitor) clearInterval(this.monitor);
     this.clients.forEach((c) => c.close());
   }
+}
+
+/** Concatenates single-row steps into one prefill: same tokens, positions and mask, in one run. */
+function concatSteps(steps: PipelineStep[]): PipelineStep {
+  const cat = (pick: (s: PipelineStep) => TensorData | undefined): TensorData | undefined => {
+    const parts = steps.map(pick);
+    if (parts.some((p) => !p)) return undefined;
+    const data = new BigInt64Array(parts.reduce((n, p) => n + p!.data.length, 0));
+    let at = 0;
+    for (const p of parts) (data.set(p!.data as BigInt64Array, at), (at += p!.data.length));
+    return { dtype: 'int64', dims: [1, data.length], data };
+  };
+  const last = steps.at(-1)!;
+  return { inputIds: cat((s) => s.inputIds), positionIds: cat((s) => s.positionIds)!, attentionMask: last.attentionMask };
 }

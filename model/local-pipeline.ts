@@ -3,7 +3,7 @@ import { evenSplit, type BlockRange } from './range.ts';
 import { prepareStage, type PreparedStage } from './stage-cache.ts';
 import { StageSession, type SessionOptions } from './executor.ts';
 import { Stage, type KvCache } from './stage.ts';
-import { finishStep, type PipelineStep, type StepResult, type Stepper } from './generation.ts';
+import { embed, finishStep, type PipelineStep, type StepResult, type Stepper } from './generation.ts';
 import type { WeightDType } from './stage-graph.ts';
 
 export interface LocalPipelineOptions extends SessionOptions {
@@ -53,6 +53,11 @@ export class LocalPipeline implements Stepper {
 
   async end(sessionId: string): Promise<void> {
     this.caches.delete(sessionId);
+  }
+
+  /** Mean-pooled last hidden state (the /v1/embeddings vector). */
+  embed(ids: number[]): Promise<Float32Array> {
+    return embed(this, ids);
   }
 
   async close(): Promise<void> {

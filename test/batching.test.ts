@@ -115,7 +115,7 @@ describe('8 concurrent sessions through one 3-stage gRPC pipeline', () => {
     });
     const prompts = Array.from({ length: 8 }, (_, i) => Array.from({ length: 3 + i * 2 }, (_, j) => (i * 37 + j * 11 + 5) % spec.vocab));
     const local = await LocalPipeline.load(dir, 1);
-    const solo = [];
+    const solo: number[][] = [];
     for (const pr of prompts) solo.push((await generate(local, pr, { maxNewTokens: 12, eosTokenId: null })).outputIds);
     const together = await Promise.all(prompts.map((pr) => generate(p, pr, { maxNewTokens: 12, eosTokenId: null })));
     together.forEach((r, i) => assert.deepEqual(r.outputIds, solo[i], `session ${i}`));
