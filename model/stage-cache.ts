@@ -21,6 +21,9 @@ export interface PreparedStage {
   built: boolean;
 }
 
+/** Fused ORT kernels unless STRATA_FUSED=0 (they pass the same parity tests). */
+export const DEFAULT_FUSED = process.env.STRATA_FUSED !== '0';
+
 export const defaultCacheDir = (): string => process.env.STRATA_CACHE_DIR ?? join(homedir(), '.cache', 'strata');
 
 /**
@@ -31,15 +34,16 @@ export const defaultCacheDir = (): string => process.env.STRATA_CACHE_DIR ?? joi
 export function prepareStage(
   modelDir: string,
   range: BlockRange,
-  opts: { dtype?: WeightDType; cacheDir?: string; onProgress?: (msg: string) => void } = {},
+  opts: { dtype?: WeightDType; fused?: boolean; cacheDir?: string; onProgress?: (msg: string) => void } = {},
 ): PreparedStage {
   const dtype = opts.dtype ?? 'float32';
+  const fused = opts.fused ?? DEFAULT_FUSED;
   const spec = loadModelSpec(modelDir);
   checkRange(range, spec.blocks);
   const ck = Checkpoint.open(modelDir);
   try {
     const fingerprint = ck.fingerprint();
-    const dir = join(opts.cacheDir ?? defaultCacheDir(), fingerprint, `${range.first}-${range.last}-${dtype}-v${GRAPH_VERSION}`);
+    const dir = join(opts.cacheDir ?? defaultCacheDir(), fingerprint, `${range.first}-${range.last}-${dtype}${fused ? '-fused' : ''}-v${GRAPH_VERSION}`);
     const path = join(dir, 'stage.onnx');
     const metaPath = join(dir, 'meta.json');
     if (existsSync(path) && existsSync(metaPath)) {
@@ -53,7 +57,7 @@ export function prepareStage(
     let model: Uint8Array, paramBytes: number;
     try {
       const source = { prefix: keyPrefix(spec, (k) => ck.has(k)), readFloat32: (k: string, s: number[]) => ck.readFloat32(k, s) };
-      ({ model, paramBytes } = buildStageGraph(spec, range, source, sink, { dtype }));
+      ({ model, paramBytes } = buildStageGraph(spec, range, source, sink, { dtype, fused }));
     } catch (e) {
       sink.close();
       rmSync(tmp, { recursive: true, force: true });

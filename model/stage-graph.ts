@@ -16,6 +16,11 @@ export interface WeightSource {
 
 export interface StageGraphOptions {
   dtype: WeightDType;
+  /**
+   * Use ONNX Runtime's fused contrib kernels (com.microsoft MultiHeadAttention, SkipLayerNormalization) instead of
+   * the op-by-op attention and residual+norm. Same function, checked against the same fixtures.
+   */
+  fused?: boolean;
 }
 
 /** The I/O names of a stage graph: the contract between the builder, the executor and the wire. */
@@ -138,6 +143,41 @@ export function buildStageGraph(spec: ModelSpec, range: BlockRange, source: Weig
     return g.o('Concat', [rotated, pass], { axis: 3 });
   };
 
+  // Fused path: the mask becomes an additive bias [B, 1, T, S] shared by every layer (0 = attend, min = masked).
+  let attentionBias = '';
+  const fusedAttention = (q4: string, k4: string, v: string, layer: number): string => {
+    if (!attentionBias) {
+      // MultiHeadAttention wants the query axis spelled out: the encoder's [B,1,1,S] mask is expanded to [B,1,T,S].
+      const full = spec.causal ? allowed : g.o('Expand', [allowed, g.o('Concat', [g.o('Shape', [positionIds], { start: 0, end: 1 }), g.constInt64([1]), g.o('Shape', [positionIds], { start: 1, end: 2 }), g.o('Shape', [positionIds], { start: 1, end: 2 })], { axis: 0 })]);
+      attentionBias = g.o('Where', [full, g.constScalar(0, ACT), half ? g.constScalar(-65504, ACT) : maskValue]);
+    }
+    const flat = (t: string) => g.o('Reshape', [t, shapeBTD]); // [B,T,D]
+    let scale = spec.scaleAttnWeights || spec.family === 'distilbert' ? 1 / Math.sqrt(HD) : 1;
+    if (spec.scaleAttnByInverseLayerIdx) scale /= layer + 1; // GLOBAL layer index
+    const inputs = [flat(q4), flat(k4), flat(v), '', '', attentionBias];
+    const outputs: string[] = [`attn_${layer}`];
+    if (spec.causal) {
+      inputs.push(g.input(IO.pastKey(layer), ACT, ['batch', H, 'past_seq', HD]), g.input(IO.pastValue(layer), ACT, ['batch', H, 'past_seq', HD]));
+      outputs.push(`present_key_raw_${layer}`, `present_value_raw_${layer}`);
+    }
+    g.op('MultiHeadAttention', inputs, { num_heads: H, scale: { float: scale } }, outputs, 'com.microsoft');
+    if (spec.causal) {
+      g.output(outputs[1], IO.presentKey(layer), ACT, ['batch', H, 'total_seq', HD]);
+      g.output(outputs[2], IO.presentValue(layer), ACT, ['batch', H, 'total_seq', HD]);
+    }
+    return g.o('Reshape', [outputs[0], g.constInt64([-1, D])]);
+  };
+
+  /** residual + norm; the fused kernel also returns the sum (4th output) for the next residual. */
+  const addNorm = (x: string, y: string, norm: [WeightRef, WeightRef]): { sum: string; normed: string } => {
+    if (!opts.fused || half) {
+      const sum = g.o('Add', [x, y]);
+      return { sum, normed: layerNorm(sum, norm) };
+    }
+    const [normed, , , sum] = g.op('SkipLayerNormalization', [y, x, W32(norm[0]), W32(norm[1])], { epsilon: { float: spec.eps } }, 4, 'com.microsoft');
+    return { sum, normed };
+  };
+
   const attention = (h: string, b: BlockWeights, layer: number): string => {
     let q: string, k: string, v: string;
     if ('fused' in b.qkv) {
@@ -154,6 +194,7 @@ export function buildStageGraph(spec: ModelSpec, range: BlockRange, source: Weig
     let qh = toBHTd(q4);
     let kh = toBHTd(k4);
     let vh = toBHTd(heads(v));
+    if (opts.fused) return linear(fusedAttention(q4, k4, v, layer), b.out, b.outBias, b.conv1d);
     if (spec.causal) {
       const pk = g.input(IO.pastKey(layer), ACT, ['batch', H, 'past_seq', HD]);
       const pv = g.input(IO.pastValue(layer), ACT, ['batch', H, 'past_seq', HD]);
@@ -180,16 +221,16 @@ export function buildStageGraph(spec: ModelSpec, range: BlockRange, source: Weig
   sw.blocks.forEach((b, i) => {
     const layer = range.first + i;
     if (spec.family === 'gpt2') {
-      x = g.o('Add', [x, attention(layerNorm(x, b.ln1), b, layer)]);
-      x = g.o('Add', [x, mlp(layerNorm(x, b.ln2!), b)]);
+      const { sum, normed } = addNorm(x, attention(layerNorm(x, b.ln1), b, layer), b.ln2!);
+      x = g.o('Add', [sum, mlp(normed, b)]);
     } else if (spec.family === 'gptj') {
       // Parallel residual: attention and MLP both read ln_1's output.
       const h = layerNorm(x, b.ln1);
       x = g.o('Add', [g.o('Add', [attention(h, b, layer), mlp(h, b)]), x]);
     } else {
       // DistilBERT is post-LN.
-      const sa = layerNorm(g.o('Add', [attention(x, b, layer), x]), b.ln1);
-      x = layerNorm(g.o('Add', [mlp(sa, b), sa]), b.ln2!);
+      const sa = addNorm(x, attention(x, b, layer), b.ln1).normed;
+      x = addNorm(sa, mlp(sa, b), b.ln2!).normed;
     }
   });
 
@@ -211,7 +252,8 @@ export function buildStageGraph(spec: ModelSpec, range: BlockRange, source: Weig
     g.output(g.o('Reshape', [x, shapeBTD]), IO.hiddenOut, ACT, ['batch', 'seq', D]);
   }
 
-  const model = g.encode(`strata_${spec.family}_${range.first}_${range.last}`, { '': 20 }, {
+  const model = g.encode(`strata_${spec.family}_${range.first}_${range.last}`, { '': 20, ...(opts.fused ? { 'com.microsoft': 1 } : {}) }, {
+    'strata.fused': String(!!opts.fused),
     'strata.family': spec.family,
     'strata.range': `${range.first},${range.last}`,
     'strata.dtype': opts.dtype,

@@ -61,10 +61,10 @@ class Driver {
 }
 
 describe('continuous batching at a stage (decode steps of many sessions in one ORT run)', () => {
-  for (const name of CAUSAL_FIXTURES) {
-    test(`${name}: sessions joining and leaving mid-stream match their solo runs (ids identical, logits 1e-4)`, async () => {
+  for (const name of CAUSAL_FIXTURES) for (const fused of [false, true]) {
+    test(`${name}${fused ? ' (fused kernels)' : ''}: sessions joining and leaving mid-stream match their solo runs (ids identical, logits 1e-4)`, async () => {
       const dir = fixtureDir(name);
-      const p = await LocalPipeline.load(dir, 2);
+      const p = await LocalPipeline.load(dir, 2, { fused });
       const prompts = [...expected(name).generate!.map((g) => g.input_ids), [7, 8, 9], [100, 3, 44, 12, 9, 1, 2, 3, 4, 5, 6]];
       const steps = 10;
       // Solo references, and their per-step logits.

@@ -13,11 +13,11 @@ for (const name of ALL_FIXTURES) {
   const dir = fixtureDir(name);
   const spec = loadModelSpec(dir);
   const exp = expected(name);
-  describe(`${name} in process`, () => {
+  for (const fused of [false, true]) describe(`${name} in process, ${fused ? 'fused ORT kernels' : 'op-by-op graph'}`, () => {
     for (let k = 1; k <= spec.blocks; k++) {
       const split = evenSplit(spec.blocks, k).map((r) => `[${r.first},${r.last})`).join(' ');
       test(`K=${k} ${split}: logits within 1e-4, greedy ids identical with KV cache, fill-mask top-5`, async () => {
-        const p = await LocalPipeline.load(dir, k);
+        const p = await LocalPipeline.load(dir, k, { fused });
         try {
           for (const c of exp.forward) {
             const err = maxAbsDiff(await forwardLogits(p, c.input_ids), c.logits);
