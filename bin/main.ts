@@ -3,6 +3,8 @@ import { registerPlanCommand } from './plan.ts';
 import { registerRunCommands } from './run-commands.ts';
 import { registerWorkerCommand } from './worker.ts';
 import { registerServeCommands } from './serve.ts';
+import { registerCertsCommand } from './certs.ts';
+import { registerBenchCommand } from './bench.ts';
 
 /** `strata`: a thin dispatcher; each command lives in its own module. */
 export function buildProgram(): Command {
@@ -12,7 +14,9 @@ export function buildProgram(): Command {
   registerRunCommands(program);
   registerWorkerCommand(program);
   registerServeCommands(program);
+  registerCertsCommand(program);
   registerPlanCommand(program);
+  registerBenchCommand(program);
   return program;
 }
 

@@ -3,6 +3,7 @@ import pino from 'pino';
 import { StageWorker } from '../worker/server.ts';
 import { isStrataError } from '../model/errors.ts';
 import { parseSize } from './plan.ts';
+import { loadCredentials, tlsFromEnv } from '../proto/tls.ts';
 
 export function registerWorkerCommand(program: Command): void {
   program
@@ -16,6 +17,9 @@ export function registerWorkerCommand(program: Command): void {
     .option('--kv-budget-mb <mb>', 'memory budget for KV caches; least-recently-used sessions are evicted beyond it', process.env.STRATA_KV_BUDGET_MB ?? '2048')
     .option('--session-ttl-s <s>', 'drop sessions idle longer than this', process.env.STRATA_SESSION_TTL_S ?? '600')
     .option('--max-batch <n>', 'decode steps of different sessions batched into one ORT run (1 = no batching)', process.env.STRATA_MAX_BATCH ?? '8')
+    .option('--tls-cert <pem>', 'mutual TLS: this node\'s certificate (STRATA_TLS_CERT)')
+    .option('--tls-key <pem>', 'mutual TLS: its private key (STRATA_TLS_KEY)')
+    .option('--tls-ca <pem>', 'mutual TLS: CA that signs every peer (STRATA_TLS_CA); peers without such a certificate are refused')
     .option('--memory <size>', 'memory this worker offers the planner, e.g. 24GB (default: unlimited)', process.env.STRATA_WORKER_MEMORY)
     .option('--speed <x>', 'relative speed this worker reports to the planner', process.env.STRATA_WORKER_SPEED ?? '1')
     .action(async (o) => {
@@ -26,6 +30,7 @@ export function registerWorkerCommand(program: Command): void {
           listen: o.listen, modelDir: o.model, device: o.device, threads: o.threads ? Number(o.threads) : undefined, cacheDir: o.cacheDir,
           kvBudgetBytes: Number(o.kvBudgetMb) * 2 ** 20, sessionTtlMs: Number(o.sessionTtlS) * 1000,
           memoryBytes: o.memory ? parseSize(o.memory) : undefined, speed: Number(o.speed), maxBatch: Number(o.maxBatch),
+          credentials: loadCredentials(tlsFromEnv(o)),
           log: (obj, msg) => log.info(obj, msg),
         });
       } catch (e) {

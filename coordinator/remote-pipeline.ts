@@ -9,13 +9,14 @@ import { StageClient, type WireInfo, type WireTiming } from '../proto/client.ts'
 import { resultFromWire, stepToWire } from '../proto/step-codec.ts';
 import { planPartition } from './planner.ts';
 
-export interface StageView {
+// A type alias (not an interface) so it is assignable to the API's open-ended stage records.
+export type StageView = {
   blocks: [number, number];
   address: string;
   pid?: number;
   healthy: boolean;
   device?: string;
-}
+};
 
 export interface RemotePipelineOptions {
   spec: ModelSpec;

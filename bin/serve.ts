@@ -1,0 +1,197 @@
+import type { Command } from 'commander';
+import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
+import { createServer } from 'node:net';
+import pino from 'pino';
+import { Redis } from 'ioredis';
+import { loadModelSpec } from '../model/config.ts';
+import { Checkpoint } from '../model/safetensors.ts';
+import { isStrataError, StrataError } from '../model/errors.ts';
+import { loadTokenizer } from '../model/tokenizer.ts';
+import type { WeightDType } from '../model/stage-graph.ts';
+import { RemotePipeline } from '../coordinator/remote-pipeline.ts';
+import { startCoordinatorService } from '../coordinator/service.ts';
+import { observeStageForward } from '../coordinator/metrics.ts';
+import { startLocalCluster, type LocalCluster } from './local-cluster.ts';
+import { BUILTIN_MODEL } from './run-commands.ts';
+import { loadCredentials, tlsFromEnv } from '../proto/tls.ts';
+
+const log = pino({ name: 'strata' }, pino.destination(2));
+
+interface ServeOptions {
+  model: string;
+  port: string;
+  host: string;
+  redis: string;
+  dtype: WeightDType;
+  apiToken?: string;
+  concurrency: string;
+  spares?: string;
+  tlsCert?: string;
+  tlsKey?: string;
+  tlsCa?: string;
+}
+
+/** Connects to the workers (retrying while they start, as pods do in any order), then serves the API + queue. */
+async function serve(o: ServeOptions, addresses: string[], onStop: () => Promise<void> = async () => {}) {
+  const spec = loadModelSpec(o.model);
+  const ck = Checkpoint.open(o.model);
+  const fingerprint = ck.fingerprint();
+  ck.close();
+  const tokenizer = await loadTokenizer(o.model, spec);
+  let pipeline: RemotePipeline | undefined;
+  for (let attempt = 1; !pipeline; attempt++) {
+    try {
+      pipeline = await RemotePipeline.connect(addresses, {
+        spec, fingerprint, dtype: o.dtype, log: (obj, msg) => log.info(obj, msg),
+        spares: o.spares ? o.spares.split(',').map((a) => a.trim()).filter(Boolean) : [],
+        credentials: loadCredentials(tlsFromEnv(o))?.client,
+        onTiming: (stage, t) => observeStageForward(stage, t.run_ms / 1000),
+      });
+    } catch (e) {
+      if (isStrataError(e) && e.kind !== 'unavailable') throw e;
+      if (attempt === 1 || attempt % 10 === 0) log.warn({ err: (e as Error).message }, 'waiting for workers');
+      await new Promise((r) => setTimeout(r, Math.min(500 * attempt, 5_000)));
+    }
+  }
+  pipeline.startHealthMonitor();
+  const service = await startCoordinatorService({
+    pipeline, spec, tokenizer, redisUrl: o.redis, port: Number(o.port), host: o.host, authToken: o.apiToken,
+    concurrency: Number(o.concurrency), pipelineInfo: () => pipeline.describe(), health: () => pipeline.isHealthy, log: log.child({ name: 'strata-coordinator' }),
+  });
+  const stop = async () => {
+    log.info('shutting down: finishing active jobs');
+    await service.close();
+    pipeline.close();
+    await onStop();
+    process.exit(0);
+  };
+  process.once('SIGINT', stop);
+  process.once('SIGTERM', stop);
+  return { service, pipeline };
+}
+
+const addServeOptions = (cmd: Command) =>
+  cmd
+    .option('--port <port>', 'HTTP API port', process.env.STRATA_PORT ?? '8080')
+    .option('--host <host>', 'HTTP API bind address', process.env.STRATA_HOST ?? '127.0.0.1')
+    .option('--redis <url>', 'Redis for the request queue', process.env.REDIS_URL ?? 'redis://127.0.0.1:6379')
+    .option('--dtype <dtype>', 'weight dtype of the stage graphs: float32 | float16', process.env.STRATA_DTYPE ?? 'float32')
+    .option('--api-token <token>', 'require "Authorization: Bearer <token>" on the API (STRATA_API_TOKEN)', process.env.STRATA_API_TOKEN)
+    .option('--concurrency <n>', 'requests in flight through the pipeline at once', process.env.STRATA_CONCURRENCY ?? '8')
+    .option('--spares <addresses>', 'standby workers that take over a dead stage, comma-separated host:port', process.env.STRATA_SPARES)
+    .option('--tls-cert <pem>', 'mutual TLS to the workers: this node\'s certificate (STRATA_TLS_CERT)')
+    .option('--tls-key <pem>', 'mutual TLS: its private key (STRATA_TLS_KEY)')
+    .option('--tls-ca <pem>', 'mutual TLS: CA that signs the workers\' certificates (STRATA_TLS_CA)');
+
+const fail = (e: unknown) => {
+  console.error(`strata: ${isStrataError(e) ? `${e.message} [${e.code}]` : (e as Error).stack}`);
+  process.exit(2);
+};
+
+export function registerServeCommands(program: Command): void {
+  addServeOptions(
+    program
+      .command('coordinator')
+      .description('serve the HTTP API and consume the request queue, driving workers that are already running')
+      .requiredOption('--model <dir>', 'Hugging Face model directory (config, tokenizer; must match the workers)', process.env.STRATA_MODEL)
+      .requiredOption('--workers <addresses>', 'worker addresses in pipeline order, comma-separated host:port', process.env.STRATA_WORKERS),
+  ).action(async (o) => {
+    try {
+      const addresses = String(o.workers).split(',').map((a: string) => a.trim()).filter(Boolean);
+      const { service } = await serve(o, addresses);
+      log.info({ url: service.url, workers: addresses }, 'coordinator ready');
+    } catch (e) {
+      fail(e);
+    }
+  });
+
+  addServeOptions(
+    program
+      .command('up')
+      .description('start K workers, a coordinator and the HTTP API in the foreground (Ctrl-C stops everything)')
+      .option('--model <dir>', 'Hugging Face model directory (default: the built-in tiny GPT-2)', process.env.STRATA_MODEL ?? BUILTIN_MODEL)
+      .option('--workers <k>', 'number of worker processes (pipeline stages)', '2'),
+  ).action(async (o) => {
+    let cluster: LocalCluster | undefined;
+    let redis: ChildProcess | undefined;
+    try {
+      const redisUrl = await ensureRedis(o.redis, (child) => (redis = child));
+      const spec = loadModelSpec(o.model);
+      const k = Math.min(Number(o.workers), spec.blocks);
+      console.error(`strata: starting ${k} workers for ${o.model} …`);
+      const tls = tlsFromEnv(o);
+      cluster = await startLocalCluster(o.model, k, tls.cert ? ['--tls-cert', tls.cert, '--tls-key', tls.key!, '--tls-ca', tls.ca!] : []);
+      const stop = async () => {
+        await cluster?.stop();
+        redis?.kill('SIGTERM');
+      };
+      const { service, pipeline } = await serve({ ...o, redis: redisUrl }, cluster.workers.map((w) => w.address), stop);
+      printWelcome(service.url, pipeline.describe().stages, spec.causal, !!(await loadTokenizer(o.model, spec)));
+    } catch (e) {
+      await cluster?.stop();
+      redis?.kill('SIGTERM');
+      fail(e);
+    }
+  });
+}
+
+function printWelcome(url: string, stages: { blocks: [number, number]; address: string; pid?: number }[], causal: boolean, hasTokenizer: boolean) {
+  const prompt = hasTokenizer ? '"Hello, my name is"' : '[229, 49, 46, 89, 242]';
+  const body = causal ? `{"prompt": ${prompt}, "max_tokens": 12}` : `{"input_ids": [85, 127, 281, 97, 299, 228], "mask_index": 4}`;
+  const route = causal ? 'v1/completions' : 'v1/fill-mask';
+  process.stdout.write(
+    `\nstrata is serving at ${url}\n` +
+      stages.map((s, i) => `  stage ${i}: blocks [${s.blocks[0]}, ${s.blocks[1]}) at ${s.address} (pid ${s.pid})`).join('\n') +
+      `\n\nTry:\n  curl -s ${url}/${route} -H 'content-type: application/json' -d '${body}'\n\n` +
+      `Pipeline: ${url}/v1/pipeline   Health: ${url}/health   Metrics: ${url}/metrics\nCtrl-C stops everything.\n`,
+  );
+}
+
+/** Uses Redis at `url` when it answers; otherwise starts a private redis-server, or says what to install. */
+async function ensureRedis(url: string, onChild: (c: ChildProcess) => void): Promise<string> {
+  const probe = new Redis(url, { lazyConnect: true, connectTimeout: 1000, maxRetriesPerRequest: 0, retryStrategy: () => null });
+  probe.on('error', () => {});
+  try {
+    await probe.connect();
+    await probe.ping();
+    return url;
+  } catch {
+    /* fall through */
+  } finally {
+    probe.disconnect();
+  }
+  try {
+    execFileSync('redis-server', ['--version'], { stdio: 'ignore' });
+  } catch {
+    throw new StrataError('redis_missing', `no Redis answers at ${url} and redis-server is not installed: install it (Debian/Ubuntu: apt-get install redis-server; macOS: brew install redis), set REDIS_URL, or run the whole stack with "docker compose up"`, 'unavailable');
+  }
+  const port = await freePort();
+  const child = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], { stdio: 'ignore' });
+  onChild(child);
+  const privateUrl = `redis://127.0.0.1:${port}`;
+  for (let i = 0; i < 50; i++) {
+    const r = new Redis(privateUrl, { lazyConnect: true, maxRetriesPerRequest: 0, retryStrategy: () => null });
+    r.on('error', () => {});
+    try {
+      await r.connect();
+      await r.ping();
+      console.error(`strata: no Redis at ${url}; started a private redis-server at ${privateUrl}`);
+      return privateUrl;
+    } catch {
+      await new Promise((res) => setTimeout(res, 100));
+    } finally {
+      r.disconnect();
+    }
+  }
+  throw new StrataError('redis_start_failed', `started redis-server on port ${port} but it does not answer`, 'unavailable');
+}
+
+const freePort = () =>
+  new Promise<number>((resolve, reject) => {
+    const s = createServer();
+    s.listen(0, '127.0.0.1', () => {
+      const port = (s.address() as { port: number }).port;
+      s.close(() => resolve(port));
+    });
+    s.on('error', reject);
+  });
