@@ -1,12 +1,15 @@
 import type { Command } from 'commander';
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { generateKeyPairSync } from 'node:crypto';
 import forge from 'node-forge';
 
 const { pki } = forge;
 
 function issue(subjectCN: string, issuer: { cert: forge.pki.Certificate; key: forge.pki.rsa.PrivateKey } | null, hosts: string[], days: number) {
-  const keys = pki.rsa.generateKeyPair(2048);
+  // Node's native key generation: forge's pure-JS RSA takes seconds per key.
+  const pair = generateKeyPairSync('rsa', { modulusLength: 2048, publicKeyEncoding: { type: 'spki', format: 'pem' }, privateKeyEncoding: { type: 'pkcs8', format: 'pem' } });
+  const keys = { publicKey: pki.publicKeyFromPem(pair.publicKey), privateKey: pki.privateKeyFromPem(pair.privateKey) as forge.pki.rsa.PrivateKey };
   const cert = pki.createCertificate();
   cert.publicKey = keys.publicKey;
   cert.serialNumber = forge.util.bytesToHex(forge.random.getBytesSync(16)).replace(/^[89a-f]/, '1');
