@@ -110,9 +110,19 @@ export class Stage {
     return { length: 0, layers, row: 0, offset: 0, batch };
   }
 
+  /** Position tables end at the model's context length: out-of-range ids are a request error, not an ORT crash. */
+  private checkPositions(positionIds: TensorData): void {
+    for (const p of positionIds.data as BigInt64Array) {
+      if (p < 0n || p >= BigInt(this.spec.maxPositions)) {
+        throw new StrataError('prompt_too_long', `position ${p} is outside the model's context of ${this.spec.maxPositions} tokens; shorten the prompt or lower max_tokens`);
+      }
+    }
+  }
+
   /** Runs one step. For decoders `cache` is read as past and replaced by present (pass null for encoders). */
   async step(input: StepInput, cache: KvCache | null): Promise<StepOutput> {
     const [batch, seq] = input.positionIds.dims;
+    this.checkPositions(input.positionIds);
     const feeds: Record<string, TensorData> = { [IO.positionIds]: input.positionIds, [IO.attentionMask]: input.attentionMask };
     if (this.isFirst) {
       if (!input.inputIds) throw new StrataError('stage_input_invalid', `stage ${this.range.first}..${this.range.last} is the first stage and needs token ids`);
@@ -166,6 +176,7 @@ export class Stage {
     const past = reuse ? caches[0].layers : packCaches(caches, P, this.actDType, this.spec.heads, this.spec.headDim);
     const offsets = caches.map((c) => (reuse ? c.offset : P - c.length));
 
+    inputs.forEach((i) => this.checkPositions(i.positionIds));
     const mask = new BigInt64Array(B * (P + 1));
     inputs.forEach((input, b) => mask.set(input.attentionMask.data as BigInt64Array, b * (P + 1) + offsets[b]));
     const feeds: Record<string, TensorData> = {

@@ -21,7 +21,24 @@ export const channelOptions: grpc.ChannelOptions = {
 
 const definition = protoLoader.loadSync(PROTO_PATH, { keepCase: true, longs: Number, enums: String, defaults: true, oneofs: false });
 const pkg = grpc.loadPackageDefinition(definition) as any;
-export const StageService: grpc.ServiceDefinition = pkg.strata.v1.Stage.service;
+/** A request the protobuf decoder rejected: handlers answer INVALID_ARGUMENT instead of grpc-js' INTERNAL. */
+export const MALFORMED = Symbol('malformed request');
+
+export const StageService: grpc.ServiceDefinition = Object.fromEntries(
+  Object.entries(pkg.strata.v1.Stage.service as grpc.ServiceDefinition).map(([name, m]) => [
+    name,
+    {
+      ...m,
+      requestDeserialize: (bytes: Buffer) => {
+        try {
+          return m.requestDeserialize(bytes);
+        } catch (e) {
+          return { [MALFORMED]: (e as Error).message };
+        }
+      },
+    },
+  ]),
+);
 export const StageClientCtor: grpc.ServiceClientConstructor = pkg.strata.v1.Stage;
 
 export interface WireTensor {

@@ -7,7 +7,7 @@ import { checkRange, rangeLabel, type BlockRange } from '../model/range.ts';
 import type { WeightDType } from '../model/stage-graph.ts';
 import { StageClient, type WireStepReply, type WireStepRequest } from '../proto/client.ts';
 import { resultToWire, stepFromWire, stepToWire } from '../proto/step-codec.ts';
-import { channelOptions, fromWire, PROTOCOL_VERSION, sameModel, StageService, toServiceError, type WireIdentity } from '../proto/wire.ts';
+import { channelOptions, fromWire, MALFORMED, PROTOCOL_VERSION, sameModel, StageService, toServiceError, type WireIdentity } from '../proto/wire.ts';
 import { StageHost } from './stage-host.ts';
 
 export interface WorkerOptions {
@@ -75,6 +75,9 @@ export class StageWorker {
 
   private unary(fn: (req: any) => Promise<unknown>): grpc.handleUnaryCall<any, any> {
     return (call, callback) => {
+      if (call.request?.[MALFORMED]) {
+        return callback(toServiceError(new StrataError('request_malformed', `the request is not a valid protobuf message: ${call.request[MALFORMED]}`)) as grpc.ServiceError);
+      }
       fn(call.request).then(
         (res) => callback(null, res),
         (e) => callback(toServiceError(e) as grpc.ServiceError),
