@@ -141,9 +141,13 @@ export class RemotePipeline implements Stepper {
       if (this.opts.spec.causal) this.sessions.set(sessionId, log);
     }
     const deadline = Date.now() + (this.opts.recoveryTimeoutMs ?? 60_000);
+    let replayNeeded = false;
     for (;;) {
       const generation = this.generation;
       try {
+        // A replay can itself meet a fault (another worker dies meanwhile): it is retried like the step.
+        if (replayNeeded) await this.replay(log);
+        replayNeeded = false;
         const result = await this.send(log.wireId, input);
         if (this.opts.spec.causal) log.steps.push({ inputIds: input.inputIds, positionIds: input.positionIds, attentionMask: input.attentionMask });
         return result;
@@ -151,7 +155,7 @@ export class RemotePipeline implements Stepper {
         if (!recoverable(e) || Date.now() > deadline) throw e;
         this.opts.log?.({ session: sessionId, err: (e as Error).message }, 'step failed; recovering the pipeline');
         await this.recover(generation, deadline);
-        if (log.steps.length > 0) await this.replay(log);
+        replayNeeded = log.steps.length > 0;
       }
     }
   }

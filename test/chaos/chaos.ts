@@ -68,16 +68,16 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosReport> {
       victim.process.kill('SIGKILL');
       kills++;
       o.log?.(`chaos: killed worker ${victim.address} (pid ${victim.pid})`);
-      // Restart it at the same address after a while, like a supervisor.
-      setTimeout(async () => {
-        try {
-          slots[i] = await startWorkerProcess(o.modelDir, ['--threads', '1', '--listen', victim.address]);
-          restarts++;
-          o.log?.(`chaos: restarted ${victim.address}`);
-        } catch (e) {
-          o.log?.(`chaos: restart of ${victim.address} failed: ${(e as Error).message}`);
-        }
-      }, 300 + rand() * 1_500);
+      // A supervisor restarts it at the same address after a while; the next kill waits for that (one fault at a
+      // time, as a rolling failure would be).
+      await new Promise((r) => setTimeout(r, 300 + rand() * 1_500));
+      try {
+        slots[i] = await startWorkerProcess(o.modelDir, ['--threads', '1', '--listen', victim.address]);
+        restarts++;
+        o.log?.(`chaos: restarted ${victim.address}`);
+      } catch (e) {
+        o.log?.(`chaos: restart of ${victim.address} failed: ${(e as Error).message}`);
+      }
     }
   })();
 
@@ -105,7 +105,6 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosReport> {
   done = true;
   await chaos;
   pipeline.close();
-  await new Promise((r) => setTimeout(r, 2_000)); // let pending restarts land before cleaning up
   slots.forEach((w) => w.process.kill('SIGKILL'));
   return {
     requests: o.requests, lost, wrong, kills, restarts, recoveries: pipeline.recoveries,
