@@ -1,6 +1,7 @@
 import type { Command } from 'commander';
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import { createServer } from 'node:net';
+import { basename, resolve } from 'node:path';
 import pino from 'pino';
 import { Redis } from 'ioredis';
 import { loadModelSpec } from '../model/config.ts';
@@ -57,6 +58,7 @@ async function serve(o: ServeOptions, addresses: string[], onStop: () => Promise
   const service = await startCoordinatorService({
     pipeline, spec, tokenizer, redisUrl: o.redis, port: Number(o.port), host: o.host, authToken: o.apiToken,
     concurrency: Number(o.concurrency), pipelineInfo: () => pipeline.describe(), health: () => pipeline.isHealthy, log: log.child({ name: 'strata-coordinator' }),
+    modelName: basename(resolve(o.model)),
   });
   const stop = async () => {
     log.info('shutting down: finishing active jobs');

@@ -313,6 +313,11 @@ export interface RunHooks {
   progress?: (p: TokenProgress) => Promise<unknown> | unknown;
   /** Publish at most this often per choice (the first token always at once). Default 20 ms. */
   progressIntervalMs?: number;
+  /**
+   * Seed for choices whose request gave none. The consumer derives it from the job id, so a retried attempt
+   * draws the same tokens as the first (a stream that already showed some stays consistent).
+   */
+  defaultSeed?: number;
   /** A token was chosen (for TTFT / inter-token metrics). */
   onToken?: (choice: number, at: number) => void;
 }
@@ -336,7 +341,7 @@ async function runGenerate(req: ResolvedGenerate, pipeline: ServingPipeline, ctx
 
   // The n choices run at once: their steps interleave in the pipeline like separate requests.
   const choices = await Promise.all(Array.from({ length: req.n }, async (_, index): Promise<GenerateChoice> => {
-    const seed = req.sampling.seed !== undefined ? req.sampling.seed + index : randomInt(2 ** 32);
+    const seed = (req.sampling.seed ?? hooks.defaultSeed ?? randomInt(2 ** 32)) + index;
     const ids: number[] = [];
     let text = '';
     let cut: number | null = null; // where a stop string starts in `text`
