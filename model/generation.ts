@@ -88,7 +88,11 @@ export interface GenerateOptions {
   /** Called with each new token as soon as it is chosen; return false to stop (stop sequences). */
   onToken?: (id: number, index: number) => boolean | void;
   maxPositions?: number;
+  /** Prompt tokens per prefill step (default STRATA_PREFILL_CHUNK, else 256). */
+  prefillChunk?: number;
 }
+
+export const DEFAULT_PREFILL_CHUNK = Number(process.env.STRATA_PREFILL_CHUNK ?? 256);
 
 export interface GenerateResult {
   outputIds: number[];
@@ -108,9 +112,19 @@ export async function generate(stepper: Stepper, promptIds: number[], opts: Gene
   const outputIds: number[] = [];
   let finishReason: GenerateResult['finishReason'] = 'length';
   try {
+    // Chunked prefill: a long prompt goes through in pieces (each extending the KV cache), so the decode steps of
+    // other sessions run between the pieces at every stage instead of waiting for the whole prompt.
+    const chunk = Math.max(1, opts.prefillChunk ?? DEFAULT_PREFILL_CHUNK);
+    let start = 0;
+    for (; promptIds.length - start > chunk; start += chunk) {
+      await stepper.step(sessionId, {
+        inputIds: i64([promptIds.slice(start, start + chunk)]), positionIds: i64([range(start, start + chunk)]), attentionMask: i64([range(0, start + chunk).map(() => 1)]),
+        logitPositions: { dtype: 'int64', dims: [1], data: BigInt64Array.of(BigInt(chunk - 1)) },
+      });
+    }
     let input: PipelineStep = {
-      inputIds: i64([promptIds]), positionIds: i64([range(0, promptIds.length)]), attentionMask: i64([promptIds.map(() => 1)]),
-      logitPositions: { dtype: 'int64', dims: [1], data: BigInt64Array.of(BigInt(promptIds.length - 1)) },
+      inputIds: i64([promptIds.slice(start)]), positionIds: i64([range(start, promptIds.length)]), attentionMask: i64([promptIds.map(() => 1)]),
+      logitPositions: { dtype: 'int64', dims: [1], data: BigInt64Array.of(BigInt(promptIds.length - start - 1)) },
     };
     for (let i = 0; i < opts.maxNewTokens; i++) {
       const { tokens } = await stepper.step(sessionId, { ...input, select: { sampling, history: [history], step: i } });

@@ -26,6 +26,8 @@ for (const name of ALL_FIXTURES) {
           for (const c of exp.generate ?? []) {
             const { outputIds } = await generate(p, c.input_ids, { maxNewTokens: c.max_new_tokens, eosTokenId: null });
             assert.deepEqual(outputIds, c.output_ids);
+            // Chunked prefill (the prompt in pieces of 4 through the KV cache) computes the same continuation.
+            assert.deepEqual((await generate(p, c.input_ids, { maxNewTokens: c.max_new_tokens, eosTokenId: null, prefillChunk: 4 })).outputIds, c.output_ids);
           }
           for (const c of exp.fill_mask ?? []) {
             const top = await fillMask(p, c.input_ids, c.mask_index, 5);
