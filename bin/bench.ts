@@ -1,0 +1,111 @@
+import type { Command } from 'commander';
+import { mkdirSync, writeFileSync } from 'node:fs';
+import { join, resolve } from 'node:path';
+import { isStrataError, StrataError } from '../model/errors.ts';
+import { renderPipelineReport, runPipelineBench, type PipelineBenchReport } from '../coordinator/bench/pipeline.ts';
+import { createProgress, silentProgress, type Progress } from '../coordinator/bench/progress.ts';
+import type { ClusterLauncher } from '../coordinator/bench/runner.ts';
+import { renderSuiteReport, runSuite, type SuiteReport } from '../coordinator/bench/suite.ts';
+import { renderTimeline } from '../coordinator/bench/timeline.ts';
+import { startLocalCluster } from './local-cluster.ts';
+
+export interface BenchCliOptions {
+  preset?: string;
+  blocks?: number;
+  dModel?: number;
+  heads?: number;
+  vocab?: number;
+  workers: number;
+  threadsPerWorker?: number;
+  concurrency: number;
+  promptTokens: number;
+  newTokens: number;
+  maxBatch: number;
+  repeats: number;
+  seed: number;
+  suite: 'pipeline' | 'all';
+  out: string;
+  json?: boolean;
+  quiet?: boolean;
+}
+
+export const BENCH_DEFAULTS: BenchCliOptions = {
+  workers: 2, concurrency: 8, promptTokens: 16, newTokens: 32, maxBatch: 8, repeats: 3, seed: 1, suite: 'pipeline', out: 'bench-out',
+};
+
+/** The launcher the bench uses: real `strata worker` processes on loopback. */
+export const localLauncher: ClusterLauncher = (modelDir, k, extraArgs) => startLocalCluster(modelDir, k, extraArgs);
+
+export interface BenchOutcome {
+  report: PipelineBenchReport | SuiteReport;
+  text: string;
+  jsonPath: string;
+  timelinePath: string;
+}
+
+/** Runs a bench suite, writes bench.json and timeline.html into `out`, returns the report and its table. */
+export async function runBench(opts: Partial<BenchCliOptions>, deps: { launcher?: ClusterLauncher; progress?: Progress } = {}): Promise<BenchOutcome> {
+  const o = { ...BENCH_DEFAULTS, ...Object.fromEntries(Object.entries(opts).filter(([, v]) => v !== undefined)) } as BenchCliOptions;
+  const progress = deps.progress ?? (o.quiet ? silentProgress : createProgress());
+  const launcher = deps.launcher ?? localLauncher;
+  const outDir = resolve(o.out);
+  mkdirSync(outDir, { recursive: true });
+  const jsonPath = join(outDir, 'bench.json');
+  const timelinePath = join(outDir, 'timeline.html');
+  let report: PipelineBenchReport | SuiteReport;
+  let text: string;
+  let html: string;
+  if (o.suite === 'all') {
+    const { report: r, timeline } = await runSuite({ ...o }, launcher, progress);
+    report = r;
+    text = renderSuiteReport(r, o.out);
+    html = renderTimeline(`strata bench --suite all (${new Date(r.startedAt).toISOString()})`, timeline);
+  } else if (o.suite === 'pipeline') {
+    const { report: r, timeline } = await runPipelineBench({ ...o }, launcher, progress);
+    report = r;
+    text = renderPipelineReport(r, o.out);
+    html = renderTimeline(`strata bench --suite pipeline: ${o.workers} workers (${new Date(r.startedAt).toISOString()})`, timeline);
+  } else {
+    throw new StrataError('bench_suite_unknown', `--suite must be "pipeline" or "all", got "${o.suite}"`);
+  }
+  writeFileSync(jsonPath, JSON.stringify(report, null, 2) + '\n');
+  writeFileSync(timelinePath, html);
+  return { report, text, jsonPath, timelinePath };
+}
+
+const int = (name: string, min = 1) => (v: string): number => {
+  const n = Number(v);
+  if (!Number.isInteger(n) || n < min) throw new StrataError('bench_flag_invalid', `${name} must be an integer ≥ ${min}, got "${v}"`);
+  return n;
+};
+
+export function registerBenchCommand(program: Command): void {
+  program
+    .command('bench')
+    .description('benchmark the pipeline on a synthetic checkpoint (built once, cached): tokens/s, TTFT, inter-token latency, per-stage busy %, bytes per hop, against baselines measured in the same run; writes bench.json and timeline.html')
+    .option('--preset <name>', 'model shape: gpt2-small | biomedlm | gpt-j (real dims, fewer blocks for the big ones)', 'gpt2-small')
+    .option('--blocks <n>', 'override the preset: transformer blocks', int('--blocks'))
+    .option('--d-model <d>', 'override the preset: hidden size', int('--d-model'))
+    .option('--heads <h>', 'override the preset: attention heads', int('--heads'))
+    .option('--vocab <v>', 'override the preset: vocabulary size', int('--vocab'))
+    .option('--workers <k>', 'pipeline stages, one worker process each', int('--workers'), BENCH_DEFAULTS.workers)
+    .option('--threads-per-worker <t>', 'ORT intra-op threads per worker (default: floor(cores / K); the baselines follow the same rule)', int('--threads-per-worker'))
+    .option('--concurrency <n>', 'concurrent generate requests', int('--concurrency'), BENCH_DEFAULTS.concurrency)
+    .option('--prompt-tokens <p>', 'random prompt length', int('--prompt-tokens'), BENCH_DEFAULTS.promptTokens)
+    .option('--new-tokens <m>', 'tokens generated per request (eos ignored)', int('--new-tokens'), BENCH_DEFAULTS.newTokens)
+    .option('--max-batch <b>', 'worker --max-batch (decode steps batched per ORT run)', int('--max-batch'), BENCH_DEFAULTS.maxBatch)
+    .option('--repeats <r>', '--suite all: repeats of each one-request run (median)', int('--repeats'), BENCH_DEFAULTS.repeats)
+    .option('--seed <s>', 'prompt RNG seed', int('--seed', 0), BENCH_DEFAULTS.seed)
+    .option('--suite <name>', 'pipeline (this configuration vs its baselines) | all (every figure the issues ask for)', BENCH_DEFAULTS.suite)
+    .option('--out <dir>', 'where bench.json and timeline.html go', BENCH_DEFAULTS.out)
+    .option('--json', 'print only the JSON report on stdout')
+    .action(async (o: BenchCliOptions) => {
+      try {
+        const outcome = await runBench(o);
+        process.stdout.write(o.json ? JSON.stringify(outcome.report) + '\n' : outcome.text + '\n');
+      } catch (e) {
+        console.error(`strata bench: ${isStrataError(e) ? e.message : (e as Error).stack}`);
+        process.exitCode = 2;
+      }
+    });
+}
