@@ -65,9 +65,13 @@ async function handle(req: ThreadRequest): Promise<unknown> {
       return (await runSteps([{ sessionId: req.sessionId, input: req.input }]))[0];
     case 'end':
       kv?.drop(req.sessionId);
+      convoyOf.delete(req.sessionId);
       return null;
-    case 'stats':
-      return { sessions: kv?.sessions ?? 0, kvBytes: kv?.bytes ?? 0, expired: kv?.sweep() ?? [] };
+    case 'stats': {
+      const expired = kv?.sweep() ?? [];
+      expired.forEach((s) => convoyOf.delete(s));
+      return { sessions: kv?.sessions ?? 0, kvBytes: kv?.bytes ?? 0, expired };
+    }
   }
 }
 
@@ -97,6 +101,29 @@ const buffersOf = (v: unknown): ArrayBuffer[] => {
   return ts.map((t) => t.data.buffer as ArrayBuffer).filter((b, i, all) => all.indexOf(b) === i);
 };
 
+/** Each session's companions in its last batched run: the convoy its next decode step briefly waits for. */
+const convoyOf = new Map<string, string[]>();
+let lastRunMs = 0;
+let waitStart = 0;
+let waitTimer: NodeJS.Timeout | null = null;
+
+const sessionOf = (p: Pending) => (p.req as { sessionId?: string }).sessionId ?? '';
+
+/**
+ * Whether to hold the head decode step a moment: companions from its last batch are still on their way back
+ * through the pipeline. Waiting up to half a run (2-10 ms) keeps a batch of 8 from splitting into small runs that
+ * each read all the weights again, and keeps the group together so its KV tensors are reused without copying.
+ */
+function shouldWait(head: Pending): boolean {
+  if (!batchable(head)) return false;
+  const here = new Set(pending.filter(batchable).map(sessionOf));
+  const missing = (convoyOf.get(sessionOf(head)) ?? []).filter((s) => !here.has(s) && kv?.has(s));
+  if (missing.length === 0 || here.size >= maxBatch) return false;
+  const now = performance.now();
+  waitStart ||= now;
+  return now - waitStart < Math.max(2, Math.min(10, lastRunMs / 2));
+}
+
 /**
  * Continuous batching: while a run is in progress, requests queue; the next run takes the oldest request and, when
  * it is a decode step, every other queued decode step of a different session (up to --max-batch). Sessions join
@@ -104,20 +131,32 @@ const buffersOf = (v: unknown): ArrayBuffer[] => {
  */
 async function pump(): Promise<void> {
   if (busy || pending.length === 0) return;
+  if (shouldWait(pending[0])) {
+    waitTimer ??= setTimeout(() => {
+      waitTimer = null;
+      void pump();
+    }, 1);
+    return;
+  }
+  if (waitTimer) clearTimeout(waitTimer);
+  waitTimer = null;
+  waitStart = 0;
   busy = true;
   const head = pending.shift()!;
   const group = [head];
   if (batchable(head)) {
-    const sessions = new Set([(head.req as { sessionId: string }).sessionId]);
+    const sessions = new Set([sessionOf(head)]);
     for (let i = 0; i < pending.length && group.length < maxBatch; ) {
       const p = pending[i];
-      const sid = (p.req as { sessionId?: string }).sessionId;
-      if (batchable(p) && !sessions.has(sid!)) {
-        sessions.add(sid!);
+      if (batchable(p) && !sessions.has(sessionOf(p))) {
+        sessions.add(sessionOf(p));
         group.push(...pending.splice(i, 1));
       } else i++;
     }
+    const members = [...sessions];
+    for (const s of members) convoyOf.set(s, members);
   }
+  const t0 = performance.now();
   try {
     if (group.length === 1) {
       const value = await handle(head.req);
@@ -129,6 +168,7 @@ async function pump(): Promise<void> {
   } catch (e) {
     group.forEach((p) => replyError(p.id, e));
   } finally {
+    if (group.length > 1 || batchable(head)) lastRunMs = performance.now() - t0;
     busy = false;
     // Let messages that arrived during the run land in `pending` before choosing the next batch.
     setImmediate(() => void pump());
