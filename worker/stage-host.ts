@@ -41,7 +41,8 @@ export class StageHost {
   }
 
   step(sessionId: string, input: PipelineStep): Promise<StepDone> {
-    return this.call({ type: 'step', sessionId, input });
+    // Stamped here: the stage thread may be inside a (blocking) ORT run when the message lands.
+    return this.call({ type: 'step', sessionId, input, sentAt: performance.timeOrigin + performance.now() });
   }
 
   end(sessionId: string): Promise<void> {

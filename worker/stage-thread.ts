@@ -65,11 +65,11 @@ async function handle(req: ThreadRequest): Promise<unknown> {
       return (await runSteps([{ sessionId: req.sessionId, input: req.input }]))[0];
     case 'end':
       kv?.drop(req.sessionId);
-      convoyOf.delete(req.sessionId);
+      forget(req.sessionId);
       return null;
     case 'stats': {
       const expired = kv?.sweep() ?? [];
-      expired.forEach((s) => convoyOf.delete(s));
+      expired.forEach(forget);
       return { sessions: kv?.sessions ?? 0, kvBytes: kv?.bytes ?? 0, expired };
     }
   }
@@ -101,8 +101,10 @@ const buffersOf = (v: unknown): ArrayBuffer[] => {
   return ts.map((t) => t.data.buffer as ArrayBuffer).filter((b, i, all) => all.indexOf(b) === i);
 };
 
-/** Each session's companions in its last batched run: the convoy its next decode step briefly waits for. */
-const convoyOf = new Map<string, string[]>();
+/** When each session's last step left this stage, and how long it took to come back (its round trip); epoch ms. */
+const clock = () => performance.timeOrigin + performance.now();
+const lastDone = new Map<string, number>();
+const roundTrip = new Map<string, number>();
 let lastRunMs = 0;
 let waitStart = 0;
 let waitTimer: NodeJS.Timeout | null = null;
@@ -110,19 +112,27 @@ let waitTimer: NodeJS.Timeout | null = null;
 const sessionOf = (p: Pending) => (p.req as { sessionId?: string }).sessionId ?? '';
 
 /**
- * Whether to hold the head decode step a moment: companions from its last batch are still on their way back
- * through the pipeline. Waiting up to half a run (2-10 ms) keeps a batch of 8 from splitting into small runs that
- * each read all the weights again, and keeps the group together so its KV tensors are reused without copying.
+ * Whether to hold the head decode step a moment for sessions predicted (from their last round trip) to arrive within
+ * the wait budget of half a run (2-10 ms). With one stage, 8 sessions then run as one batch instead of splitting
+ * into groups that each read all the weights; in a pipeline, sessions busy at other stages take longer than the
+ * budget to return, so groups keep flowing through the stages in turn.
  */
 function shouldWait(head: Pending): boolean {
   if (!batchable(head)) return false;
   const here = new Set(pending.filter(batchable).map(sessionOf));
-  const missing = (convoyOf.get(sessionOf(head)) ?? []).filter((s) => !here.has(s) && kv?.has(s));
-  if (missing.length === 0 || here.size >= maxBatch) return false;
-  const now = performance.now();
+  if (here.size >= maxBatch) return false;
+  const now = clock();
   waitStart ||= now;
-  return now - waitStart < Math.max(2, Math.min(10, lastRunMs / 2));
+  const deadline = waitStart + Math.max(2, Math.min(10, lastRunMs / 2));
+  if (now >= deadline) return false;
+  for (const [sid, done] of lastDone) {
+    const trip = roundTrip.get(sid);
+    if (trip !== undefined && !here.has(sid) && done + trip <= deadline && kv?.has(sid)) return true;
+  }
+  return false;
 }
+
+const forget = (sid: string) => (lastDone.delete(sid), roundTrip.delete(sid));
 
 /**
  * Continuous batching: while a run is in progress, requests queue; the next run takes the oldest request and, when
@@ -153,8 +163,6 @@ async function pump(): Promise<void> {
         group.push(...pending.splice(i, 1));
       } else i++;
     }
-    const members = [...sessions];
-    for (const s of members) convoyOf.set(s, members);
   }
   const t0 = performance.now();
   try {
@@ -168,7 +176,9 @@ async function pump(): Promise<void> {
   } catch (e) {
     group.forEach((p) => replyError(p.id, e));
   } finally {
-    if (group.length > 1 || batchable(head)) lastRunMs = performance.now() - t0;
+    if (head.req.type === 'step' && head.req.input.positionIds.dims[1] === 1) lastRunMs = performance.now() - t0;
+    const end = clock();
+    for (const p of group) if (p.req.type === 'step') lastDone.set(sessionOf(p), end);
     busy = false;
     // Let messages that arrived during the run land in `pending` before choosing the next batch.
     setImmediate(() => void pump());
@@ -176,6 +186,10 @@ async function pump(): Promise<void> {
 }
 
 port.on('message', (msg: Pending) => {
+  if (msg.req.type === 'step') {
+    const done = lastDone.get(msg.req.sessionId);
+    if (done !== undefined) roundTrip.set(msg.req.sessionId, (msg.req.sentAt ?? clock()) - done);
+  }
   pending.push(msg);
   void pump();
 });

@@ -25,7 +25,7 @@ export interface LoadedInfo {
 
 export type ThreadRequest =
   | LoadRequest
-  | { type: 'step'; sessionId: string; input: PipelineStep }
+  | { type: 'step'; sessionId: string; input: PipelineStep; /** When the main thread received it (epoch ms). */ sentAt?: number }
   | { type: 'end'; sessionId: string }
   | { type: 'stats' };
 
