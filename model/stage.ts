@@ -52,6 +52,17 @@ const isExact = (c: KvCache): boolean => {
   return !t || (c.row === 0 && c.offset === 0 && t.dims[0] === c.batch && t.dims[2] === c.length);
 };
 
+/** A stable number per KV tensor, to group sessions that share one. */
+const tensorIds = new WeakMap<object, number>();
+let nextTensorId = 0;
+function tensorId(c: KvCache): number {
+  const t = c.layers.values().next().value?.key;
+  if (!t) return -1;
+  let id = tensorIds.get(t);
+  if (id === undefined) tensorIds.set(t, (id = nextTensorId++));
+  return id;
+}
+
 /**
  * Gathers the caches of several sessions into fresh [sum(batch), H, P, hd] tensors, each session's positions
  * right-aligned (left padding, masked out by the attention mask).
@@ -164,6 +175,14 @@ export class Stage {
    * previous run, in the same order, last run's present tensors are fed back as past without copying.
    */
   async stepBatch(inputs: StepInput[], caches: KvCache[]): Promise<StepOutput[]> {
+    // Sessions arrive in any order: run them in the order of their last batch so its tensors can be reused as is.
+    const order = [...caches.keys()].sort((a, b) => tensorId(caches[a]) - tensorId(caches[b]) || caches[a].row - caches[b].row);
+    if (order.some((o, i) => o !== i)) {
+      const outs = await this.stepBatch(order.map((o) => inputs[o]), order.map((o) => caches[o]));
+      const back: StepOutput[] = new Array(outs.length);
+      order.forEach((o, i) => (back[o] = outs[i]));
+      return back;
+    }
     const B = inputs.length;
     for (const [b, input] of inputs.entries()) {
       const c = caches[b];
