@@ -7,6 +7,8 @@ import { createProgress, silentProgress, type Progress } from '../coordinator/be
 import type { ClusterLauncher } from '../coordinator/bench/runner.ts';
 import { renderSuiteReport, runSuite, type SuiteReport } from '../coordinator/bench/suite.ts';
 import { renderTimeline } from '../coordinator/bench/timeline.ts';
+import { renderBlockReport, runBlockBench, type BlockBenchReport } from '../coordinator/bench/block.ts';
+import { availableParallelism } from 'node:os';
 import { startLocalCluster } from './local-cluster.ts';
 
 export interface BenchCliOptions {
@@ -23,7 +25,7 @@ export interface BenchCliOptions {
   maxBatch: number;
   repeats: number;
   seed: number;
-  suite: 'pipeline' | 'all';
+  suite: 'pipeline' | 'all' | 'block';
   out: string;
   json?: boolean;
   quiet?: boolean;
@@ -37,7 +39,7 @@ export const BENCH_DEFAULTS: BenchCliOptions = {
 export const localLauncher: ClusterLauncher = (modelDir, k, extraArgs) => startLocalCluster(modelDir, k, extraArgs);
 
 export interface BenchOutcome {
-  report: PipelineBenchReport | SuiteReport;
+  report: PipelineBenchReport | SuiteReport | BlockBenchReport;
   text: string;
   jsonPath: string;
   timelinePath: string;
@@ -52,7 +54,7 @@ export async function runBench(opts: Partial<BenchCliOptions>, deps: { launcher?
   mkdirSync(outDir, { recursive: true });
   const jsonPath = join(outDir, 'bench.json');
   const timelinePath = join(outDir, 'timeline.html');
-  let report: PipelineBenchReport | SuiteReport;
+  let report: PipelineBenchReport | SuiteReport | BlockBenchReport;
   let text: string;
   let html: string;
   if (o.suite === 'all') {
@@ -65,8 +67,13 @@ export async function runBench(opts: Partial<BenchCliOptions>, deps: { launcher?
     report = r;
     text = renderPipelineReport(r, o.out);
     html = renderTimeline(`strata bench --suite pipeline: ${o.workers} workers (${new Date(r.startedAt).toISOString()})`, timeline);
+  } else if (o.suite === 'block') {
+    const r = await runBlockBench({ preset: o.preset, threads: o.threadsPerWorker ?? availableParallelism(), log: (m) => progress.phase(m) });
+    report = r;
+    text = renderBlockReport(r);
+    html = renderTimeline('strata bench --suite block (no pipeline: one block timed alone)', []);
   } else {
-    throw new StrataError('bench_suite_unknown', `--suite must be "pipeline" or "all", got "${o.suite}"`);
+    throw new StrataError('bench_suite_unknown', `--suite must be "pipeline", "all" or "block", got "${o.suite}"`);
   }
   writeFileSync(jsonPath, JSON.stringify(report, null, 2) + '\n');
   writeFileSync(timelinePath, html);
@@ -96,7 +103,7 @@ export function registerBenchCommand(program: Command): void {
     .option('--max-batch <b>', 'worker --max-batch (decode steps batched per ORT run)', int('--max-batch'), BENCH_DEFAULTS.maxBatch)
     .option('--repeats <r>', '--suite all: repeats of each one-request run (median)', int('--repeats'), BENCH_DEFAULTS.repeats)
     .option('--seed <s>', 'prompt RNG seed', int('--seed', 0), BENCH_DEFAULTS.seed)
-    .option('--suite <name>', 'pipeline (this configuration vs its baselines) | all (every figure the issues ask for)', BENCH_DEFAULTS.suite)
+    .option('--suite <name>', 'pipeline (this configuration vs its baselines) | all (every figure the issues ask for) | block (one block of --preset, default gpt-j, timed alone vs memory bandwidth)', BENCH_DEFAULTS.suite)
     .option('--out <dir>', 'where bench.json and timeline.html go', BENCH_DEFAULTS.out)
     .option('--json', 'print only the JSON report on stdout')
     .action(async (o: BenchCliOptions) => {

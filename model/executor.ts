@@ -52,12 +52,19 @@ export class StageSession {
     return this.session.inputNames;
   }
 
-  async run(feeds: Record<string, TensorData>): Promise<Record<string, TensorData>> {
+  /**
+   * Runs the graph. `preallocated` outputs (e.g. KV caches, whose shapes the caller knows) are written by ORT straight
+   * into those JS buffers: letting the binding hand back large outputs costs far more (measured: 3 MB of present
+   * KV took 4-7 ms to come back, against ~1 ms to compute).
+   */
+  async run(feeds: Record<string, TensorData>, preallocated: Record<string, TensorData> = {}): Promise<Record<string, TensorData>> {
     const ortFeeds: Record<string, ort.Tensor> = {};
     for (const [k, v] of Object.entries(feeds)) ortFeeds[k] = toOrt(v);
-    const out = await this.session.run(ortFeeds);
+    const fetches: Record<string, ort.Tensor | null> = {};
+    for (const name of this.session.outputNames) fetches[name] = preallocated[name] ? toOrt(preallocated[name]) : null;
+    const out = await this.session.run(ortFeeds, fetches as ort.InferenceSession.FetchesType);
     const result: Record<string, TensorData> = {};
-    for (const [k, v] of Object.entries(out)) result[k] = fromOrt(v);
+    for (const [k, v] of Object.entries(out)) result[k] = preallocated[k] ?? fromOrt(v);
     return result;
   }
 

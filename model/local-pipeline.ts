@@ -30,7 +30,7 @@ export class LocalPipeline implements Stepper {
     const spec = loadModelSpec(modelDir);
     const ranges = typeof split === 'number' ? evenSplit(spec.blocks, split) : split;
     const dtype = opts.dtype ?? 'float32';
-    const prepared = ranges.map((r) => prepareStage(modelDir, r, { dtype, fused: opts.fused, cacheDir: opts.cacheDir, onProgress: opts.onProgress }));
+    const prepared = ranges.map((r) => prepareStage(modelDir, r, { dtype, fused: opts.fused, device: opts.device, cacheDir: opts.cacheDir, onProgress: opts.onProgress }));
     const stages: Stage[] = [];
     for (const p of prepared) stages.push(new Stage(spec, p.range, await StageSession.create(p.path, opts), dtype));
     return new LocalPipeline(spec, stages, prepared);

@@ -121,6 +121,19 @@ export class Stage {
     return { length: 0, layers, row: 0, offset: 0, batch };
   }
 
+  /** Output buffers for this step's present KV tensors [B, H, total, hd], filled by ORT in place. */
+  private presentBuffers(batch: number, total: number): Record<string, TensorData> {
+    if (!this.spec.causal) return {};
+    const n = batch * this.spec.heads * total * this.spec.headDim;
+    const make = (): TensorData => ({ dtype: this.actDType, dims: [batch, this.spec.heads, total, this.spec.headDim], data: this.actDType === 'float16' ? new Uint16Array(n) : new Float32Array(n) });
+    const out: Record<string, TensorData> = {};
+    for (let l = this.range.first; l < this.range.last; l++) {
+      out[IO.presentKey(l)] = make();
+      out[IO.presentValue(l)] = make();
+    }
+    return out;
+  }
+
   /** Position tables end at the model's context length: out-of-range ids are a request error, not an ORT crash. */
   private checkPositions(positionIds: TensorData): void {
     for (const p of positionIds.data as BigInt64Array) {
@@ -160,7 +173,7 @@ export class Stage {
     if (this.isLast) {
       feeds[IO.logitPositions] = input.logitPositions ?? { dtype: 'int64', dims: [seq], data: BigInt64Array.from({ length: seq }, (_, i) => BigInt(i)) };
     }
-    const out = await this.session.run(feeds);
+    const out = await this.session.run(feeds, cache ? this.presentBuffers(batch, cache.length + seq) : {});
     if (cache) {
       // A new map: after a batched run the old one is shared with the batch's other sessions.
       const layers = new Map([...cache.layers.keys()].map((l) => [l, { key: out[IO.presentKey(l)], value: out[IO.presentValue(l)] }]));
@@ -220,7 +233,7 @@ export class Stage {
       feeds[IO.pastKey(l)] = kv.key;
       feeds[IO.pastValue(l)] = kv.value;
     }
-    const out = await this.session.run(feeds);
+    const out = await this.session.run(feeds, this.presentBuffers(B, P + 1));
     const present = new Map([...past.keys()].map((l) => [l, { key: out[IO.presentKey(l)], value: out[IO.presentValue(l)] }]));
     caches.forEach((c, b) => Object.assign(c, { layers: present, row: b, offset: offsets[b], length: c.length + 1 }));
     // Each session gets its own copy of its row, so results can travel (and be transferred) independently.

@@ -52,7 +52,7 @@ function batchable(p: Pending): boolean {
 async function handle(req: ThreadRequest): Promise<unknown> {
   switch (req.type) {
     case 'load': {
-      const prepared = prepareStage(req.modelDir, req.range, { dtype: req.dtype, cacheDir: req.cacheDir, onProgress: (m) => reply({ id: -1, progress: m }) });
+      const prepared = prepareStage(req.modelDir, req.range, { dtype: req.dtype, device: req.device, cacheDir: req.cacheDir, onProgress: (m) => reply({ id: -1, progress: m }) });
       const session = await StageSession.create(prepared.path, { threads: req.threads, device: req.device as never });
       if (stage) await stage.session.release();
       stage = new Stage(prepared.spec, prepared.range, session, req.dtype);
