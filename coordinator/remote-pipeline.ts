@@ -53,8 +53,8 @@ const RECOVERABLE = new Set(['stage_unavailable', 'session_unknown', 'session_ev
 const recoverable = (e: unknown) => isStrataError(e) && (e.kind === 'unavailable' || RECOVERABLE.has(e.code));
 
 /**
- * The coordinator's view of K workers as one Stepper. It configures each worker with its block range and next hop
- * (last stage first, so every predecessor can handshake its successor), then sends token ids to stage 0 and gets
+ * The coordinator's view of K workers as one Stepper. It configures every worker with its block range and next hop at
+ * once (each stage handshakes its successor as soon as that one is ready), then sends token ids to stage 0 and gets
  * tokens or logits back from the chain. It never sees hidden states.
  *
  * It keeps every live session's token-level inputs, so when a stage dies mid-request it re-plans onto the workers
@@ -101,10 +101,13 @@ export class RemotePipeline implements Stepper {
       if (ranges.length !== clients.length) {
         throw new StrataError('plan_unusable', `the plan uses ${ranges.length} of ${clients.length} workers; give every worker enough memory`, 'failed_precondition');
       }
-      for (let i = clients.length - 1; i >= 0; i--) {
-        this.opts.log?.({ stage: i, blocks: rangeLabel(ranges[i]), address: addresses[i] }, 'configuring stage');
-        await clients[i].configure({ first: ranges[i].first, last: ranges[i].last, dtype, next_address: addresses[i + 1] ?? '', fingerprint });
-      }
+      // All stages build/load at once; each waits for its successor before handshaking.
+      await Promise.all(
+        clients.map((c, i) => {
+          this.opts.log?.({ stage: i, blocks: rangeLabel(ranges[i]), address: addresses[i] }, 'configuring stage');
+          return c.configure({ first: ranges[i].first, last: ranges[i].last, dtype, next_address: addresses[i + 1] ?? '', fingerprint });
+        }),
+      );
       this.clients.forEach((c) => c.close());
       Object.assign(this, { clients, active: addresses, infos, ranges, healthy: clients.map(() => true) });
       this.generation++;

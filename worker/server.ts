@@ -2,7 +2,7 @@ import * as grpc from '@grpc/grpc-js';
 import { HealthImplementation } from 'grpc-health-check';
 import { loadModelSpec, type ModelSpec } from '../model/config.ts';
 import { Checkpoint } from '../model/safetensors.ts';
-import { StrataError } from '../model/errors.ts';
+import { isStrataError, StrataError } from '../model/errors.ts';
 import { checkRange, rangeLabel, type BlockRange } from '../model/range.ts';
 import type { WeightDType } from '../model/stage-graph.ts';
 import { StageClient, type WireStepReply, type WireStepRequest } from '../proto/client.ts';
@@ -121,8 +121,11 @@ export class StageWorker {
     const dtype = (req.dtype || 'float32') as WeightDType;
     if (dtype !== 'float32' && dtype !== 'float16') throw new StrataError('dtype_invalid', `dtype "${req.dtype}" is not float32 or float16`);
     const run = async () => {
-      this.health.setStatus('', 'NOT_SERVING');
       const same = this.assignment && this.assignment.range.first === range.first && this.assignment.range.last === range.last && this.assignment.dtype === dtype;
+      // The same assignment again (a second coordinator, a recovery that kept this stage): nothing to change, and
+      // steps in flight keep their connection to the next stage.
+      if (same && (this.assignment!.next?.address ?? '') === req.next_address) return { identity: this.identity() };
+      this.health.setStatus('', 'NOT_SERVING');
       let device = this.assignment?.device ?? 'cpu';
       if (!same) {
         this.log({ range: rangeLabel(range), dtype }, 'loading stage');
@@ -139,7 +142,7 @@ export class StageWorker {
       if (range.last < this.spec.blocks) {
         if (!req.next_address) throw new StrataError('next_stage_missing', `blocks ${rangeLabel(range)} do not end the model (${this.spec.blocks} blocks): a next_address is required`);
         const next = new StageClient(req.next_address, this.opts.credentials?.client);
-        const { identity: theirs } = await next.handshake(this.identity());
+        const theirs = await this.handshakeWhenReady(next);
         if (theirs.first !== range.last) {
           next.close();
           throw new StrataError('peer_mismatch', `next stage ${req.next_address} starts at block ${theirs.first}, but this stage ends at ${range.last}`, 'failed_precondition');
@@ -155,13 +158,32 @@ export class StageWorker {
     return p;
   }
 
+  /** Stages are configured in parallel: the next one may still be loading, so wait for it (not for a mismatch). */
+  private async handshakeWhenReady(next: StageClient): Promise<WireIdentity> {
+    const started = Date.now();
+    for (let delay = 100; ; delay = Math.min(delay * 2, 2_000)) {
+      try {
+        return (await next.handshake(this.identity())).identity;
+      } catch (e) {
+        // Still loading, or still holding its previous range (its own Configure may not have arrived yet): wait.
+        const loading = isStrataError(e) && (e.code === 'stage_not_configured' || e.kind === 'unavailable') && Date.now() - started < 30 * 60_000;
+        const stale = isStrataError(e) && e.code === 'peer_range_mismatch' && Date.now() - started < 15_000;
+        if (!loading && !stale) {
+          next.close();
+          throw e;
+        }
+        await new Promise((r) => setTimeout(r, delay));
+      }
+    }
+  }
+
   /** The previous stage introduces itself: it must be the same checkpoint and dtype, and end where this stage starts. */
   private async handshake(req: { peer: WireIdentity }) {
     const mine = this.identity();
     if (!this.assignment) throw new StrataError('stage_not_configured', 'this worker has no block range yet; configure it before its predecessor', 'failed_precondition');
     const why = sameModel(req.peer, mine);
     if (why) throw new StrataError('peer_mismatch', `refusing a previous stage built from a different model (${why})`, 'failed_precondition');
-    if (req.peer.last !== mine.first) throw new StrataError('peer_mismatch', `previous stage ends at block ${req.peer.last} but this stage starts at ${mine.first}`, 'failed_precondition');
+    if (req.peer.last !== mine.first) throw new StrataError('peer_range_mismatch', `previous stage ends at block ${req.peer.last} but this stage starts at ${mine.first}`, 'failed_precondition');
     return { identity: mine };
   }
 
