@@ -3,7 +3,7 @@ import { homedir } from 'node:os';
 import { join } from 'node:path';
 import { loadModelSpec, type ModelSpec } from './config.ts';
 import { Checkpoint } from './safetensors.ts';
-import { keyPrefix } from './layout.ts';
+import { allRefs, isLegacyBuffer, keyPrefix, stageWeights } from './layout.ts';
 import { buildStageGraph, GRAPH_VERSION, type WeightDType } from './stage-graph.ts';
 import { FileSink } from './onnx-builder.ts';
 import { checkRange, rangeLabel, type BlockRange } from './range.ts';
@@ -59,6 +59,8 @@ export function prepareStage(
       return { spec, range, dtype, fingerprint, path, paramBytes, built: false };
     }
     opts.onProgress?.(`building stage graph for blocks ${rangeLabel(range)} (${dtype}) of ${modelDir}`);
+    const unexpected = unusedTensors(spec, ck);
+    if (unexpected.length) opts.onProgress?.(`warning: the checkpoint has ${unexpected.length} tensors a ${spec.modelType} model does not use (${unexpected.slice(0, 3).join(', ')}…); is config.json from the same checkpoint?`);
     const tmp = `${dir}.tmp-${process.pid}-${Date.now()}`;
     mkdirSync(tmp, { recursive: true });
     const sink = new FileSink(join(tmp, 'weights.bin'), 'weights.bin');
@@ -81,4 +83,10 @@ export function prepareStage(
   } finally {
     ck.close();
   }
+}
+
+/** Tensors that are neither weights of this model type nor known legacy buffers (a tied head may store its copy). */
+function unusedTensors(spec: ModelSpec, ck: Checkpoint): string[] {
+  const known = new Set(allRefs(stageWeights(spec, { first: 0, last: spec.blocks }, keyPrefix(spec, (k) => ck.has(k)))).map((r) => r.key));
+  return ck.keys().filter((k) => !known.has(k) && !isLegacyBuffer(k) && !(spec.tiedHead && k === 'lm_head.weight'));
 }

@@ -13,12 +13,6 @@ export const BYTES_PER_ELEMENT: Record<DType, number> = { float32: 4, float16: 2
 
 export const elementCount = (dims: readonly number[]): number => dims.reduce((a, b) => a * b, 1);
 
-export function int64Tensor(values: readonly number[] | readonly number[][]): TensorData {
-  const rows = (Array.isArray(values[0]) ? values : [values]) as number[][];
-  const data = BigInt64Array.from(rows.flat(), (v) => BigInt(v));
-  return { dtype: 'int64', dims: [rows.length, rows[0]?.length ?? 0], data };
-}
-
 /** Views `bytes` as a typed array of `dtype`, copying only when the offset is misaligned. */
 export function typedView(dtype: DType, bytes: Uint8Array): TensorArray {
   const size = BYTES_PER_ELEMENT[dtype];
