@@ -129,7 +129,9 @@ export function selectNextToken(logits: Float32Array, params: SamplingParams, rn
     // survivors of that cheap test need sorting.
     const tail = ((1 - topP) * sum) / count;
     let order: number[] = [];
-    for (let j = 0; j < count; j++) if (probs[j] > tail) order.push(j);
+    // The most probable token (weight exactly exp(0) = 1) always survives: HF keeps min_tokens_to_keep = 1, and a
+    // top_p so small that 1 - top_p rounds to 1 would otherwise drop everything.
+    for (let j = 0; j < count; j++) if (probs[j] > tail || probs[j] === 1) order.push(j);
     order.sort((a, b) => probs[b] - probs[a] || a - b);
     let above = 0;
     let keep = 0;

@@ -115,3 +115,10 @@ test('sampling a 50k vocabulary stays cheap', () => {
   const perCall = (performance.now() - t0) / 100;
   assert.ok(perCall < 20, `${perCall.toFixed(2)} ms per token`);
 });
+
+test('a top_p below float precision still keeps the most probable token (HF min_tokens_to_keep = 1)', () => {
+  const logits = Float32Array.from([0.5, 3, 1]);
+  for (const topK of [undefined, 1, 2]) {
+    assert.equal(selectNextToken(logits, { temperature: 1, topP: 1e-20, topK }, createRng(1), []), 1);
+  }
+});
