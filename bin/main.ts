@@ -5,6 +5,7 @@ import { registerWorkerCommand } from './worker.ts';
 import { registerServeCommands } from './serve.ts';
 import { registerCertsCommand } from './certs.ts';
 import { registerBenchCommand } from './bench.ts';
+import { registerSubmitCommands } from './submit.ts';
 
 /** `strata`: a thin dispatcher; each command lives in its own module. */
 export function buildProgram(): Command {
@@ -17,6 +18,7 @@ export function buildProgram(): Command {
   registerCertsCommand(program);
   registerPlanCommand(program);
   registerBenchCommand(program);
+  registerSubmitCommands(program);
   return program;
 }
 

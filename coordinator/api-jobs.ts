@@ -107,6 +107,14 @@ export interface TokenProgress {
   /** How many characters of this choice's text came before `text`. */
   text_offset: number;
   text: string;
+  /**
+   * Which run of the job produced this delta (BullMQ's attemptsStarted: 1, then 2 after a retry or after the job
+   * stalled because its coordinator died). A re-run generates from scratch, so its first delta of each choice has
+   * offset 0 again and `restart: true`: a reader keeps what it showed and drops the overlap (the re-run draws the
+   * same tokens: greedy, or seeded from the job id), or starts over if it buffers.
+   */
+  attempt?: number;
+  restart?: boolean;
 }
 
 // ---- Validation --------------------------------------------------------------------------------------------
@@ -142,6 +150,17 @@ export interface ResolvedEmbed {
 export type ResolvedJob = ResolvedGenerate | ResolvedFillMask | ResolvedEmbed;
 
 const bad = (code: string, message: string) => new StrataError(code, message, 'invalid_argument');
+
+/** A value quoted in an error message: JSON, cut short (a 10 MB array must not come back in a 400's message). */
+export function show(v: unknown, max = 80): string {
+  let s: string;
+  try {
+    s = JSON.stringify(v) ?? String(v);
+  } catch {
+    s = Array.isArray(v) ? `[array of ${v.length}]` : typeof v;
+  }
+  return s.length > max ? `${s.slice(0, max)}…` : s;
+}
 type Obj = Record<string, unknown>;
 /** Clients (OpenAI SDKs among them) send null for "not set". */
 const given = (v: unknown): boolean => v !== undefined && v !== null;
@@ -149,7 +168,7 @@ const given = (v: unknown): boolean => v !== undefined && v !== null;
 function num(o: Obj, name: string, ok: (v: number) => boolean, want: string): number | undefined {
   const v = o[name];
   if (!given(v)) return undefined;
-  if (typeof v !== 'number' || !Number.isFinite(v) || !ok(v)) throw bad('invalid_field', `${name} must be ${want}, got ${JSON.stringify(v)}`);
+  if (typeof v !== 'number' || !Number.isFinite(v) || !ok(v)) throw bad('invalid_field', `${name} must be ${want}, got ${show(v)}`);
   return v;
 }
 const int = (o: Obj, name: string, min: number, max: number) =>
@@ -158,7 +177,7 @@ const int = (o: Obj, name: string, min: number, max: number) =>
 function bool(o: Obj, name: string): boolean | undefined {
   const v = o[name];
   if (!given(v)) return undefined;
-  if (typeof v !== 'boolean') throw bad('invalid_field', `${name} must be true or false, got ${JSON.stringify(v)}`);
+  if (typeof v !== 'boolean') throw bad('invalid_field', `${name} must be true or false, got ${show(v)}`);
   return v;
 }
 
@@ -167,7 +186,7 @@ function tokenIds(v: unknown, name: string, spec: ModelSpec, allowEmpty = false)
   if (!Array.isArray(v)) throw bad('invalid_field', `${name} must be an array of token ids`);
   if (v.length === 0 && !allowEmpty) throw bad('input_empty', `${name} is empty; send at least one token`);
   const i = v.findIndex((id) => !Number.isInteger(id) || id < 0 || id >= spec.vocab);
-  if (i >= 0) throw bad('token_out_of_range', `${name}[${i}] = ${JSON.stringify(v[i])} is not a token id of this model (integers in [0, ${spec.vocab}))`);
+  if (i >= 0) throw bad('token_out_of_range', `${name}[${i}] = ${show(v[i])} is not a token id of this model (integers in [0, ${spec.vocab}))`);
   return v as number[];
 }
 
@@ -303,7 +322,7 @@ export function resolveJob(data: unknown, ctx: ModelContext, jobName?: string): 
   if (kind === 'generate') return resolveGenerate(o, ctx);
   if (kind === 'fill-mask') return resolveFillMask(o, ctx);
   if (kind === 'embed') return resolveEmbed(o, ctx);
-  throw bad('invalid_kind', `job kind ${JSON.stringify(kind)} is not one of ${JOB_KINDS.join(', ')}`);
+  throw bad('invalid_kind', `job kind ${show(kind)} is not one of ${JOB_KINDS.join(', ')}`);
 }
 
 // ---- Execution ---------------------------------------------------------------------------------------------
@@ -320,6 +339,8 @@ export interface RunHooks {
   defaultSeed?: number;
   /** A token was chosen (for TTFT / inter-token metrics). */
   onToken?: (choice: number, at: number) => void;
+  /** Which run of the job this is (1 = first); deltas of a later run carry it and mark their restart. */
+  attempt?: number;
 }
 
 /** Runs a validated job against the pipeline. */
@@ -364,6 +385,10 @@ async function runGenerate(req: ResolvedGenerate, pipeline: ServingPipeline, ctx
       const visible = stableText(final);
       if (ids.length === sentTokens && visible.length <= sentText) return;
       const delta: TokenProgress = { index, offset: sentTokens, tokens: ids.slice(sentTokens), text_offset: sentText, text: visible.slice(sentText) };
+      if (hooks.attempt !== undefined) {
+        delta.attempt = hooks.attempt;
+        if (hooks.attempt > 1 && sentTokens === 0 && sentText === 0) delta.restart = true;
+      }
       sentTokens = ids.length;
       sentText = Math.max(sentText, visible.length);
       lastSent = Date.now();

@@ -1,15 +1,16 @@
 import { timingSafeEqual, createHash } from 'node:crypto';
+import { STATUS_CODES } from 'node:http';
 import Fastify, { type FastifyBaseLogger, type FastifyInstance, type FastifyReply } from 'fastify';
 import type { Logger } from 'pino';
 import type { ModelSpec } from '../model/config.ts';
 import { isStrataError, StrataError, type ErrorKind } from '../model/errors.ts';
 import type { StrataTokenizer } from '../model/tokenizer.ts';
 import {
-  resolveJob, type EmbedResultBody, type FillMaskResultBody, type GenerateResultBody, type JobPayload, type ModelContext,
+  resolveJob, show, type EmbedResultBody, type FillMaskResultBody, type GenerateResultBody, type JobPayload, type ModelContext,
   type ResolvedGenerate, type TokenProgress,
 } from './api-jobs.ts';
 import { renderMetrics, metricsContentType } from './metrics.ts';
-import { parseFailure, type RequestQueue } from './queue.ts';
+import { canonical, checkJobId, parseFailure, type RequestQueue } from './queue.ts';
 
 /**
  * The HTTP API (OpenAI / Hugging Face shapes). Every request is validated here, completely, before it is
@@ -52,7 +53,7 @@ const STATUS: Record<ErrorKind, number> = {
   invalid_argument: 400, not_found: 404, failed_precondition: 422, resource_exhausted: 429, unavailable: 503, internal: 500,
 };
 const TYPE: Record<number, string> = {
-  400: 'invalid_request_error', 401: 'authentication_error', 404: 'not_found_error', 413: 'invalid_request_error', 415: 'invalid_request_error',
+  400: 'invalid_request_error', 401: 'authentication_error', 404: 'not_found_error', 408: 'timeout', 413: 'invalid_request_error', 414: 'invalid_request_error', 415: 'invalid_request_error',
   422: 'invalid_request_error', 429: 'rate_limit_error', 500: 'server_error', 501: 'not_implemented', 503: 'service_unavailable', 504: 'timeout',
 };
 
@@ -62,7 +63,12 @@ function statusOf(e: StrataError): number {
   return STATUS[e.kind] ?? 500;
 }
 
-const errorBody = (status: number, code: string, message: string) => ({ error: { message, type: TYPE[status] ?? 'server_error', code } });
+const errorBody = (status: number, code: string, message: string) => ({
+  error: { message, type: TYPE[status] ?? (status < 500 ? 'invalid_request_error' : 'server_error'), code },
+});
+
+/** The response header naming the job a request created or followed (also embedded in the OpenAI `id`). */
+export const JOB_ID_HEADER = 'x-strata-job-id';
 
 function sendError(reply: FastifyReply, e: StrataError): FastifyReply {
   const status = statusOf(e);
@@ -70,6 +76,9 @@ function sendError(reply: FastifyReply, e: StrataError): FastifyReply {
 }
 
 const bad = (code: string, message: string) => new StrataError(code, message, 'invalid_argument');
+
+/** Framework messages quote the URL or the body; a 5 kB path must not come back in full. */
+const clip = (message: string, max = 300) => (message.length > max ? `${message.slice(0, max)}…` : message);
 
 function asObject(body: unknown): Record<string, unknown> {
   if (!body || typeof body !== 'object' || Array.isArray(body)) throw bad('invalid_body', 'the request body must be a JSON object (Content-Type: application/json)');
@@ -89,7 +98,26 @@ export async function buildApi(opts: ApiOptions): Promise<FastifyInstance> {
   const ctx: ModelContext = { spec, tokenizer, canEmbed: opts.canEmbed ?? false, maxN: opts.maxN };
   const started = Math.floor(Date.now() / 1000);
 
-  const app = Fastify({ bodyLimit: 16 * 1024 * 1024, ...(opts.logger ? { loggerInstance: opts.logger as FastifyBaseLogger } : { logger: false }) });
+  const app = Fastify({
+    bodyLimit: 16 * 1024 * 1024,
+    // Job ids (client idempotency keys among them) are up to 128 characters: /v1/jobs/:id must take them.
+    routerOptions: { maxParamLength: 256 },
+    // Errors Fastify raises before routing (a malformed URL, an over-long path parameter) in the API's shape too.
+    frameworkErrors: (e, _req, reply) => {
+      const status = e.statusCode && e.statusCode >= 400 && e.statusCode < 500 ? e.statusCode : 400;
+      return (reply as FastifyReply).code(status).send(errorBody(status, e.code ?? 'invalid_request', clip(e.message)));
+    },
+    // And malformed HTTP (before any request exists): a JSON error on the socket, then close it, as Node does.
+    clientErrorHandler: (e: Error & { code?: string }, socket) => {
+      if (e.code === 'ECONNRESET' || socket.destroyed) return;
+      const status = e.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? 408 : e.code === 'HPE_HEADER_OVERFLOW' ? 431 : 400;
+      const message = status === 408 ? 'the request took too long to arrive' : status === 431 ? 'the request headers are too large' : `malformed HTTP request (${e.code ?? e.message})`;
+      const body = JSON.stringify(errorBody(status, status === 400 ? 'bad_http_request' : status === 408 ? 'request_timeout' : 'headers_too_large', message));
+      if (socket.writable) socket.write(`HTTP/1.1 ${status} ${STATUS_CODES[status]}\r\nContent-Length: ${Buffer.byteLength(body)}\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n${body}`);
+      socket.destroy(e);
+    },
+    ...(opts.logger ? { loggerInstance: opts.logger as FastifyBaseLogger } : { logger: false }),
+  });
 
   app.setErrorHandler((e, _req, reply) => {
     if (isStrataError(e)) return sendError(reply, e);
@@ -97,7 +125,7 @@ export async function buildApi(opts: ApiOptions): Promise<FastifyInstance> {
     // Fastify's own (malformed JSON, body too large, wrong content type) carry a 4xx statusCode.
     const status = err.statusCode;
     if (status && status >= 400 && status < 500) {
-      return reply.code(status).send(errorBody(status, err.code ?? 'invalid_request', err.message));
+      return reply.code(status).send(errorBody(status, err.code ?? 'invalid_request', clip(err.message)));
     }
     reply.log.error({ err }, 'request failed');
     return reply.code(500).send(errorBody(500, 'internal_error', `internal error: ${err.message}`));
@@ -117,7 +145,7 @@ export async function buildApi(opts: ApiOptions): Promise<FastifyInstance> {
 
   const checkModel = (o: Record<string, unknown>) => {
     if (o.model !== undefined && o.model !== null && o.model !== modelName) {
-      throw new StrataError('model_not_found', `model ${JSON.stringify(o.model)} is not served here; this server serves "${modelName}" (GET /v1/models)`, 'not_found');
+      throw new StrataError('model_not_found', `model ${show(o.model)} is not served here; this server serves "${modelName}" (GET /v1/models)`, 'not_found');
     }
   };
 
@@ -125,21 +153,45 @@ export async function buildApi(opts: ApiOptions): Promise<FastifyInstance> {
   const priorityOf = (o: Record<string, unknown>): number | undefined => {
     const p = o.priority;
     if (p === undefined || p === null || p === 0) return undefined;
-    if (!Number.isInteger(p) || (p as number) < 0 || (p as number) > 2_097_151) throw bad('invalid_field', `priority must be an integer in [0, 2097151] (lower runs sooner), got ${JSON.stringify(p)}`);
+    if (!Number.isInteger(p) || (p as number) < 0 || (p as number) > 2_097_151) throw bad('invalid_field', `priority must be an integer in [0, 2097151] (lower runs sooner), got ${show(p)}`);
     return p as number;
   };
 
-  /** Validates (again, as the consumer will) and applies back-pressure; throws 4xx before anything is enqueued. */
+  /** Validates (again, as the consumer will); throws 4xx before anything is enqueued. Back-pressure: checkCapacity. */
   async function admit(payload: JobPayload) {
-    const resolved = resolveJob(payload, ctx);
+    return resolveJob(payload, ctx);
+  }
+
+  /**
+   * The client's idempotency key: the `Idempotency-Key` header or the body's `job_id` (the same if both). It becomes
+   * the BullMQ job id, so a resubmission follows the first job (or gets its stored answer) instead of running twice.
+   */
+  const idempotencyKey = (headers: Record<string, unknown>, o: Record<string, unknown>): string | undefined => {
+    const header = headers['idempotency-key'];
+    const h = header === undefined ? undefined : checkJobId(Array.isArray(header) ? header[0] : header, 'the Idempotency-Key header');
+    const b = o.job_id === undefined || o.job_id === null ? undefined : checkJobId(o.job_id, 'job_id');
+    if (h !== undefined && b !== undefined && h !== b) throw bad('invalid_job_id', 'the Idempotency-Key header and job_id differ; send one of them');
+    return h ?? b;
+  };
+
+  /** 429 once too many jobs wait; checked only when a new job would be added. */
+  const checkCapacity = async () => {
     if (maxQueued > 0 && (await queue.waitingCount()) >= maxQueued) {
       throw new StrataError('queue_full', `the request queue holds ${maxQueued} or more waiting jobs; retry later`, 'resource_exhausted');
     }
-    return resolved;
-  }
+  };
 
-  const submit = (payload: JobPayload, priority: number | undefined, onProgress?: (p: TokenProgress) => void) =>
-    queue.submit(payload, { priority, onProgress, timeoutMs: opts.requestTimeoutMs });
+  /** Two job payloads ask for the same thing when they validate to the same request. */
+  const sameRequest = (existing: unknown, payload: JobPayload): boolean => {
+    try {
+      return canonical(resolveJob(existing, ctx)) === canonical(resolveJob(payload, ctx));
+    } catch {
+      return false;
+    }
+  };
+
+  const submit = (payload: JobPayload, priority: number | undefined, jobId: string | undefined, onProgress?: (p: TokenProgress) => void) =>
+    queue.submit(payload, { priority, jobId, onProgress, timeoutMs: opts.requestTimeoutMs, beforeAdd: checkCapacity, sameRequest });
 
   // ---- POST /v1/completions -----------------------------------------------------------------------------------
 
@@ -148,6 +200,7 @@ export async function buildApi(opts: ApiOptions): Promise<FastifyInstance> {
     checkModel(o);
     if (o.stream !== undefined && o.stream !== null && typeof o.stream !== 'boolean') throw bad('invalid_field', 'stream must be true or false');
     const priority = priorityOf(o);
+    const key = idempotencyKey(req.headers, o);
     const r = (await admit({ ...(o as object), kind: 'generate' } as JobPayload)) as ResolvedGenerate;
     // The job carries the validated ids, so the consumer runs exactly what was checked here.
     const payload: JobPayload = {
@@ -156,9 +209,11 @@ export async function buildApi(opts: ApiOptions): Promise<FastifyInstance> {
       seed: r.sampling.seed, stop: r.stop, stop_token_ids: r.stopTokenIds, ignore_eos: r.ignoreEos,
     };
     const created = Math.floor(Date.now() / 1000);
-    if (o.stream === true) return streamCompletion(reply, payload, priority, created, r.n, (o.stream_options as { include_usage?: boolean } | undefined)?.include_usage === true);
+    const includeUsage = (o.stream_options as { include_usage?: unknown } | null | undefined)?.include_usage === true;
+    if (o.stream === true) return streamCompletion(reply, payload, priority, key, created, r.n, includeUsage);
 
-    const { jobId, result } = await submit(payload, priority);
+    const { jobId, result } = await submit(payload, priority, key);
+    reply.header(JOB_ID_HEADER, jobId);
     const out = (await result.catch(rethrow)) as GenerateResultBody;
     return {
       id: `cmpl-${jobId}`, object: 'text_completion', created, model: modelName,
@@ -167,25 +222,38 @@ export async function buildApi(opts: ApiOptions): Promise<FastifyInstance> {
     };
   });
 
-  async function streamCompletion(reply: FastifyReply, payload: JobPayload, priority: number | undefined, created: number, n: number, includeUsage: boolean) {
-    const sent = Array.from({ length: n }, () => ({ tokens: 0, text: 0 }));
+  async function streamCompletion(reply: FastifyReply, payload: JobPayload, priority: number | undefined, key: string | undefined, created: number, n: number, includeUsage: boolean) {
+    // What each choice has shown so far: its token ids (to check a re-run against them) and text length.
+    const sent = Array.from({ length: n }, () => ({ ids: [] as number[], text: 0 }));
     let id = '';
     let open = false;
+    let diverged = false;
     const early: TokenProgress[] = [];
     const raw = reply.raw;
     const live = () => !raw.destroyed && !raw.writableEnded;
     const write = (obj: unknown) => live() && raw.write(`data: ${JSON.stringify(obj)}\n\n`);
     const chunk = (index: number, text: string, tokenIds: number[], finish: string | null) =>
       write({ id, object: 'text_completion', created, model: modelName, choices: [{ index, text, token_ids: tokenIds, finish_reason: finish, logprobs: null }] });
-    // Deltas carry offsets: an overlap (a retried attempt replaying tokens) is trimmed, a gap (a lost event)
-    // is skipped and filled from the final result.
+    // Deltas carry offsets: an overlap is trimmed (a retried or re-run attempt starts again at offset 0 and, greedy
+    // or seeded from the job id, draws the same tokens), a gap (a lost event, or following a job that was already
+    // running) is skipped and filled from the final result. An overlap that disagrees with what was shown (a re-run
+    // that drew other tokens) cannot be taken back: the stream ends with a stream_restarted error instead.
     const emit = (index: number, offset: number, tokens: number[], textOffset: number, text: string, finish: string | null) => {
       const s = sent[index];
-      if (!s) return;
-      const newTokens = offset <= s.tokens ? tokens.slice(s.tokens - offset) : [];
+      if (!s || diverged) return;
+      if (offset <= s.ids.length) {
+        const overlap = tokens.slice(0, s.ids.length - offset);
+        if (overlap.some((t, i) => t !== s.ids[offset + i])) {
+          diverged = true;
+          const err = new StrataError('stream_restarted', `job ${id.slice(5)} was run again from the start (its coordinator was lost or a stage failed) and produced other tokens than this stream already sent; read the complete result from GET /v1/jobs/${id.slice(5)}`, 'unavailable');
+          write(errorBody(statusOf(err), err.code, err.message));
+          return;
+        }
+      }
+      const newTokens = offset <= s.ids.length ? tokens.slice(s.ids.length - offset) : [];
       const newText = textOffset <= s.text ? text.slice(s.text - textOffset) : '';
       if (newTokens.length === 0 && newText.length === 0 && finish === null) return;
-      s.tokens += newTokens.length;
+      s.ids.push(...newTokens);
       s.text += newText.length;
       chunk(index, newText, newTokens, finish);
     };
@@ -194,10 +262,10 @@ export async function buildApi(opts: ApiOptions): Promise<FastifyInstance> {
       else emit(p.index, p.offset, p.tokens, p.text_offset, p.text, null);
     };
 
-    const { jobId, result, abandon } = await submit(payload, priority, onProgress);
+    const { jobId, result, abandon } = await submit(payload, priority, key, onProgress);
     id = `cmpl-${jobId}`;
     reply.hijack();
-    raw.writeHead(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-cache', connection: 'keep-alive', 'x-accel-buffering': 'no' });
+    raw.writeHead(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-cache', connection: 'keep-alive', 'x-accel-buffering': 'no', [JOB_ID_HEADER]: jobId });
     open = true;
     for (const p of early.splice(0)) onProgress(p);
     // A client that hangs up stops being followed; its job still runs to completion (and stays queryable).
@@ -205,25 +273,27 @@ export async function buildApi(opts: ApiOptions): Promise<FastifyInstance> {
     try {
       const out = (await result) as GenerateResultBody;
       for (const c of out.choices) emit(c.index, 0, c.token_ids, 0, c.text ?? '', c.finish_reason);
-      if (includeUsage) write({ id, object: 'text_completion', created, model: modelName, choices: [], usage: out.usage });
+      if (includeUsage && !diverged) write({ id, object: 'text_completion', created, model: modelName, choices: [], usage: out.usage });
     } catch (e) {
       const err = isStrataError(e) ? e : new StrataError('internal_error', (e as Error).message, 'internal');
-      write(errorBody(statusOf(err), err.code, err.message));
+      if (!diverged) write(errorBody(statusOf(err), err.code, err.message));
     }
     if (live()) raw.end('data: [DONE]\n\n');
   }
 
   // ---- POST /v1/embeddings ------------------------------------------------------------------------------------
 
-  app.post('/v1/embeddings', async (req) => {
+  app.post('/v1/embeddings', async (req, reply) => {
     const o = asObject(req.body);
     checkModel(o);
+    const key = idempotencyKey(req.headers, o);
     const format = o.encoding_format ?? 'float';
     if (format !== 'float' && format !== 'base64') throw bad('invalid_field', 'encoding_format must be "float" or "base64"');
     if (o.dimensions !== undefined && o.dimensions !== null && o.dimensions !== spec.dModel) throw bad('unsupported_field', `dimensions is fixed at ${spec.dModel} for this model; leave it out`);
     const r = await admit({ kind: 'embed', input: o.input as string });
     if (r.kind !== 'embed') throw new Error('unreachable');
-    const { result } = await submit({ kind: 'embed', input: r.inputs }, priorityOf(o));
+    const { jobId, result } = await submit({ kind: 'embed', input: r.inputs }, priorityOf(o), key);
+    reply.header(JOB_ID_HEADER, jobId);
     const out = (await result.catch(rethrow)) as EmbedResultBody;
     return {
       object: 'list', model: modelName, usage: out.usage,
@@ -236,16 +306,18 @@ export async function buildApi(opts: ApiOptions): Promise<FastifyInstance> {
 
   // ---- POST /v1/fill-mask: HF task shape {inputs, parameters: {top_k}}, or {input_ids, mask_index} ------------
 
-  app.post('/v1/fill-mask', async (req) => {
+  app.post('/v1/fill-mask', async (req, reply) => {
     const o = asObject(req.body);
     checkModel(o);
+    const key = idempotencyKey(req.headers, o);
     if (Array.isArray(o.inputs)) throw bad('batch_unsupported', 'inputs holds several texts; send one request per text');
     const params = (o.parameters ?? {}) as Record<string, unknown>;
     if (typeof params !== 'object') throw bad('invalid_field', 'parameters must be an object');
     if (params.targets !== undefined) throw bad('unsupported_field', 'parameters.targets is not supported; leave it out');
     const r = await admit({ kind: 'fill-mask', inputs: o.inputs as string, input_ids: o.input_ids as number[], mask_index: o.mask_index as number, top_k: (params.top_k ?? o.top_k) as number });
     if (r.kind !== 'fill-mask') throw new Error('unreachable');
-    const { result } = await submit({ kind: 'fill-mask', input_ids: r.ids, mask_index: r.maskIndex, top_k: r.topK }, priorityOf(o));
+    const { jobId, result } = await submit({ kind: 'fill-mask', input_ids: r.ids, mask_index: r.maskIndex, top_k: r.topK }, priorityOf(o), key);
+    reply.header(JOB_ID_HEADER, jobId);
     const out = (await result.catch(rethrow)) as FillMaskResultBody;
     return out.candidates.map((c) => ({ ...(c.sequence !== undefined ? { sequence: c.sequence } : {}), score: c.score, token: c.token, ...(c.token_str !== undefined ? { token_str: c.token_str } : {}) }));
   });
@@ -268,7 +340,9 @@ export async function buildApi(opts: ApiOptions): Promise<FastifyInstance> {
       failedReason: job.failedReason || null,
       error: failure && state === 'failed' ? { code: failure.code, message: failure.message } : null,
       progress: job.progress ?? null,
-      attemptsMade: job.attemptsMade, timestamp: job.timestamp, processedOn: job.processedOn ?? null, finishedOn: job.finishedOn ?? null,
+      // attemptsStarted counts runs (a retry after a failure or a re-run after a stall adds one); stalledCounter the
+      // times the job's consumer was lost while running it.
+      attemptsMade: job.attemptsMade, attemptsStarted: job.attemptsStarted, stalledCounter: job.stalledCounter, timestamp: job.timestamp, processedOn: job.processedOn ?? null, finishedOn: job.finishedOn ?? null,
     };
   });
 

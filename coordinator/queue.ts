@@ -146,6 +146,23 @@ export function parseFailure(reason: string | undefined): StrataError {
   return new StrataError(m[2], m[3], m[1] as ErrorKind);
 }
 
+/** JSON with sorted keys and undefined fields dropped: two payloads compare equal when Redis would store the same. */
+export function canonical(v: unknown): string {
+  return JSON.stringify(v, (_k, x) => (x && typeof x === 'object' && !Array.isArray(x) ? Object.fromEntries(Object.keys(x).sort().map((k) => [k, x[k]])) : x));
+}
+
+/**
+ * Job ids clients choose (idempotency keys): 1..128 of [A-Za-z0-9._~-], not all digits (BullMQ reserves integer
+ * ids for its own counter and ':' for its keys). Throws invalid_argument naming `field`.
+ */
+export function checkJobId(id: unknown, field = 'job_id'): string {
+  if (typeof id !== 'string' || !/^[A-Za-z0-9._~-]{1,128}$/.test(id) || /^\d+$/.test(id)) {
+    const shown = typeof id === 'string' ? JSON.stringify(id.length > 40 ? `${id.slice(0, 40)}…` : id) : typeof id;
+    throw new StrataError('invalid_job_id', `${field} must be 1 to 128 characters of A-Z a-z 0-9 . _ ~ - and not only digits (a UUID works), got ${shown}`, 'invalid_argument');
+  }
+  return id;
+}
+
 /** Failures a retry cannot fix: the job itself is wrong, or the model cannot do it. */
 const NON_RETRYABLE: ReadonlySet<ErrorKind> = new Set(['invalid_argument', 'not_found', 'failed_precondition']);
 
@@ -154,6 +171,19 @@ const NON_RETRYABLE: ReadonlySet<ErrorKind> = new Set(['invalid_argument', 'not_
 export interface SubmitOptions {
   /** BullMQ priority: 1 (first) .. 2_097_152; absent = ahead of all prioritized jobs (BullMQ's rule). */
   priority?: number;
+  /**
+   * The job id to use: an idempotency key (see `checkJobId`). When a job with this id exists already, nothing is
+   * added: the same payload follows that job (its stored result at once when it is finished; a retryable failure
+   * is retried), a different payload is refused (`idempotency_key_reused`). Default: a fresh UUID.
+   */
+  jobId?: string;
+  /** Runs just before a new job is added (not when following an existing one): back-pressure checks. */
+  beforeAdd?: () => Promise<void>;
+  /**
+   * Whether an existing job's data is the same request as `payload` (default: equal JSON, key order aside). The
+   * API compares validated requests instead, so defaults spelled out or left out do not matter.
+   */
+  sameRequest?: (existing: unknown, payload: JobPayload) => boolean;
   onProgress?: (p: TokenProgress) => void;
   /** Give up waiting (the job itself stays queued and visible under /v1/jobs/:id). Default 10 min. */
   timeoutMs?: number;
@@ -167,7 +197,8 @@ interface Waiter {
 
 export class RequestQueue {
   readonly name: string;
-  private readonly waiters = new Map<string, Waiter>();
+  /** Who follows which job; several requests may follow one job (an idempotent resubmission). */
+  private readonly waiters = new Map<string, Set<Waiter>>();
   private poller: NodeJS.Timeout | null = null;
 
   private constructor(
@@ -181,7 +212,9 @@ export class RequestQueue {
     readonly redisTimeoutMs: number,
   ) {
     this.name = queue.name;
-    events.on('progress', ({ jobId, data }) => this.waiters.get(jobId)?.onProgress?.(data as unknown as TokenProgress));
+    events.on('progress', ({ jobId, data }) => {
+      for (const w of this.waiters.get(jobId) ?? []) w.onProgress?.(data as unknown as TokenProgress);
+    });
     events.on('completed', ({ jobId, returnvalue }) => this.settle(jobId, returnvalue as unknown as JobResult));
     events.on('failed', ({ jobId, failedReason }) => this.settle(jobId, parseFailure(failedReason)));
     // Events can be lost (a reconnect while the stream was trimmed); a slow poll of the job state backs them up.
@@ -268,36 +301,78 @@ export class RequestQueue {
   /**
    * Adds a job and follows it. Resolves once the job is in Redis, with its id and a promise of its result
    * (rejecting with the job's typed failure). The waiter is registered before the add so no event is missed.
+   * With `opts.jobId` naming a job that exists already, follows that job instead (`existing: true`).
    */
-  async submit(payload: JobPayload, opts: SubmitOptions = {}): Promise<{ jobId: string; result: Promise<JobResult>; abandon(): void }> {
-    const jobId = randomUUID();
+  async submit(payload: JobPayload, opts: SubmitOptions = {}): Promise<{ jobId: string; result: Promise<JobResult>; abandon(): void; existing: boolean }> {
+    const jobId = opts.jobId ?? randomUUID();
     let timer: NodeJS.Timeout | undefined;
+    const waiter = {} as Waiter;
     const result = new Promise<JobResult>((resolve, reject) => {
-      this.waiters.set(jobId, { resolve, reject, onProgress: opts.onProgress });
+      Object.assign(waiter, { resolve, reject, onProgress: opts.onProgress });
+      let set = this.waiters.get(jobId);
+      if (!set) this.waiters.set(jobId, (set = new Set()));
+      set.add(waiter);
       timer = setTimeout(() => {
-        this.settle(jobId, new StrataError('job_timeout', `job ${jobId} did not finish in ${Math.round((opts.timeoutMs ?? 600_000) / 1000)} s; it may still run: GET /v1/jobs/${jobId}`, 'unavailable'));
+        this.settleOne(jobId, waiter, new StrataError('job_timeout', `job ${jobId} did not finish in ${Math.round((opts.timeoutMs ?? 600_000) / 1000)} s; it may still run: GET /v1/jobs/${jobId}`, 'unavailable'));
       }, opts.timeoutMs ?? 600_000);
     }).finally(() => clearTimeout(timer));
+    result.catch(() => {});
+    let existing = false;
     try {
-      await this.enqueue(payload, { jobId, priority: opts.priority });
+      existing = opts.jobId !== undefined && (await this.followExisting(jobId, payload, waiter, opts.sameRequest));
+      if (!existing) {
+        await opts.beforeAdd?.();
+        await this.enqueue(payload, { jobId, priority: opts.priority });
+      }
     } catch (e) {
-      this.waiters.delete(jobId);
+      this.dropWaiter(jobId, waiter);
       clearTimeout(timer);
-      result.catch(() => {});
       throw e;
     }
     // Abandoning settles the promise (so nothing waits forever); the job itself runs on and stays queryable.
-    const abandon = () => this.settle(jobId, new StrataError('abandoned', `stopped following job ${jobId}`, 'unavailable'));
-    result.catch(() => {});
-    return { jobId, result, abandon };
+    const abandon = () => this.settleOne(jobId, waiter, new StrataError('abandoned', `stopped following job ${jobId}`, 'unavailable'));
+    return { jobId, result, abandon, existing };
+  }
+
+  /**
+   * An idempotent resubmission: when job `jobId` exists, checks it is the same request and settles `waiter` from
+   * its state (or leaves it to the job's events). False when there is no such job.
+   */
+  private async followExisting(jobId: string, payload: JobPayload, waiter: Waiter, same?: SubmitOptions['sameRequest']): Promise<boolean> {
+    const job = await this.getJob(jobId);
+    if (!job) return false;
+    if (!(same ? same(job.data, payload) : canonical(job.data) === canonical(payload))) {
+      throw new StrataError('idempotency_key_reused', `job ${jobId} exists with a different request; an idempotency key (Idempotency-Key header or job_id) names one request: use a new key for a new request`, 'failed_precondition');
+    }
+    const state = await this.redisCall(() => job.getState());
+    if (state === 'completed') this.settleOne(jobId, waiter, job.returnvalue as JobResult);
+    else if (state === 'failed') {
+      const failure = parseFailure(job.failedReason);
+      // A failure a retry can cure (the pipeline was down) runs again; one that cannot is the answer.
+      if (NON_RETRYABLE.has(failure.kind)) this.settleOne(jobId, waiter, failure);
+      else {
+        this.log.info({ jobId, reason: job.failedReason }, 'resubmitted job had failed; retrying it');
+        await this.redisCall(() => job.retry('failed', { resetAttemptsMade: true }));
+      }
+    }
+    return true;
+  }
+
+  private dropWaiter(jobId: string, waiter: Waiter): void {
+    const set = this.waiters.get(jobId);
+    set?.delete(waiter);
+    if (set?.size === 0) this.waiters.delete(jobId);
+  }
+
+  private settleOne(jobId: string, waiter: Waiter, outcome: JobResult | Error): void {
+    if (!this.waiters.get(jobId)?.has(waiter)) return;
+    this.dropWaiter(jobId, waiter);
+    if (outcome instanceof Error) waiter.reject(outcome);
+    else waiter.resolve(outcome);
   }
 
   private settle(jobId: string, outcome: JobResult | Error): void {
-    const w = this.waiters.get(jobId);
-    if (!w) return;
-    this.waiters.delete(jobId);
-    if (outcome instanceof Error) w.reject(outcome);
-    else w.resolve(outcome);
+    for (const w of this.waiters.get(jobId) ?? []) this.settleOne(jobId, w, outcome);
   }
 
   private async pollWaiters(): Promise<void> {
@@ -316,7 +391,7 @@ export class RequestQueue {
 
   async close(): Promise<void> {
     if (this.poller) clearInterval(this.poller);
-    for (const [jobId] of this.waiters) this.settle(jobId, new StrataError('shutting_down', 'the API is shutting down; the job may still finish: poll /v1/jobs/:id', 'unavailable'));
+    for (const jobId of [...this.waiters.keys()]) this.settle(jobId, new StrataError('shutting_down', 'the API is shutting down; the job may still finish: poll /v1/jobs/:id', 'unavailable'));
     // With Redis gone BullMQ's close would wait for it forever: drop the connections first, then bound the close.
     const up = this.redis.status === 'ready';
     if (!up) for (const c of this.connections) hangUp(c);
@@ -341,6 +416,33 @@ export interface QueueWorkerOptions extends QueueConfig {
   startupTimeoutMs?: number;
   /** How long close() waits for active jobs (default 60 s). */
   closeTimeoutMs?: number;
+  /**
+   * BullMQ job lock: a consumer renews it every half of this while it runs a job; when the consumer dies the lock
+   * lapses and another consumer's stalled-job check hands the job to itself (a re-run from scratch).
+   * Default `STRATA_JOB_LOCK_MS`, else 30 000.
+   */
+  lockDurationMs?: number;
+  /** How often this consumer looks for stalled jobs (default `STRATA_JOB_STALLED_INTERVAL_MS`, else the lock duration). */
+  stalledIntervalMs?: number;
+  /** Stalls a job may survive before it fails (default `STRATA_JOB_MAX_STALLED`, else 1 = BullMQ's). */
+  maxStalledCount?: number;
+}
+
+/** Lock and stalled-job settings from options, then `STRATA_JOB_*`, then defaults; validated. */
+export function jobLockSettings(o: Pick<QueueWorkerOptions, 'lockDurationMs' | 'stalledIntervalMs' | 'maxStalledCount'> = {}) {
+  const pick = (v: number | undefined, env: string, dflt: number, min: number, what: string): number => {
+    const raw = v ?? (process.env[env] ? Number(process.env[env]) : dflt);
+    if (!Number.isInteger(raw) || raw < min) {
+      throw new StrataError('invalid_config', `${what} must be an integer >= ${min}, got ${raw} (${env})`, 'invalid_argument');
+    }
+    return raw;
+  };
+  const lockDuration = pick(o.lockDurationMs, 'STRATA_JOB_LOCK_MS', 30_000, 500, 'the job lock duration (ms)');
+  return {
+    lockDuration,
+    stalledInterval: pick(o.stalledIntervalMs, 'STRATA_JOB_STALLED_INTERVAL_MS', lockDuration, 100, 'the stalled-job check interval (ms)'),
+    maxStalledCount: pick(o.maxStalledCount, 'STRATA_JOB_MAX_STALLED', 1, 0, 'the most stalls a job survives'),
+  };
 }
 
 export interface QueueWorkerHandle {
@@ -356,6 +458,7 @@ export async function startQueueWorker(opts: QueueWorkerOptions): Promise<QueueW
   const ctx: ModelContext = { spec: opts.spec, tokenizer: opts.tokenizer, canEmbed: typeof opts.pipeline.embed === 'function', maxN: opts.maxN };
   const connection = connect(url, 'blocking', log);
   const concurrency = opts.concurrency ?? (Number(process.env.STRATA_CONCURRENCY) || 8);
+  const locks = jobLockSettings(opts);
 
   const processor = async (job: Job): Promise<JobResult> => {
     let req: ResolvedJob;
@@ -368,8 +471,13 @@ export async function startQueueWorker(opts: QueueWorkerOptions): Promise<QueueW
     }
     const enqueued = job.timestamp || Date.now();
     const lastToken = new Map<number, number>();
+    // BullMQ counts every start: > 1 means a retry after a failure, or a re-run after the job stalled (its
+    // consumer died or lost its lock). Generation restarts from scratch; the deltas say so.
+    const attempt = Math.max(1, job.attemptsStarted || 1);
+    if (attempt > 1) log.info({ jobId: job.id, attempt, stalled: job.stalledCounter, failed: job.attemptsMade }, 're-running job from the start');
     try {
       const result = await runJob(req, opts.pipeline, ctx, {
+        attempt,
         progressIntervalMs: opts.progressIntervalMs,
         defaultSeed: createHash('sha256').update(String(job.id)).digest().readUInt32BE(0),
         progress: (p) => job.updateProgress(p as unknown as object),
@@ -391,9 +499,10 @@ export async function startQueueWorker(opts: QueueWorkerOptions): Promise<QueueW
     }
   };
 
-  const worker = new Worker(name, processor, { connection, prefix: opts.prefix ?? 'bull', concurrency, autorun: false });
+  const worker = new Worker(name, processor, { connection, prefix: opts.prefix ?? 'bull', concurrency, autorun: false, ...locks });
   worker.on('error', throttled(log, `worker ${name}`));
   worker.on('failed', (job, err) => log.info({ jobId: job?.id, reason: err.message }, 'job failed'));
+  worker.on('stalled', (jobId) => log.warn({ jobId }, 'job stalled (its consumer stopped renewing the lock); it runs again from the start'));
 
   try {
     await withTimeout(connection.status === 'ready' ? Promise.resolve() : new Promise<void>((r) => connection.once('ready', () => r())), opts.startupTimeoutMs ?? 10_000, () => redisUnavailable(url, 'is not reachable'));
@@ -405,7 +514,7 @@ export async function startQueueWorker(opts: QueueWorkerOptions): Promise<QueueW
   }
   await checkEvictionPolicy(connection, log);
   void worker.run().catch((e) => log.error({ err: (e as Error).message }, 'queue worker stopped'));
-  log.info({ queue: name, concurrency }, 'queue worker started');
+  log.info({ queue: name, concurrency, ...locks }, 'queue worker started');
 
   return {
     worker,

@@ -32,6 +32,10 @@ export interface CoordinatorServiceOptions {
   queueName?: string;
   prefix?: string;
   maxQueued?: number;
+  /** Job lock / stalled-job recovery (see QueueWorkerOptions; defaults from `STRATA_JOB_*`). */
+  lockDurationMs?: number;
+  stalledIntervalMs?: number;
+  maxStalledCount?: number;
   log?: Logger;
 }
 
@@ -50,7 +54,10 @@ export async function startCoordinatorService(opts: CoordinatorServiceOptions): 
   const redisUrl = opts.redisUrl ?? redisUrlFromEnv();
   const q = { redisUrl, queueName: opts.queueName, prefix: opts.prefix, log };
   // The worker first: it fails fast, naming REDIS_URL, when Redis is not there at startup.
-  const worker = await startQueueWorker({ ...q, pipeline: opts.pipeline, spec: opts.spec, tokenizer: opts.tokenizer, concurrency: opts.concurrency });
+  const worker = await startQueueWorker({
+    ...q, pipeline: opts.pipeline, spec: opts.spec, tokenizer: opts.tokenizer, concurrency: opts.concurrency,
+    lockDurationMs: opts.lockDurationMs, stalledIntervalMs: opts.stalledIntervalMs, maxStalledCount: opts.maxStalledCount,
+  });
   let queue: RequestQueue | undefined;
   let app: FastifyInstance | undefined;
   try {
