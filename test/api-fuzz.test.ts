@@ -196,7 +196,7 @@ const WEIGHTS: [string, number][] = [
 ];
 const totalWeight = WEIGHTS.reduce((s, [, w]) => s + w, 0);
 /**
- * KNOWN BUG, kept out of the random cases (see the todo test below): a top_p so small that 1 - top_p == 1 in
+ * Fixed bug, kept as its own test below: a top_p so small that 1 - top_p == 1 in
  * float64 (below ~1e-16) makes model/sampling.ts drop every candidate when they are few or equally likely (top_k 1,
  * or a huge temperature), so the token is undefined and the job fails (500 after its retries).
  */

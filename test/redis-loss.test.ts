@@ -159,6 +159,11 @@ test('jobs accepted before Redis crashes survive the restart (AOF) and complete 
       assert.equal(res.headers.get('x-strata-job-id'), `http-${i}`);
       assert.deepEqual((await res.json()).choices[0].token_ids, gpt2Case.output_ids);
     }
+    // The producer's fail-fast connection reconnects on its own backoff: wait for it before reading jobs.
+    for (const until = Date.now() + 10_000; !(await queue.ping()); ) {
+      assert.ok(Date.now() < until, 'the producer did not reconnect to the restarted Redis');
+      await new Promise((r) => setTimeout(r, 100));
+    }
     for (const [i, id] of queued.entries()) {
       let job = await queue.getJob(id);
       const until = Date.now() + 10_000;
