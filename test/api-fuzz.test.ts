@@ -196,9 +196,8 @@ const WEIGHTS: [string, number][] = [
 ];
 const totalWeight = WEIGHTS.reduce((s, [, w]) => s + w, 0);
 /**
- * Fixed bug, kept as its own test below: a top_p so small that 1 - top_p == 1 in
- * float64 (below ~1e-16) makes model/sampling.ts drop every candidate when they are few or equally likely (top_k 1,
- * or a huge temperature), so the token is undefined and the job fails (500 after its retries).
+ * A top_p so small that 1 - top_p == 1 in float64 used to make model/sampling.ts drop every candidate (fixed: the
+ * most probable token always survives). It has its own test below; the random cases leave it out.
  */
 const tinyTopP = (body: unknown): boolean => {
   if (typeof body !== 'string') return false;
