@@ -2,7 +2,7 @@ import type { Command } from 'commander';
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { isStrataError, StrataError } from '../model/errors.ts';
-import { renderPipelineReport, runPipelineBench, type PipelineBenchReport } from '../coordinator/bench/pipeline.ts';
+import { renderPipelineReport, runPipelineBench, type PipelineBenchOptions, type PipelineBenchReport } from '../coordinator/bench/pipeline.ts';
 import { createProgress, silentProgress, type Progress } from '../coordinator/bench/progress.ts';
 import type { ClusterLauncher } from '../coordinator/bench/runner.ts';
 import { renderSuiteReport, runSuite, type SuiteReport } from '../coordinator/bench/suite.ts';
@@ -11,20 +11,9 @@ import { renderBlockReport, runBlockBench, type BlockBenchReport } from '../coor
 import { availableParallelism } from 'node:os';
 import { startLocalCluster } from './local-cluster.ts';
 
-export interface BenchCliOptions {
-  preset?: string;
-  blocks?: number;
-  dModel?: number;
-  heads?: number;
-  vocab?: number;
-  workers: number;
-  threadsPerWorker?: number;
-  concurrency: number;
-  promptTokens: number;
-  newTokens: number;
-  maxBatch: number;
+/** The CLI's options: a pipeline bench's, plus the suite to run and where its outputs go. */
+export interface BenchCliOptions extends PipelineBenchOptions {
   repeats: number;
-  seed: number;
   suite: 'pipeline' | 'all' | 'block';
   out: string;
   json?: boolean;
