@@ -1,14 +1,11 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtempSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { pino } from 'pino';
 import { LocalPipeline } from '../model/local-pipeline.ts';
-import { loadTokenizer } from '../model/tokenizer.ts';
 import { startCoordinatorService, type CoordinatorService } from '../coordinator/service.ts';
 import { expected, fixtureDir, testCacheDir } from './helpers/fixtures.ts';
 import { redisUrlForTests, uniqueQueueName } from './helpers/redis.ts';
+import { byteLevelTokenizer } from './helpers/byte-tokenizer.ts';
 
 // HTTP fuzz against a real service (LocalPipeline on gpt2-tiny, a byte-level tokenizer, real Redis + BullMQ):
 // seeded random requests — malformed JSON, wrong content types, wrong field types, extreme numbers, huge and
@@ -29,11 +26,7 @@ before(async () => {
   testCacheDir();
   redis = await redisUrlForTests();
   gpt2 = await LocalPipeline.load(fixtureDir('gpt2-tiny'), 2);
-  // A byte-level GPT-2 tokenizer over the fixture's 256 ids (id = byte), so text prompts and stop strings work.
-  const dir = mkdtempSync(join(tmpdir(), 'strata-fuzz-tok-'));
-  writeFileSync(join(dir, 'vocab.json'), JSON.stringify(Object.fromEntries(byteLevelAlphabet().map((ch, b) => [ch, b]))));
-  writeFileSync(join(dir, 'merges.txt'), '#version: 0.2\n');
-  const tokenizer = await loadTokenizer(dir, gpt2.spec);
+  const tokenizer = await byteLevelTokenizer(gpt2.spec);
   svc = await startCoordinatorService({
     redisUrl: redis.url, prefix: 'strata-test-fuzz', queueName: uniqueQueueName('fuzz'), host: '127.0.0.1', port: 0, log: pino({ level: 'silent' }),
     tokenizer, pipeline: gpt2, spec: gpt2.spec, modelName: 'gpt2-tiny', maxQueued: 0,
@@ -224,12 +217,6 @@ function drawCase(): Case {
   return { ...generators.valid(), kind: 'valid' };
 }
 
-/** GPT-2's bytes_to_unicode: printable bytes map to themselves, the rest to U+0100 onwards. */
-function byteLevelAlphabet(): string[] {
-  const printable = (b: number) => (b >= 33 && b <= 126) || (b >= 161 && b <= 172) || (b >= 174 && b <= 255);
-  let next = 256;
-  return Array.from({ length: 256 }, (_, b) => String.fromCharCode(printable(b) ? b : next++));
-}
 
 // ---- The run --------------------------------------------------------------------------------------------------
 

@@ -1,8 +1,5 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtempSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { Writable } from 'node:stream';
 import { Queue, QueueEvents, type Job } from 'bullmq';
 import { Redis } from 'ioredis';
@@ -10,13 +7,14 @@ import { pino } from 'pino';
 import { StrataError } from '../model/errors.ts';
 import { LocalPipeline } from '../model/local-pipeline.ts';
 import { generate, type PipelineStep, type Stepper } from '../model/generation.ts';
-import { loadTokenizer, type StrataTokenizer } from '../model/tokenizer.ts';
+import type { StrataTokenizer } from '../model/tokenizer.ts';
 import {
   checkEvictionPolicy, formatFailure, parseFailure, QUEUE_NAME, RequestQueue, startQueueWorker, type QueueWorkerHandle, type TokenProgress,
 } from '../coordinator/queue.ts';
 import type { GenerateResultBody } from '../coordinator/api-jobs.ts';
 import { expected, fixtureDir, testCacheDir } from './helpers/fixtures.ts';
 import { redisUrlForTests, uniqueQueueName } from './helpers/redis.ts';
+import { byteLevelTokenizer } from './helpers/byte-tokenizer.ts';
 
 // The queue contract: what any BullMQ producer can enqueue, how the consumer serves, fails, retries, orders and
 // stops. Real Redis, real ORT (LocalPipeline on the gpt2-tiny fixture).
@@ -164,11 +162,7 @@ test('priorities: lower runs first; unprioritized jobs before all of them', asyn
 });
 
 test('text prompts and stop strings with a tokenizer; streamed text adds up to the final text', async () => {
-  // A byte-level GPT-2 tokenizer over the fixture's 256 ids (no merges): id = byte value.
-  const dir = mkdtempSync(join(tmpdir(), 'strata-bytes-tok-'));
-  writeFileSync(join(dir, 'vocab.json'), JSON.stringify(Object.fromEntries(byteLevelAlphabet().map((ch, b) => [ch, b]))));
-  writeFileSync(join(dir, 'merges.txt'), '#version: 0.2\n');
-  const tokenizer = (await loadTokenizer(dir, gpt2.spec))!;
+  const tokenizer = await byteLevelTokenizer(gpt2.spec);
   const prompt = 'Hello, world';
   const ids = tokenizer.encode(prompt);
   assert.deepEqual(ids, [...Buffer.from(prompt)]);
@@ -248,9 +242,3 @@ test('failure reasons carry kind and code for the API and stay readable for anyo
   assert.deepEqual([plain.kind, plain.code, plain.message], ['internal', 'job_failed', 'something broke']);
 });
 
-/** GPT-2's bytes_to_unicode: printable bytes map to themselves, the rest to U+0100 onwards. */
-function byteLevelAlphabet(): string[] {
-  const printable = (b: number) => (b >= 33 && b <= 126) || (b >= 161 && b <= 172) || (b >= 174 && b <= 255);
-  let next = 256;
-  return Array.from({ length: 256 }, (_, b) => String.fromCharCode(printable(b) ? b : next++));
-}

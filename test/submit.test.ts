@@ -1,18 +1,19 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { mkdirSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { pino } from 'pino';
 import { LocalPipeline } from '../model/local-pipeline.ts';
 import { generate } from '../model/generation.ts';
-import { loadTokenizer, type StrataTokenizer } from '../model/tokenizer.ts';
+import type { StrataTokenizer } from '../model/tokenizer.ts';
 import { startCoordinatorService, type CoordinatorService } from '../coordinator/service.ts';
 import { StrataClient } from '../coordinator/client.ts';
 import { expected, fixtureDir, testCacheDir } from './helpers/fixtures.ts';
 import { freePort, redisUrlForTests, uniqueQueueName } from './helpers/redis.ts';
+import { byteLevelTokenizer } from './helpers/byte-tokenizer.ts';
 
 // `strata submit` / `strata status` as a user runs them (the real CLI in a child process) against a real service:
 // LocalPipeline on gpt2-tiny with a byte-level tokenizer, real Redis + BullMQ, bearer auth on.
@@ -31,11 +32,7 @@ before(async () => {
   testCacheDir();
   redis = await redisUrlForTests();
   gpt2 = await LocalPipeline.load(fixtureDir('gpt2-tiny'), 2);
-  const tokDir = join(dir, 'tok');
-  mkdirSync(tokDir);
-  writeFileSync(join(tokDir, 'vocab.json'), JSON.stringify(Object.fromEntries(byteLevelAlphabet().map((ch, b) => [ch, b]))));
-  writeFileSync(join(tokDir, 'merges.txt'), '#version: 0.2\n');
-  tokenizer = (await loadTokenizer(tokDir, gpt2.spec))!;
+  tokenizer = await byteLevelTokenizer(gpt2.spec);
   svc = await startCoordinatorService({
     redisUrl: redis.url, prefix: 'strata-test-submit', queueName: uniqueQueueName('submit'), host: '127.0.0.1', port: 0, log: pino({ level: 'silent' }),
     tokenizer, pipeline: gpt2, spec: gpt2.spec, modelName: 'gpt2-tiny', authToken: TOKEN,
@@ -160,9 +157,3 @@ test('clear errors, exit 2: nothing listening, a 4xx with the API\'s message, no
   for (const r of [refused, invalid, noToken, unknown, usage]) assert.equal(r.stdout, '');
 });
 
-/** GPT-2's bytes_to_unicode: printable bytes map to themselves, the rest to U+0100 onwards. */
-function byteLevelAlphabet(): string[] {
-  const printable = (b: number) => (b >= 33 && b <= 126) || (b >= 161 && b <= 172) || (b >= 174 && b <= 255);
-  let next = 256;
-  return Array.from({ length: 256 }, (_, b) => String.fromCharCode(printable(b) ? b : next++));
-}
