@@ -165,9 +165,12 @@ export class StageWorker {
       try {
         return (await next.handshake(this.identity())).identity;
       } catch (e) {
-        // Still loading, or still holding its previous range (its own Configure may not have arrived yet): wait.
-        const loading = isStrataError(e) && (e.code === 'stage_not_configured' || e.kind === 'unavailable') && Date.now() - started < 30 * 60_000;
-        const stale = isStrataError(e) && e.code === 'peer_range_mismatch' && Date.now() - started < 15_000;
+        // Still loading (a stage build may take many minutes), briefly unreachable, or still holding its previous
+        // range (its own Configure may not have arrived yet): wait. A next stage that stays unreachable fails this
+        // configure soon, so a recovery can re-plan instead of hanging.
+        const waited = Date.now() - started;
+        const loading = isStrataError(e) && ((e.code === 'stage_not_configured' && waited < 30 * 60_000) || (e.kind === 'unavailable' && waited < 30_000));
+        const stale = isStrataError(e) && e.code === 'peer_range_mismatch' && waited < 15_000;
         if (!loading && !stale) {
           next.close();
           throw e;
