@@ -1,11 +1,9 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { pino } from 'pino';
-import { LocalPipeline } from '../model/local-pipeline.ts';
-import { startCoordinatorService, type CoordinatorService } from '../coordinator/service.ts';
-import { expected, fixtureDir, testCacheDir } from './helpers/fixtures.ts';
-import { redisUrlForTests, uniqueQueueName } from './helpers/redis.ts';
-import { byteLevelTokenizer } from './helpers/byte-tokenizer.ts';
+import type { LocalPipeline } from '../model/local-pipeline.ts';
+import type { CoordinatorService } from '../coordinator/service.ts';
+import { expected } from './helpers/fixtures.ts';
+import { startGpt2Service, type Gpt2Service } from './helpers/service.ts';
 
 // HTTP fuzz against a real service (LocalPipeline on gpt2-tiny, a byte-level tokenizer, real Redis + BullMQ):
 // seeded random requests — malformed JSON, wrong content types, wrong field types, extreme numbers, huge and
@@ -22,24 +20,14 @@ let redis: { url: string; stop: () => Promise<void> };
 let gpt2: LocalPipeline;
 let svc: CoordinatorService;
 
+let service: Gpt2Service;
+
 before(async () => {
-  testCacheDir();
-  redis = await redisUrlForTests();
-  gpt2 = await LocalPipeline.load(fixtureDir('gpt2-tiny'), 2);
-  const tokenizer = await byteLevelTokenizer(gpt2.spec);
-  svc = await startCoordinatorService({
-    redisUrl: redis.url, prefix: 'strata-test-fuzz', queueName: uniqueQueueName('fuzz'), host: '127.0.0.1', port: 0, log: pino({ level: 'silent' }),
-    tokenizer, pipeline: gpt2, spec: gpt2.spec, modelName: 'gpt2-tiny', maxQueued: 0,
-    pipelineInfo: () => ({ stages: [{ blocks: [0, 4], address: 'in-process', healthy: true }] }),
-  });
+  service = await startGpt2Service('fuzz', { maxQueued: 0 });
+  ({ redis, gpt2, svc } = service);
 });
 
-after(async () => {
-  await svc?.queue.queue.obliterate({ force: true });
-  await svc?.close();
-  await gpt2?.close();
-  await redis?.stop();
-});
+after(async () => service?.close());
 
 // ---- Seeded generators ----------------------------------------------------------------------------------------
 

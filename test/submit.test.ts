@@ -5,15 +5,14 @@ import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { pino } from 'pino';
-import { LocalPipeline } from '../model/local-pipeline.ts';
+import type { LocalPipeline } from '../model/local-pipeline.ts';
 import { generate } from '../model/generation.ts';
 import type { StrataTokenizer } from '../model/tokenizer.ts';
-import { startCoordinatorService, type CoordinatorService } from '../coordinator/service.ts';
+import type { CoordinatorService } from '../coordinator/service.ts';
 import { StrataClient } from '../coordinator/client.ts';
-import { expected, fixtureDir, testCacheDir } from './helpers/fixtures.ts';
-import { freePort, redisUrlForTests, uniqueQueueName } from './helpers/redis.ts';
-import { byteLevelTokenizer } from './helpers/byte-tokenizer.ts';
+import { expected } from './helpers/fixtures.ts';
+import { freePort } from './helpers/redis.ts';
+import { startGpt2Service, type Gpt2Service } from './helpers/service.ts';
 
 // `strata submit` / `strata status` as a user runs them (the real CLI in a child process) against a real service:
 // LocalPipeline on gpt2-tiny with a byte-level tokenizer, real Redis + BullMQ, bearer auth on.
@@ -28,24 +27,14 @@ let tokenizer: StrataTokenizer;
 let svc: CoordinatorService;
 const dir = mkdtempSync(join(tmpdir(), 'strata-submit-'));
 
+let service: Gpt2Service;
+
 before(async () => {
-  testCacheDir();
-  redis = await redisUrlForTests();
-  gpt2 = await LocalPipeline.load(fixtureDir('gpt2-tiny'), 2);
-  tokenizer = await byteLevelTokenizer(gpt2.spec);
-  svc = await startCoordinatorService({
-    redisUrl: redis.url, prefix: 'strata-test-submit', queueName: uniqueQueueName('submit'), host: '127.0.0.1', port: 0, log: pino({ level: 'silent' }),
-    tokenizer, pipeline: gpt2, spec: gpt2.spec, modelName: 'gpt2-tiny', authToken: TOKEN,
-    pipelineInfo: () => ({ stages: [{ blocks: [0, 4], address: 'in-process', healthy: true }] }),
-  });
+  service = await startGpt2Service('submit', { authToken: TOKEN });
+  ({ redis, gpt2, tokenizer, svc } = service);
 });
 
-after(async () => {
-  await svc?.queue.queue.obliterate({ force: true });
-  await svc?.close();
-  await gpt2?.close();
-  await redis?.stop();
-});
+after(async () => service?.close());
 
 function strata(args: string[], env: Record<string, string> = {}): Promise<{ code: number | null; stdout: string; stderr: string }> {
   return new Promise((resolve, reject) => {
