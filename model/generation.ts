@@ -150,19 +150,21 @@ export async function forwardLogits(stepper: Stepper, ids: number[]): Promise<nu
   return toRows(logits);
 }
 
-async function forwardRows(stepper: Stepper, ids: number[], positions: number[]): Promise<TensorData> {
+/** One step over a whole sequence in a throw-away session: logits for `positions`, or the pooled hidden state. */
+async function oneShot(stepper: Stepper, ids: number[], positions: number[], output?: PipelineStep['output']): Promise<StepResult> {
   if (ids.length === 0) throw new StrataError('prompt_empty', 'the input has no tokens');
   const sessionId = randomUUID();
   try {
-    const { logits } = await stepper.step(sessionId, {
+    return await stepper.step(sessionId, {
       inputIds: i64([ids]), positionIds: i64([range(0, ids.length)]), attentionMask: i64([ids.map(() => 1)]),
-      logitPositions: { dtype: 'int64', dims: [positions.length], data: BigInt64Array.from(positions, BigInt) },
+      logitPositions: { dtype: 'int64', dims: [positions.length], data: BigInt64Array.from(positions, BigInt) }, output,
     });
-    return logits!;
   } finally {
     await stepper.end(sessionId);
   }
 }
+
+const forwardRows = async (stepper: Stepper, ids: number[], positions: number[]): Promise<TensorData> => (await oneShot(stepper, ids, positions)).logits!;
 
 export function toRows(logits: TensorData): number[][] {
   const [, rows, vocab] = logits.dims;
@@ -196,15 +198,5 @@ export function topKSoftmax(row: number[], k: number): FillMaskCandidate[] {
 
 /** Mean-pooled last hidden state of one sequence (the /v1/embeddings vector). */
 export async function embed(stepper: Stepper, ids: number[]): Promise<Float32Array> {
-  if (ids.length === 0) throw new StrataError('prompt_empty', 'the input has no tokens');
-  const sessionId = randomUUID();
-  try {
-    const { hiddenMean } = await stepper.step(sessionId, {
-      inputIds: i64([ids]), positionIds: i64([range(0, ids.length)]), attentionMask: i64([ids.map(() => 1)]),
-      logitPositions: { dtype: 'int64', dims: [1], data: BigInt64Array.of(BigInt(ids.length - 1)) }, output: 'hidden_mean',
-    });
-    return hiddenMean!.data as Float32Array;
-  } finally {
-    await stepper.end(sessionId);
-  }
+  return (await oneShot(stepper, ids, [ids.length - 1], 'hidden_mean')).hiddenMean!.data as Float32Array;
 }
