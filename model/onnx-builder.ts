@@ -62,6 +62,8 @@ export class GraphBuilder {
   private inputs: object[] = [];
   private outputs: object[] = [];
   private counter = 0;
+  /** Values renamed to a graph output's name (see `output`). */
+  private readonly alias = new Map<string, string>();
   readonly weightNames = new Set<string>();
   paramBytes = 0;
 
@@ -72,13 +74,26 @@ export class GraphBuilder {
     return name;
   }
 
+  /**
+   * Declares `value` a graph output called `name`. A value some node here produces is renamed in place (later uses
+   * follow the alias) rather than copied through an Identity: for KV caches that copy was a tenth of a decode step.
+   */
   output(value: string, name: string, elemType: ElemTypeId, dims: (number | string)[]): void {
-    this.op('Identity', [value], {}, [name]);
+    const producer = (this.nodes as { output: string[] }[]).find((n) => n.output.includes(value));
+    const isOutput = (this.outputs as { name: string }[]).some((o) => o.name === value);
+    if (producer && !isOutput && !this.alias.has(value)) {
+      producer.output = producer.output.map((o) => (o === value ? name : o));
+      for (const n of this.nodes as { input: string[] }[]) n.input = n.input.map((i) => (i === value ? name : i));
+      this.alias.set(value, name);
+    } else {
+      this.op('Identity', [value], {}, [name]);
+    }
     this.outputs.push(valueInfo(name, elemType, dims));
   }
 
   /** Adds one node; returns its output names (fresh unless given). */
   op(opType: string, inputs: string[], attrs: Record<string, Attr> = {}, outputs: string[] | number = 1, domain = ''): string[] {
+    inputs = inputs.map((i) => this.alias.get(i) ?? i);
     const outs = typeof outputs === 'number' ? Array.from({ length: outputs }, () => `${opType.toLowerCase()}_${this.counter++}`) : outputs;
     const attribute = Object.entries(attrs).map(([name, v]) => {
       const A = onnx.AttributeProto.AttributeType;

@@ -40,7 +40,7 @@ export const IO = {
 } as const;
 
 /** Bump when the graph a given checkpoint/range/dtype produces changes, so disk caches rebuild. */
-export const GRAPH_VERSION = 2;
+export const GRAPH_VERSION = 3;
 
 const FLOAT32_MIN = -3.4028234663852886e38;
 

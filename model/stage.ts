@@ -1,3 +1,4 @@
+import { KvBufferPool } from './kv-pool.ts';
 import type { ModelSpec } from './config.ts';
 import type { BlockRange } from './range.ts';
 import { IO } from './stage-graph.ts';
@@ -97,6 +98,8 @@ function packCaches(caches: KvCache[], P: number, dtype: DType, heads: number, h
 export class Stage {
   readonly actDType: DType;
 
+  private readonly kvPool = new KvBufferPool();
+
   constructor(
     readonly spec: ModelSpec,
     readonly range: BlockRange,
@@ -124,8 +127,7 @@ export class Stage {
   /** Output buffers for this step's present KV tensors [B, H, total, hd], filled by ORT in place. */
   private presentBuffers(batch: number, total: number): Record<string, TensorData> {
     if (!this.spec.causal) return {};
-    const n = batch * this.spec.heads * total * this.spec.headDim;
-    const make = (): TensorData => ({ dtype: this.actDType, dims: [batch, this.spec.heads, total, this.spec.headDim], data: this.actDType === 'float16' ? new Uint16Array(n) : new Float32Array(n) });
+    const make = (): TensorData => this.kvPool.alloc(this.actDType, [batch, this.spec.heads, total, this.spec.headDim]);
     const out: Record<string, TensorData> = {};
     for (let l = this.range.first; l < this.range.last; l++) {
       out[IO.presentKey(l)] = make();
@@ -158,11 +160,13 @@ export class Stage {
       checkDims(h, [batch, seq, this.spec.dModel], 'hidden_states', this.actDType);
       feeds[IO.hiddenIn] = h;
     }
+    let exclusive = false; // whether the past tensors are this session's alone (then they can be recycled)
     if (this.spec.causal) {
       if (!cache) throw new StrataError('stage_input_invalid', 'decoder stages need a KV cache');
       const expectMask = cache.length + seq;
       checkDims(input.attentionMask, [batch, expectMask], 'attention_mask', 'int64');
-      const past = isExact(cache) ? cache.layers : packCaches([cache], cache.length, this.actDType, this.spec.heads, this.spec.headDim);
+      exclusive = isExact(cache);
+      const past = exclusive ? cache.layers : packCaches([cache], cache.length, this.actDType, this.spec.heads, this.spec.headDim);
       for (const [l, kv] of past) {
         feeds[IO.pastKey(l)] = kv.key;
         feeds[IO.pastValue(l)] = kv.value;
@@ -177,6 +181,7 @@ export class Stage {
     if (cache) {
       // A new map: after a batched run the old one is shared with the batch's other sessions.
       const layers = new Map([...cache.layers.keys()].map((l) => [l, { key: out[IO.presentKey(l)], value: out[IO.presentValue(l)] }]));
+      if (exclusive) this.kvPool.release(cache.layers.values());
       Object.assign(cache, { layers, length: cache.length + seq, row: 0, offset: 0 });
     }
     return this.isLast ? { logits: out[IO.logits], lastHidden: out[IO.lastHidden] } : { hidden: out[IO.hiddenOut] };
@@ -236,6 +241,7 @@ export class Stage {
     const out = await this.session.run(feeds, this.presentBuffers(B, P + 1));
     const present = new Map([...past.keys()].map((l) => [l, { key: out[IO.presentKey(l)], value: out[IO.presentValue(l)] }]));
     caches.forEach((c, b) => Object.assign(c, { layers: present, row: b, offset: offsets[b], length: c.length + 1 }));
+    if (reuse) this.kvPool.release(past.values()); // every row of the shared past belonged to this batch
     // Each session gets its own copy of its row, so results can travel (and be transferred) independently.
     const rowOf = (t: TensorData, b: number): TensorData => {
       const n = t.data.length / B;
