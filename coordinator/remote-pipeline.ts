@@ -1,11 +1,11 @@
 import type * as grpc from '@grpc/grpc-js';
 import type { ModelSpec } from '../model/config.ts';
-import { isStrataError, StrataError } from '../model/errors.ts';
+import { isStrataError, StrataError, type ErrorKind } from '../model/errors.ts';
 import { embed, type PipelineStep, type StepResult, type Stepper } from '../model/generation.ts';
 import { rangeLabel, type BlockRange } from '../model/range.ts';
 import type { WeightDType } from '../model/stage-graph.ts';
 import type { TensorData } from '../model/tensor.ts';
-import { StageClient, type WireInfo, type WireTiming } from '../proto/client.ts';
+import { StageClient, type WireInfo, type WireStepReply, type WireTiming } from '../proto/client.ts';
 import { resultFromWire, stepToWire } from '../proto/step-codec.ts';
 import { planPartition } from './planner.ts';
 
@@ -48,6 +48,16 @@ interface SessionLog {
   steps: PipelineStep[];
 }
 
+interface QueuedDecode {
+  wireId: string;
+  input: PipelineStep;
+  resolve: (r: StepResult) => void;
+  reject: (e: unknown) => void;
+}
+
+/** A session counts as decoding (for the group size) while its steps keep coming within this window. */
+const DECODING_WINDOW_MS = 2_000;
+
 /** Failures a replay can cure: a stage is gone, or it lost this session's KV cache. */
 const RECOVERABLE = new Set(['stage_unavailable', 'session_unknown', 'session_evicted', 'session_out_of_step', 'stage_not_configured', 'stage_mismatch', 'stage_thread_exited']);
 const recoverable = (e: unknown) => isStrataError(e) && (e.kind === 'unavailable' || RECOVERABLE.has(e.code));
@@ -69,6 +79,11 @@ export class RemotePipeline implements Stepper {
   private healthy: boolean[] = [];
   private monitor: NodeJS.Timeout | null = null;
   private readonly sessions = new Map<string, SessionLog>();
+  private readonly decodeQueue: QueuedDecode[] = [];
+  private groupsInFlight = 0;
+  private flushScheduled = false;
+  /** When each wire session last sent a decode step: how many sessions are decoding now. */
+  private readonly lastDecode = new Map<string, number>();
   private recovering: Promise<void> | null = null;
   /** Bumped by every (re)configuration; a failure seen under an older generation needs no new recovery. */
   private generation = 0;
@@ -164,10 +179,77 @@ export class RemotePipeline implements Stepper {
   }
 
   private async send(wireId: string, input: PipelineStep): Promise<StepResult> {
+    if (this.isDecodeStep(input)) return this.enqueueDecode(wireId, input);
     const req = stepToWire(wireId, { fingerprint: this.opts.fingerprint, first: 0 }, input);
-    const reply = resultFromWire(await this.clients[0].step(req, this.opts.stepTimeoutMs ?? 60_000));
+    return this.received(await this.clients[0].step(req, this.opts.stepTimeoutMs ?? 60_000));
+  }
+
+  private received(wire: WireStepReply): StepResult {
+    const reply = resultFromWire(wire);
     reply.timings.forEach((t, i) => this.opts.onTiming?.(i, t));
     return reply;
+  }
+
+  /** One token of one session on top of its KV cache: the steps worth batching across sessions. */
+  private isDecodeStep(input: PipelineStep): boolean {
+    const [rows, seq] = input.positionIds.dims;
+    return this.opts.spec.causal && rows === 1 && seq === 1 && input.attentionMask.dims[1] > 1 && input.output !== 'hidden_mean';
+  }
+
+  /**
+   * Decode steps leave as StepBatch messages, at most K of them in flight (K = stages), each of at most
+   * ceil(decoding sessions / K) steps. So K groups of sessions take turns through the stages: while stage 1 runs one
+   * group, stage 0 runs the next (one group of all sessions would move in lockstep, one stage busy at a time). Steps
+   * that arrive while K groups are out wait for the next group to come back and leave with it: sessions that start
+   * at different times coalesce into full groups. The stages keep each group together (worker/stage-thread.ts).
+   */
+  private enqueueDecode(wireId: string, input: PipelineStep): Promise<StepResult> {
+    return new Promise((resolve, reject) => {
+      this.decodeQueue.push({ wireId, input, resolve, reject });
+      this.lastDecode.set(wireId, Date.now());
+      this.scheduleFlush();
+    });
+  }
+
+  /** After the current turn: every session resumed by a reply has queued its next step by then. */
+  private scheduleFlush(): void {
+    if (this.flushScheduled) return;
+    this.flushScheduled = true;
+    setImmediate(() => {
+      this.flushScheduled = false;
+      this.flushDecodes();
+    });
+  }
+
+  private flushDecodes(): void {
+    const k = Math.max(1, this.clients.length);
+    const now = Date.now();
+    for (const [id, at] of this.lastDecode) if (now - at > DECODING_WINDOW_MS) this.lastDecode.delete(id);
+    const size = Math.max(1, Math.ceil(this.lastDecode.size / k));
+    while (this.decodeQueue.length > 0 && this.groupsInFlight < k) {
+      this.groupsInFlight++;
+      void this.sendDecodes(this.decodeQueue.splice(0, size)).finally(() => {
+        this.groupsInFlight--;
+        this.scheduleFlush();
+      });
+    }
+  }
+
+  private async sendDecodes(group: QueuedDecode[]): Promise<void> {
+    const target = { fingerprint: this.opts.fingerprint, first: 0 };
+    try {
+      const outcomes = await this.clients[0].stepBatch(group.map((q) => stepToWire(q.wireId, target, q.input)), this.opts.stepTimeoutMs ?? 60_000);
+      outcomes.forEach((o, j) => {
+        try {
+          if (!o.reply) throw new StrataError(o.error?.code || 'stage_error', o.error?.message || 'the stage answered neither a reply nor an error', (o.error?.kind || 'internal') as ErrorKind);
+          group[j].resolve(this.received(o.reply));
+        } catch (e) {
+          group[j].reject(e);
+        }
+      });
+    } catch (e) {
+      for (const q of group) q.reject(e);
+    }
   }
 
   /** Rebuilds a session's KV caches under a fresh wire id: one prefill of every token so far. */
@@ -256,6 +338,7 @@ export class RemotePipeline implements Stepper {
   async end(sessionId: string): Promise<void> {
     const log = this.sessions.get(sessionId);
     this.sessions.delete(sessionId);
+    this.lastDecode.delete(log?.wireId ?? sessionId);
     await this.clients[0]?.endSession(log?.wireId ?? sessionId).catch(() => {});
   }
 

@@ -1,5 +1,6 @@
 import * as grpc from '@grpc/grpc-js';
 import { service as healthService } from 'grpc-health-check';
+import { StrataError, type ErrorKind } from '../model/errors.ts';
 import { channelOptions, fromServiceError, StageClientCtor, type WireIdentity, type WireTensor } from './wire.ts';
 
 export interface WireStepRequest {
@@ -24,6 +25,30 @@ export interface WireStepReply {
   tokens: number[];
   hidden_mean?: WireTensor | null;
   timings: WireTiming[];
+}
+
+export interface WireStepError {
+  code: string;
+  message: string;
+  kind: string;
+}
+
+/** One item of a StepBatch reply: `reply` when the step succeeded, else `error`. */
+export interface WireStepOutcome {
+  reply?: WireStepReply | null;
+  error?: WireStepError | null;
+}
+
+export interface WireStepBatchReply {
+  call_id: number;
+  outcomes: WireStepOutcome[];
+  error?: WireStepError | null;
+}
+
+interface StepStreamState {
+  call: grpc.ClientDuplexStream<unknown, WireStepBatchReply>;
+  /** Calls sent on this stream and not answered yet, by call_id. */
+  waiting: Map<number, { resolve: (r: WireStepBatchReply) => void; reject: (e: unknown) => void }>;
 }
 
 export interface WireTiming {
@@ -53,6 +78,8 @@ const HealthClient = grpc.makeGenericClientConstructor(healthService as grpc.Ser
 export class StageClient {
   private readonly client: grpc.Client & Record<string, Function>;
   private readonly health: grpc.Client & Record<string, Function>;
+  private stream: StepStreamState | null = null;
+  private nextCallId = 1;
 
   constructor(
     readonly address: string,
@@ -88,6 +115,56 @@ export class StageClient {
     return this.unary('Step', req, timeoutMs);
   }
 
+  /**
+   * Several sessions' steps in one message on this client's StepStream (opened on first use, reopened after a
+   * failure); one outcome per step, in order. A broken stream or a missed deadline fails the call as unavailable.
+   */
+  stepBatch(steps: WireStepRequest[], timeoutMs: number): Promise<WireStepOutcome[]> {
+    const stream = this.stream ?? this.openStream();
+    const callId = this.nextCallId++;
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        stream.waiting.delete(callId);
+        reject(new StrataError('stage_unavailable', `stage ${this.address}: no answer to a step batch within ${timeoutMs} ms`, 'unavailable'));
+      }, timeoutMs);
+      stream.waiting.set(callId, {
+        resolve: (reply) => {
+          clearTimeout(timer);
+          if (reply.error?.code) return reject(new StrataError(reply.error.code, reply.error.message, reply.error.kind as ErrorKind));
+          if (reply.outcomes?.length !== steps.length) {
+            return reject(new StrataError('stage_error', `stage ${this.address} answered ${reply.outcomes?.length ?? 0} outcomes for ${steps.length} steps`, 'internal'));
+          }
+          resolve(reply.outcomes);
+        },
+        reject: (e) => {
+          clearTimeout(timer);
+          reject(e);
+        },
+      });
+      stream.call.write({ call_id: callId, steps });
+    });
+  }
+
+  private openStream(): StepStreamState {
+    const call = this.client.StepStream() as grpc.ClientDuplexStream<unknown, WireStepBatchReply>;
+    const state: StepStreamState = { call, waiting: new Map() };
+    call.on('data', (reply: WireStepBatchReply) => {
+      const w = state.waiting.get(Number(reply.call_id));
+      state.waiting.delete(Number(reply.call_id));
+      w?.resolve(reply);
+    });
+    const fail = (e?: grpc.ServiceError) => {
+      if (this.stream === state) this.stream = null;
+      const err = e?.code !== undefined ? fromServiceError(e, this.address) : new StrataError('stage_unavailable', `stage ${this.address}: the step stream closed`, 'unavailable');
+      for (const w of state.waiting.values()) w.reject(err);
+      state.waiting.clear();
+    };
+    call.on('error', fail);
+    call.on('end', () => fail());
+    this.stream = state;
+    return state;
+  }
+
   /** Sends a tensor that the worker validates and drops: the transport cost of one hop. */
   ping(payload: WireTensor, timeoutMs = 60_000): Promise<{ bytes: number }> {
     return this.unary('Ping', { payload }, timeoutMs);
@@ -108,6 +185,7 @@ export class StageClient {
   }
 
   close(): void {
+    this.stream?.call.cancel();
     this.client.close();
   }
 }

@@ -120,6 +120,8 @@ describe('8 concurrent sessions through one 3-stage gRPC pipeline', () => {
     const together = await Promise.all(prompts.map((pr) => generate(p, pr, { maxNewTokens: 12, eosTokenId: null })));
     together.forEach((r, i) => assert.deepEqual(r.outputIds, solo[i], `session ${i}`));
     assert.ok(Math.max(...batches) > 1, `decode steps were batched (largest batch ${Math.max(...batches)})`);
+    // The coordinator splits the 8 sessions into one group per stage, so the 3 stages work on different groups.
+    assert.ok(Math.max(...batches) <= Math.ceil(8 / 3), `groups of at most ceil(8 / 3) sessions (largest batch ${Math.max(...batches)})`);
     p.close();
     await local.close();
   });

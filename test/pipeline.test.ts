@@ -83,6 +83,23 @@ describe('stage handshake and refusals', () => {
     assert.equal(await cb.checkHealth(), 'SERVING');
     cb.close();
   });
+
+  test('a StepBatch answers every item on its own, and runs its decode steps as one batch', async () => {
+    const cb = new StageClient(b.address);
+    const fp = Checkpoint.open(fixtureDir('gptneo-rotary-tiny')).fingerprint();
+    await cb.configure({ first: 0, last: 3, dtype: 'float32', next_address: '', fingerprint: fp });
+    const prefill = (sid: string) => stepToWire(sid, { fingerprint: fp, first: 0 }, { inputIds: i64([[1, 2]]), positionIds: i64([[0, 1]]), attentionMask: i64([[1, 1]]) });
+    const decode = (sid: string) => stepToWire(sid, { fingerprint: fp, first: 0 }, { inputIds: i64([[3]]), positionIds: i64([[2]]), attentionMask: i64([[1, 1, 1]]) });
+    const lying = { ...prefill('x1'), input_ids: { dtype: 'int64', dims: [1, 3], data: new Uint8Array(16) } };
+    const first = await cb.stepBatch([prefill('b1'), lying, { ...prefill('x2'), first: 1 }, decode('never-prefilled'), prefill('b2')], 5_000);
+    assert.deepEqual(first.map((o) => o.error?.code ?? 'ok'), ['ok', 'tensor_size_mismatch', 'stage_mismatch', 'session_unknown', 'ok']);
+    assert.equal(first[0].reply?.logits?.dims.join(), '1,2,256');
+    const second = await cb.stepBatch([decode('b1'), decode('b2')], 5_000);
+    assert.deepEqual(second.map((o) => o.reply?.timings[0].batch), [2, 2], 'both decode steps shared one ORT run');
+    await assert.rejects(cb.stepBatch([], 5_000), code('step_batch_invalid'));
+    assert.equal(await cb.checkHealth(), 'SERVING');
+    cb.close();
+  });
 });
 
 describe('worker start-up', () => {

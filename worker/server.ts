@@ -5,10 +5,13 @@ import { Checkpoint } from '../model/safetensors.ts';
 import { isStrataError, StrataError } from '../model/errors.ts';
 import { checkRange, rangeLabel, type BlockRange } from '../model/range.ts';
 import type { WeightDType } from '../model/stage-graph.ts';
-import { StageClient, type WireStepReply, type WireStepRequest } from '../proto/client.ts';
+import { StageClient, type WireStepBatchReply, type WireStepError, type WireStepOutcome, type WireStepReply, type WireStepRequest, type WireTiming } from '../proto/client.ts';
 import { resultToWire, stepFromWire, stepToWire } from '../proto/step-codec.ts';
 import { channelOptions, fromWire, MALFORMED, PROTOCOL_VERSION, sameModel, StageService, toServiceError, type WireIdentity } from '../proto/wire.ts';
 import { StageHost } from './stage-host.ts';
+import type { StepDone } from './thread-protocol.ts';
+import type { PipelineStep } from '../model/generation.ts';
+import type { TensorData } from '../model/tensor.ts';
 
 export interface WorkerOptions {
   listen: string;
@@ -27,6 +30,14 @@ export interface WorkerOptions {
   credentials?: { server: grpc.ServerCredentials; client: grpc.ChannelCredentials };
   log?: (obj: object, msg: string) => void;
 }
+
+/** Items one StepBatch may carry (a coordinator sends at most its live sessions). */
+const MAX_BATCH_ITEMS = 1024;
+
+const wireError = (e: unknown): WireStepError => {
+  const err = isStrataError(e) ? e : new StrataError('stage_internal', (e as Error)?.message ?? String(e), 'internal');
+  return { code: err.code, message: err.message, kind: err.kind };
+};
 
 interface Assignment {
   range: BlockRange;
@@ -47,6 +58,8 @@ export class StageWorker {
   private assignment: Assignment | null = null;
   private configuring: Promise<unknown> = Promise.resolve();
   private sweepTimer: NodeJS.Timeout | null = null;
+  /** Open StepStreams from predecessors: ended on close, or the server would wait for their peers to hang up. */
+  private readonly streams = new Set<grpc.ServerDuplexStream<any, WireStepBatchReply>>();
   readonly spec: ModelSpec;
   readonly fingerprint: string;
   address = '';
@@ -64,6 +77,7 @@ export class StageWorker {
       Configure: this.unary((req) => this.configure(req)),
       Handshake: this.unary((req) => this.handshake(req)),
       Step: this.unary((req) => this.step(req)),
+      StepStream: (call: grpc.ServerDuplexStream<any, any>) => this.serveStepStream(call),
       EndSession: this.unary((req) => this.endSession(req)),
       Ping: this.unary(async (req) => ({ bytes: fromWire(req.payload, 'payload')?.data.byteLength ?? 0 })),
     });
@@ -190,19 +204,92 @@ export class StageWorker {
     return { identity: mine };
   }
 
-  private async step(req: WireStepRequest): Promise<WireStepReply> {
-    const a = this.assignment;
-    if (!a) throw new StrataError('stage_not_configured', 'this worker has no block range yet', 'failed_precondition');
+  private configured(): Assignment {
+    if (!this.assignment) throw new StrataError('stage_not_configured', 'this worker has no block range yet', 'failed_precondition');
+    return this.assignment;
+  }
+
+  /** A step must be addressed to this stage: same checkpoint, same first block. */
+  private checkAddressed(req: WireStepRequest, a: Assignment): void {
     if ((req.fingerprint && req.fingerprint !== this.fingerprint) || req.first !== a.range.first) {
       throw new StrataError('stage_mismatch', `step addressed to blocks from ${req.first} of checkpoint ${req.fingerprint || '?'}, but this stage is ${rangeLabel(a.range)} of ${this.fingerprint}`, 'failed_precondition');
     }
+  }
+
+  private timing(a: Assignment, done: StepDone): WireTiming {
+    return { first: a.range.first, last: a.range.last, run_ms: done.runMs, start_unix_ms: done.startUnixMs, batch: done.batch, pid: process.pid };
+  }
+
+  private async step(req: WireStepRequest): Promise<WireStepReply> {
+    const a = this.configured();
+    this.checkAddressed(req, a);
     const { input, hidden } = stepFromWire(req);
     const done = await this.host.step(req.session_id, { ...input, hidden });
-    const timing = { first: a.range.first, last: a.range.last, run_ms: done.runMs, start_unix_ms: done.startUnixMs, batch: done.batch, pid: process.pid };
+    const timing = this.timing(a, done);
     if (!a.next) return resultToWire(done.result, [timing]);
     const reply = await a.next.step(stepToWire(req.session_id, { fingerprint: this.fingerprint, first: a.range.last }, input, done.hidden), this.opts.stepTimeoutMs ?? 120_000);
     reply.timings = [timing, ...(reply.timings ?? [])];
     return reply;
+  }
+
+  /** A predecessor's (or the coordinator's) StepStream: each message is one step batch, answered under its call_id. */
+  private serveStepStream(call: grpc.ServerDuplexStream<any, WireStepBatchReply>): void {
+    this.streams.add(call);
+    call.on('close', () => this.streams.delete(call));
+    call.on('data', (req) => {
+      const callId = Number(req?.call_id ?? 0);
+      const answer = (reply: Omit<WireStepBatchReply, 'call_id'>) => {
+        if (!call.destroyed && call.writable) call.write({ call_id: callId, ...reply });
+      };
+      if (req?.[MALFORMED]) return answer({ outcomes: [], error: wireError(new StrataError('request_malformed', `the request is not a valid protobuf message: ${req[MALFORMED]}`)) });
+      this.stepBatch(req).then(answer, (e) => answer({ outcomes: [], error: wireError(e) }));
+    });
+    call.on('end', () => call.end());
+    call.on('error', () => {}); // the peer went away: its calls are its business
+  }
+
+  /**
+   * A coordinator's micro-batch: the items run together on the stage thread, the successful ones go on to the next
+   * stage as one message, and every item comes back with its own reply or error (one bad item fails only itself).
+   */
+  private async stepBatch(req: { steps?: WireStepRequest[] }): Promise<{ outcomes: WireStepOutcome[] }> {
+    const a = this.configured();
+    const items = req.steps ?? [];
+    if (items.length === 0 || items.length > MAX_BATCH_ITEMS) {
+      throw new StrataError('step_batch_invalid', `a StepBatch carries 1 to ${MAX_BATCH_ITEMS} steps, got ${items.length}`);
+    }
+    const outcomes: WireStepOutcome[] = new Array(items.length);
+    const decoded: { index: number; sessionId: string; input: PipelineStep }[] = [];
+    items.forEach((r, index) => {
+      try {
+        this.checkAddressed(r, a);
+        const { input, hidden } = stepFromWire(r);
+        decoded.push({ index, sessionId: r.session_id, input: { ...input, hidden } });
+      } catch (e) {
+        outcomes[index] = { error: wireError(e) };
+      }
+    });
+    const done = decoded.length ? await this.host.stepMany(decoded.map(({ sessionId, input }) => ({ sessionId, input }))) : [];
+    const onward: { item: (typeof decoded)[number]; hidden: TensorData | undefined; timing: WireTiming }[] = [];
+    done.forEach((o, j) => {
+      const item = decoded[j];
+      if (!o.ok) outcomes[item.index] = { error: o.error };
+      else if (!a.next) outcomes[item.index] = { reply: resultToWire(o.done.result, [this.timing(a, o.done)]) };
+      else onward.push({ item, hidden: o.done.hidden, timing: this.timing(a, o.done) });
+    });
+    if (onward.length) {
+      const target = { fingerprint: this.fingerprint, first: a.range.last };
+      try {
+        const next = await a.next!.stepBatch(onward.map(({ item, hidden }) => stepToWire(item.sessionId, target, item.input, hidden)), this.opts.stepTimeoutMs ?? 120_000);
+        next.forEach((o, j) => {
+          const { item, timing } = onward[j];
+          outcomes[item.index] = o.reply ? { reply: { ...o.reply, timings: [timing, ...(o.reply.timings ?? [])] } } : { error: o.error };
+        });
+      } catch (e) {
+        for (const { item } of onward) outcomes[item.index] = { error: wireError(e) };
+      }
+    }
+    return { outcomes };
   }
 
   private async endSession(req: { session_id: string }) {
@@ -214,6 +301,7 @@ export class StageWorker {
   async close(): Promise<void> {
     if (this.sweepTimer) clearInterval(this.sweepTimer);
     this.health.setStatus('', 'NOT_SERVING');
+    for (const call of this.streams) call.end();
     await new Promise<void>((resolve) => this.server.tryShutdown(() => resolve()));
     this.assignment?.next?.close();
     await this.host.close();

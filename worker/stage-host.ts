@@ -1,7 +1,7 @@
 import { Worker } from 'node:worker_threads';
 import { StrataError, type ErrorKind } from '../model/errors.ts';
 import type { PipelineStep } from '../model/generation.ts';
-import type { LoadedInfo, LoadRequest, StepDone, ThreadReply, ThreadRequest } from './thread-protocol.ts';
+import type { LoadedInfo, LoadRequest, StepDone, StepOutcome, ThreadReply, ThreadRequest } from './thread-protocol.ts';
 
 /** Main-thread handle on the stage thread: promise-returning calls, one message each way. */
 export class StageHost {
@@ -43,6 +43,11 @@ export class StageHost {
   step(sessionId: string, input: PipelineStep): Promise<StepDone> {
     // Stamped here: the stage thread may be inside a (blocking) ORT run when the message lands.
     return this.call({ type: 'step', sessionId, input, sentAt: performance.timeOrigin + performance.now() });
+  }
+
+  /** Several sessions' steps as one batch; each item's own result or error, in order. */
+  stepMany(steps: { sessionId: string; input: PipelineStep }[]): Promise<StepOutcome[]> {
+    return this.call({ type: 'steps', steps, sentAt: performance.timeOrigin + performance.now() });
   }
 
   end(sessionId: string): Promise<void> {

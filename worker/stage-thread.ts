@@ -7,7 +7,7 @@ import { finishStep, type PipelineStep } from '../model/generation.ts';
 import { StrataError } from '../model/errors.ts';
 import type { TensorData } from '../model/tensor.ts';
 import { KvStore } from './kv-store.ts';
-import type { LoadedInfo, StepDone, ThreadReply, ThreadRequest } from './thread-protocol.ts';
+import type { LoadedInfo, StepDone, StepOutcome, ThreadError, ThreadReply, ThreadRequest } from './thread-protocol.ts';
 
 // This thread owns the ORT session (whose run() blocks) and every session's KV cache; the main thread stays free
 // for gRPC streams, keepalives and health checks.
@@ -15,9 +15,18 @@ let stage: Stage | null = null;
 let kv: KvStore | null = null;
 let maxBatch = 1;
 
+/** A 'steps' message: its items run as one batch (the coordinator formed it) and are answered together. */
+interface Group {
+  id: number;
+  outcomes: StepOutcome[];
+  left: number;
+}
+
 interface Pending {
   id: number;
   req: ThreadRequest;
+  group?: Group;
+  index?: number;
 }
 const pending: Pending[] = [];
 let busy = false;
@@ -30,10 +39,22 @@ const reply = (msg: ThreadReply, transfer: ArrayBuffer[] = []) => {
     port.postMessage(msg); // buffers ORT owns cannot always be transferred: copy them
   }
 };
-const replyError = (id: number, e: unknown) => {
+const errorOf = (e: unknown): ThreadError => {
   const err = e instanceof StrataError ? e : new StrataError('stage_internal', (e as Error).message, 'internal');
-  reply({ id, ok: false, error: { code: err.code, message: err.message, kind: err.kind } });
+  return { code: err.code, message: err.message, kind: err.kind };
 };
+
+/** Answers one request, or records one item of a group and answers the group when its last item is done. */
+function settle(p: Pending, outcome: { ok: true; value: unknown } | { ok: false; error: unknown }): void {
+  const g = p.group;
+  if (!g) {
+    if (outcome.ok) reply({ id: p.id, ok: true, value: outcome.value }, p.req.type === 'step' ? buffersOf(outcome.value) : []);
+    else reply({ id: p.id, ok: false, error: errorOf(outcome.error) });
+    return;
+  }
+  g.outcomes[p.index!] = outcome.ok ? { ok: true, done: outcome.value as StepDone } : { ok: false, error: errorOf(outcome.error) };
+  if (--g.left === 0) reply({ id: g.id, ok: true, value: g.outcomes }, [...new Set(g.outcomes.flatMap((o) => (o.ok ? buffersOf(o.done) : [])))]);
+}
 
 function configured(): { stage: Stage; kv: KvStore } {
   if (!stage || !kv) throw new StrataError('stage_not_configured', 'this worker has no block range yet; the coordinator must Configure it first', 'failed_precondition');
@@ -63,6 +84,8 @@ async function handle(req: ThreadRequest): Promise<unknown> {
     }
     case 'step':
       return (await runSteps([{ sessionId: req.sessionId, input: req.input }]))[0];
+    case 'steps':
+      throw new StrataError('stage_internal', 'a steps message is split into its items on arrival', 'internal');
     case 'end':
       kv?.drop(req.sessionId);
       forget(req.sessionId);
@@ -118,7 +141,7 @@ const sessionOf = (p: Pending) => (p.req as { sessionId?: string }).sessionId ??
  * budget to return, so groups keep flowing through the stages in turn.
  */
 function shouldWait(head: Pending): boolean {
-  if (!batchable(head)) return false;
+  if (head.group || !batchable(head)) return false; // a coordinator's batch is complete as it came
   const here = new Set(pending.filter(batchable).map(sessionOf));
   if (here.size >= maxBatch) return false;
   const now = clock();
@@ -137,7 +160,9 @@ const forget = (sid: string) => (lastDone.delete(sid), roundTrip.delete(sid));
 /**
  * Continuous batching: while a run is in progress, requests queue; the next run takes the oldest request and, when
  * it is a decode step, every other queued decode step of a different session (up to --max-batch). Sessions join
- * and leave between runs; prefill and other steps run alone, in arrival order.
+ * and leave between runs; prefill and other steps run alone, in arrival order. The items of one StepBatch message
+ * run together and are never merged with other messages' steps: the coordinator splits its sessions into groups so
+ * that the stages of a pipeline work on different groups at once, and merging here would undo that.
  */
 async function pump(): Promise<void> {
   if (busy || pending.length === 0) return;
@@ -158,7 +183,7 @@ async function pump(): Promise<void> {
     const sessions = new Set([sessionOf(head)]);
     for (let i = 0; i < pending.length && group.length < maxBatch; ) {
       const p = pending[i];
-      if (batchable(p) && !sessions.has(sessionOf(p))) {
+      if (p.group === head.group && batchable(p) && !sessions.has(sessionOf(p))) {
         sessions.add(sessionOf(p));
         group.push(...pending.splice(i, 1));
       } else i++;
@@ -167,14 +192,13 @@ async function pump(): Promise<void> {
   const t0 = performance.now();
   try {
     if (group.length === 1) {
-      const value = await handle(head.req);
-      reply({ id: head.id, ok: true, value }, head.req.type === 'step' ? buffersOf(value) : []);
+      settle(head, { ok: true, value: await handle(head.req) });
     } else {
       const done = await runSteps(group.map((p) => p.req as { sessionId: string; input: PipelineStep }));
-      group.forEach((p, i) => reply({ id: p.id, ok: true, value: done[i] }, buffersOf(done[i])));
+      group.forEach((p, i) => settle(p, { ok: true, value: done[i] }));
     }
   } catch (e) {
-    group.forEach((p) => replyError(p.id, e));
+    group.forEach((p) => settle(p, { ok: false, error: e }));
   } finally {
     if (head.req.type === 'step' && head.req.input.positionIds.dims[1] === 1) lastRunMs = performance.now() - t0;
     const end = clock();
@@ -185,11 +209,23 @@ async function pump(): Promise<void> {
   }
 }
 
-port.on('message', (msg: Pending) => {
-  if (msg.req.type === 'step') {
-    const done = lastDone.get(msg.req.sessionId);
-    if (done !== undefined) roundTrip.set(msg.req.sessionId, (msg.req.sentAt ?? clock()) - done);
+const noteArrival = (sessionId: string, sentAt: number | undefined) => {
+  const done = lastDone.get(sessionId);
+  if (done !== undefined) roundTrip.set(sessionId, (sentAt ?? clock()) - done);
+};
+
+port.on('message', (msg: { id: number; req: ThreadRequest }) => {
+  const { req } = msg;
+  if (req.type === 'steps') {
+    const group: Group = { id: msg.id, outcomes: new Array(req.steps.length), left: req.steps.length };
+    if (group.left === 0) return reply({ id: msg.id, ok: true, value: [] });
+    req.steps.forEach((s, index) => {
+      noteArrival(s.sessionId, req.sentAt);
+      pending.push({ id: msg.id, req: { type: 'step', sessionId: s.sessionId, input: s.input }, group, index });
+    });
+  } else {
+    if (req.type === 'step') noteArrival(req.sessionId, req.sentAt);
+    pending.push(msg);
   }
-  pending.push(msg);
   void pump();
 });

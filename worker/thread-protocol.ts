@@ -26,6 +26,7 @@ export interface LoadedInfo {
 export type ThreadRequest =
   | LoadRequest
   | { type: 'step'; sessionId: string; input: PipelineStep; /** When the main thread received it (epoch ms). */ sentAt?: number }
+  | { type: 'steps'; steps: { sessionId: string; input: PipelineStep }[]; sentAt?: number }
   | { type: 'end'; sessionId: string }
   | { type: 'stats' };
 
@@ -39,4 +40,13 @@ export interface StepDone {
   batch: number;
 }
 
-export type ThreadReply = { id: number; ok: true; value: unknown } | { id: number; ok: false; error: { code: string; message: string; kind: string } } | { id: -1; progress: string };
+export type ThreadReply = { id: number; ok: true; value: unknown } | { id: number; ok: false; error: ThreadError } | { id: -1; progress: string };
+
+export interface ThreadError {
+  code: string;
+  message: string;
+  kind: string;
+}
+
+/** One item of a 'steps' request: its own result or its own error. */
+export type StepOutcome = { ok: true; done: StepDone } | { ok: false; error: ThreadError };

@@ -1,9 +1,9 @@
 import { cpus, loadavg } from 'node:os';
-import { evenSplit, rangeLabel } from '../../model/range.ts';
+import { rangeLabel } from '../../model/range.ts';
 import { resolveShape, type ShapeFlags } from './model.ts';
 import type { Progress } from './progress.ts';
 import { fmt, fmtBytes, table } from './report.ts';
-import { cores, defaultThreads, measureInProcess, measureWorkers, prebuildStages, prepareModel, type BenchModel, type ClusterLauncher, type RunResult } from './runner.ts';
+import { cores, defaultThreads, plannedRanges, measureInProcess, measureWorkers, prebuildStages, prepareModel, type BenchModel, type ClusterLauncher, type RunResult } from './runner.ts';
 import { ratio } from './stats.ts';
 import type { TimelineSection } from './timeline.ts';
 
@@ -48,7 +48,7 @@ export async function runPipelineBench(o: PipelineBenchOptions, launch: ClusterL
   const startedAt = new Date().toISOString();
   const shape = resolveShape(o);
   const model = prepareModel(shape, progress, o.cacheDir);
-  const ranges = evenSplit(model.spec.blocks, o.workers);
+  const ranges = plannedRanges(model.spec, o.workers);
   const threads = o.threadsPerWorker ?? defaultThreads(o.workers);
   // The baselines use the same rule: the flag when given, else the cores divided among their one worker.
   const baseThreads = o.threadsPerWorker ?? defaultThreads(1);

@@ -2,7 +2,8 @@ import { availableParallelism } from 'node:os';
 import { loadModelSpec, type ModelSpec } from '../../model/config.ts';
 import { LocalPipeline } from '../../model/local-pipeline.ts';
 import type { Stepper } from '../../model/generation.ts';
-import { evenSplit, rangeLabel, type BlockRange } from '../../model/range.ts';
+import { rangeLabel, type BlockRange } from '../../model/range.ts';
+import { planPartition } from '../planner.ts';
 import { Checkpoint } from '../../model/safetensors.ts';
 import { prepareStage } from '../../model/stage-cache.ts';
 import type { SyntheticShape } from '../../model/synthetic.ts';
@@ -260,9 +261,14 @@ export interface WorkerSession {
   stages: { blocks: [number, number]; address: string; pid?: number }[];
 }
 
+/** The block ranges the partition planner gives K equal workers: what a coordinator runs unless told otherwise. */
+export function plannedRanges(spec: ModelSpec, k: number): BlockRange[] {
+  return planPartition(spec, Array.from({ length: k }, (_, i) => ({ id: `w${i}`, memoryBytes: Infinity }))).stages.map((st) => st.range);
+}
+
 /** Starts K workers with the given threads and batch limit and connects a RemotePipeline to them. */
 export async function openWorkers(launch: ClusterLauncher, model: BenchModel, s: WorkerSetup, progress: Progress): Promise<WorkerSession & { close(): Promise<void> }> {
-  const ranges = s.ranges ?? evenSplit(model.spec.blocks, s.k);
+  const ranges = s.ranges ?? plannedRanges(model.spec, s.k);
   const t0 = Date.now();
   progress.phase(`starting ${s.k} worker(s): --threads ${s.threads} --max-batch ${s.maxBatch}, blocks ${ranges.map(rangeLabel).join(' ')}`);
   const cluster = await launch(model.dir, s.k, ['--threads', String(s.threads), '--max-batch', String(s.maxBatch)]);

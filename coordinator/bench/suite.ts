@@ -1,11 +1,10 @@
-import { evenSplit } from '../../model/range.ts';
 import { BandwidthProbe, type BandwidthResult } from './bandwidth.ts';
 import { resolveShape, type ShapeFlags } from './model.ts';
 import { machineInfo, renderRunTable } from './pipeline.ts';
 import type { Progress } from './progress.ts';
 import { fmt, fmtBytes, table } from './report.ts';
 import { LocalPipeline } from '../../model/local-pipeline.ts';
-import { cores, defaultThreads, measure, mergeRounds, openWorkers, prebuildStages, prepareModel, type BenchModel, type ClusterLauncher, type Measured, type RunResult, type WorkerSession, type WorkloadParams } from './runner.ts';
+import { cores, defaultThreads, measure, mergeRounds, openWorkers, plannedRanges, prebuildStages, prepareModel, type BenchModel, type ClusterLauncher, type Measured, type RunResult, type WorkerSession, type WorkloadParams } from './runner.ts';
 import { median, ratio } from './stats.ts';
 import type { TimelineSection } from './timeline.ts';
 import { probeGrpcHop, probeTcpHop, type HopProbe } from './transport.ts';
@@ -69,7 +68,7 @@ export async function runSuite(o: SuiteOptions, launch: ClusterLauncher, progres
   const nCores = cores();
   const all = nCores; // one request: one stage active at a time, so each stage may use every core
   const ks = [1, 2, 4].filter((k) => k <= model.spec.blocks);
-  prebuildStages(model, ks.flatMap((k) => evenSplit(model.spec.blocks, k)), progress, o.cacheDir);
+  prebuildStages(model, ks.flatMap((k) => plannedRanges(model.spec, k)), progress, o.cacheDir);
   const N = o.concurrency;
   const single: WorkloadParams = { concurrency: 1, promptTokens: o.promptTokens, newTokens: o.newTokens, seed: o.seed, repeats: 2 };
   const agg: WorkloadParams = { concurrency: N, promptTokens: o.promptTokens, newTokens: o.newTokens, seed: o.seed };
