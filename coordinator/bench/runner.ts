@@ -102,6 +102,9 @@ export interface StageStats {
   /** ORT runs by batch size: {"1": 12, "7": 30, ...}. */
   batchHistogram: Record<string, number>;
   runMs: Summary;
+  /** Median run time at the most frequent batch size (the steady decode group), and that size. */
+  groupRunMs: number;
+  groupSize: number;
 }
 
 export interface HopStats {
@@ -167,9 +170,11 @@ export function stageStats(collector: TimingCollector, stages: { blocks: [number
     const batchHistogram: Record<string, number> = {};
     for (const t of runs) batchHistogram[t.batch] = (batchHistogram[t.batch] ?? 0) + 1;
     const busyMs = unionWithin(runs.map((t) => [t.start_unix_ms, t.start_unix_ms + t.run_ms]), fromMs, toMs);
+    const groupSize = Number(Object.entries(batchHistogram).sort((a, b) => b[1] - a[1] || Number(b[0]) - Number(a[0]))[0]?.[0] ?? 0);
     return {
       index: i, blocks: s.blocks, pid: s.pid, address: s.address, runs: runs.length, busyMs, busyPct: wall > 0 ? (100 * busyMs) / wall : 0,
       meanBatch: runs.length ? mean(runs.map((t) => t.batch)) : 0, maxBatch: Math.max(0, ...runs.map((t) => t.batch)), batchHistogram, runMs: summarize(runs.map((t) => t.run_ms)),
+      groupSize, groupRunMs: median(runs.filter((t) => t.batch === groupSize).map((t) => t.run_ms)),
     };
   });
 }

@@ -1,4 +1,5 @@
 import { BandwidthProbe, type BandwidthResult } from './bandwidth.ts';
+import { OrtStreamProbe, type OrtStreamResult } from './ort-stream.ts';
 import { resolveShape, type ShapeFlags } from './model.ts';
 import { machineInfo, renderRunTable } from './pipeline.ts';
 import type { Progress } from './progress.ts';
@@ -47,6 +48,8 @@ export interface SuiteReport {
   runs: Record<string, RunResult>;
   probes: { grpc: HopProbe; tcpProcess: HopProbe; tcpSameProcess: HopProbe; grpcDecodeStep: HopProbe; tcpDecodeStep: HopProbe };
   bandwidth: BandwidthResult[];
+  /** ONNX Runtime's own batch-1 weight-streaming rate (MatMul chain), per thread count. */
+  ortStream: OrtStreamResult[];
   notes: string[];
 }
 
@@ -96,6 +99,8 @@ export async function runSuite(o: SuiteOptions, launch: ClusterLauncher, progres
   const clusters = new Map<string, WorkerSession & { close(): Promise<void> }>();
   const inprocess = new Map<number, LocalPipeline>();
   const bwProbes = new Map<number, BandwidthProbe>();
+  const ortProbes = new Map<number, OrtStreamProbe>();
+  const ortRounds = new Map<number, OrtStreamResult[]>();
   const smallGrpc: number[] = [];
   const smallTcp: number[] = [];
   const measured = new Map<string, Measured[]>();
@@ -114,6 +119,7 @@ export async function runSuite(o: SuiteOptions, launch: ClusterLauncher, progres
     progress.phase(`[setup ${groups.length + 1}/${groups.length + 1}] in-process pipeline (no gRPC), 1 stage × ${inprocThreads.join(' and ')} thread(s)`);
     for (const t of inprocThreads) inprocess.set(t, await LocalPipeline.load(model.dir, [{ first: 0, last: model.spec.blocks }], { threads: t }));
     for (const t of inprocThreads) bwProbes.set(t, await BandwidthProbe.open({ threads: t }));
+    for (const t of inprocThreads) ortProbes.set(t, await OrtStreamProbe.open(t, o.cacheDir));
 
     type Job = { id: string; run: () => Promise<void> };
     const record = (id: string, m: Measured) => measured.set(id, [...(measured.get(id) ?? []), m]);
@@ -141,6 +147,9 @@ export async function runSuite(o: SuiteOptions, launch: ClusterLauncher, progres
           const b = await bwProbes.get(t)!.measure(3);
           bwRounds.set(t, [...(bwRounds.get(t) ?? []), b]);
           progress.phase(`  read bandwidth, ${t} thread(s): ${fmt(b.readBytesPerSec / 1e9, 1)} GB/s`);
+          const s = await ortProbes.get(t)!.measure(3);
+          ortRounds.set(t, [...(ortRounds.get(t) ?? []), s]);
+          progress.phase(`  ONNX Runtime weight streaming, ${t} thread(s): ${fmt(s.bytesPerSec / 1e9, 1)} GB/s`);
         },
       });
     }
@@ -166,6 +175,7 @@ export async function runSuite(o: SuiteOptions, launch: ClusterLauncher, progres
     for (const ws of clusters.values()) await ws.close().catch(() => {});
     for (const p of inprocess.values()) await p.close().catch(() => {});
     for (const b of bwProbes.values()) await b.close().catch(() => {});
+    for (const p of ortProbes.values()) await p.close().catch(() => {});
   }
 
   const runs: Record<string, RunResult> = {};
@@ -183,6 +193,10 @@ export async function runSuite(o: SuiteOptions, launch: ClusterLauncher, progres
     readTrialsMs: list.flatMap((b) => b.readTrialsMs), copyTrialsMs: list.flatMap((b) => b.copyTrialsMs),
   });
   const bandwidth = inprocThreads.map((t) => best(bwRounds.get(t)!));
+  const ortStream = inprocThreads.map((t): OrtStreamResult => {
+    const list = ortRounds.get(t)!;
+    return { threads: t, bytes: list[0].bytes, bytesPerSec: Math.max(...list.map((r) => r.bytesPerSec)), trialsMs: list.flatMap((r) => r.trialsMs) };
+  });
   const probe = (trialsMs: number[]): HopProbe => ({ bytes: hopBytes, trialsMs, medianMs: median(trialsMs) });
   const grpc = probe(grpcTrials);
   const tcpProcess = probe(tcpTrials);
@@ -218,6 +232,16 @@ export async function runSuite(o: SuiteOptions, launch: ClusterLauncher, progres
   if (runs['agg-k2-t1']) {
     entry({ id: '3.pipe2', figure: `K=2 × 1 thread vs 1 worker × 1 thread, ${N} concurrent decode tok/s`, value: runs['agg-k2-t1'].decodeTokensPerSec, unit: 'tok/s', baseline: runs['agg-k1-t1'].decodeTokensPerSec, baselineLabel: '1 worker, 1 thread', target: { op: '>=', ratio: 1.6 }, settings: '--max-batch 8 on every worker' });
   }
+  if (runs['agg-k2-t1']?.stages.length === 2 && runs['agg-k1-t1']?.stages.length === 1) {
+    // What the stage run times measured in those two runs allow: K groups take turns, so the pipeline finishes N
+    // tokens per K runs of its slowest stage; one worker finishes them in one run of its (larger) group.
+    const pipe = runs['agg-k2-t1'].stages;
+    const slowest = Math.max(...pipe.map((st) => st.groupRunMs));
+    const one = runs['agg-k1-t1'].stages[0];
+    const bound = (N / (2 * slowest)) * 1000;
+    const oneBound = (one.groupSize / one.groupRunMs) * 1000;
+    entry({ id: '3.pipe2.bound', figure: '  bound from the measured stage runs: K=2 vs 1 worker', value: bound, unit: 'tok/s', baseline: oneBound, baselineLabel: `${one.groupSize} per ${fmt(one.groupRunMs)} ms run`, target: null, settings: `K=2: ${N} tokens per 2 runs of the slowest stage (runs of ${pipe.map((st) => `${st.groupSize} in ${fmt(st.groupRunMs)} ms`).join(', ')}); 1 worker: ${one.groupSize} tokens per run` });
+  }
   if (ks.includes(4)) {
     entry({ id: '4.k4', figure: `1 request tokens/s, K=4 vs K=1 (${all} threads per stage)`, value: runs[`single-k4-t${all}`].decodeTokensPerSec, unit: 'tok/s', baseline: s1.decodeTokensPerSec, baselineLabel: 'K=1', target: { op: '>=', ratio: 0.85 }, settings: `every worker --threads ${all} (the one active stage has all cores)` });
     if (all !== 1) {
@@ -233,6 +257,8 @@ export async function runSuite(o: SuiteOptions, launch: ClusterLauncher, progres
     const floorMs = (readBytes / bw.readBytesPerSec) * 1000;
     const step = inproc[bw.threads].itlMs.p50;
     entry({ id: `6.floor.t${bw.threads}`, figure: `decode step vs weight-read floor, batch 1, ${bw.threads} thread(s) (in-process)`, value: step, unit: 'ms', baseline: floorMs, baselineLabel: `${fmtBytes(readBytes)} / ${fmt(bw.readBytesPerSec / 1e9, 1)} GB/s`, target: { op: '<=', ratio: 1.25 }, settings: `ITL p50 of LocalPipeline; read bandwidth: ${bw.threads}-thread memchr scan of 512 MiB, best of ${bw.readTrialsMs.length} (copy: ${fmt(bw.copyBytesPerSec / 1e9, 1)} GB/s r+w)` });
+    const ort = ortStream.find((r) => r.threads === bw.threads)!;
+    entry({ id: `6.floor.t${bw.threads}.ort`, figure: `  same vs ONNX Runtime's own weight-streaming floor`, value: step, unit: 'ms', baseline: (readBytes / ort.bytesPerSec) * 1000, baselineLabel: `${fmtBytes(readBytes)} / ${fmt(ort.bytesPerSec / 1e9, 1)} GB/s`, target: null, settings: `a chain of batch-1 MatMuls over ${fmtBytes(ort.bytes)} of weights, ${bw.threads} thread(s), best of ${ort.trialsMs.length}: the stricter floor` });
     const viaWorker = runs[`single-k1-t${bw.threads}`];
     if (viaWorker) entry({ id: `6.floor.t${bw.threads}.worker`, figure: `  same through 1 worker over gRPC, ${bw.threads} thread(s)`, value: viaWorker.itlMs.p50, unit: 'ms', baseline: floorMs, baselineLabel: 'floor', target: null, settings: 'ITL p50, includes the coordinator round trip' });
   }
@@ -243,7 +269,7 @@ export async function runSuite(o: SuiteOptions, launch: ClusterLauncher, progres
     workload: { concurrency: N, promptTokens: o.promptTokens, newTokens: o.newTokens, repeats: o.repeats, seed: o.seed },
     entries, runs,
     probes: { grpc, tcpProcess, tcpSameProcess, grpcDecodeStep: { bytes: model.spec.dModel * 4, trialsMs: smallGrpc, medianMs: median(smallGrpc) }, tcpDecodeStep: { bytes: model.spec.dModel * 4, trialsMs: smallTcp, medianMs: median(smallTcp) } },
-    bandwidth,
+    bandwidth, ortStream,
     notes: [
       'every ratio is against a baseline measured in this same run (shared, noisy machine)',
       'tokens/s = decode tokens/s: for one request (M−1)/(t_last − t_first); for N concurrent, tokens chosen while all N were decoding / that window; each the median over interleaved rounds (one-request runs: 2 requests per round)',
@@ -276,7 +302,7 @@ export function renderSuiteReport(r: SuiteReport, outDir: string): string {
     ...Object.values(r.runs).filter((run) => run.stages.length).map((run) => `  ${run.label}: ${run.stages.map((st) => `s${st.index} ${fmt(st.busyPct, 0)}% {${Object.entries(st.batchHistogram).map(([b, n]) => `${b}:${n}`).join(' ')}}`).join(', ')}`),
     '',
     `one hop ${fmtBytes(r.probes.grpc.bytes)}: gRPC trials ${r.probes.grpc.trialsMs.map((t) => fmt(t, 1)).join(' ')} ms; TCP (process) ${r.probes.tcpProcess.trialsMs.map((t) => fmt(t, 1)).join(' ')} ms`,
-    `bandwidth: ${r.bandwidth.map((b) => `${b.threads} thread(s): read ${fmt(b.readBytesPerSec / 1e9, 1)} GB/s, copy ${fmt(b.copyBytesPerSec / 1e9, 1)} GB/s`).join('; ')}`,
+    `bandwidth: ${r.bandwidth.map((b) => `${b.threads} thread(s): read ${fmt(b.readBytesPerSec / 1e9, 1)} GB/s, copy ${fmt(b.copyBytesPerSec / 1e9, 1)} GB/s`).join('; ')}; ONNX Runtime weight streaming: ${r.ortStream.map((o) => `${o.threads} thread(s) ${fmt(o.bytesPerSec / 1e9, 1)} GB/s`).join(', ')}`,
     ...r.notes.map((n) => `note: ${n}`),
     `wrote ${outDir}/bench.json and ${outDir}/timeline.html`,
   ].join('\n');
