@@ -8,6 +8,8 @@ import type { TensorData } from '../model/tensor.ts';
 import { StageClient, type WireInfo, type WireStepReply, type WireTiming } from '../proto/client.ts';
 import { resultFromWire, stepToWire } from '../proto/step-codec.ts';
 import { planPartition } from './planner.ts';
+import { ResultsSubscription } from './results-subscription.ts';
+import { randomUUID } from 'node:crypto';
 
 // A type alias (not an interface) so it is assignable to the API's open-ended stage records.
 export type StageView = {
@@ -53,6 +55,8 @@ interface QueuedDecode {
   input: PipelineStep;
   resolve: (r: StepResult) => void;
   reject: (e: unknown) => void;
+  /** Called once the step has its result or error (set when its group is sent). */
+  settled?: () => void;
 }
 
 /** A session counts as decoding (for the group size) while its steps keep coming within this window. */
@@ -81,6 +85,9 @@ export class RemotePipeline implements Stepper {
   private readonly sessions = new Map<string, SessionLog>();
   private readonly decodeQueue: QueuedDecode[] = [];
   private groupsInFlight = 0;
+  /** Replies straight from the last stage (re-subscribed whenever the pipeline is reconfigured). */
+  private results: ResultsSubscription | null = null;
+  private readonly subscriber = `coordinator-${randomUUID()}`;
   private flushScheduled = false;
   /** When each wire session last sent a decode step: how many sessions are decoding now. */
   private readonly lastDecode = new Map<string, number>();
@@ -88,6 +95,8 @@ export class RemotePipeline implements Stepper {
   /** Bumped by every (re)configuration; a failure seen under an older generation needs no new recovery. */
   private generation = 0;
   recoveries = 0;
+  /** Decode results that came straight from the last stage (the rest came back through the chain). */
+  directReplies = 0;
 
   private constructor(
     private readonly addresses: string[],
@@ -126,6 +135,8 @@ export class RemotePipeline implements Stepper {
       this.clients.forEach((c) => c.close());
       Object.assign(this, { clients, active: addresses, infos, ranges, healthy: clients.map(() => true) });
       this.generation++;
+      this.results?.close();
+      this.results = new ResultsSubscription(clients[clients.length - 1], this.subscriber);
     } catch (e) {
       clients.forEach((c) => c.close());
       throw e;
@@ -235,21 +246,58 @@ export class RemotePipeline implements Stepper {
     }
   }
 
+  /**
+   * Sends one group; settles when every step in it has its result or error. With a ready Results subscription the
+   * results come straight from the last stage (the chain answers with acks carrying the timings); a step the last
+   * stage could not deliver that way gets its reply through the chain instead.
+   */
   private async sendDecodes(group: QueuedDecode[]): Promise<void> {
     const target = { fingerprint: this.opts.fingerprint, first: 0 };
-    try {
-      const outcomes = await this.clients[0].stepBatch(group.map((q) => stepToWire(q.wireId, target, q.input)), this.opts.stepTimeoutMs ?? 60_000);
-      outcomes.forEach((o, j) => {
+    // A broken subscription (the last stage restarted, say) is renewed; steps use it once the stage confirms it.
+    if (this.results?.closed && this.clients.length) this.results = new ResultsSubscription(this.clients[this.clients.length - 1], this.subscriber);
+    const direct = this.results?.ready ? this.results : null;
+    const settled = group.map(() => false);
+    const settle = (j: number, fn: () => void) => {
+      if (settled[j]) return;
+      settled[j] = true;
+      direct?.cancel(group[j].wireId);
+      fn();
+      group[j].settled?.();
+    };
+    const done = group.map((q, j) => {
+      const fromLast = direct?.expect(q.wireId);
+      const accept = (reply: WireStepReply) => {
         try {
-          if (!o.reply) throw new StrataError(o.error?.code || 'stage_error', o.error?.message || 'the stage answered neither a reply nor an error', (o.error?.kind || 'internal') as ErrorKind);
-          group[j].resolve(this.received(o.reply));
+          q.resolve(resultFromWire(reply));
+          this.directReplies++;
         } catch (e) {
-          group[j].reject(e);
+          q.reject(e);
         }
+      };
+      fromLast?.then((reply) => settle(j, () => accept(reply)), (e) => settle(j, () => q.reject(e)));
+      return new Promise<void>((resolve) => (q.settled = resolve));
+    });
+    try {
+      const outcomes = await this.clients[0].stepBatch(group.map((q) => ({ ...stepToWire(q.wireId, target, q.input), reply_to: direct?.subscriber ?? '' })), this.opts.stepTimeoutMs ?? 60_000);
+      outcomes.forEach((o, j) => {
+        if (!o.reply) {
+          const err = new StrataError(o.error?.code || 'stage_error', o.error?.message || 'the stage answered neither a reply nor an error', (o.error?.kind || 'internal') as ErrorKind);
+          return settle(j, () => group[j].reject(err));
+        }
+        if (o.reply.delivered) return o.reply.timings?.forEach((t, i) => this.opts.onTiming?.(i, t)); // the result came (or comes) from the last stage
+        const reply = o.reply;
+        settle(j, () => {
+          try {
+            group[j].resolve(this.received(reply));
+          } catch (e) {
+            group[j].reject(e);
+          }
+        });
       });
     } catch (e) {
-      for (const q of group) q.reject(e);
+      group.forEach((q, j) => settle(j, () => q.reject(e)));
     }
+    await Promise.all(done);
   }
 
   /** Rebuilds a session's KV caches under a fresh wire id: one prefill of every token so far. */
@@ -349,6 +397,7 @@ export class RemotePipeline implements Stepper {
 
   close(): void {
     if (this.monitor) clearInterval(this.monitor);
+    this.results?.close();
     this.clients.forEach((c) => c.close());
   }
 }

@@ -18,6 +18,7 @@ export interface WireStepRequest {
     step: number;
   } | null;
   output?: 'TOKENS_OR_LOGITS' | 'HIDDEN_MEAN';
+  reply_to?: string;
 }
 
 export interface WireStepReply {
@@ -25,6 +26,12 @@ export interface WireStepReply {
   tokens: number[];
   hidden_mean?: WireTensor | null;
   timings: WireTiming[];
+  delivered?: boolean;
+}
+
+export interface WireResultsMessage {
+  ready: boolean;
+  replies: { session_id: string; reply: WireStepReply }[];
 }
 
 export interface WireStepError {
@@ -143,6 +150,11 @@ export class StageClient {
       });
       stream.call.write({ call_id: callId, steps });
     });
+  }
+
+  /** Subscribes to the replies this (last) stage sends straight to `subscriber`. */
+  results(subscriber: string): grpc.ClientReadableStream<WireResultsMessage> {
+    return this.client.Results({ subscriber }) as grpc.ClientReadableStream<WireResultsMessage>;
   }
 
   private openStream(): StepStreamState {

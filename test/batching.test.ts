@@ -122,6 +122,7 @@ describe('8 concurrent sessions through one 3-stage gRPC pipeline', () => {
     assert.ok(Math.max(...batches) > 1, `decode steps were batched (largest batch ${Math.max(...batches)})`);
     // The coordinator splits the 8 sessions into one group per stage, so the 3 stages work on different groups.
     assert.ok(Math.max(...batches) <= Math.ceil(8 / 3), `groups of at most ceil(8 / 3) sessions (largest batch ${Math.max(...batches)})`);
+    assert.ok(p.directReplies > 0, 'decode results came straight from the last stage');
     p.close();
     await local.close();
   });

@@ -11,7 +11,7 @@ import { Checkpoint } from '../model/safetensors.ts';
 import { StrataError } from '../model/errors.ts';
 import { writeSyntheticModel } from '../model/synthetic.ts';
 import { KvStore } from '../worker/kv-store.ts';
-import { StageClient } from '../proto/client.ts';
+import { StageClient, type WireResultsMessage } from '../proto/client.ts';
 import { stepToWire } from '../proto/step-codec.ts';
 import { RemotePipeline } from '../coordinator/remote-pipeline.ts';
 import { startWorkerProcess, startLocalCluster, type LocalCluster, type LocalWorker } from '../bin/local-cluster.ts';
@@ -97,6 +97,21 @@ describe('stage handshake and refusals', () => {
     const second = await cb.stepBatch([decode('b1'), decode('b2')], 5_000);
     assert.deepEqual(second.map((o) => o.reply?.timings[0].batch), [2, 2], 'both decode steps shared one ORT run');
     await assert.rejects(cb.stepBatch([], 5_000), code('step_batch_invalid'));
+    // reply_to: the reply goes to that Results subscription and the chain gets an ack; an unknown one falls back.
+    const results = cb.results('sub-test');
+    const delivered = new Promise<WireResultsMessage>((resolve) => results.on('data', (m: WireResultsMessage) => m.replies.length && resolve(m)));
+    await new Promise((resolve) => results.once('data', resolve)); // { ready: true }
+    const [ack] = await cb.stepBatch([{ ...prefill('b3'), reply_to: 'sub-test' }], 5_000);
+    assert.equal(ack.reply?.delivered, true);
+    assert.equal(ack.reply?.logits ?? null, null, 'the ack carries no result');
+    const got = await delivered;
+    assert.equal(got.replies[0].session_id, 'b3');
+    assert.equal(got.replies[0].reply.logits?.dims.join(), '1,2,256');
+    const [fallback] = await cb.stepBatch([{ ...prefill('b4'), reply_to: 'nobody' }], 5_000);
+    assert.equal(fallback.reply?.delivered, false);
+    assert.equal(fallback.reply?.logits?.dims.join(), '1,2,256');
+    results.on('error', () => {}); // CANCELLED: ours
+    results.cancel();
     assert.equal(await cb.checkHealth(), 'SERVING');
     cb.close();
   });

@@ -5,7 +5,7 @@ import { Checkpoint } from '../model/safetensors.ts';
 import { isStrataError, StrataError } from '../model/errors.ts';
 import { checkRange, rangeLabel, type BlockRange } from '../model/range.ts';
 import type { WeightDType } from '../model/stage-graph.ts';
-import { StageClient, type WireStepBatchReply, type WireStepError, type WireStepOutcome, type WireStepReply, type WireStepRequest, type WireTiming } from '../proto/client.ts';
+import { StageClient, type WireResultsMessage, type WireStepBatchReply, type WireStepError, type WireStepOutcome, type WireStepReply, type WireStepRequest, type WireTiming } from '../proto/client.ts';
 import { resultToWire, stepFromWire, stepToWire } from '../proto/step-codec.ts';
 import { channelOptions, fromWire, MALFORMED, PROTOCOL_VERSION, sameModel, StageService, toServiceError, type WireIdentity } from '../proto/wire.ts';
 import { StageHost } from './stage-host.ts';
@@ -60,6 +60,8 @@ export class StageWorker {
   private sweepTimer: NodeJS.Timeout | null = null;
   /** Open StepStreams from predecessors: ended on close, or the server would wait for their peers to hang up. */
   private readonly streams = new Set<grpc.ServerDuplexStream<any, WireStepBatchReply>>();
+  /** Coordinators' Results subscriptions (used when this is the last stage), by subscriber id. */
+  private readonly subscribers = new Map<string, grpc.ServerWritableStream<any, WireResultsMessage>>();
   readonly spec: ModelSpec;
   readonly fingerprint: string;
   address = '';
@@ -78,6 +80,7 @@ export class StageWorker {
       Handshake: this.unary((req) => this.handshake(req)),
       Step: this.unary((req) => this.step(req)),
       StepStream: (call: grpc.ServerDuplexStream<any, any>) => this.serveStepStream(call),
+      Results: (call: grpc.ServerWritableStream<any, WireResultsMessage>) => this.serveResults(call),
       EndSession: this.unary((req) => this.endSession(req)),
       Ping: this.unary(async (req) => ({ bytes: fromWire(req.payload, 'payload')?.data.byteLength ?? 0 })),
     });
@@ -248,6 +251,22 @@ export class StageWorker {
     call.on('error', () => {}); // the peer went away: its calls are its business
   }
 
+  /** A coordinator subscribes to the replies of steps that name it in reply_to. */
+  private serveResults(call: grpc.ServerWritableStream<any, WireResultsMessage>): void {
+    const id = String(call.request?.subscriber ?? '');
+    if (!id || id.length > 128) {
+      call.destroy(toServiceError(new StrataError('subscriber_invalid', 'a Results subscriber id is a non-empty string of at most 128 characters')) as grpc.ServiceError);
+      return;
+    }
+    this.subscribers.get(id)?.end(); // a coordinator that resubscribes replaces its old stream
+    this.subscribers.set(id, call);
+    const forget = () => this.subscribers.get(id) === call && this.subscribers.delete(id);
+    call.on('cancelled', forget);
+    call.on('close', forget);
+    call.on('error', forget);
+    call.write({ ready: true, replies: [] });
+  }
+
   /**
    * A coordinator's micro-batch: the items run together on the stage thread, the successful ones go on to the next
    * stage as one message, and every item comes back with its own reply or error (one bad item fails only itself).
@@ -259,28 +278,40 @@ export class StageWorker {
       throw new StrataError('step_batch_invalid', `a StepBatch carries 1 to ${MAX_BATCH_ITEMS} steps, got ${items.length}`);
     }
     const outcomes: WireStepOutcome[] = new Array(items.length);
-    const decoded: { index: number; sessionId: string; input: PipelineStep }[] = [];
+    const decoded: { index: number; sessionId: string; input: PipelineStep; replyTo: string }[] = [];
     items.forEach((r, index) => {
       try {
         this.checkAddressed(r, a);
         const { input, hidden } = stepFromWire(r);
-        decoded.push({ index, sessionId: r.session_id, input: { ...input, hidden } });
+        decoded.push({ index, sessionId: r.session_id, input: { ...input, hidden }, replyTo: r.reply_to ?? '' });
       } catch (e) {
         outcomes[index] = { error: wireError(e) };
       }
     });
     const done = decoded.length ? await this.host.stepMany(decoded.map(({ sessionId, input }) => ({ sessionId, input }))) : [];
     const onward: { item: (typeof decoded)[number]; hidden: TensorData | undefined; timing: WireTiming }[] = [];
+    const deliveries = new Map<grpc.ServerWritableStream<any, WireResultsMessage>, WireResultsMessage['replies']>();
     done.forEach((o, j) => {
       const item = decoded[j];
       if (!o.ok) outcomes[item.index] = { error: o.error };
-      else if (!a.next) outcomes[item.index] = { reply: resultToWire(o.done.result, [this.timing(a, o.done)]) };
-      else onward.push({ item, hidden: o.done.hidden, timing: this.timing(a, o.done) });
+      else if (a.next) onward.push({ item, hidden: o.done.hidden, timing: this.timing(a, o.done) });
+      else {
+        const reply = resultToWire(o.done.result, [this.timing(a, o.done)]);
+        const subscriber = item.replyTo ? this.subscribers.get(item.replyTo) : undefined;
+        if (subscriber?.writable) {
+          deliveries.set(subscriber, [...(deliveries.get(subscriber) ?? []), { session_id: item.sessionId, reply }]);
+          outcomes[item.index] = { reply: { tokens: [], timings: reply.timings, delivered: true } };
+        } else {
+          outcomes[item.index] = { reply }; // no such subscription here: the reply goes back through the chain
+        }
+      }
     });
+    // Sent before the chain's acks: the coordinator has every result by the time it could hear of it another way.
+    for (const [subscriber, replies] of deliveries) subscriber.write({ ready: false, replies });
     if (onward.length) {
       const target = { fingerprint: this.fingerprint, first: a.range.last };
       try {
-        const next = await a.next!.stepBatch(onward.map(({ item, hidden }) => stepToWire(item.sessionId, target, item.input, hidden)), this.opts.stepTimeoutMs ?? 120_000);
+        const next = await a.next!.stepBatch(onward.map(({ item, hidden }) => ({ ...stepToWire(item.sessionId, target, item.input, hidden), reply_to: item.replyTo })), this.opts.stepTimeoutMs ?? 120_000);
         next.forEach((o, j) => {
           const { item, timing } = onward[j];
           outcomes[item.index] = o.reply ? { reply: { ...o.reply, timings: [timing, ...(o.reply.timings ?? [])] } } : { error: o.error };
@@ -301,7 +332,7 @@ export class StageWorker {
   async close(): Promise<void> {
     if (this.sweepTimer) clearInterval(this.sweepTimer);
     this.health.setStatus('', 'NOT_SERVING');
-    for (const call of this.streams) call.end();
+    for (const call of [...this.streams, ...this.subscribers.values()]) call.end();
     await new Promise<void>((resolve) => this.server.tryShutdown(() => resolve()));
     this.assignment?.next?.close();
     await this.host.close();
