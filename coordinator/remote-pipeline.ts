@@ -7,6 +7,7 @@ import type { WeightDType } from '../model/stage-graph.ts';
 import type { TensorData } from '../model/tensor.ts';
 import { StageClient, type WireInfo, type WireStepReply, type WireTiming } from '../proto/client.ts';
 import { resultFromWire, stepToWire } from '../proto/step-codec.ts';
+import { PROTOCOL_VERSION } from '../proto/wire.ts';
 import { planPartition } from './planner.ts';
 import { ResultsSubscription } from './results-subscription.ts';
 import { randomUUID } from 'node:crypto';
@@ -116,6 +117,9 @@ export class RemotePipeline implements Stepper {
     try {
       const infos = await Promise.all(clients.map((c) => c.info(30_000)));
       infos.forEach((info, i) => {
+        if (info.identity.protocol !== PROTOCOL_VERSION) {
+          throw new StrataError('protocol_mismatch', `worker ${addresses[i]} speaks stage protocol ${info.identity.protocol}, this coordinator ${PROTOCOL_VERSION}; run the same strata version everywhere`, 'failed_precondition');
+        }
         if (info.identity.fingerprint !== fingerprint || info.identity.blocks !== spec.blocks) {
           throw new StrataError('checkpoint_mismatch', `worker ${addresses[i]} serves checkpoint ${info.identity.fingerprint} (${info.identity.blocks} blocks), the coordinator's model is ${fingerprint} (${spec.blocks} blocks); start every worker with the same --model`, 'failed_precondition');
         }
@@ -135,11 +139,20 @@ export class RemotePipeline implements Stepper {
       this.clients.forEach((c) => c.close());
       Object.assign(this, { clients, active: addresses, infos, ranges, healthy: clients.map(() => true) });
       this.generation++;
-      this.results?.close();
-      this.results = new ResultsSubscription(clients[clients.length - 1], this.subscriber);
+      this.subscribeResults();
     } catch (e) {
       clients.forEach((c) => c.close());
       throw e;
+    }
+  }
+
+  /** (Re)subscribes to the last stage's Results; until it is confirmed, decode replies come back through the chain. */
+  private subscribeResults(): void {
+    this.results?.close();
+    try {
+      this.results = new ResultsSubscription(this.clients[this.clients.length - 1], this.subscriber);
+    } catch {
+      this.results = null; // a client closed meanwhile: the chain carries the replies
     }
   }
 
@@ -184,7 +197,7 @@ export class RemotePipeline implements Stepper {
         if (!recoverable(e) || Date.now() > deadline) throw e;
         this.opts.log?.({ session: sessionId, err: (e as Error).message }, 'step failed; recovering the pipeline');
         await this.recover(generation, deadline);
-        replayNeeded = log.steps.length > 0;
+        replayNeeded = true;
       }
     }
   }
@@ -254,7 +267,7 @@ export class RemotePipeline implements Stepper {
   private async sendDecodes(group: QueuedDecode[]): Promise<void> {
     const target = { fingerprint: this.opts.fingerprint, first: 0 };
     // A broken subscription (the last stage restarted, say) is renewed; steps use it once the stage confirms it.
-    if (this.results?.closed && this.clients.length) this.results = new ResultsSubscription(this.clients[this.clients.length - 1], this.subscriber);
+    if (this.results?.closed && this.clients.length) this.subscribeResults();
     const direct = this.results?.ready ? this.results : null;
     const settled = group.map(() => false);
     const settle = (j: number, fn: () => void) => {
@@ -306,6 +319,9 @@ export class RemotePipeline implements Stepper {
     log.epoch++;
     log.wireId = `${old.replace(/#\d+$/, '')}#${log.epoch}`;
     void this.clients[0]?.endSession(old).catch(() => {});
+    // Even a session with no step recorded yet gets the fresh id: its failed first step may have filled some
+    // stages' caches, and a retry under the old id would meet them (session_out_of_step, again and again).
+    if (log.steps.length === 0) return;
     const singleRow = log.steps.every((s) => s.positionIds.dims[0] === 1);
     const steps = singleRow ? [concatSteps(log.steps)] : log.steps;
     for (const s of steps) {

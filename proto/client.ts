@@ -99,11 +99,20 @@ export class StageClient {
 
   private unary<Req, Res>(method: string, req: Req, timeoutMs: number): Promise<Res> {
     return new Promise((resolve, reject) => {
-      this.client[method](req, { deadline: Date.now() + timeoutMs }, (err: grpc.ServiceError | null, res: Res) => {
-        if (err) reject(fromServiceError(err, this.address));
-        else resolve(res);
-      });
+      try {
+        this.client[method](req, { deadline: Date.now() + timeoutMs }, (err: grpc.ServiceError | null, res: Res) => {
+          if (err) reject(fromServiceError(err, this.address));
+          else resolve(res);
+        });
+      } catch (e) {
+        reject(this.closedError(e));
+      }
     });
+  }
+
+  /** A call on a client that was closed meanwhile (its stage was reconfigured or given up): the stage is gone. */
+  private closedError(e: unknown): StrataError {
+    return new StrataError('stage_unavailable', `stage ${this.address}: ${(e as Error)?.message ?? e}`, 'unavailable');
   }
 
   info(timeoutMs = 5_000): Promise<WireInfo> {
@@ -127,7 +136,12 @@ export class StageClient {
    * failure); one outcome per step, in order. A broken stream or a missed deadline fails the call as unavailable.
    */
   stepBatch(steps: WireStepRequest[], timeoutMs: number): Promise<WireStepOutcome[]> {
-    const stream = this.stream ?? this.openStream();
+    let stream: StepStreamState;
+    try {
+      stream = this.stream ?? this.openStream();
+    } catch (e) {
+      return Promise.reject(this.closedError(e));
+    }
     const callId = this.nextCallId++;
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => {

@@ -4,7 +4,8 @@ import { fileURLToPath } from 'node:url';
 import { StrataError, type ErrorKind } from '../model/errors.ts';
 import { BYTES_PER_ELEMENT, elementCount, tensorBytes, typedView, type DType, type TensorData } from '../model/tensor.ts';
 
-export const PROTOCOL_VERSION = 1;
+/** 2: decode steps as StepBatch on StepStream, results on Results (stages and coordinators of 1 cannot mix). */
+export const PROTOCOL_VERSION = 2;
 export const PROTO_PATH = fileURLToPath(new URL('./stage.proto', import.meta.url));
 
 /** Sized for a 1024 × 4096 float32 prefill (16 MiB) with room to spare; STRATA_MAX_MESSAGE_MB overrides. */

@@ -112,8 +112,7 @@ export class StageWorker {
     return this.address;
   }
 
-  identity(): WireIdentity {
-    const a = this.assignment;
+  identity(a: Assignment | null = this.assignment): WireIdentity {
     return {
       fingerprint: this.fingerprint, first: a?.range.first ?? 0, last: a?.range.last ?? 0, dtype: a?.dtype ?? '',
       protocol: PROTOCOL_VERSION, blocks: this.spec.blocks, model_type: this.spec.modelType,
@@ -144,6 +143,11 @@ export class StageWorker {
       if (same && (this.assignment!.next?.address ?? '') === req.next_address) return { identity: this.identity() };
       this.health.setStatus('', 'NOT_SERVING');
       let device = this.assignment?.device ?? 'cpu';
+      // Until the new range is loaded and its next stage connected, steps are refused (stage_not_configured: the
+      // coordinator retries them after its reconfiguration). A step accepted under the old assignment must not be
+      // answered as if this stage ended the model because its next stage is not connected yet.
+      this.assignment?.next?.close();
+      this.assignment = null;
       if (!same) {
         this.log({ range: rangeLabel(range), dtype }, 'loading stage');
         const loaded = await this.host.load({
@@ -153,19 +157,19 @@ export class StageWorker {
         device = loaded.provider;
         this.log({ range: rangeLabel(range), paramBytes: loaded.paramBytes, provider: loaded.provider, cached: !loaded.built }, 'stage loaded');
       }
-      this.assignment?.next?.close();
-      this.assignment = { range, dtype, next: null, identity: null as never, device };
-      this.assignment.identity = this.identity();
+      const assignment: Assignment = { range, dtype, next: null, identity: null as never, device };
+      assignment.identity = this.identity(assignment);
       if (range.last < this.spec.blocks) {
         if (!req.next_address) throw new StrataError('next_stage_missing', `blocks ${rangeLabel(range)} do not end the model (${this.spec.blocks} blocks): a next_address is required`);
         const next = new StageClient(req.next_address, this.opts.credentials?.client);
-        const theirs = await this.handshakeWhenReady(next);
+        const theirs = await this.handshakeWhenReady(next, assignment.identity);
         if (theirs.first !== range.last) {
           next.close();
           throw new StrataError('peer_mismatch', `next stage ${req.next_address} starts at block ${theirs.first}, but this stage ends at ${range.last}`, 'failed_precondition');
         }
-        this.assignment.next = next;
+        assignment.next = next;
       }
+      this.assignment = assignment;
       this.health.setStatus('', 'SERVING');
       this.health.setStatus('strata.v1.Stage', 'SERVING');
       return { identity: this.identity() };
@@ -176,11 +180,11 @@ export class StageWorker {
   }
 
   /** Stages are configured in parallel: the next one may still be loading, so wait for it (not for a mismatch). */
-  private async handshakeWhenReady(next: StageClient): Promise<WireIdentity> {
+  private async handshakeWhenReady(next: StageClient, mine: WireIdentity): Promise<WireIdentity> {
     const started = Date.now();
     for (let delay = 100; ; delay = Math.min(delay * 2, 2_000)) {
       try {
-        return (await next.handshake(this.identity())).identity;
+        return (await next.handshake(mine)).identity;
       } catch (e) {
         // Still loading (a stage build may take many minutes), briefly unreachable, or still holding its previous
         // range (its own Configure may not have arrived yet): wait. A next stage that stays unreachable fails this

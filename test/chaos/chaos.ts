@@ -96,7 +96,7 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosReport> {
           if (JSON.stringify(outputIds) !== JSON.stringify(expected[i])) wrong++;
         } catch (e) {
           lost++;
-          o.log?.(`chaos: request ${i} failed: ${(e as Error).message}`);
+          o.log?.(`chaos: request ${i} failed: ${(e as Error).message} ${(e as Error).stack?.split("\n").slice(1, 6).join(" | ")}`);
         }
         latency.push(Date.now() - t0);
       }
