@@ -297,7 +297,13 @@ export class RemotePipeline implements Stepper {
           const err = new StrataError(o.error?.code || 'stage_error', o.error?.message || 'the stage answered neither a reply nor an error', (o.error?.kind || 'internal') as ErrorKind);
           return settle(j, () => group[j].reject(err));
         }
-        if (o.reply.delivered) return o.reply.timings?.forEach((t, i) => this.opts.onTiming?.(i, t)); // the result came (or comes) from the last stage
+        if (o.reply.delivered && direct) {
+          // The result came (or comes) from the last stage; should it never come, the step fails like a lost stage.
+          o.reply.timings?.forEach((t, i) => this.opts.onTiming?.(i, t));
+          const lost = () => settle(j, () => group[j].reject(new StrataError('stage_unavailable', 'the last stage acknowledged a step whose result never arrived', 'unavailable')));
+          setTimeout(lost, this.opts.stepTimeoutMs ?? 60_000).unref();
+          return;
+        }
         const reply = o.reply;
         settle(j, () => {
           try {
