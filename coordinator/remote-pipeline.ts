@@ -304,6 +304,7 @@ export class RemotePipeline implements Stepper {
           setTimeout(lost, this.opts.stepTimeoutMs ?? 60_000).unref();
           return;
         }
+        if (o.reply.delivered) return settle(j, () => group[j].reject(new StrataError('stage_error', 'the last stage delivered a result to a subscription this step did not name', 'internal')));
         const reply = o.reply;
         settle(j, () => {
           try {
