@@ -4,6 +4,7 @@ import type { LocalPipeline } from '../model/local-pipeline.ts';
 import type { CoordinatorService } from '../coordinator/service.ts';
 import { expected } from './helpers/fixtures.ts';
 import { startGpt2Service, type Gpt2Service } from './helpers/service.ts';
+import { createRng } from '../model/sampling.ts';
 
 // HTTP fuzz against a real service (LocalPipeline on gpt2-tiny, a byte-level tokenizer, real Redis + BullMQ):
 // seeded random requests — malformed JSON, wrong content types, wrong field types, extreme numbers, huge and
@@ -31,16 +32,7 @@ after(async () => service?.close());
 
 // ---- Seeded generators ----------------------------------------------------------------------------------------
 
-function mulberry32(seed: number) {
-  let s = seed >>> 0;
-  return () => {
-    s = (s + 0x6d2b79f5) | 0;
-    let t = Math.imul(s ^ (s >>> 15), 1 | s);
-    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
-    return ((t ^ (t >>> 14)) >>> 0) / 2 ** 32;
-  };
-}
-const rand = mulberry32(SEED);
+const rand = createRng(SEED);
 const int = (lo: number, hi: number) => lo + Math.floor(rand() * (hi - lo + 1));
 const pick = <T,>(xs: readonly T[]): T => xs[Math.floor(rand() * xs.length)];
 const chance = (p: number) => rand() < p;

@@ -6,21 +6,12 @@ import { StageClient, type WireStepRequest } from '../proto/client.ts';
 import { stepToWire } from '../proto/step-codec.ts';
 import { startWorkerProcess, type LocalWorker } from '../bin/local-cluster.ts';
 import { fixtureDir, testCacheDir } from './helpers/fixtures.ts';
+import { createRng } from '../model/sampling.ts';
 
 // Hostile input to the Stage service: random bytes, malformed and lying tensors, bad ids, unknown and flooding
 // sessions. Every case must get a typed gRPC error or a valid answer; the worker must stay up and bounded.
 before(() => testCacheDir());
 const CASES = Number(process.env.STRATA_FUZZ_CASES ?? 400);
-
-function rng(seed: number) {
-  return () => {
-    seed = (seed + 0x6d2b79f5) >>> 0;
-    let t = seed;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 describe('Stage gRPC service under hostile input', () => {
   let w: LocalWorker;
@@ -40,7 +31,7 @@ describe('Stage gRPC service under hostile input', () => {
       new Promise<grpc.status>((resolve) => {
         raw.makeUnaryRequest('/strata.v1.Stage/Step', (b: Buffer) => b, (b: Buffer) => b, bytes, { deadline: Date.now() + 5_000 }, (err) => resolve(err ? err.code : grpc.status.OK));
       });
-    const r = rng(42);
+    const r = createRng(42);
     const int = (n: number) => Math.floor(r() * n);
     const i64 = (vals: number[]) => ({ dtype: 'int64', dims: [1, vals.length], data: new Uint8Array(BigInt64Array.from(vals, BigInt).buffer) });
     const good = (): WireStepRequest => {

@@ -8,6 +8,7 @@ import { stageParamCount, stageWeights } from '../model/layout.ts';
 import { StrataError } from '../model/errors.ts';
 import { formatPlan, planPartition, stageFootprint, DTYPE_BYTES, type StagePlan, type WorkerCapacity } from '../coordinator/planner.ts';
 import { parseSize, parseWorkers } from '../bin/plan.ts';
+import { createRng } from '../model/sampling.ts';
 
 const CONFIGS = fileURLToPath(new URL('./configs', import.meta.url));
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
@@ -153,15 +154,6 @@ test('float16 halves paramBytes (same ranges)', () => {
 
 // ---- exact optimality against brute force on small random cases ----
 
-function mulberry32(seed: number) {
-  return () => {
-    seed = (seed + 0x6d2b79f5) | 0;
-    let t = Math.imul(seed ^ (seed >>> 15), 1 | seed);
-    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ (t + Math.imul(t ^ (t >>> 14), 71 | t));
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
 /** Every ordered worker subset × every composition of the blocks: most stages first, then least bottleneck. */
 function bruteForce(spec: ModelSpec, workers: WorkerCapacity[], bytes: number, maxStages = Infinity): { stages: number; bottleneck: number } | null {
   const B = spec.blocks, W = workers.length;
@@ -194,7 +186,7 @@ function bruteForce(spec: ModelSpec, workers: WorkerCapacity[], bytes: number, m
 }
 
 test('exact: matches brute force on small random models and worker sets', () => {
-  const rand = mulberry32(42);
+  const rand = createRng(42);
   const pick = <T>(xs: T[]): T => xs[Math.floor(rand() * xs.length)];
   let feasible = 0, infeasible = 0;
   for (let trial = 0; trial < 150; trial++) {
@@ -241,7 +233,7 @@ test('exact on the real models too: brute force over 3 uneven workers (every ran
 
 test('scales to 100 blocks × 64 workers', () => {
   const spec = normalizeConfig({ model_type: 'gpt2', n_layer: 100, n_embd: 64, n_head: 4, n_positions: 64, vocab_size: 1000 });
-  const rand = mulberry32(7);
+  const rand = createRng(7);
   const workers = ws(...Array.from({ length: 64 }, () => [Infinity, 0.5 + rand() * 2] as [number, number]));
   const t0 = performance.now();
   const plan = planPartition(spec, workers);

@@ -42,14 +42,3 @@ export function summarize(samples: readonly number[]): Summary {
 
 /** value / baseline, NaN when either is missing or the baseline is zero. */
 export const ratio = (value: number, baseline: number): number => (Number.isFinite(value) && Number.isFinite(baseline) && baseline !== 0 ? value / baseline : NaN);
-
-/** Small deterministic PRNG (mulberry32) for prompts: the same seed gives the same workload in every run. */
-export function seededRandom(seed: number): () => number {
-  let state = seed >>> 0;
-  return () => {
-    state = (state + 0x6d2b79f5) | 0;
-    let t = Math.imul(state ^ (state >>> 15), 1 | state);
-    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
-    return ((t ^ (t >>> 14)) >>> 0) / 2 ** 32;
-  };
-}

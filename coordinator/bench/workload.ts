@@ -1,6 +1,7 @@
 import { performance } from 'node:perf_hooks';
 import { generate, type PipelineStep, type StepResult, type Stepper } from '../../model/generation.ts';
-import { seededRandom, summarize, type Summary } from './stats.ts';
+import { createRng } from '../../model/sampling.ts';
+import { summarize, type Summary } from './stats.ts';
 
 /** Unix time in ms with sub-ms resolution: the clock the workers stamp their ORT runs with. */
 export const nowUnixMs = (): number => performance.timeOrigin + performance.now();
@@ -86,7 +87,7 @@ export function decodeRate(requests: readonly { tokenTimes: readonly number[] }[
 
 /** N concurrent greedy generate requests with random prompts; EOS ignored so every request emits newTokens. */
 export async function runWorkload(stepper: Stepper, o: WorkloadOptions): Promise<WorkloadResult> {
-  const rand = seededRandom(o.seed ?? 1);
+  const rand = createRng(o.seed ?? 1); // the same seed gives the same workload in every run
   const prompts = Array.from({ length: o.concurrency }, () => randomPrompt(rand, o.promptTokens, o.vocab));
   const recorder = new RecordingStepper(stepper);
   const startMs = nowUnixMs();
