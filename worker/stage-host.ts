@@ -41,13 +41,12 @@ export class StageHost {
   }
 
   step(sessionId: string, input: PipelineStep): Promise<StepDone> {
-    // Stamped here: the stage thread may be inside a (blocking) ORT run when the message lands.
-    return this.call({ type: 'step', sessionId, input, sentAt: performance.timeOrigin + performance.now() });
+    return this.call({ type: 'step', sessionId, input });
   }
 
   /** Several sessions' steps as one batch; each item's own result or error, in order. */
   stepMany(steps: { sessionId: string; input: PipelineStep }[]): Promise<StepOutcome[]> {
-    return this.call({ type: 'steps', steps, sentAt: performance.timeOrigin + performance.now() });
+    return this.call({ type: 'steps', steps });
   }
 
   end(sessionId: string): Promise<void> {

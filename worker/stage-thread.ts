@@ -88,11 +88,9 @@ async function handle(req: ThreadRequest): Promise<unknown> {
       throw new StrataError('stage_internal', 'a steps message is split into its items on arrival', 'internal');
     case 'end':
       kv?.drop(req.sessionId);
-      forget(req.sessionId);
       return null;
     case 'stats': {
       const expired = kv?.sweep() ?? [];
-      expired.forEach(forget);
       return { sessions: kv?.sessions ?? 0, kvBytes: kv?.bytes ?? 0, expired };
     }
   }
@@ -124,38 +122,7 @@ const buffersOf = (v: unknown): ArrayBuffer[] => {
   return ts.map((t) => t.data.buffer as ArrayBuffer).filter((b, i, all) => all.indexOf(b) === i);
 };
 
-/** When each session's last step left this stage, and how long it took to come back (its round trip); epoch ms. */
-const clock = () => performance.timeOrigin + performance.now();
-const lastDone = new Map<string, number>();
-const roundTrip = new Map<string, number>();
-let lastRunMs = 0;
-let waitStart = 0;
-let waitTimer: NodeJS.Timeout | null = null;
-
 const sessionOf = (p: Pending) => (p.req as { sessionId?: string }).sessionId ?? '';
-
-/**
- * Whether to hold the head decode step a moment for sessions predicted (from their last round trip) to arrive within
- * the wait budget of half a run (2-10 ms). With one stage, 8 sessions then run as one batch instead of splitting
- * into groups that each read all the weights; in a pipeline, sessions busy at other stages take longer than the
- * budget to return, so groups keep flowing through the stages in turn.
- */
-function shouldWait(head: Pending): boolean {
-  if (head.group || !batchable(head)) return false; // a coordinator's batch is complete as it came
-  const here = new Set(pending.filter(batchable).map(sessionOf));
-  if (here.size >= maxBatch) return false;
-  const now = clock();
-  waitStart ||= now;
-  const deadline = waitStart + Math.max(2, Math.min(10, lastRunMs / 2));
-  if (now >= deadline) return false;
-  for (const [sid, done] of lastDone) {
-    const trip = roundTrip.get(sid);
-    if (trip !== undefined && !here.has(sid) && done + trip <= deadline && kv?.has(sid)) return true;
-  }
-  return false;
-}
-
-const forget = (sid: string) => (lastDone.delete(sid), roundTrip.delete(sid));
 
 /**
  * Continuous batching: while a run is in progress, requests queue; the next run takes the oldest request and, when
@@ -166,16 +133,6 @@ const forget = (sid: string) => (lastDone.delete(sid), roundTrip.delete(sid));
  */
 async function pump(): Promise<void> {
   if (busy || pending.length === 0) return;
-  if (shouldWait(pending[0])) {
-    waitTimer ??= setTimeout(() => {
-      waitTimer = null;
-      void pump();
-    }, 1);
-    return;
-  }
-  if (waitTimer) clearTimeout(waitTimer);
-  waitTimer = null;
-  waitStart = 0;
   busy = true;
   const head = pending.shift()!;
   const group = [head];
@@ -189,7 +146,6 @@ async function pump(): Promise<void> {
       } else i++;
     }
   }
-  const t0 = performance.now();
   try {
     if (group.length === 1) {
       settle(head, { ok: true, value: await handle(head.req) });
@@ -200,31 +156,19 @@ async function pump(): Promise<void> {
   } catch (e) {
     group.forEach((p) => settle(p, { ok: false, error: e }));
   } finally {
-    if (head.req.type === 'step' && head.req.input.positionIds.dims[1] === 1) lastRunMs = performance.now() - t0;
-    const end = clock();
-    for (const p of group) if (p.req.type === 'step') lastDone.set(sessionOf(p), end);
     busy = false;
     // Let messages that arrived during the run land in `pending` before choosing the next batch.
     setImmediate(() => void pump());
   }
 }
 
-const noteArrival = (sessionId: string, sentAt: number | undefined) => {
-  const done = lastDone.get(sessionId);
-  if (done !== undefined) roundTrip.set(sessionId, (sentAt ?? clock()) - done);
-};
-
 port.on('message', (msg: { id: number; req: ThreadRequest }) => {
   const { req } = msg;
   if (req.type === 'steps') {
     const group: Group = { id: msg.id, outcomes: new Array(req.steps.length), left: req.steps.length };
     if (group.left === 0) return reply({ id: msg.id, ok: true, value: [] });
-    req.steps.forEach((s, index) => {
-      noteArrival(s.sessionId, req.sentAt);
-      pending.push({ id: msg.id, req: { type: 'step', sessionId: s.sessionId, input: s.input }, group, index });
-    });
+    req.steps.forEach((s, index) => pending.push({ id: msg.id, req: { type: 'step', sessionId: s.sessionId, input: s.input }, group, index }));
   } else {
-    if (req.type === 'step') noteArrival(req.sessionId, req.sentAt);
     pending.push(msg);
   }
   void pump();

@@ -25,8 +25,8 @@ export interface LoadedInfo {
 
 export type ThreadRequest =
   | LoadRequest
-  | { type: 'step'; sessionId: string; input: PipelineStep; /** When the main thread received it (epoch ms). */ sentAt?: number }
-  | { type: 'steps'; steps: { sessionId: string; input: PipelineStep }[]; sentAt?: number }
+  | { type: 'step'; sessionId: string; input: PipelineStep }
+  | { type: 'steps'; steps: { sessionId: string; input: PipelineStep }[] }
   | { type: 'end'; sessionId: string }
   | { type: 'stats' };
 
