@@ -1,7 +1,6 @@
 import type * as grpc from '@grpc/grpc-js';
-import { StrataError } from '../model/errors.ts';
 import type { StageClient, WireResultsMessage, WireStepReply } from '../proto/client.ts';
-import { fromServiceError } from '../proto/wire.ts';
+import { streamEnded } from '../proto/wire.ts';
 
 /**
  * The coordinator's Results stream from the last stage: replies of steps sent with reply_to = `subscriber` come
@@ -31,7 +30,7 @@ export class ResultsSubscription {
     const fail = (e?: grpc.ServiceError) => {
       this.ready = false;
       this.closed = true;
-      const err = e?.code !== undefined ? fromServiceError(e, client.address) : new StrataError('stage_unavailable', `stage ${client.address}: the results stream closed`, 'unavailable');
+      const err = streamEnded(e, client.address, 'results');
       for (const w of this.waiting.values()) w.reject(err);
       this.waiting.clear();
     };

@@ -1,7 +1,7 @@
 import * as grpc from '@grpc/grpc-js';
 import { service as healthService } from 'grpc-health-check';
 import { StrataError, type ErrorKind } from '../model/errors.ts';
-import { channelOptions, fromServiceError, StageClientCtor, type WireIdentity, type WireTensor } from './wire.ts';
+import { channelOptions, fromServiceError, StageClientCtor, streamEnded, type WireIdentity, type WireTensor } from './wire.ts';
 
 export interface WireStepRequest {
   session_id: string;
@@ -181,7 +181,7 @@ export class StageClient {
     });
     const fail = (e?: grpc.ServiceError) => {
       if (this.stream === state) this.stream = null;
-      const err = e?.code !== undefined ? fromServiceError(e, this.address) : new StrataError('stage_unavailable', `stage ${this.address}: the step stream closed`, 'unavailable');
+      const err = streamEnded(e, this.address, 'step');
       for (const w of state.waiting.values()) w.reject(err);
       state.waiting.clear();
     };

@@ -103,6 +103,11 @@ export function fromServiceError(e: grpc.ServiceError, peer: string): StrataErro
   return new StrataError(unreachable ? 'stage_unavailable' : 'stage_error', `stage ${peer}: ${e.details || e.message}`, unreachable ? 'unavailable' : 'internal');
 }
 
+/** Why a long-lived stream (StepStream, Results) ended: its gRPC status, or a plain close by the peer. */
+export function streamEnded(e: grpc.ServiceError | undefined, peer: string, stream: string): StrataError {
+  return e?.code !== undefined ? fromServiceError(e, peer) : new StrataError('stage_unavailable', `stage ${peer}: the ${stream} stream closed`, 'unavailable');
+}
+
 export function sameModel(a: WireIdentity, b: WireIdentity): string | null {
   if (a.protocol !== b.protocol) return `protocol ${a.protocol} vs ${b.protocol}`;
   if (a.fingerprint !== b.fingerprint) return `checkpoint ${a.fingerprint} vs ${b.fingerprint}`;
