@@ -191,7 +191,7 @@ export class RemotePipeline implements Stepper {
         if (replayNeeded) await this.replay(log);
         replayNeeded = false;
         const result = await this.send(log.wireId, input);
-        if (this.opts.spec.causal) log.steps.push({ inputIds: input.inputIds, positionIds: input.positionIds, attentionMask: input.attentionMask });
+        if (this.opts.spec.causal) this.record(log, input);
         return result;
       } catch (e) {
         if (!recoverable(e) || Date.now() > deadline) throw e;
@@ -320,6 +320,17 @@ export class RemotePipeline implements Stepper {
     await Promise.all(done);
   }
 
+  /**
+   * Keeps a step's token-level input for replay. A single-row step's mask covers every earlier position, and a
+   * single-row replay uses only the last mask (concatSteps): the previous one is dropped, or a long generation would
+   * keep masks of quadratic total size.
+   */
+  private record(log: SessionLog, input: PipelineStep): void {
+    const prev = log.steps.at(-1);
+    if (prev && prev.positionIds.dims[0] === 1 && input.positionIds.dims[0] === 1) prev.attentionMask = SUBSUMED_MASK;
+    log.steps.push({ inputIds: input.inputIds, positionIds: input.positionIds, attentionMask: input.attentionMask });
+  }
+
   /** Rebuilds a session's KV caches under a fresh wire id: one prefill of every token so far. */
   private async replay(log: SessionLog): Promise<void> {
     const old = log.wireId;
@@ -424,6 +435,9 @@ export class RemotePipeline implements Stepper {
     this.clients.forEach((c) => c.close());
   }
 }
+
+/** Stands in for a recorded single-row mask that a later step's mask covers (see RemotePipeline.record). */
+const SUBSUMED_MASK: TensorData = { dtype: 'int64', dims: [1, 0], data: new BigInt64Array(0) };
 
 /** Concatenates single-row steps into one prefill: same tokens, positions and mask, in one run. */
 function concatSteps(steps: PipelineStep[]): PipelineStep {
