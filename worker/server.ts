@@ -303,7 +303,8 @@ export class StageWorker {
         const reply = resultToWire(o.done.result, [this.timing(a, o.done)]);
         const subscriber = item.replyTo ? this.subscribers.get(item.replyTo) : undefined;
         if (subscriber?.writable) {
-          deliveries.set(subscriber, [...(deliveries.get(subscriber) ?? []), { session_id: item.sessionId, reply }]);
+          if (!deliveries.has(subscriber)) deliveries.set(subscriber, []);
+          deliveries.get(subscriber)!.push({ session_id: item.sessionId, reply });
           outcomes[item.index] = { reply: { tokens: [], timings: reply.timings, delivered: true } };
         } else {
           outcomes[item.index] = { reply }; // no such subscription here: the reply goes back through the chain
