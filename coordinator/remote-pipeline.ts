@@ -86,7 +86,7 @@ export class RemotePipeline implements Stepper {
   private readonly sessions = new Map<string, SessionLog>();
   private readonly decodeQueue: QueuedDecode[] = [];
   private groupsInFlight = 0;
-  /** Replies straight from the last stage (re-subscribed whenever the pipeline is reconfigured). */
+  /** Replies straight from the last stage, errors from the stage that passed a step on (re-subscribed whenever the pipeline is reconfigured). */
   private results: ResultsSubscription | null = null;
   private readonly subscriber = `coordinator-${randomUUID()}`;
   private flushScheduled = false;
@@ -146,11 +146,11 @@ export class RemotePipeline implements Stepper {
     }
   }
 
-  /** (Re)subscribes to the last stage's Results; until it is confirmed, decode replies come back through the chain. */
+  /** (Re)subscribes to every stage's Results; until all confirm, decode replies come back through the chain. */
   private subscribeResults(): void {
     this.results?.close();
     try {
-      this.results = new ResultsSubscription(this.clients[this.clients.length - 1], this.subscriber);
+      this.results = new ResultsSubscription(this.clients, this.subscriber);
     } catch {
       this.results = null; // a client closed meanwhile: the chain carries the replies
     }
@@ -261,8 +261,9 @@ export class RemotePipeline implements Stepper {
 
   /**
    * Sends one group; settles when every step in it has its result or error. With a ready Results subscription the
-   * results come straight from the last stage (the chain answers with acks carrying the timings); a step the last
-   * stage could not deliver that way gets its reply through the chain instead.
+   * results (with every stage's timing) come straight from the last stage, stage 0 acks as soon as it has passed the
+   * group on, and a later stage's error comes from the stage before it; a step that could not be delivered that way
+   * gets its reply through the chain instead.
    */
   private async sendDecodes(group: QueuedDecode[]): Promise<void> {
     const target = { fingerprint: this.opts.fingerprint, first: 0 };
@@ -281,7 +282,7 @@ export class RemotePipeline implements Stepper {
       const fromLast = direct?.expect(q.wireId);
       const accept = (reply: WireStepReply) => {
         try {
-          q.resolve(resultFromWire(reply));
+          q.resolve(this.received(reply));
           this.directReplies++;
         } catch (e) {
           q.reject(e);
@@ -298,13 +299,12 @@ export class RemotePipeline implements Stepper {
           return settle(j, () => group[j].reject(err));
         }
         if (o.reply.delivered && direct) {
-          // The result came (or comes) from the last stage; should it never come, the step fails like a lost stage.
-          o.reply.timings?.forEach((t, i) => this.opts.onTiming?.(i, t));
-          const lost = () => settle(j, () => group[j].reject(new StrataError('stage_unavailable', 'the last stage acknowledged a step whose result never arrived', 'unavailable')));
+          // The result (or error) comes on the subscription; should it never come, the step fails like a lost stage.
+          const lost = () => settle(j, () => group[j].reject(new StrataError('stage_unavailable', 'a stage acknowledged a step whose result never arrived', 'unavailable')));
           setTimeout(lost, this.opts.stepTimeoutMs ?? 60_000).unref();
           return;
         }
-        if (o.reply.delivered) return settle(j, () => group[j].reject(new StrataError('stage_error', 'the last stage delivered a result to a subscription this step did not name', 'internal')));
+        if (o.reply.delivered) return settle(j, () => group[j].reject(new StrataError('stage_error', 'a stage delivered a result to a subscription this step did not name', 'internal')));
         const reply = o.reply;
         settle(j, () => {
           try {

@@ -1,41 +1,53 @@
 import type * as grpc from '@grpc/grpc-js';
+import { StrataError, type ErrorKind } from '../model/errors.ts';
 import type { StageClient, WireResultsMessage, WireStepReply } from '../proto/client.ts';
 import { streamEnded } from '../proto/wire.ts';
 
 /**
- * The coordinator's Results stream from the last stage: replies of steps sent with reply_to = `subscriber` come
- * here straight from stage K-1 instead of back through every stage (ARCHITECTURE.md's data flow). A reply is
- * expected (`expect`) before its step is sent, so a reply nobody waits for is stale (its step was given up) and is
- * dropped. When the stream breaks, every expected reply fails as unavailable, which the pipeline recovers from.
+ * The coordinator's Results streams, one per stage: replies of steps sent with reply_to = `subscriber` come here
+ * straight from the last stage instead of back through every stage (ARCHITECTURE.md's data flow), and a stage that
+ * passed a step on delivers here the error the stages after it answered. A reply is expected (`expect`) before its
+ * step is sent, so a reply nobody waits for is stale (its step was given up) and is dropped. It is ready once every
+ * stage confirmed the subscription; when any stream breaks, every expected reply fails as unavailable (its step may
+ * have been passing through that stage), which the pipeline recovers from.
  */
 export class ResultsSubscription {
   ready = false;
   closed = false;
-  private readonly call: grpc.ClientReadableStream<WireResultsMessage>;
+  private readonly calls: grpc.ClientReadableStream<WireResultsMessage>[];
+  private readonly confirmed = new Set<number>();
   private readonly waiting = new Map<string, { resolve: (r: WireStepReply) => void; reject: (e: unknown) => void }>();
 
   constructor(
-    client: StageClient,
+    clients: StageClient[],
     readonly subscriber: string,
   ) {
-    this.call = client.results(subscriber);
-    this.call.on('data', (m: WireResultsMessage) => {
-      if (m.ready) this.ready = true;
-      for (const { session_id, reply } of m.replies ?? []) {
-        const w = this.waiting.get(session_id);
-        this.waiting.delete(session_id);
-        w?.resolve(reply);
-      }
+    this.calls = clients.map((client, i) => {
+      const call = client.results(subscriber);
+      call.on('data', (m: WireResultsMessage) => {
+        if (m.ready) {
+          this.confirmed.add(i);
+          this.ready = !this.closed && this.confirmed.size === clients.length;
+        }
+        for (const { session_id, reply, error } of m.replies ?? []) {
+          const w = this.waiting.get(session_id);
+          this.waiting.delete(session_id);
+          if (error?.code) w?.reject(new StrataError(error.code, error.message, error.kind as ErrorKind));
+          else if (reply) w?.resolve(reply);
+          else w?.reject(new StrataError('stage_error', `stage ${client.address} delivered neither a reply nor an error`, 'internal'));
+        }
+      });
+      const fail = (e?: grpc.ServiceError) => {
+        this.ready = false;
+        this.closed = true;
+        const err = streamEnded(e, client.address, 'results');
+        for (const w of this.waiting.values()) w.reject(err);
+        this.waiting.clear();
+      };
+      call.on('error', fail);
+      call.on('end', () => fail());
+      return call;
     });
-    const fail = (e?: grpc.ServiceError) => {
-      this.ready = false;
-      this.closed = true;
-      const err = streamEnded(e, client.address, 'results');
-      for (const w of this.waiting.values()) w.reject(err);
-      this.waiting.clear();
-    };
-    this.call.on('error', fail);
-    this.call.on('end', () => fail());
   }
 
   /** The reply to the step of `wireId` that is about to be sent. */
@@ -49,6 +61,6 @@ export class ResultsSubscription {
   }
 
   close(): void {
-    this.call.cancel();
+    for (const call of this.calls) call.cancel();
   }
 }

@@ -19,6 +19,7 @@ export interface WireStepRequest {
   } | null;
   output?: 'TOKENS_OR_LOGITS' | 'HIDDEN_MEAN';
   reply_to?: string;
+  timings?: WireTiming[];
 }
 
 export interface WireStepReply {
@@ -31,7 +32,7 @@ export interface WireStepReply {
 
 export interface WireResultsMessage {
   ready: boolean;
-  replies: { session_id: string; reply: WireStepReply }[];
+  replies: { session_id: string; reply?: WireStepReply | null; error?: WireStepError | null }[];
 }
 
 export interface WireStepError {
@@ -166,7 +167,7 @@ export class StageClient {
     });
   }
 
-  /** Subscribes to the replies this (last) stage sends straight to `subscriber`. */
+  /** Subscribes to the replies (and pass-on errors) this stage sends straight to `subscriber`. */
   results(subscriber: string): grpc.ClientReadableStream<WireResultsMessage> {
     return this.client.Results({ subscriber }) as grpc.ClientReadableStream<WireResultsMessage>;
   }

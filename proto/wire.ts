@@ -4,8 +4,11 @@ import { fileURLToPath } from 'node:url';
 import { StrataError, type ErrorKind } from '../model/errors.ts';
 import { BYTES_PER_ELEMENT, elementCount, tensorBytes, typedView, type DType, type TensorData } from '../model/tensor.ts';
 
-/** 2: decode steps as StepBatch on StepStream, results on Results (stages and coordinators of 1 cannot mix). */
-export const PROTOCOL_VERSION = 2;
+/**
+ * 2: decode steps as StepBatch on StepStream, results on Results. 3: a stage holding the coordinator's Results
+ * subscription acks a StepBatch item as soon as it has passed it on; timings travel forward with the step.
+ */
+export const PROTOCOL_VERSION = 3;
 export const PROTO_PATH = fileURLToPath(new URL('./stage.proto', import.meta.url));
 
 /** Sized for a 1024 × 4096 float32 prefill (16 MiB) with room to spare; STRATA_MAX_MESSAGE_MB overrides. */

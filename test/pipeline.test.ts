@@ -106,7 +106,7 @@ describe('stage handshake and refusals', () => {
     assert.equal(ack.reply?.logits ?? null, null, 'the ack carries no result');
     const got = await delivered;
     assert.equal(got.replies[0].session_id, 'b3');
-    assert.equal(got.replies[0].reply.logits?.dims.join(), '1,2,256');
+    assert.equal(got.replies[0].reply?.logits?.dims.join(), '1,2,256');
     const [fallback] = await cb.stepBatch([{ ...prefill('b4'), reply_to: 'nobody' }], 5_000);
     assert.equal(fallback.reply?.delivered, false);
     assert.equal(fallback.reply?.logits?.dims.join(), '1,2,256');
@@ -114,6 +114,79 @@ describe('stage handshake and refusals', () => {
     results.cancel();
     assert.equal(await cb.checkHealth(), 'SERVING');
     cb.close();
+  });
+});
+
+describe('stage protocol 3: a stage holding the subscription passes a step on and acks at once', () => {
+  let cluster: LocalCluster;
+  let clients: StageClient[];
+  const dir = fixtureDir('gptneo-rotary-tiny');
+  before(async () => {
+    cluster = await startLocalCluster(dir, 3);
+    clients = cluster.workers.map((w) => new StageClient(w.address));
+  });
+  after(async () => {
+    clients?.forEach((c) => c.close());
+    await cluster?.stop();
+  });
+
+  /** Opens `subscriber` on the given stages; resolves with its queue of delivered entries once every stage confirmed. */
+  async function subscribe(subscriber: string, at: StageClient[]) {
+    const got: { stage: number; entry: WireResultsMessage['replies'][number] }[] = [];
+    const waiters: (() => void)[] = [];
+    const streams = await Promise.all(
+      at.map(async (c, stage) => {
+        const s = c.results(subscriber);
+        s.on('error', () => {}); // CANCELLED: ours
+        await new Promise<void>((resolve) => s.on('data', (m: WireResultsMessage) => {
+          if (m.ready) resolve();
+          for (const entry of m.replies) got.push({ stage, entry });
+          waiters.splice(0).forEach((w) => w());
+        }));
+        return s;
+      }),
+    );
+    const next = async () => {
+      while (!got.length) await new Promise<void>((r) => waiters.push(r));
+      return got.shift()!;
+    };
+    return { next, close: () => streams.forEach((s) => s.cancel()) };
+  }
+
+  test('the result carries every stage\'s timing, and a later stage\'s error comes from the stage before it', async () => {
+    const fp = Checkpoint.open(dir).fingerprint();
+    await Promise.all(clients.map((c, i) => c.configure({ first: i, last: i + 1, dtype: 'float32', next_address: cluster.workers[i + 1]?.address ?? '', fingerprint: fp })));
+    const prefill = (sid: string) => stepToWire(sid, { fingerprint: fp, first: 0 }, { inputIds: i64([[1, 2]]), positionIds: i64([[0, 1]]), attentionMask: i64([[1, 1]]) });
+    const decode = (sid: string) => stepToWire(sid, { fingerprint: fp, first: 0 }, { inputIds: i64([[3]]), positionIds: i64([[2]]), attentionMask: i64([[1, 1, 1]]) });
+
+    const all = await subscribe('sub-all', clients);
+    const [ack] = await clients[0].stepBatch([{ ...prefill('p1'), reply_to: 'sub-all' }], 5_000);
+    assert.deepEqual(ack.reply && { delivered: ack.reply.delivered, timings: ack.reply.timings.length }, { delivered: true, timings: 0 }, 'stage 0 acks with no result and no timings');
+    const result = await all.next();
+    assert.equal(result.stage, 2, 'the result comes from the last stage');
+    assert.equal(result.entry.session_id, 'p1');
+    assert.equal(result.entry.reply?.logits?.dims.join(), '1,2,256');
+    assert.deepEqual(result.entry.reply?.timings.map((t) => [t.first, t.last]), [[0, 1], [1, 2], [2, 3]]);
+
+    // Stage 2 forgets p1: its error for p1's next step reaches the subscription from stage 1, which passed it on.
+    await clients[2].endSession('p1');
+    const [ack2] = await clients[0].stepBatch([{ ...decode('p1'), reply_to: 'sub-all' }], 5_000);
+    assert.equal(ack2.reply?.delivered, true);
+    const failed = await all.next();
+    assert.deepEqual({ stage: failed.stage, session: failed.entry.session_id, code: failed.entry.error?.code }, { stage: 1, session: 'p1', code: 'session_unknown' });
+    all.close();
+
+    // A subscription held by the last stage only: earlier stages wait for the chain, which brings back an ack.
+    const last = await subscribe('sub-last', [clients[2]]);
+    const [ack3] = await clients[0].stepBatch([{ ...prefill('p2'), reply_to: 'sub-last' }], 5_000);
+    assert.equal(ack3.reply?.delivered, true);
+    const r3 = await last.next();
+    assert.deepEqual(r3.entry.reply?.timings.map((t) => t.first), [0, 1, 2]);
+    last.close();
+    // No subscription anywhere: the whole reply, with every timing, comes back through the chain.
+    const [chain] = await clients[0].stepBatch([{ ...prefill('p3'), reply_to: 'nobody' }], 5_000);
+    assert.equal(chain.reply?.delivered, false);
+    assert.deepEqual(chain.reply?.timings.map((t) => t.first), [0, 1, 2]);
   });
 });
 
