@@ -1,4 +1,5 @@
 import { describe, test, before } from 'node:test';
+import { cpuWindow } from '../coordinator/bench/cpu.ts';
 import assert from 'node:assert/strict';
 import { existsSync, mkdtempSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -120,6 +121,11 @@ describe('strata bench (tiny synthetic model, real worker processes)', () => {
     assert.ok(Number.isFinite(r.ratios.decodeVsSingleWorker) && r.ratios.decodeVsSingleWorker > 0);
     assert.ok(Number.isFinite(r.ratios.decodeVsInProcess) && r.ratios.decodeVsInProcess > 0);
     assert.match(text, /pipeline: 2 workers/);
+    if (process.platform === 'linux') {
+      assert.deepEqual(r.pipeline.cpu?.stages.map((c) => c.pid), r.pipeline.stages.map((st) => st.pid), 'a CPU split per stage process');
+      assert.equal(r.pipeline.cpu?.coordinator.pid, process.pid);
+      assert.match(text, /CPU in the timed window: [\d.]+ s on \d+ cores/);
+    }
 
     assert.ok(existsSync(timelinePath));
     const html = readFileSync(timelinePath, 'utf8');
@@ -130,3 +136,13 @@ describe('strata bench (tiny synthetic model, real worker processes)', () => {
     assert.match(html, /batch 1/); // legend
   });
 });
+
+test('the CPU split counts a busy main thread as event loop time', { skip: process.platform !== 'linux' && 'needs /proc' }, () => {
+  const win = cpuWindow([process.pid]);
+  const until = performance.now() + 200;
+  while (performance.now() < until); // 200 ms of CPU on this (main) thread
+  const [split] = win.done();
+  assert.ok(split && split.eventLoopMs >= 150 && split.eventLoopMs <= 400, `event loop ${split?.eventLoopMs} ms`);
+  assert.ok(split.otherMs < split.eventLoopMs, `other threads ${split.otherMs} ms`);
+});
+

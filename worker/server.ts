@@ -82,7 +82,7 @@ export class StageWorker {
   private sweepTimer: NodeJS.Timeout | null = null;
   /** Open StepStreams from predecessors: ended on close, or the server would wait for their peers to hang up. */
   private readonly streams = new Set<grpc.ServerDuplexStream<any, WireStepBatchReply>>();
-  /** Coordinators' Results subscriptions (used when this is the last stage), by subscriber id. */
+  /** Coordinators' Results subscriptions, by subscriber id: results go there from the last stage, pass-on errors from any. */
   private readonly subscribers = new Map<string, ResultsStream>();
   readonly spec: ModelSpec;
   readonly fingerprint: string;

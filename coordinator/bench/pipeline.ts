@@ -88,6 +88,17 @@ export function renderRunTable(runs: RunResult[]): string {
   );
 }
 
+/** Where the timed window's CPU went, and the wall time that CPU needs at least on this host's cores. */
+export function renderCpu(r: RunResult): string {
+  if (!r.cpu) return '(CPU split: needs /proc, i.e. Linux)';
+  const sec = (ms: number) => (ms / 1000).toFixed(2);
+  const rows = [['coordinator (this process)', r.cpu.coordinator], ...r.cpu.stages.map((st, i) => [`stage ${i} (pid ${st.pid})`, st] as const)] as const;
+  return [
+    table(['process', 'event loop CPU s', 'other threads CPU s (stage thread, ORT pool)'], rows.map(([name, c]) => [name, sec(c.eventLoopMs), sec(c.otherMs)]), ['l', 'r', 'r']),
+    `CPU in the timed window: ${sec(r.cpu.totalMs)} s on ${cores()} cores = at least ${sec(r.cpu.totalMs / cores())} s of wall time (took ${sec(r.wallMs)} s): at most ${fmt(r.cpu.boundTokensPerSec, 1)} tok/s (e2e) with this much CPU`,
+  ].join('\n');
+}
+
 export function renderPipelineReport(r: PipelineBenchReport, outDir: string): string {
   const s = r.model.shape;
   const lines = [
@@ -99,6 +110,8 @@ export function renderPipelineReport(r: PipelineBenchReport, outDir: string): st
     table(['stage', 'blocks', 'pid', 'ORT runs', 'busy %', 'mean batch', 'max batch', 'run p50 ms', 'run p95 ms', 'runs by batch size'],
       r.pipeline.stages.map((st) => [st.index, rangeLabel({ first: st.blocks[0], last: st.blocks[1] }), st.pid ?? '—', st.runs, fmt(st.busyPct, 1), fmt(st.meanBatch, 2), st.maxBatch, fmt(st.runMs.p50, 2), fmt(st.runMs.p95, 2), Object.entries(st.batchHistogram).map(([k, n]) => `${k}:${n}`).join(' ')]),
       ['r', 'l', 'r', 'r', 'r', 'r', 'r', 'r', 'r', 'l']),
+    '',
+    renderCpu(r.pipeline),
     '',
     r.pipeline.hops.length
       ? table(['hop', 'messages', 'bytes/decode step', 'bytes/prefill', 'total', 'per second'],

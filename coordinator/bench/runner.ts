@@ -1,4 +1,5 @@
 import { availableParallelism } from 'node:os';
+import { cpuWindow, type CpuSplit } from './cpu.ts';
 import { loadModelSpec, type ModelSpec } from '../../model/config.ts';
 import { LocalPipeline } from '../../model/local-pipeline.ts';
 import type { Stepper } from '../../model/generation.ts';
@@ -144,6 +145,11 @@ export interface RunResult extends Omit<RunConfig, 'ranges'> {
   itlMs: Summary;
   stages: StageStats[];
   hops: HopStats[];
+  /**
+   * CPU time in the timed window (Linux, worker runs): this coordinator process and every stage, event loop vs
+   * other threads; `boundTokensPerSec` = tokens / (all that CPU spread perfectly over the host's cores).
+   */
+  cpu: { coordinator: CpuSplit; stages: CpuSplit[]; totalMs: number; boundTokensPerSec: number } | null;
   samples: { ttftMs: number[]; itlMs: number[]; decodeTokensPerSec: number[] };
 }
 
@@ -203,6 +209,13 @@ export interface Measured {
   timeline: TimelineSection | null;
 }
 
+function cpuSummary(splits: (CpuSplit | null)[] | null, tokens: number): RunResult['cpu'] {
+  if (!splits || splits.some((x) => x === null)) return null;
+  const [coordinator, ...stages] = splits as CpuSplit[];
+  const totalMs = [coordinator, ...stages].reduce((n, x) => n + x.eventLoopMs + x.otherMs, 0);
+  return { coordinator, stages, totalMs, boundTokensPerSec: totalMs > 0 ? tokens / (totalMs / 1000 / cores()) : Infinity };
+}
+
 /** Warm-up, then the timed workload (repeated), then the figures from the raw samples. */
 export async function measure(stepper: Stepper, cfg: RunConfig, model: BenchModel, w: WorkloadParams, progress: Progress, opts: { collector?: TimingCollector; stages?: { blocks: [number, number]; address: string; pid?: number }[] } = {}): Promise<Measured> {
   const vocab = model.spec.vocab;
@@ -214,6 +227,8 @@ export async function measure(stepper: Stepper, cfg: RunConfig, model: BenchMode
   const repeats = Math.max(1, w.repeats ?? 1);
   const bar = progress.bar(cfg.label, repeats * w.concurrency * w.newTokens, 'tokens');
   const results: WorkloadResult[] = [];
+  const pids = opts.stages?.map((st) => st.pid);
+  const cpuWin = cfg.mode === 'workers' && pids?.every((p) => p !== undefined) ? cpuWindow([process.pid, ...(pids as number[])]) : null;
   try {
     for (let r = 0; r < repeats; r++) {
       results.push(await runWorkload(stepper, { concurrency: w.concurrency, promptTokens: w.promptTokens, newTokens: w.newTokens, vocab, seed: w.seed + r, onToken: () => bar.increment() }));
@@ -221,6 +236,7 @@ export async function measure(stepper: Stepper, cfg: RunConfig, model: BenchMode
   } finally {
     bar.stop();
   }
+  const cpuSplits = cpuWin?.done() ?? null;
   const from = results[0].startMs;
   const to = results[results.length - 1].endMs;
   const wallMs = results.reduce((n, r) => n + r.wallMs, 0);
@@ -236,6 +252,7 @@ export async function measure(stepper: Stepper, cfg: RunConfig, model: BenchMode
     tokensPerSec: (generatedTokens * 1000) / wallMs, decodeTokensPerSec, msPerToken: 1000 / decodeTokensPerSec,
     ttftMs: summarize(ttft), itlMs: summarize(itl), stages,
     hops: cfg.mode === 'workers' ? hopStats(steps, model.spec, cfg.workers, w.promptTokens, to - from) : [],
+    cpu: cpuSummary(cpuSplits, generatedTokens),
     samples: { ttftMs: ttft, itlMs: itl, decodeTokensPerSec: rates },
   };
   const timeline: TimelineSection | null = opts.collector && opts.stages ? {

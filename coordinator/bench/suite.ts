@@ -242,6 +242,12 @@ export async function runSuite(o: SuiteOptions, launch: ClusterLauncher, progres
     const oneBound = (one.groupSize / one.groupRunMs) * 1000;
     entry({ id: '3.pipe2.bound', figure: '  bound from the measured stage runs: K=2 vs 1 worker', value: bound, unit: 'tok/s', baseline: oneBound, baselineLabel: `${one.groupSize} per ${fmt(one.groupRunMs)} ms run`, target: null, settings: `K=2: ${N} tokens per 2 runs of the slowest stage (runs of ${pipe.map((st) => `${st.groupSize} in ${fmt(st.groupRunMs)} ms`).join(', ')}); 1 worker: ${one.groupSize} tokens per run` });
   }
+  const pipeCpu = runs['agg-k2-t1']?.cpu;
+  if (pipeCpu && runs['agg-k1-t1']) {
+    const c = pipeCpu;
+    const split = [c.coordinator, ...c.stages].map((x, i) => `${i ? `stage ${i - 1}` : 'coordinator'} ${fmt(x.eventLoopMs / 1000)}+${fmt(x.otherMs / 1000)} s`).join(', ');
+    entry({ id: '3.pipe2.cpu', figure: '  bound from the CPU it used: K=2 vs 1 worker (e2e)', value: c.boundTokensPerSec, unit: 'tok/s', baseline: runs['agg-k1-t1'].tokensPerSec, baselineLabel: '1 worker, 1 thread (e2e)', target: null, settings: `K=2 used ${fmt(c.totalMs / 1000)} s of CPU (event loop + other threads: ${split}); spread perfectly over ${nCores} cores it could not have taken less than ${fmt(c.totalMs / 1000 / nCores)} s` });
+  }
   if (ks.includes(4)) {
     entry({ id: '4.k4', figure: `1 request tokens/s, K=4 vs K=1 (${all} threads per stage)`, value: runs[`single-k4-t${all}`].decodeTokensPerSec, unit: 'tok/s', baseline: s1.decodeTokensPerSec, baselineLabel: 'K=1', target: { op: '>=', ratio: 0.85 }, settings: `every worker --threads ${all} (the one active stage has all cores)` });
     if (all !== 1) {
