@@ -139,10 +139,11 @@ describe('strata bench (tiny synthetic model, real worker processes)', () => {
 
 test('the CPU split counts a busy main thread as event loop time', { skip: process.platform !== 'linux' && 'needs /proc' }, () => {
   const win = cpuWindow([process.pid]);
-  const until = performance.now() + 200;
-  while (performance.now() < until); // 200 ms of CPU on this (main) thread
+  const start = process.cpuUsage();
+  const used = () => { const u = process.cpuUsage(start); return (u.user + u.system) / 1000; };
+  while (used() < 200); // 200 ms of CPU, nearly all of it on this (main) thread, however loaded the machine is
   const [split] = win.done();
-  assert.ok(split && split.eventLoopMs >= 150 && split.eventLoopMs <= 400, `event loop ${split?.eventLoopMs} ms`);
+  assert.ok(split && split.eventLoopMs >= 150 && split.eventLoopMs <= 1000, `event loop ${split?.eventLoopMs} ms`);
   assert.ok(split.otherMs < split.eventLoopMs, `other threads ${split.otherMs} ms`);
 });
 
