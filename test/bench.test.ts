@@ -1,5 +1,4 @@
 import { describe, test, before } from 'node:test';
-import { cpuWindow } from '../coordinator/bench/cpu.ts';
 import assert from 'node:assert/strict';
 import { existsSync, mkdtempSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -12,6 +11,8 @@ import { decodeRate } from '../coordinator/bench/workload.ts';
 import { resolveShape, weightBytes } from '../coordinator/bench/model.ts';
 import { renderTimeline } from '../coordinator/bench/timeline.ts';
 import { table } from '../coordinator/bench/report.ts';
+import { cpuWindow } from '../coordinator/bench/cpu.ts';
+import { OrtStreamProbe } from '../coordinator/bench/ort-stream.ts';
 import type { PipelineBenchReport } from '../coordinator/bench/pipeline.ts';
 import { testCacheDir } from './helpers/fixtures.ts';
 
@@ -145,5 +146,18 @@ test('the CPU split counts a busy main thread as event loop time', { skip: proce
   const [split] = win.done();
   assert.ok(split && split.eventLoopMs >= 150 && split.eventLoopMs <= 1000, `event loop ${split?.eventLoopMs} ms`);
   assert.ok(split.otherMs < split.eventLoopMs, `other threads ${split.otherMs} ms`);
+});
+
+test("the linear-layers probe reads exactly the model's linear weights, once per run", { timeout: 60_000 }, async () => {
+  const shapes = { blocks: 2, dModel: 64, inner: 256, vocab: 100 };
+  const probe = await OrtStreamProbe.open(1, mkdtempSync(join(tmpdir(), 'strata-probe-')), shapes);
+  try {
+    const r = await probe.measure(2);
+    assert.equal(r.bytes, (2 * (4 * 64 * 64 + 2 * 64 * 256) + 100 * 64) * 4);
+    assert.equal(r.trialsMs.length, 2);
+    assert.ok(r.bytesPerSec > 0 && Number.isFinite(r.bytesPerSec));
+  } finally {
+    await probe.close();
+  }
 });
 

@@ -50,6 +50,8 @@ export interface SuiteReport {
   bandwidth: BandwidthResult[];
   /** ONNX Runtime's own batch-1 weight-streaming rate (MatMul chain), per thread count. */
   ortStream: OrtStreamResult[];
+  /** The model's own linear layers alone at batch 1 (Gemms of its shapes), per thread count. */
+  ortLinears: OrtStreamResult[];
   notes: string[];
 }
 
@@ -101,6 +103,8 @@ export async function runSuite(o: SuiteOptions, launch: ClusterLauncher, progres
   const bwProbes = new Map<number, BandwidthProbe>();
   const ortProbes = new Map<number, OrtStreamProbe>();
   const ortRounds = new Map<number, OrtStreamResult[]>();
+  const linProbes = new Map<number, OrtStreamProbe>();
+  const linRounds = new Map<number, OrtStreamResult[]>();
   const smallGrpc: number[] = [];
   const smallTcp: number[] = [];
   const measured = new Map<string, Measured[]>();
@@ -120,6 +124,7 @@ export async function runSuite(o: SuiteOptions, launch: ClusterLauncher, progres
     for (const t of inprocThreads) inprocess.set(t, await LocalPipeline.load(model.dir, [{ first: 0, last: model.spec.blocks }], { threads: t }));
     for (const t of inprocThreads) bwProbes.set(t, await BandwidthProbe.open({ threads: t }));
     for (const t of inprocThreads) ortProbes.set(t, await OrtStreamProbe.open(t, o.cacheDir));
+    for (const t of inprocThreads) linProbes.set(t, await OrtStreamProbe.open(t, o.cacheDir, model.spec));
 
     type Job = { id: string; run: () => Promise<void> };
     const record = (id: string, m: Measured) => measured.set(id, [...(measured.get(id) ?? []), m]);
@@ -150,6 +155,9 @@ export async function runSuite(o: SuiteOptions, launch: ClusterLauncher, progres
           const s = await ortProbes.get(t)!.measure(3);
           ortRounds.set(t, [...(ortRounds.get(t) ?? []), s]);
           progress.phase(`  ONNX Runtime weight streaming, ${t} thread(s): ${fmt(s.bytesPerSec / 1e9, 1)} GB/s`);
+          const l = await linProbes.get(t)!.measure(3);
+          linRounds.set(t, [...(linRounds.get(t) ?? []), l]);
+          progress.phase(`  the model's linear layers alone, ${t} thread(s): ${fmt(Math.min(...l.trialsMs))} ms (${fmt(l.bytesPerSec / 1e9, 1)} GB/s)`);
         },
       });
     }
@@ -175,7 +183,7 @@ export async function runSuite(o: SuiteOptions, launch: ClusterLauncher, progres
     for (const ws of clusters.values()) await ws.close().catch(() => {});
     for (const p of inprocess.values()) await p.close().catch(() => {});
     for (const b of bwProbes.values()) await b.close().catch(() => {});
-    for (const p of ortProbes.values()) await p.close().catch(() => {});
+    for (const p of [...ortProbes.values(), ...linProbes.values()]) await p.close().catch(() => {});
   }
 
   const runs: Record<string, RunResult> = {};
@@ -193,10 +201,12 @@ export async function runSuite(o: SuiteOptions, launch: ClusterLauncher, progres
     readTrialsMs: list.flatMap((b) => b.readTrialsMs), copyTrialsMs: list.flatMap((b) => b.copyTrialsMs),
   });
   const bandwidth = inprocThreads.map((t) => best(bwRounds.get(t)!));
-  const ortStream = inprocThreads.map((t): OrtStreamResult => {
-    const list = ortRounds.get(t)!;
+  const bestOf = (rounds: Map<number, OrtStreamResult[]>) => inprocThreads.map((t): OrtStreamResult => {
+    const list = rounds.get(t)!;
     return { threads: t, bytes: list[0].bytes, bytesPerSec: Math.max(...list.map((r) => r.bytesPerSec)), trialsMs: list.flatMap((r) => r.trialsMs) };
   });
+  const ortStream = bestOf(ortRounds);
+  const ortLinears = bestOf(linRounds);
   const probe = (trialsMs: number[]): HopProbe => ({ bytes: hopBytes, trialsMs, medianMs: median(trialsMs) });
   const grpc = probe(grpcTrials);
   const tcpProcess = probe(tcpTrials);
@@ -265,6 +275,8 @@ export async function runSuite(o: SuiteOptions, launch: ClusterLauncher, progres
     entry({ id: `6.floor.t${bw.threads}`, figure: `decode step vs weight-read floor, batch 1, ${bw.threads} thread(s) (in-process)`, value: step, unit: 'ms', baseline: floorMs, baselineLabel: `${fmtBytes(readBytes)} / ${fmt(bw.readBytesPerSec / 1e9, 1)} GB/s`, target: { op: '<=', ratio: 1.25 }, settings: `ITL p50 of LocalPipeline; read bandwidth: ${bw.threads}-thread memchr scan of 512 MiB, best of ${bw.readTrialsMs.length} (copy: ${fmt(bw.copyBytesPerSec / 1e9, 1)} GB/s r+w)` });
     const ort = ortStream.find((r) => r.threads === bw.threads)!;
     entry({ id: `6.floor.t${bw.threads}.ort`, figure: `  same vs ONNX Runtime's own weight-streaming floor`, value: step, unit: 'ms', baseline: (readBytes / ort.bytesPerSec) * 1000, baselineLabel: `${fmtBytes(readBytes)} / ${fmt(ort.bytesPerSec / 1e9, 1)} GB/s`, target: null, settings: `a chain of batch-1 MatMuls over ${fmtBytes(ort.bytes)} of weights, ${bw.threads} thread(s), best of ${ort.trialsMs.length}: the stricter floor` });
+    const lin = ortLinears.find((r) => r.threads === bw.threads)!;
+    entry({ id: `6.floor.t${bw.threads}.linears`, figure: `  same vs the model's linear layers alone`, value: step, unit: 'ms', baseline: (lin.bytes / lin.bytesPerSec) * 1000, baselineLabel: `${fmtBytes(lin.bytes)} at ${fmt(lin.bytesPerSec / 1e9, 1)} GB/s`, target: null, settings: `the ${model.spec.blocks * 4 + 1} batch-1 Gemms of this model's shapes and nothing else, ${bw.threads} thread(s), best of ${lin.trialsMs.length}: what the rest of the step adds` });
     const viaWorker = runs[`single-k1-t${bw.threads}`];
     if (viaWorker) entry({ id: `6.floor.t${bw.threads}.worker`, figure: `  same through 1 worker over gRPC, ${bw.threads} thread(s)`, value: viaWorker.itlMs.p50, unit: 'ms', baseline: floorMs, baselineLabel: 'floor', target: null, settings: 'ITL p50, includes the coordinator round trip' });
   }
@@ -275,7 +287,7 @@ export async function runSuite(o: SuiteOptions, launch: ClusterLauncher, progres
     workload: { concurrency: N, promptTokens: o.promptTokens, newTokens: o.newTokens, repeats: o.repeats, seed: o.seed },
     entries, runs,
     probes: { grpc, tcpProcess, tcpSameProcess, grpcDecodeStep: { bytes: model.spec.dModel * 4, trialsMs: smallGrpc, medianMs: median(smallGrpc) }, tcpDecodeStep: { bytes: model.spec.dModel * 4, trialsMs: smallTcp, medianMs: median(smallTcp) } },
-    bandwidth, ortStream,
+    bandwidth, ortStream, ortLinears,
     notes: [
       'every ratio is against a baseline measured in this same run (shared, noisy machine)',
       'tokens/s = decode tokens/s: for one request (M−1)/(t_last − t_first); for N concurrent, tokens chosen while all N were decoding / that window; each the median over interleaved rounds (one-request runs: 2 requests per round)',
