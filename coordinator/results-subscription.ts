@@ -1,5 +1,5 @@
 import type * as grpc from '@grpc/grpc-js';
-import { StrataError, type ErrorKind } from '../model/errors.ts';
+import { fromErrorRecord, StrataError } from '../model/errors.ts';
 import type { StageClient, WireResultsMessage, WireStepReply } from '../proto/client.ts';
 import { streamEnded } from '../proto/wire.ts';
 
@@ -32,7 +32,7 @@ export class ResultsSubscription {
         for (const { session_id, reply, error } of m.replies ?? []) {
           const w = this.waiting.get(session_id);
           this.waiting.delete(session_id);
-          if (error?.code) w?.reject(new StrataError(error.code, error.message, error.kind as ErrorKind));
+          if (error?.code) w?.reject(fromErrorRecord(error));
           else if (reply) w?.resolve(reply);
           else w?.reject(new StrataError('stage_error', `stage ${client.address} delivered neither a reply nor an error`, 'internal'));
         }

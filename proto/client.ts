@@ -1,6 +1,6 @@
 import * as grpc from '@grpc/grpc-js';
 import { service as healthService } from 'grpc-health-check';
-import { StrataError, type ErrorKind } from '../model/errors.ts';
+import { fromErrorRecord, StrataError, type ErrorRecord } from '../model/errors.ts';
 import { channelOptions, fromServiceError, StageClientCtor, streamEnded, type WireIdentity, type WireTensor } from './wire.ts';
 
 export interface WireStepRequest {
@@ -35,11 +35,7 @@ export interface WireResultsMessage {
   replies: { session_id: string; reply?: WireStepReply | null; error?: WireStepError | null }[];
 }
 
-export interface WireStepError {
-  code: string;
-  message: string;
-  kind: string;
-}
+export type WireStepError = ErrorRecord;
 
 /** One item of a StepBatch reply: `reply` when the step succeeded, else `error`. */
 export interface WireStepOutcome {
@@ -152,7 +148,7 @@ export class StageClient {
       stream.waiting.set(callId, {
         resolve: (reply) => {
           clearTimeout(timer);
-          if (reply.error?.code) return reject(new StrataError(reply.error.code, reply.error.message, reply.error.kind as ErrorKind));
+          if (reply.error?.code) return reject(fromErrorRecord(reply.error));
           if (reply.outcomes?.length !== steps.length) {
             return reject(new StrataError('stage_error', `stage ${this.address} answered ${reply.outcomes?.length ?? 0} outcomes for ${steps.length} steps`, 'internal'));
           }

@@ -2,10 +2,10 @@ import * as grpc from '@grpc/grpc-js';
 import { HealthImplementation } from 'grpc-health-check';
 import { loadModelSpec, type ModelSpec } from '../model/config.ts';
 import { Checkpoint } from '../model/safetensors.ts';
-import { isStrataError, StrataError } from '../model/errors.ts';
+import { isStrataError, StrataError, toErrorRecord } from '../model/errors.ts';
 import { checkRange, rangeLabel, type BlockRange } from '../model/range.ts';
 import type { WeightDType } from '../model/stage-graph.ts';
-import { StageClient, type WireResultsMessage, type WireStepBatchReply, type WireStepError, type WireStepOutcome, type WireStepReply, type WireStepRequest, type WireTiming } from '../proto/client.ts';
+import { StageClient, type WireResultsMessage, type WireStepBatchReply, type WireStepOutcome, type WireStepReply, type WireStepRequest, type WireTiming } from '../proto/client.ts';
 import { resultToWire, stepFromWire, stepToWire } from '../proto/step-codec.ts';
 import { channelOptions, fromWire, MALFORMED, PROTOCOL_VERSION, sameModel, StageService, toServiceError, type WireIdentity } from '../proto/wire.ts';
 import { StageHost } from './stage-host.ts';
@@ -33,11 +33,6 @@ export interface WorkerOptions {
 
 /** Items one StepBatch may carry (a coordinator sends at most its live sessions). */
 const MAX_BATCH_ITEMS = 1024;
-
-const wireError = (e: unknown): WireStepError => {
-  const err = isStrataError(e) ? e : new StrataError('stage_internal', (e as Error)?.message ?? String(e), 'internal');
-  return { code: err.code, message: err.message, kind: err.kind };
-};
 
 type ResultsStream = grpc.ServerWritableStream<any, WireResultsMessage>;
 type Delivered = WireResultsMessage['replies'][number];
@@ -270,8 +265,8 @@ export class StageWorker {
       const answer = (reply: Omit<WireStepBatchReply, 'call_id'>) => {
         if (!call.destroyed && call.writable) call.write({ call_id: callId, ...reply });
       };
-      if (req?.[MALFORMED]) return answer({ outcomes: [], error: wireError(new StrataError('request_malformed', `the request is not a valid protobuf message: ${req[MALFORMED]}`)) });
-      this.stepBatch(req).then(answer, (e) => answer({ outcomes: [], error: wireError(e) }));
+      if (req?.[MALFORMED]) return answer({ outcomes: [], error: toErrorRecord(new StrataError('request_malformed', `the request is not a valid protobuf message: ${req[MALFORMED]}`)) });
+      this.stepBatch(req).then(answer, (e) => answer({ outcomes: [], error: toErrorRecord(e) }));
     });
     call.on('end', () => call.end());
     call.on('error', () => {}); // the peer went away: its calls are its business
@@ -312,7 +307,7 @@ export class StageWorker {
         const { input, hidden } = stepFromWire(r);
         decoded.push({ index, sessionId: r.session_id, input: { ...input, hidden }, replyTo: r.reply_to ?? '', timings: r.timings ?? [] });
       } catch (e) {
-        outcomes[index] = { error: wireError(e) };
+        outcomes[index] = { error: toErrorRecord(e) };
       }
     });
     const done = decoded.length ? await this.host.stepMany(decoded.map(({ sessionId, input }) => ({ sessionId, input }))) : [];
@@ -345,7 +340,7 @@ export class StageWorker {
       const settle = (next: WireStepOutcome[] | null, e?: unknown) => {
         const late = new Deliveries();
         onward.forEach(({ item }, j) => {
-          const o = next?.[j] ?? { error: wireError(e) };
+          const o = next?.[j] ?? { error: toErrorRecord(e) };
           const sub = passedOn[j];
           if (!sub) outcomes[item.index] = o.reply ? { reply: o.reply } : { error: o.error };
           else if (!o.reply) late.add(sub, { session_id: item.sessionId, error: o.error });

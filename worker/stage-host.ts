@@ -1,5 +1,5 @@
 import { Worker } from 'node:worker_threads';
-import { StrataError, type ErrorKind } from '../model/errors.ts';
+import { fromErrorRecord, StrataError } from '../model/errors.ts';
 import type { PipelineStep } from '../model/generation.ts';
 import type { LoadedInfo, LoadRequest, StepDone, StepOutcome, ThreadReply, ThreadRequest } from './thread-protocol.ts';
 
@@ -17,7 +17,7 @@ export class StageHost {
       if (!p) return;
       this.pending.delete(msg.id);
       if (msg.ok) p.resolve(msg.value);
-      else p.reject(new StrataError(msg.error.code, msg.error.message, msg.error.kind as ErrorKind));
+      else p.reject(fromErrorRecord(msg.error));
     });
     this.thread.on('error', (e) => this.failAll(e));
     this.thread.on('exit', (code) => this.failAll(new StrataError('stage_thread_exited', `stage thread exited (code ${code})`, 'internal')));

@@ -4,10 +4,10 @@ import { prepareStage } from '../model/stage-cache.ts';
 import { StageSession } from '../model/executor.ts';
 import { Stage, type KvCache } from '../model/stage.ts';
 import { finishStep, type PipelineStep } from '../model/generation.ts';
-import { StrataError } from '../model/errors.ts';
+import { StrataError, toErrorRecord } from '../model/errors.ts';
 import type { TensorData } from '../model/tensor.ts';
 import { KvStore } from './kv-store.ts';
-import type { LoadedInfo, StepDone, StepOutcome, ThreadError, ThreadReply, ThreadRequest } from './thread-protocol.ts';
+import type { LoadedInfo, StepDone, StepOutcome, ThreadReply, ThreadRequest } from './thread-protocol.ts';
 
 // This thread owns the ORT session (whose run() blocks) and every session's KV cache; the main thread stays free
 // for gRPC streams, keepalives and health checks.
@@ -39,20 +39,16 @@ const reply = (msg: ThreadReply, transfer: ArrayBuffer[] = []) => {
     port.postMessage(msg); // buffers ORT owns cannot always be transferred: copy them
   }
 };
-const errorOf = (e: unknown): ThreadError => {
-  const err = e instanceof StrataError ? e : new StrataError('stage_internal', (e as Error).message, 'internal');
-  return { code: err.code, message: err.message, kind: err.kind };
-};
 
 /** Answers one request, or records one item of a group and answers the group when its last item is done. */
 function settle(p: Pending, outcome: { ok: true; value: unknown } | { ok: false; error: unknown }): void {
   const g = p.group;
   if (!g) {
     if (outcome.ok) reply({ id: p.id, ok: true, value: outcome.value }, p.req.type === 'step' ? buffersOf(outcome.value) : []);
-    else reply({ id: p.id, ok: false, error: errorOf(outcome.error) });
+    else reply({ id: p.id, ok: false, error: toErrorRecord(outcome.error) });
     return;
   }
-  g.outcomes[p.index!] = outcome.ok ? { ok: true, done: outcome.value as StepDone } : { ok: false, error: errorOf(outcome.error) };
+  g.outcomes[p.index!] = outcome.ok ? { ok: true, done: outcome.value as StepDone } : { ok: false, error: toErrorRecord(outcome.error) };
   if (--g.left === 0) reply({ id: g.id, ok: true, value: g.outcomes }, [...new Set(g.outcomes.flatMap((o) => (o.ok ? buffersOf(o.done) : [])))]);
 }
 

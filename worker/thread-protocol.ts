@@ -1,6 +1,7 @@
 import type { PipelineStep, StepResult } from '../model/generation.ts';
 import type { WeightDType } from '../model/stage-graph.ts';
 import type { BlockRange } from '../model/range.ts';
+import type { ErrorRecord } from '../model/errors.ts';
 
 /** Messages between a worker's main thread (gRPC) and the thread that owns the ORT session and KV caches. */
 export interface LoadRequest {
@@ -42,11 +43,7 @@ export interface StepDone {
 
 export type ThreadReply = { id: number; ok: true; value: unknown } | { id: number; ok: false; error: ThreadError } | { id: -1; progress: string };
 
-export interface ThreadError {
-  code: string;
-  message: string;
-  kind: string;
-}
+export type ThreadError = ErrorRecord;
 
 /** One item of a 'steps' request: its own result or its own error. */
 export type StepOutcome = { ok: true; done: StepDone } | { ok: false; error: ThreadError };
