@@ -1,6 +1,6 @@
 import type * as grpc from '@grpc/grpc-js';
 import type { ModelSpec } from '../model/config.ts';
-import { isStrataError, StrataError, type ErrorKind } from '../model/errors.ts';
+import { fromErrorRecord, isStrataError, StrataError } from '../model/errors.ts';
 import { embed, type PipelineStep, type StepResult, type Stepper } from '../model/generation.ts';
 import { rangeLabel, type BlockRange } from '../model/range.ts';
 import type { WeightDType } from '../model/stage-graph.ts';
@@ -271,48 +271,44 @@ export class RemotePipeline implements Stepper {
     if (this.results?.closed && this.clients.length) this.subscribeResults();
     const direct = this.results?.ready ? this.results : null;
     const settled = group.map(() => false);
+    /** Per step: the timer that fails it if its acknowledged result never arrives. */
+    const lost: (NodeJS.Timeout | undefined)[] = [];
     const settle = (j: number, fn: () => void) => {
       if (settled[j]) return;
       settled[j] = true;
+      clearTimeout(lost[j]);
       direct?.cancel(group[j].wireId);
       fn();
       group[j].settled?.();
     };
-    const done = group.map((q, j) => {
-      const fromLast = direct?.expect(q.wireId);
-      const accept = (reply: WireStepReply) => {
+    /** Settles a step with its reply (from the subscription or the chain); a reply that does not decode rejects it. */
+    const resolveWith = (j: number, reply: WireStepReply, viaSubscription: boolean) =>
+      settle(j, () => {
         try {
-          q.resolve(this.received(reply));
-          this.directReplies++;
+          group[j].resolve(this.received(reply));
+          if (viaSubscription) this.directReplies++;
         } catch (e) {
-          q.reject(e);
+          group[j].reject(e);
         }
-      };
-      fromLast?.then((reply) => settle(j, () => accept(reply)), (e) => settle(j, () => q.reject(e)));
+      });
+    const done = group.map((q, j) => {
+      direct?.expect(q.wireId).then((reply) => resolveWith(j, reply, true), (e) => settle(j, () => q.reject(e)));
       return new Promise<void>((resolve) => (q.settled = resolve));
     });
     try {
       const outcomes = await this.clients[0].stepBatch(group.map((q) => ({ ...stepToWire(q.wireId, target, q.input), reply_to: direct?.subscriber ?? '' })), this.opts.stepTimeoutMs ?? 60_000);
       outcomes.forEach((o, j) => {
         if (!o.reply) {
-          const err = new StrataError(o.error?.code || 'stage_error', o.error?.message || 'the stage answered neither a reply nor an error', (o.error?.kind || 'internal') as ErrorKind);
+          const err = fromErrorRecord({ code: o.error?.code || 'stage_error', message: o.error?.message || 'the stage answered neither a reply nor an error', kind: o.error?.kind || 'internal' });
           return settle(j, () => group[j].reject(err));
         }
         if (o.reply.delivered && direct) {
           // The result (or error) comes on the subscription; should it never come, the step fails like a lost stage.
-          const lost = () => settle(j, () => group[j].reject(new StrataError('stage_unavailable', 'a stage acknowledged a step whose result never arrived', 'unavailable')));
-          setTimeout(lost, this.opts.stepTimeoutMs ?? 60_000).unref();
+          if (!settled[j]) lost[j] = setTimeout(() => settle(j, () => group[j].reject(new StrataError('stage_unavailable', 'a stage acknowledged a step whose result never arrived', 'unavailable'))), this.opts.stepTimeoutMs ?? 60_000).unref();
           return;
         }
         if (o.reply.delivered) return settle(j, () => group[j].reject(new StrataError('stage_error', 'a stage delivered a result to a subscription this step did not name', 'internal')));
-        const reply = o.reply;
-        settle(j, () => {
-          try {
-            group[j].resolve(this.received(reply));
-          } catch (e) {
-            group[j].reject(e);
-          }
-        });
+        resolveWith(j, o.reply, false);
       });
     } catch (e) {
       group.forEach((q, j) => settle(j, () => q.reject(e)));
