@@ -21,6 +21,9 @@ before(() => testCacheDir());
 const STRATA = fileURLToPath(new URL('../bin/strata.js', import.meta.url));
 const i64 = (rows: number[][]) => ({ dtype: 'int64' as const, dims: [rows.length, rows[0].length], data: BigInt64Array.from(rows.flat(), BigInt) });
 const code = (c: string) => (e: unknown) => e instanceof StrataError && e.code === c;
+/** A two-token prefill, and the decode step after it, addressed to stage 0 of checkpoint `fp` (StepBatch tests). */
+const prefillStep = (fp: string, sid: string) => stepToWire(sid, { fingerprint: fp, first: 0 }, { inputIds: i64([[1, 2]]), positionIds: i64([[0, 1]]), attentionMask: i64([[1, 1]]) });
+const decodeStep = (fp: string, sid: string) => stepToWire(sid, { fingerprint: fp, first: 0 }, { inputIds: i64([[3]]), positionIds: i64([[2]]), attentionMask: i64([[1, 1, 1]]) });
 
 describe('KV store: budget, LRU eviction, TTL', () => {
   const cache = (len: number) => ({ length: len, row: 0, offset: 0, batch: 1, layers: new Map([[0, { key: { dtype: 'float32' as const, dims: [1, 1, len, 4], data: new Float32Array(len * 4) }, value: { dtype: 'float32' as const, dims: [1, 1, len, 4], data: new Float32Array(len * 4) } }]]) });
@@ -88,26 +91,24 @@ describe('stage handshake and refusals', () => {
     const cb = new StageClient(b.address);
     const fp = Checkpoint.open(fixtureDir('gptneo-rotary-tiny')).fingerprint();
     await cb.configure({ first: 0, last: 3, dtype: 'float32', next_address: '', fingerprint: fp });
-    const prefill = (sid: string) => stepToWire(sid, { fingerprint: fp, first: 0 }, { inputIds: i64([[1, 2]]), positionIds: i64([[0, 1]]), attentionMask: i64([[1, 1]]) });
-    const decode = (sid: string) => stepToWire(sid, { fingerprint: fp, first: 0 }, { inputIds: i64([[3]]), positionIds: i64([[2]]), attentionMask: i64([[1, 1, 1]]) });
-    const lying = { ...prefill('x1'), input_ids: { dtype: 'int64', dims: [1, 3], data: new Uint8Array(16) } };
-    const first = await cb.stepBatch([prefill('b1'), lying, { ...prefill('x2'), first: 1 }, decode('never-prefilled'), prefill('b2')], 5_000);
+    const lying = { ...prefillStep(fp, 'x1'), input_ids: { dtype: 'int64', dims: [1, 3], data: new Uint8Array(16) } };
+    const first = await cb.stepBatch([prefillStep(fp, 'b1'), lying, { ...prefillStep(fp, 'x2'), first: 1 }, decodeStep(fp, 'never-prefilled'), prefillStep(fp, 'b2')], 5_000);
     assert.deepEqual(first.map((o) => o.error?.code ?? 'ok'), ['ok', 'tensor_size_mismatch', 'stage_mismatch', 'session_unknown', 'ok']);
     assert.equal(first[0].reply?.logits?.dims.join(), '1,2,256');
-    const second = await cb.stepBatch([decode('b1'), decode('b2')], 5_000);
+    const second = await cb.stepBatch([decodeStep(fp, 'b1'), decodeStep(fp, 'b2')], 5_000);
     assert.deepEqual(second.map((o) => o.reply?.timings[0].batch), [2, 2], 'both decode steps shared one ORT run');
     await assert.rejects(cb.stepBatch([], 5_000), code('step_batch_invalid'));
     // reply_to: the reply goes to that Results subscription and the chain gets an ack; an unknown one falls back.
     const results = cb.results('sub-test');
     const delivered = new Promise<WireResultsMessage>((resolve) => results.on('data', (m: WireResultsMessage) => m.replies.length && resolve(m)));
     await new Promise((resolve) => results.once('data', resolve)); // { ready: true }
-    const [ack] = await cb.stepBatch([{ ...prefill('b3'), reply_to: 'sub-test' }], 5_000);
+    const [ack] = await cb.stepBatch([{ ...prefillStep(fp, 'b3'), reply_to: 'sub-test' }], 5_000);
     assert.equal(ack.reply?.delivered, true);
     assert.equal(ack.reply?.logits ?? null, null, 'the ack carries no result');
     const got = await delivered;
     assert.equal(got.replies[0].session_id, 'b3');
     assert.equal(got.replies[0].reply?.logits?.dims.join(), '1,2,256');
-    const [fallback] = await cb.stepBatch([{ ...prefill('b4'), reply_to: 'nobody' }], 5_000);
+    const [fallback] = await cb.stepBatch([{ ...prefillStep(fp, 'b4'), reply_to: 'nobody' }], 5_000);
     assert.equal(fallback.reply?.delivered, false);
     assert.equal(fallback.reply?.logits?.dims.join(), '1,2,256');
     results.on('error', () => {}); // CANCELLED: ours
@@ -156,11 +157,9 @@ describe('stage protocol 3: a stage holding the subscription passes a step on an
   test('the result carries every stage\'s timing, and a later stage\'s error comes from the stage before it', async () => {
     const fp = Checkpoint.open(dir).fingerprint();
     await Promise.all(clients.map((c, i) => c.configure({ first: i, last: i + 1, dtype: 'float32', next_address: cluster.workers[i + 1]?.address ?? '', fingerprint: fp })));
-    const prefill = (sid: string) => stepToWire(sid, { fingerprint: fp, first: 0 }, { inputIds: i64([[1, 2]]), positionIds: i64([[0, 1]]), attentionMask: i64([[1, 1]]) });
-    const decode = (sid: string) => stepToWire(sid, { fingerprint: fp, first: 0 }, { inputIds: i64([[3]]), positionIds: i64([[2]]), attentionMask: i64([[1, 1, 1]]) });
 
     const all = await subscribe('sub-all', clients);
-    const [ack] = await clients[0].stepBatch([{ ...prefill('p1'), reply_to: 'sub-all' }], 5_000);
+    const [ack] = await clients[0].stepBatch([{ ...prefillStep(fp, 'p1'), reply_to: 'sub-all' }], 5_000);
     assert.deepEqual(ack.reply && { delivered: ack.reply.delivered, timings: ack.reply.timings.length }, { delivered: true, timings: 0 }, 'stage 0 acks with no result and no timings');
     const result = await all.next();
     assert.equal(result.stage, 2, 'the result comes from the last stage');
@@ -170,7 +169,7 @@ describe('stage protocol 3: a stage holding the subscription passes a step on an
 
     // Stage 2 forgets p1: its error for p1's next step reaches the subscription from stage 1, which passed it on.
     await clients[2].endSession('p1');
-    const [ack2] = await clients[0].stepBatch([{ ...decode('p1'), reply_to: 'sub-all' }], 5_000);
+    const [ack2] = await clients[0].stepBatch([{ ...decodeStep(fp, 'p1'), reply_to: 'sub-all' }], 5_000);
     assert.equal(ack2.reply?.delivered, true);
     const failed = await all.next();
     assert.deepEqual({ stage: failed.stage, session: failed.entry.session_id, code: failed.entry.error?.code }, { stage: 1, session: 'p1', code: 'session_unknown' });
@@ -178,13 +177,13 @@ describe('stage protocol 3: a stage holding the subscription passes a step on an
 
     // A subscription held by the last stage only: earlier stages wait for the chain, which brings back an ack.
     const last = await subscribe('sub-last', [clients[2]]);
-    const [ack3] = await clients[0].stepBatch([{ ...prefill('p2'), reply_to: 'sub-last' }], 5_000);
+    const [ack3] = await clients[0].stepBatch([{ ...prefillStep(fp, 'p2'), reply_to: 'sub-last' }], 5_000);
     assert.equal(ack3.reply?.delivered, true);
     const r3 = await last.next();
     assert.deepEqual(r3.entry.reply?.timings.map((t) => t.first), [0, 1, 2]);
     last.close();
     // No subscription anywhere: the whole reply, with every timing, comes back through the chain.
-    const [chain] = await clients[0].stepBatch([{ ...prefill('p3'), reply_to: 'nobody' }], 5_000);
+    const [chain] = await clients[0].stepBatch([{ ...prefillStep(fp, 'p3'), reply_to: 'nobody' }], 5_000);
     assert.equal(chain.reply?.delivered, false);
     assert.deepEqual(chain.reply?.timings.map((t) => t.first), [0, 1, 2]);
   });
