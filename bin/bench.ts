@@ -2,12 +2,12 @@ import type { Command } from 'commander';
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { isStrataError, StrataError } from '../model/errors.ts';
-import { renderPipelineReport, runPipelineBench, type PipelineBenchOptions, type PipelineBenchReport } from '../coordinator/bench/pipeline.ts';
-import { createProgress, silentProgress, type Progress } from '../coordinator/bench/progress.ts';
-import type { ClusterLauncher } from '../coordinator/bench/runner.ts';
-import { renderSuiteReport, runSuite, type SuiteReport } from '../coordinator/bench/suite.ts';
-import { renderTimeline } from '../coordinator/bench/timeline.ts';
-import { renderBlockReport, runBlockBench, type BlockBenchReport } from '../coordinator/bench/block.ts';
+import { renderPipelineReport, runPipelineBench, type PipelineBenchOptions, type PipelineBenchReport } from '../bench/pipeline.ts';
+import { createProgress, silentProgress, type Progress } from '../bench/progress.ts';
+import type { ClusterLauncher } from '../bench/runner.ts';
+import { renderSuiteReport, runSuite, type SuiteReport } from '../bench/suite.ts';
+import { renderTimeline } from '../bench/timeline.ts';
+import { renderBlockReport, runBlockBench, type BlockBenchReport } from '../bench/block.ts';
 import { availableParallelism } from 'node:os';
 import { startLocalCluster } from './local-cluster.ts';
 

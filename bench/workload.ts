@@ -1,6 +1,6 @@
 import { performance } from 'node:perf_hooks';
-import { generate, type PipelineStep, type StepResult, type Stepper } from '../../model/generation.ts';
-import { createRng } from '../../model/sampling.ts';
+import { generate, type PipelineStep, type StepResult, type Stepper } from '../model/generation.ts';
+import { createRng } from '../model/sampling.ts';
 import { summarize, type Summary } from './stats.ts';
 
 /** Unix time in ms with sub-ms resolution: the clock the workers stamp their ORT runs with. */

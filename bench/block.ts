@@ -1,14 +1,14 @@
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { normalizeConfig } from '../../model/config.ts';
-import { buildStageGraph } from '../../model/stage-graph.ts';
-import { defaultFused } from '../../model/stage-cache.ts';
-import { FileSink } from '../../model/onnx-builder.ts';
-import { StageSession } from '../../model/executor.ts';
-import { Stage } from '../../model/stage.ts';
-import { PRESETS, syntheticConfig } from '../../model/synthetic.ts';
-import type { TensorData } from '../../model/tensor.ts';
+import { normalizeConfig } from '../model/config.ts';
+import { buildStageGraph } from '../model/stage-graph.ts';
+import { defaultFused } from '../model/stage-cache.ts';
+import { FileSink } from '../model/onnx-builder.ts';
+import { StageSession } from '../model/executor.ts';
+import { Stage } from '../model/stage.ts';
+import { PRESETS, syntheticConfig } from '../model/synthetic.ts';
+import type { TensorData } from '../model/tensor.ts';
 import { measureBandwidth } from './bandwidth.ts';
 import { summarize } from './stats.ts';
 

@@ -1,5 +1,5 @@
 import { cpus, loadavg } from 'node:os';
-import { rangeLabel } from '../../model/range.ts';
+import { rangeLabel } from '../model/range.ts';
 import { resolveShape, type ShapeFlags } from './model.ts';
 import type { Progress } from './progress.ts';
 import { fmt, fmtBytes, table } from './report.ts';

@@ -4,7 +4,7 @@ import { resolveShape, type ShapeFlags } from './model.ts';
 import { machineInfo, renderRunTable } from './pipeline.ts';
 import type { Progress } from './progress.ts';
 import { fmt, fmtBytes, table } from './report.ts';
-import { LocalPipeline } from '../../model/local-pipeline.ts';
+import { LocalPipeline } from '../model/local-pipeline.ts';
 import { cores, defaultThreads, measure, mergeRounds, openWorkers, plannedRanges, prebuildStages, prepareModel, type BenchModel, type ClusterLauncher, type Measured, type RunResult, type WorkerSession, type WorkloadParams } from './runner.ts';
 import { median, ratio } from './stats.ts';
 import type { TimelineSection } from './timeline.ts';

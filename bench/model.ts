@@ -1,11 +1,11 @@
 import { existsSync, mkdirSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import type { ModelSpec } from '../../model/config.ts';
-import { allRefs, stageWeights, type WeightRef } from '../../model/layout.ts';
-import type { BlockRange } from '../../model/range.ts';
-import { defaultCacheDir } from '../../model/stage-cache.ts';
-import { PRESETS, writeSyntheticModel, type SyntheticShape } from '../../model/synthetic.ts';
-import { StrataError } from '../../model/errors.ts';
+import type { ModelSpec } from '../model/config.ts';
+import { allRefs, stageWeights, type WeightRef } from '../model/layout.ts';
+import type { BlockRange } from '../model/range.ts';
+import { defaultCacheDir } from '../model/stage-cache.ts';
+import { PRESETS, writeSyntheticModel, type SyntheticShape } from '../model/synthetic.ts';
+import { StrataError } from '../model/errors.ts';
 
 export interface ShapeFlags {
   preset?: string;

@@ -2,8 +2,8 @@ import { spawn } from 'node:child_process';
 import { createServer, connect, type Server, type Socket } from 'node:net';
 import { createInterface } from 'node:readline';
 import { performance } from 'node:perf_hooks';
-import { StageClient } from '../../proto/client.ts';
-import { toWire } from '../../proto/wire.ts';
+import { StageClient } from '../proto/client.ts';
+import { toWire } from '../proto/wire.ts';
 import { median } from './stats.ts';
 
 /**

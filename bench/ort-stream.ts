@@ -1,8 +1,8 @@
 import { existsSync, mkdirSync, renameSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { StageSession } from '../../model/executor.ts';
-import { ElemType, FileSink, GraphBuilder } from '../../model/onnx-builder.ts';
-import { defaultCacheDir } from '../../model/stage-cache.ts';
+import { StageSession } from '../model/executor.ts';
+import { ElemType, FileSink, GraphBuilder } from '../model/onnx-builder.ts';
+import { defaultCacheDir } from '../model/stage-cache.ts';
 
 /**
  * ONNX Runtime's own weight-streaming rate: a chain of batch-1 MatMuls ([1, d] × [d, 4d], then × [4d, d], ...) over
