@@ -11,8 +11,11 @@ import type { WeightDType } from '../model/stage-graph.ts';
 import { RemotePipeline } from '../coordinator/remote-pipeline.ts';
 import { startLocalCluster } from './local-cluster.ts';
 
-/** The model `npm start` and the commands use when --model is not given: a tiny GPT-2 in HF layout. */
-export const BUILTIN_MODEL = fileURLToPath(new URL('../test/fixtures/gpt2-tiny', import.meta.url));
+/**
+ * The model `npm start` and the commands use when --model is not given: models/demo, a tiny GPT-2 in HF layout with
+ * random weights and GPT-2's real tokenizer and vocabulary (so text in and text out work).
+ */
+export const BUILTIN_MODEL = fileURLToPath(new URL('../models/demo', import.meta.url));
 
 interface CommonOptions {
   model: string;

@@ -47,7 +47,7 @@ const healthcheckRuns = runHealthchecks();
 healthcheckRuns.catch(() => {});
 const { buildProgram } = await import('../bin/main.ts');
 
-const BUILTIN_MODEL = '/app/test/fixtures/gpt2-tiny';
+const BUILTIN_MODEL = '/app/models/demo';
 const get = (o: Json | undefined, path: string): any => path.split('.').reduce<any>((x, k) => (x == null ? undefined : x[k]), o);
 const find = (objs: K8sObject[], kind: string, name: string): any => {
   const o = objs.find((x) => x.kind === kind && x.metadata.name === name);
@@ -684,7 +684,7 @@ describe('deploy/Dockerfile', () => {
     const files = execFileSync('git', ['ls-files', '--cached', '--others', '--exclude-standard'], { cwd: ROOT, encoding: 'utf8' }).split('\n').filter((f) => f && existsSync(join(ROOT, f)));
     const included = dockerignore();
     const context = new Set(files.filter(included));
-    for (const f of ['package.json', 'package-lock.json', '.npmrc', 'tsconfig.json', 'bin/strata.js', 'deploy/healthcheck.mjs', 'test/fixtures/gpt2-tiny/config.json', 'test/fixtures/gpt2-tiny/model.safetensors']) {
+    for (const f of ['package.json', 'package-lock.json', '.npmrc', 'tsconfig.json', 'bin/strata.js', 'deploy/healthcheck.mjs', 'models/demo/config.json', 'models/demo/model.safetensors', 'models/demo/vocab.json', 'models/demo/merges.txt', 'models/demo/tokenizer_config.json']) {
       assert.ok(context.has(f), `${f} is in the build context`);
     }
     for (const f of ['test/deploy.test.ts', 'deploy/k8s/base/kustomization.yaml', 'docker-compose.yml', 'deploy/Dockerfile']) {
