@@ -135,7 +135,7 @@ export function registerRunCommands(program: Command): void {
     .option('--top-k <k>', 'candidates to return', '5')
     .action(run(async (o) => {
       const result = await withPipeline(o, async (p, spec, tok) => {
-        if (spec.causal) throw new StrataError('task_unsupported', `fill-mask needs a masked language model (distilbert); ${o.model} is ${spec.modelType}`);
+        if (spec.causal) throw new StrataError('task_unsupported', `fill-mask needs a masked language model (distilbert); ${o.model} is ${spec.modelType}`, 'invalid_argument');
         const ids = inputIds(o, tok);
         let maskIndex = o.maskIndex !== undefined ? Number(o.maskIndex) : -1;
         if (maskIndex < 0 && tok?.maskToken) maskIndex = ids.indexOf(tok.maskToken.id);

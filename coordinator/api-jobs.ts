@@ -1,6 +1,6 @@
 import { randomInt } from 'node:crypto';
 import type { ModelSpec } from '../model/config.ts';
-import { StrataError } from '../model/errors.ts';
+import { StrataError, type ErrorCode } from '../model/errors.ts';
 import { fillMask, generate, type Stepper } from '../model/generation.ts';
 import { stopSequenceHit, validateSamplingParams, type SamplingParams } from '../model/sampling.ts';
 import type { StrataTokenizer } from '../model/tokenizer.ts';
@@ -149,7 +149,7 @@ export interface ResolvedEmbed {
 }
 export type ResolvedJob = ResolvedGenerate | ResolvedFillMask | ResolvedEmbed;
 
-const bad = (code: string, message: string) => new StrataError(code, message, 'invalid_argument');
+const bad = (code: ErrorCode, message: string) => new StrataError(code, message, 'invalid_argument');
 
 /** A value quoted in an error message: JSON, cut short (a 10 MB array must not come back in a 400's message). */
 export function show(v: unknown, max = 80): string {

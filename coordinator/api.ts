@@ -3,7 +3,8 @@ import { STATUS_CODES } from 'node:http';
 import Fastify, { type FastifyBaseLogger, type FastifyInstance, type FastifyReply } from 'fastify';
 import type { Logger } from 'pino';
 import type { ModelSpec } from '../model/config.ts';
-import { isStrataError, StrataError, type ErrorKind } from '../model/errors.ts';
+import { isStrataError, StrataError, type ErrorCode } from '../model/errors.ts';
+import { statusOf as errorStatus } from '../model/error-codes.ts';
 import type { StrataTokenizer } from '../model/tokenizer.ts';
 import {
   resolveJob, show, type EmbedResultBody, type FillMaskResultBody, type GenerateResultBody, type JobPayload, type ModelContext,
@@ -49,19 +50,13 @@ export interface ApiOptions {
 
 // ---- Errors: {error: {message, type, code}} with the status the error's kind implies ---------------------------
 
-const STATUS: Record<ErrorKind, number> = {
-  invalid_argument: 400, not_found: 404, failed_precondition: 422, resource_exhausted: 429, unavailable: 503, internal: 500,
-};
 const TYPE: Record<number, string> = {
   400: 'invalid_request_error', 401: 'authentication_error', 404: 'not_found_error', 408: 'timeout', 413: 'invalid_request_error', 414: 'invalid_request_error', 415: 'invalid_request_error',
   422: 'invalid_request_error', 429: 'rate_limit_error', 500: 'server_error', 501: 'not_implemented', 503: 'service_unavailable', 504: 'timeout',
 };
 
-function statusOf(e: StrataError): number {
-  if (e.code === 'not_implemented') return 501;
-  if (e.code === 'job_timeout') return 504;
-  return STATUS[e.kind] ?? 500;
-}
+/** The HTTP status of the error's code in the catalogue (model/error-codes.ts). */
+const statusOf = (e: StrataError): number => errorStatus(e).http;
 
 const errorBody = (status: number, code: string, message: string) => ({
   error: { message, type: TYPE[status] ?? (status < 500 ? 'invalid_request_error' : 'server_error'), code },
@@ -75,7 +70,7 @@ function sendError(reply: FastifyReply, e: StrataError): FastifyReply {
   return reply.code(status).send(errorBody(status, e.code, e.message));
 }
 
-const bad = (code: string, message: string) => new StrataError(code, message, 'invalid_argument');
+const bad = (code: ErrorCode, message: string) => new StrataError(code, message, 'invalid_argument');
 
 /** Framework messages quote the URL or the body; a 5 kB path must not come back in full. */
 const clip = (message: string, max = 300) => (message.length > max ? `${message.slice(0, max)}…` : message);

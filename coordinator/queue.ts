@@ -3,7 +3,7 @@ import { Queue, QueueEvents, UnrecoverableError, Worker, type Job, type JobsOpti
 import { Redis, type RedisOptions } from 'ioredis';
 import { pino, type Logger } from 'pino';
 import type { ModelSpec } from '../model/config.ts';
-import { isStrataError, StrataError, type ErrorKind } from '../model/errors.ts';
+import { fromErrorRecord, isStrataError, StrataError, type ErrorKind } from '../model/errors.ts';
 import type { StrataTokenizer } from '../model/tokenizer.ts';
 import {
   resolveJob, runJob, type JobPayload, type JobResult, type ModelContext, type ResolvedJob, type ServingPipeline, type TokenProgress,
@@ -143,7 +143,7 @@ export function formatFailure(e: unknown): string {
 export function parseFailure(reason: string | undefined): StrataError {
   const m = /^\[(\w+)\/([\w.-]+)\] ([\s\S]*)$/.exec(reason ?? '');
   if (!m) return new StrataError('job_failed', reason || 'the job failed without a reason', 'internal');
-  return new StrataError(m[2], m[3], m[1] as ErrorKind);
+  return fromErrorRecord({ code: m[2], message: m[3], kind: m[1] });
 }
 
 /** JSON with sorted keys and undefined fields dropped: two payloads compare equal when Redis would store the same. */

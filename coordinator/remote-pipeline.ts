@@ -1,6 +1,6 @@
 import type * as grpc from '@grpc/grpc-js';
 import type { ModelSpec } from '../model/config.ts';
-import { fromErrorRecord, isStrataError, StrataError } from '../model/errors.ts';
+import { fromErrorRecord, isRecoverable, StrataError } from '../model/errors.ts';
 import { embed, type PipelineStep, type StepResult, type Stepper } from '../model/generation.ts';
 import { rangeLabel, type BlockRange } from '../model/range.ts';
 import type { WeightDType } from '../model/stage-graph.ts';
@@ -62,10 +62,6 @@ interface QueuedDecode {
 
 /** A session counts as decoding (for the group size) while its steps keep coming within this window. */
 const DECODING_WINDOW_MS = 2_000;
-
-/** Failures a replay can cure: a stage is gone, or it lost this session's KV cache. */
-const RECOVERABLE = new Set(['stage_unavailable', 'session_unknown', 'session_evicted', 'session_out_of_step', 'stage_not_configured', 'stage_mismatch', 'stage_thread_exited']);
-const recoverable = (e: unknown) => isStrataError(e) && (e.kind === 'unavailable' || RECOVERABLE.has(e.code));
 
 /**
  * The coordinator's view of K workers as one Stepper. It configures every worker with its block range and next hop at
@@ -194,7 +190,7 @@ export class RemotePipeline implements Stepper {
         if (this.opts.spec.causal) this.record(log, input);
         return result;
       } catch (e) {
-        if (!recoverable(e) || Date.now() > deadline) throw e;
+        if (!isRecoverable(e) || Date.now() > deadline) throw e;
         this.opts.log?.({ session: sessionId, err: (e as Error).message }, 'step failed; recovering the pipeline');
         await this.recover(generation, deadline);
         replayNeeded = true;

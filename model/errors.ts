@@ -1,14 +1,17 @@
-/**
- * Typed errors shared by every layer. `code` is stable (clients and tests match on it);
- * the message says what is wrong and what to do. HTTP and gRPC map `kind` to status codes.
- */
-export type ErrorKind = 'invalid_argument' | 'not_found' | 'failed_precondition' | 'unavailable' | 'resource_exhausted' | 'internal';
+import { ERROR_CATALOGUE, errorEntry, type ErrorCode, type ErrorKind } from './error-codes.ts';
 
+export type { ErrorCode, ErrorKind } from './error-codes.ts';
+
+/**
+ * Typed errors shared by every layer. `code` is stable (clients and tests match on it) and listed in
+ * error-codes.ts, which also says the kind it defaults to and the HTTP and gRPC status it answers with; the message
+ * says what is wrong and what to do.
+ */
 export class StrataError extends Error {
   constructor(
-    readonly code: string,
+    readonly code: ErrorCode,
     message: string,
-    readonly kind: ErrorKind = 'invalid_argument',
+    readonly kind: ErrorKind = ERROR_CATALOGUE[code].kind,
   ) {
     super(message);
     this.name = 'StrataError';
@@ -16,6 +19,9 @@ export class StrataError extends Error {
 }
 
 export const isStrataError = (e: unknown): e is StrataError => e instanceof StrataError;
+
+/** Whether the coordinator may cure this failure by re-planning and replaying: its code's entry, or any unavailable. */
+export const isRecoverable = (e: unknown): boolean => isStrataError(e) && (e.kind === 'unavailable' || (errorEntry(e.code)?.recoverable ?? false));
 
 /** An error as plain data, the form it crosses a thread or the wire in (StepError in stage.proto). */
 export interface ErrorRecord {
@@ -30,4 +36,8 @@ export function toErrorRecord(e: unknown): ErrorRecord {
   return { code: err.code, message: err.message, kind: err.kind };
 }
 
-export const fromErrorRecord = (r: ErrorRecord): StrataError => new StrataError(r.code, r.message, r.kind as ErrorKind);
+/**
+ * Back from a record (a peer's reply, a job's stored failure). The code is kept as sent even when this version's
+ * catalogue lacks it (a newer peer): clients see the code the failing process chose.
+ */
+export const fromErrorRecord = (r: ErrorRecord): StrataError => new StrataError(r.code as ErrorCode, r.message, r.kind as ErrorKind);

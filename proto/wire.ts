@@ -1,7 +1,8 @@
 import * as grpc from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
 import { fileURLToPath } from 'node:url';
-import { StrataError, type ErrorKind } from '../model/errors.ts';
+import { fromErrorRecord, StrataError } from '../model/errors.ts';
+import { statusOf } from '../model/error-codes.ts';
 import { BYTES_PER_ELEMENT, elementCount, tensorBytes, typedView, type DType, type TensorData } from '../model/tensor.ts';
 
 /**
@@ -79,29 +80,20 @@ export function fromWire(t: WireTensor | null | undefined, name: string, maxElem
   return { dtype, dims, data: typedView(dtype, bytes) };
 }
 
-const STATUS_OF: Record<ErrorKind, grpc.status> = {
-  invalid_argument: grpc.status.INVALID_ARGUMENT,
-  not_found: grpc.status.NOT_FOUND,
-  failed_precondition: grpc.status.FAILED_PRECONDITION,
-  unavailable: grpc.status.UNAVAILABLE,
-  resource_exhausted: grpc.status.RESOURCE_EXHAUSTED,
-  internal: grpc.status.INTERNAL,
-};
-
 /** A StrataError as a gRPC status; the stable code rides in trailing metadata. */
 export function toServiceError(e: unknown): Partial<grpc.ServiceError> {
   const err = e instanceof StrataError ? e : new StrataError('internal', (e as Error)?.message ?? String(e), 'internal');
   const metadata = new grpc.Metadata();
   metadata.set('strata-code', err.code);
   metadata.set('strata-kind', err.kind);
-  return { code: STATUS_OF[err.kind], details: err.message, metadata };
+  return { code: grpc.status[statusOf(err).grpc], details: err.message, metadata };
 }
 
 /** Back from a gRPC status to a StrataError (the remote's own code when it sent one). */
 export function fromServiceError(e: grpc.ServiceError, peer: string): StrataError {
   const code = e.metadata?.get('strata-code')[0];
   const kind = e.metadata?.get('strata-kind')[0];
-  if (code && kind) return new StrataError(String(code), String(e.details), kind as ErrorKind);
+  if (code && kind) return fromErrorRecord({ code: String(code), message: String(e.details), kind: String(kind) });
   const unreachable = e.code === grpc.status.UNAVAILABLE || e.code === grpc.status.DEADLINE_EXCEEDED || e.code === grpc.status.CANCELLED;
   return new StrataError(unreachable ? 'stage_unavailable' : 'stage_error', `stage ${peer}: ${e.details || e.message}`, unreachable ? 'unavailable' : 'internal');
 }
