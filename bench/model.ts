@@ -1,10 +1,10 @@
 import { existsSync, mkdirSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import type { ModelSpec } from '../model/config.ts';
-import { allRefs, stageWeights, type WeightRef } from '../model/layout.ts';
+import { allRefs, embedRowParams, refsIn, stageWeights, type WeightRef } from '../model/layout.ts';
 import type { BlockRange } from '../model/range.ts';
 import { defaultCacheDir } from '../model/stage-cache.ts';
-import { PRESETS, writeSyntheticModel, type SyntheticShape } from '../model/synthetic.ts';
+import { PRESETS, syntheticSupport, writeSyntheticModel, type SyntheticShape } from '../model/synthetic.ts';
 import { StrataError } from '../model/errors.ts';
 
 export interface ShapeFlags {
@@ -29,12 +29,12 @@ export function resolveShape(flags: ShapeFlags): SyntheticShape {
     if (!Number.isInteger(v) || v < 1) throw new StrataError('bench_shape_invalid', `--${k === 'dModel' ? 'd-model' : k} must be a positive integer, got ${v}`);
   }
   if (shape.dModel % shape.heads !== 0) throw new StrataError('bench_shape_invalid', `--d-model ${shape.dModel} is not a multiple of --heads ${shape.heads}`);
-  if (shape.family === 'gptj' && (shape.rotaryDim ?? 64) > shape.dModel / shape.heads) shape.rotaryDim = shape.dModel / shape.heads;
+  syntheticSupport(shape.family).fit?.(shape);
   return shape;
 }
 
 export const shapeKey = (s: SyntheticShape): string =>
-  `${s.family}-b${s.blocks}-d${s.dModel}-h${s.heads}-v${s.vocab}-p${s.maxPositions ?? 1024}-i${s.inner ?? 4 * s.dModel}${s.family === 'gptj' ? `-r${s.rotaryDim ?? 64}` : ''}-s${s.seed ?? 1234}`;
+  `${s.family}-b${s.blocks}-d${s.dModel}-h${s.heads}-v${s.vocab}-p${s.maxPositions ?? 1024}-i${s.inner ?? 4 * s.dModel}${syntheticSupport(s.family).keySuffix?.(s) ?? ''}-s${s.seed ?? 1234}`;
 
 /**
  * The synthetic checkpoint for `shape`, written once under `<cache>/synthetic/<shape key>` (atomically: a partial
@@ -73,17 +73,9 @@ export interface WeightBytes {
 export function weightBytes(spec: ModelSpec, range: BlockRange = { first: 0, last: spec.blocks }): WeightBytes {
   const sw = stageWeights(spec, range, '');
   const held = allRefs(sw).reduce((n, r) => n + bytesOf(r), 0);
-  let blocks = 0;
-  for (const b of sw.blocks) {
-    const refs = [...b.ln1, ...(b.ln2 ?? []), b.out, b.outBias, b.fcIn, b.fcInBias, b.fcOut, b.fcOutBias, ...('fused' in b.qkv ? [b.qkv.fused, b.qkv.bias] : [b.qkv.q, b.qkv.k, b.qkv.v, b.qkv.qb, b.qkv.kb, b.qkv.vb])];
-    blocks += refs.reduce((n, r) => n + bytesOf(r), 0);
-  }
-  let head = 0;
-  if (sw.head) {
-    head = bytesOf(sw.head.weight) + bytesOf(sw.head.bias) + (sw.head.norm ?? []).reduce((n, r) => n + bytesOf(r), 0);
-    if (sw.head.transform) head += bytesOf(sw.head.transform.weight) + bytesOf(sw.head.transform.bias) + sw.head.transform.norm.reduce((n, r) => n + bytesOf(r), 0);
-  }
+  const blocks = refsIn(sw.blocks).reduce((n, r) => n + bytesOf(r), 0);
+  const head = refsIn(sw.head).reduce((n, r) => n + bytesOf(r), 0);
   // A decode step gathers one row of each embedding table.
-  const embedRows = sw.embed ? (sw.embed.positions ? 2 : 1) * spec.dModel * 4 : 0;
+  const embedRows = sw.embed ? embedRowParams(sw.embed) * 4 : 0;
   return { held, readPerStep: blocks + head + embedRows, blocks, head };
 }

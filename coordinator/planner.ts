@@ -1,6 +1,6 @@
 import type { Family, ModelSpec } from '../model/config.ts';
 import { StrataError } from '../model/errors.ts';
-import { stageParamCount, stageWeights, type StageWeights } from '../model/layout.ts';
+import { embedReadParams, keyPrefix, stageParamCount, stageWeights, type StageWeights } from '../model/layout.ts';
 import type { BlockRange } from '../model/range.ts';
 
 /**
@@ -50,15 +50,12 @@ export interface PlanOptions {
   maxStages?: number;
 }
 
-/** layout.ts key prefixes; only used to build refs, the counts do not depend on it. */
-const prefixOf = (spec: ModelSpec): string => (spec.family === 'distilbert' ? 'distilbert.' : 'transformer.');
+/** The family's key prefix, as if every key were there: only used to build refs, the counts do not depend on it. */
+const prefixOf = (spec: ModelSpec): string => keyPrefix(spec, () => true);
 const count = (sw: Partial<StageWeights>): number => stageParamCount({ embed: null, blocks: [], head: null, ...sw });
 
-/** Elements read per token for an embedding: one token row, one position row, and the norm. */
-function gatherParams(embed: NonNullable<StageWeights['embed']>): number {
-  const d = embed.tokens.shape[1];
-  return d * (embed.positions ? 2 : 1) + (embed.norm ? 2 * d : 0);
-}
+/** Elements read per token for an embedding: one token row, one position row, and the rest (a norm) whole. */
+const gatherParams = embedReadParams;
 
 /**
  * Exact footprint of one stage straight from the layout: `params` it holds (tied head counted

@@ -1,33 +1,23 @@
 import { closeSync, mkdirSync, openSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { normalizeConfig } from './config.ts';
+import { StrataError } from './errors.ts';
 import { allRefs, keyPrefix, stageWeights } from './layout.ts';
+import { familyNamed } from './families/index.ts';
+import type { SyntheticShape, SyntheticSupport } from './families/family.ts';
 
-export interface SyntheticShape {
-  family: 'gpt2' | 'gptj';
-  blocks: number;
-  dModel: number;
-  heads: number;
-  vocab: number;
-  maxPositions?: number;
-  inner?: number;
-  rotaryDim?: number;
-  seed?: number;
+export type { SyntheticShape } from './families/family.ts';
+export { PRESETS } from './families/index.ts';
+
+/** The family's synthetic support, or a typed error for a family that has none. */
+export function syntheticSupport(family: string): SyntheticSupport {
+  const support = familyNamed(family).synthetic;
+  if (!support) throw new StrataError('synthetic_unsupported', `model family "${family}" has no synthetic checkpoints; choose a family whose file provides \`synthetic\``);
+  return support;
 }
 
-/** Shapes of the real models with fewer blocks, and GPT-2 small (the default bench model). */
-export const PRESETS: Record<string, SyntheticShape> = {
-  'gpt2-small': { family: 'gpt2', blocks: 12, dModel: 768, heads: 12, vocab: 50257, maxPositions: 1024 },
-  biomedlm: { family: 'gpt2', blocks: 4, dModel: 2560, heads: 20, vocab: 28896, maxPositions: 1024 },
-  'gpt-j': { family: 'gptj', blocks: 2, dModel: 4096, heads: 16, vocab: 50400, maxPositions: 2048, rotaryDim: 64 },
-};
-
-export function syntheticConfig(s: SyntheticShape): Record<string, unknown> {
-  const common = { n_embd: s.dModel, n_head: s.heads, n_layer: s.blocks, n_positions: s.maxPositions ?? 1024, n_inner: s.inner ?? null, vocab_size: s.vocab, activation_function: 'gelu_new', layer_norm_epsilon: 1e-5, eos_token_id: 0, bos_token_id: 0 };
-  return s.family === 'gpt2'
-    ? { model_type: 'gpt2', architectures: ['GPT2LMHeadModel'], ...common, scale_attn_weights: true }
-    : { model_type: 'gptj', architectures: ['GPTJForCausalLM'], ...common, rotary_dim: s.rotaryDim ?? 64, tie_word_embeddings: false };
-}
+/** A Hugging Face config.json object for a synthetic shape, from its family. */
+export const syntheticConfig = (s: SyntheticShape): Record<string, unknown> => syntheticSupport(s.family).config(s);
 
 /**
  * Writes a random-weight checkpoint in Hugging Face layout (config.json + model.safetensors), tensor by tensor so a
@@ -36,10 +26,11 @@ export function syntheticConfig(s: SyntheticShape): Record<string, unknown> {
  */
 export function writeSyntheticModel(dir: string, shape: SyntheticShape, onProgress?: (done: number, total: number) => void): void {
   mkdirSync(dir, { recursive: true });
-  const config = syntheticConfig(shape);
+  const support = syntheticSupport(shape.family);
+  const config = support.config(shape);
   writeFileSync(join(dir, 'config.json'), JSON.stringify(config, null, 2));
   const spec = normalizeConfig(config);
-  const refs = allRefs(stageWeights(spec, { first: 0, last: spec.blocks }, keyPrefix(spec, (k) => k.startsWith('transformer.'))));
+  const refs = allRefs(stageWeights(spec, { first: 0, last: spec.blocks }, keyPrefix(spec, () => true)));
   const header: Record<string, unknown> = {};
   let offset = 0;
   for (const r of refs) {
@@ -58,7 +49,7 @@ export function writeSyntheticModel(dir: string, shape: SyntheticShape, onProgre
   let written = 0;
   for (const r of refs) {
     const n = r.shape.reduce((a, b) => a * b, 1);
-    const isNormWeight = /(ln_\d|ln_f)\.weight$/.test(r.key);
+    const isNormWeight = support.isNormWeight(r.key);
     const isBias = r.key.endsWith('.bias');
     const chunk = new Float32Array(Math.min(n, 1 << 22));
     for (let done = 0; done < n; done += chunk.length) {

@@ -1,0 +1,74 @@
+import type { ModelSpec } from '../config.ts';
+import { float32ToFloat16 } from '../dtype.ts';
+import { ElemType, GraphBuilder, type ElemTypeId } from '../onnx-builder.ts';
+import type { WeightRef } from '../families/family.ts';
+import { IO } from './io.ts';
+import type { AttentionMask } from './mask.ts';
+import type { RotaryInputs } from './rotary.ts';
+
+export type WeightDType = 'float32' | 'float16';
+
+/** Where a stage's weights come from: a checkpoint, or synthetic values for shape checks and benches. */
+export interface WeightSource {
+  readFloat32(key: string, shape: number[]): Float32Array;
+  /** Prefix of the HF keys (`transformer.`, `distilbert.`, or ''). */
+  readonly prefix: string;
+}
+
+export interface StageGraphOptions {
+  dtype: WeightDType;
+  /**
+   * Use ONNX Runtime's fused contrib kernels (com.microsoft MultiHeadAttention, SkipLayerNormalization) instead of
+   * the op-by-op attention and residual+norm. Same function, checked against the same fixtures.
+   */
+  fused?: boolean;
+}
+
+/** What every graph piece of a stage builds against: the builder, the spec, dtypes, weights and shared inputs. */
+export interface StageContext {
+  readonly g: GraphBuilder;
+  readonly spec: ModelSpec;
+  readonly opts: StageGraphOptions;
+  /** fp16 stage: activations and matrices in float16, norms and softmax in float32. */
+  readonly half: boolean;
+  /** Activation element type. */
+  readonly ACT: ElemTypeId;
+  readonly F32: ElemTypeId;
+  /** A checkpoint weight as an initializer in the activation dtype. */
+  W(ref: WeightRef): string;
+  /** A checkpoint weight kept float32 (layer-norm parameters: norms are computed in fp32 even in fp16 stages). */
+  W32(ref: WeightRef): string;
+  readonly positionIds: string;
+  readonly attentionMask: string;
+  /** [B, T, D] and [B, T, H, head_dim] as shape tensors. */
+  readonly shapeBTD: string;
+  readonly shapeBTHd: string;
+}
+
+/** A block's context: the stage's plus what every block shares (the mask; rotary tables for rotary models). */
+export interface BlockContext extends StageContext {
+  readonly mask: AttentionMask;
+  readonly rotary: RotaryInputs | null;
+}
+
+/** Declares the inputs every stage has (position ids, attention mask) and the shapes derived from them. */
+export function stageContext(g: GraphBuilder, spec: ModelSpec, source: WeightSource, opts: StageGraphOptions): StageContext {
+  const half = opts.dtype === 'float16';
+  const ACT = half ? ElemType.FLOAT16 : ElemType.FLOAT;
+  const F32 = ElemType.FLOAT;
+  const readBytes = (ref: WeightRef, keepF32 = false): Uint8Array => {
+    const w = source.readFloat32(ref.key, ref.shape);
+    const out = half && !keepF32 ? float32ToFloat16(w) : w;
+    return new Uint8Array(out.buffer, out.byteOffset, out.byteLength);
+  };
+  const positionIds = g.input(IO.positionIds, ElemType.INT64, ['batch', 'seq']);
+  const attentionMask = g.input(IO.attentionMask, ElemType.INT64, ['batch', spec.causal ? 'total_seq' : 'seq']);
+  const bt = g.o('Shape', [positionIds]); // [B, T]
+  return {
+    g, spec, opts, half, ACT, F32, positionIds, attentionMask,
+    W: (ref) => g.weight(ref.key, ACT, ref.shape, () => readBytes(ref)),
+    W32: (ref) => g.weight(ref.key, F32, ref.shape, () => readBytes(ref, true)),
+    shapeBTD: g.o('Concat', [bt, g.constInt64([spec.dModel])], { axis: 0 }),
+    shapeBTHd: g.o('Concat', [bt, g.constInt64([spec.heads, spec.headDim])], { axis: 0 }),
+  };
+}
