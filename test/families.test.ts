@@ -77,7 +77,7 @@ const tiny: ModelFamily<EmbedWeights, TinyBlock, TinyHead> = {
   },
   finalNorm: (ctx, x, h) => layerNorm(ctx, x, h.norm),
   lmHead: (ctx, x, h) => linear(ctx, x, h.weight, null, false),
-  tokenizer: { files: ['tokenizer.json'], eosToken: null, maskToken: null },
+  tokenizer: { eosToken: null, maskToken: null },
   synthetic: {
     config: (s) => ({ model_type: MODEL_TYPE, width: s.dModel, heads: s.heads, depth: s.blocks, vocab_size: s.vocab, max_len: s.maxPositions ?? 64, act: 'gelu' }),
     isNormWeight: (key) => /norm\.weight$/.test(key),

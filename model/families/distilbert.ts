@@ -90,7 +90,7 @@ export const distilbert: ModelFamily<DistilbertEmbed, DistilbertBlock, Distilber
     return linear(ctx, layerNorm(ctx, activation(ctx, linear(ctx, h, t.weight, t.bias, false)), t.norm), head.weight, head.bias, false);
   },
 
-  tokenizer: { files: ['vocab.txt'], eosToken: null, maskToken: '[MASK]' },
+  tokenizer: { eosToken: null, maskToken: '[MASK]' },
   synthetic: {
     config: (s) => ({
       model_type: 'distilbert', architectures: ['DistilBertForMaskedLM'], dim: s.dModel, n_heads: s.heads, n_layers: s.blocks,

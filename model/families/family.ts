@@ -66,8 +66,6 @@ export interface SyntheticSupport {
 
 /** Tokenizer facts a family's checkpoints rely on when their tokenizer files leave them out. */
 export interface TokenizerDefaults {
-  /** The tokenizer files the family's checkpoints usually ship (`tokenizer.json` aside). */
-  files: string[];
   /** End-of-text token to look up when neither config.json nor tokenizer_config.json names one. */
   eosToken: string | null;
   /** Mask token for fill-mask models. */

@@ -55,7 +55,7 @@ export const gptGraph = {
   lmHead: (ctx: StageContext, x: string, h: GptHead): string => linear(ctx, x, h.weight, h.bias, false),
 };
 
-export const GPT_TOKENIZER: TokenizerDefaults = { files: ['vocab.json', 'merges.txt'], eosToken: '<|endoftext|>', maskToken: null };
+export const GPT_TOKENIZER: TokenizerDefaults = { eosToken: '<|endoftext|>', maskToken: null };
 
 /** The config.json fields GPT-2 and GPT-J name alike, for synthetic checkpoints. */
 export const gptSyntheticFields = (s: SyntheticShape) => ({
