@@ -8,7 +8,7 @@ import { planPartition } from '../coordinator/planner.ts';
 import { Checkpoint } from '../model/safetensors.ts';
 import { prepareStage } from '../model/stage-cache.ts';
 import type { SyntheticShape } from '../model/synthetic.ts';
-import type { WireTiming } from '../proto/client.ts';
+import type { WireTiming } from '../proto/messages.ts';
 import { RemotePipeline } from '../coordinator/remote-pipeline.ts';
 import { ensureSyntheticModel, weightBytes, type WeightBytes } from './model.ts';
 import type { Progress } from './progress.ts';

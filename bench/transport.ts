@@ -2,7 +2,7 @@ import { spawn } from 'node:child_process';
 import { createServer, connect, type Server, type Socket } from 'node:net';
 import { createInterface } from 'node:readline';
 import { performance } from 'node:perf_hooks';
-import { StageClient } from '../proto/client.ts';
+import { StageClient } from '../transport/grpc/client.ts';
 import { toWire } from '../proto/wire.ts';
 import { median } from './stats.ts';
 

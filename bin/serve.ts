@@ -14,7 +14,7 @@ import { startCoordinatorService } from '../coordinator/service.ts';
 import { observeStageForward } from '../coordinator/metrics.ts';
 import { startLocalCluster, type LocalCluster } from './local-cluster.ts';
 import { BUILTIN_MODEL } from './run-commands.ts';
-import { loadCredentials, tlsFromEnv } from '../proto/tls.ts';
+import { loadCredentials, tlsFromEnv } from '../transport/grpc/tls.ts';
 
 const log = pino({ name: 'strata' }, pino.destination(2));
 

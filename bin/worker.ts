@@ -3,7 +3,7 @@ import pino from 'pino';
 import { StageWorker } from '../worker/server.ts';
 import { isStrataError } from '../model/errors.ts';
 import { parseSize } from './plan.ts';
-import { loadCredentials, tlsFromEnv } from '../proto/tls.ts';
+import { loadCredentials, tlsFromEnv } from '../transport/grpc/tls.ts';
 
 export function registerWorkerCommand(program: Command): void {
   program

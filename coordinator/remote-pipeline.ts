@@ -1,13 +1,14 @@
-import type * as grpc from '@grpc/grpc-js';
 import type { ModelSpec } from '../model/config.ts';
 import { fromErrorRecord, isRecoverable, StrataError } from '../model/errors.ts';
 import { embed, type PipelineStep, type StepResult, type Stepper } from '../model/generation.ts';
 import { rangeLabel, type BlockRange } from '../model/range.ts';
 import type { WeightDType } from '../model/stage-graph.ts';
 import type { TensorData } from '../model/tensor.ts';
-import { StageClient, type WireInfo, type WireStepReply, type WireTiming } from '../proto/client.ts';
+import type { WireInfo, WireStepReply, WireTiming } from '../proto/messages.ts';
 import { resultFromWire, stepToWire } from '../proto/step-codec.ts';
 import { PROTOCOL_VERSION } from '../proto/wire.ts';
+import type { ClientSecurity, StageLink } from '../transport/link.ts';
+import { connectStage } from '../transport/registry.ts';
 import { planPartition } from './planner.ts';
 import { ResultsSubscription } from './results-subscription.ts';
 import { randomUUID } from 'node:crypto';
@@ -30,7 +31,8 @@ export interface RemotePipelineOptions {
   ranges?: BlockRange[];
   /** Standby workers that take over the range of a worker that died. */
   spares?: string[];
-  credentials?: grpc.ChannelCredentials;
+  /** The transport's security material (gRPC: transport/grpc/tls.ts's loadCredentials(...).client). */
+  credentials?: ClientSecurity;
   stepTimeoutMs?: number;
   /** How long a request waits for the pipeline to be whole again after a fault before failing. */
   recoveryTimeoutMs?: number;
@@ -73,7 +75,7 @@ const DECODING_WINDOW_MS = 2_000;
  * tokens to rebuild the lost KV caches, and carries on: greedy output is the same as without the fault.
  */
 export class RemotePipeline implements Stepper {
-  private clients: StageClient[] = [];
+  private clients: StageLink[] = [];
   private active: string[] = [];
   private infos: WireInfo[] = [];
   private ranges: BlockRange[] = [];
@@ -109,7 +111,7 @@ export class RemotePipeline implements Stepper {
 
   private async configure(addresses: string[], fixedRanges?: BlockRange[]): Promise<void> {
     const { spec, fingerprint } = this.opts;
-    const clients = addresses.map((a) => new StageClient(a, this.opts.credentials));
+    const clients = addresses.map((a) => connectStage(a, this.opts.credentials));
     try {
       const infos = await Promise.all(clients.map((c) => c.info(30_000)));
       infos.forEach((info, i) => {
@@ -388,7 +390,7 @@ export class RemotePipeline implements Stepper {
   /** The workers to use now: each original position keeps its worker if it answers, else takes a live spare. */
   private async liveWorkers(): Promise<string[]> {
     const alive = async (a: string) => {
-      const c = new StageClient(a, this.opts.credentials);
+      const c = connectStage(a, this.opts.credentials);
       try {
         await c.info(2_000);
         return true;

@@ -1,7 +1,6 @@
-import type * as grpc from '@grpc/grpc-js';
 import { fromErrorRecord, StrataError } from '../model/errors.ts';
-import type { StageClient, WireResultsMessage, WireStepReply } from '../proto/client.ts';
-import { streamEnded } from '../proto/wire.ts';
+import type { WireStepReply } from '../proto/messages.ts';
+import type { StageLink, Subscription } from '../transport/link.ts';
 
 /**
  * The coordinator's Results streams, one per stage: replies of steps sent with reply_to = `subscriber` come here
@@ -14,40 +13,37 @@ import { streamEnded } from '../proto/wire.ts';
 export class ResultsSubscription {
   ready = false;
   closed = false;
-  private readonly calls: grpc.ClientReadableStream<WireResultsMessage>[];
+  private readonly subscriptions: Subscription[];
   private readonly confirmed = new Set<number>();
   private readonly waiting = new Map<string, { resolve: (r: WireStepReply) => void; reject: (e: unknown) => void }>();
 
   constructor(
-    clients: StageClient[],
+    clients: StageLink[],
     readonly subscriber: string,
   ) {
-    this.calls = clients.map((client, i) => {
-      const call = client.results(subscriber);
-      call.on('data', (m: WireResultsMessage) => {
-        if (m.ready) {
-          this.confirmed.add(i);
-          this.ready = !this.closed && this.confirmed.size === clients.length;
-        }
-        for (const { session_id, reply, error } of m.replies ?? []) {
-          const w = this.waiting.get(session_id);
-          this.waiting.delete(session_id);
-          if (error?.code) w?.reject(fromErrorRecord(error));
-          else if (reply) w?.resolve(reply);
-          else w?.reject(new StrataError('stage_error', `stage ${client.address} delivered neither a reply nor an error`, 'internal'));
-        }
-      });
-      const fail = (e?: grpc.ServiceError) => {
-        this.ready = false;
-        this.closed = true;
-        const err = streamEnded(e, client.address, 'results');
-        for (const w of this.waiting.values()) w.reject(err);
-        this.waiting.clear();
-      };
-      call.on('error', fail);
-      call.on('end', () => fail());
-      return call;
-    });
+    this.subscriptions = clients.map((client, i) =>
+      client.subscribe(subscriber, {
+        message: (m) => {
+          if (m.ready) {
+            this.confirmed.add(i);
+            this.ready = !this.closed && this.confirmed.size === clients.length;
+          }
+          for (const { session_id, reply, error } of m.replies ?? []) {
+            const w = this.waiting.get(session_id);
+            this.waiting.delete(session_id);
+            if (error?.code) w?.reject(fromErrorRecord(error));
+            else if (reply) w?.resolve(reply);
+            else w?.reject(new StrataError('stage_error', `stage ${client.address} delivered neither a reply nor an error`, 'internal'));
+          }
+        },
+        ended: (err) => {
+          this.ready = false;
+          this.closed = true;
+          for (const w of this.waiting.values()) w.reject(err);
+          this.waiting.clear();
+        },
+      }),
+    );
   }
 
   /** The reply to the step of `wireId` that is about to be sent. */
@@ -61,6 +57,6 @@ export class ResultsSubscription {
   }
 
   close(): void {
-    for (const call of this.calls) call.cancel();
+    for (const s of this.subscriptions) s.cancel();
   }
 }

@@ -1,7 +1,7 @@
 import type { PipelineStep, StepResult } from '../model/generation.ts';
 import { StrataError } from '../model/errors.ts';
 import type { TensorData } from '../model/tensor.ts';
-import type { WireStepReply, WireStepRequest } from './client.ts';
+import type { WireStepReply, WireStepRequest } from './messages.ts';
 import { fromWire, toWire } from './wire.ts';
 
 /** PipelineStep → StepRequest. `hidden` replaces token ids on hops after stage 0. */

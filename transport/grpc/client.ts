@@ -1,87 +1,37 @@
 import * as grpc from '@grpc/grpc-js';
 import { service as healthService } from 'grpc-health-check';
-import { fromErrorRecord, StrataError, type ErrorRecord } from '../model/errors.ts';
-import { channelOptions, fromServiceError, StageClientCtor, streamEnded, type WireIdentity, type WireTensor } from './wire.ts';
-
-export interface WireStepRequest {
-  session_id: string;
-  fingerprint: string;
-  first: number;
-  input_ids?: WireTensor | null;
-  hidden?: WireTensor | null;
-  position_ids: WireTensor;
-  attention_mask: WireTensor;
-  logit_positions?: WireTensor | null;
-  select?: {
-    sampling: { temperature: number; top_k: number; top_p: number; repetition_penalty: number; seed: number };
-    history: { ids: number[] }[];
-    step: number;
-  } | null;
-  output?: 'TOKENS_OR_LOGITS' | 'HIDDEN_MEAN';
-  reply_to?: string;
-  timings?: WireTiming[];
-}
-
-export interface WireStepReply {
-  logits?: WireTensor | null;
-  tokens: number[];
-  hidden_mean?: WireTensor | null;
-  timings: WireTiming[];
-  delivered?: boolean;
-}
-
-export interface WireResultsMessage {
-  ready: boolean;
-  replies: { session_id: string; reply?: WireStepReply | null; error?: WireStepError | null }[];
-}
-
-export type WireStepError = ErrorRecord;
-
-/** One item of a StepBatch reply: `reply` when the step succeeded, else `error`. */
-export interface WireStepOutcome {
-  reply?: WireStepReply | null;
-  error?: WireStepError | null;
-}
-
-export interface WireStepBatchReply {
-  call_id: number;
-  outcomes: WireStepOutcome[];
-  error?: WireStepError | null;
-}
+import { fromErrorRecord, StrataError } from '../../model/errors.ts';
+import type {
+  WireConfigureRequest, WireIdentityReply, WireInfo, WireResultsMessage, WireStepBatch, WireStepBatchReply, WireStepOutcome, WireStepReply, WireStepRequest,
+} from '../../proto/messages.ts';
+import type { WireIdentity, WireTensor } from '../../proto/wire.ts';
+import type { ResultsHandlers, StageLink, Subscription } from '../link.ts';
+import { channelOptions, StageClientCtor } from './service.ts';
+import { fromServiceError, streamEnded } from './status.ts';
 
 interface StepStreamState {
-  call: grpc.ClientDuplexStream<unknown, WireStepBatchReply>;
+  call: grpc.ClientDuplexStream<WireStepBatch, WireStepBatchReply>;
   /** Calls sent on this stream and not answered yet, by call_id. */
   waiting: Map<number, { resolve: (r: WireStepBatchReply) => void; reject: (e: unknown) => void }>;
 }
 
-export interface WireTiming {
-  first: number;
-  last: number;
-  run_ms: number;
-  start_unix_ms: number;
-  batch: number;
-  pid: number;
-}
-
-export interface WireInfo {
-  identity: WireIdentity;
-  configured: boolean;
-  next_address: string;
-  pid: number;
-  device: string;
-  memory_bytes: number;
-  speed: number;
-  sessions: number;
-  kv_bytes: number;
-}
-
 const HealthClient = grpc.makeGenericClientConstructor(healthService as grpc.ServiceDefinition, 'Health');
 
-/** Promise-returning client of one worker's Stage service (and its grpc.health.v1 status). */
-export class StageClient {
-  private readonly client: grpc.Client & Record<string, Function>;
-  private readonly health: grpc.Client & Record<string, Function>;
+/** The generated client's methods, as this class calls them. */
+type UnaryMethod = (req: unknown, opts: grpc.CallOptions, cb: (err: grpc.ServiceError | null, res: unknown) => void) => void;
+interface StageStub extends grpc.Client {
+  [method: string]: unknown;
+  StepStream(): grpc.ClientDuplexStream<WireStepBatch, WireStepBatchReply>;
+  Results(req: { subscriber: string }): grpc.ClientReadableStream<WireResultsMessage>;
+}
+interface HealthStub extends grpc.Client {
+  Check(req: { service: string }, opts: grpc.CallOptions, cb: (err: grpc.ServiceError | null, res: { status: string | number }) => void): void;
+}
+
+/** The gRPC StageLink: a promise-returning client of one worker's Stage service (and its grpc.health.v1 status). */
+export class StageClient implements StageLink {
+  private readonly client: StageStub;
+  private readonly health: HealthStub;
   private stream: StepStreamState | null = null;
   private nextCallId = 1;
 
@@ -97,9 +47,9 @@ export class StageClient {
   private unary<Req, Res>(method: string, req: Req, timeoutMs: number): Promise<Res> {
     return new Promise((resolve, reject) => {
       try {
-        this.client[method](req, { deadline: Date.now() + timeoutMs }, (err: grpc.ServiceError | null, res: Res) => {
+        (this.client[method] as UnaryMethod).call(this.client, req, { deadline: Date.now() + timeoutMs }, (err, res) => {
           if (err) reject(fromServiceError(err, this.address));
-          else resolve(res);
+          else resolve(res as Res);
         });
       } catch (e) {
         reject(this.closedError(e));
@@ -116,11 +66,11 @@ export class StageClient {
     return this.unary('Info', {}, timeoutMs);
   }
 
-  configure(req: { first: number; last: number; dtype: string; next_address: string; fingerprint: string }, timeoutMs = 30 * 60_000): Promise<{ identity: WireIdentity }> {
+  configure(req: WireConfigureRequest, timeoutMs = 30 * 60_000): Promise<WireIdentityReply> {
     return this.unary('Configure', req, timeoutMs);
   }
 
-  handshake(peer: WireIdentity, timeoutMs = 10_000): Promise<{ identity: WireIdentity }> {
+  handshake(peer: WireIdentity, timeoutMs = 10_000): Promise<WireIdentityReply> {
     return this.unary('Handshake', { peer }, timeoutMs);
   }
 
@@ -165,11 +115,21 @@ export class StageClient {
 
   /** Subscribes to the replies (and pass-on errors) this stage sends straight to `subscriber`. */
   results(subscriber: string): grpc.ClientReadableStream<WireResultsMessage> {
-    return this.client.Results({ subscriber }) as grpc.ClientReadableStream<WireResultsMessage>;
+    return this.client.Results({ subscriber });
+  }
+
+  /** The Results stream as a StageLink subscription: a break or a close by the peer ends it as unavailable. */
+  subscribe(subscriber: string, on: ResultsHandlers): Subscription {
+    const call = this.results(subscriber);
+    call.on('data', (m: WireResultsMessage) => on.message(m));
+    const fail = (e?: grpc.ServiceError) => on.ended(streamEnded(e, this.address, 'results'));
+    call.on('error', fail);
+    call.on('end', () => fail());
+    return { cancel: () => call.cancel() };
   }
 
   private openStream(): StepStreamState {
-    const call = this.client.StepStream() as grpc.ClientDuplexStream<unknown, WireStepBatchReply>;
+    const call = this.client.StepStream();
     const state: StepStreamState = { call, waiting: new Map() };
     call.on('data', (reply: WireStepBatchReply) => {
       const w = state.waiting.get(Number(reply.call_id));
@@ -200,7 +160,7 @@ export class StageClient {
   /** grpc.health.v1 Check: 'SERVING' | 'NOT_SERVING' | 'UNKNOWN'; rejects when unreachable. */
   checkHealth(timeoutMs = 2_000): Promise<string> {
     return new Promise((resolve, reject) => {
-      this.health.Check({ service: '' }, { deadline: Date.now() + timeoutMs }, (err: grpc.ServiceError | null, res: { status: string | number }) => {
+      this.health.Check({ service: '' }, { deadline: Date.now() + timeoutMs }, (err, res) => {
         if (err) reject(fromServiceError(err, this.address));
         else resolve(typeof res.status === 'number' ? ['UNKNOWN', 'SERVING', 'NOT_SERVING'][res.status] ?? 'UNKNOWN' : res.status);
       });

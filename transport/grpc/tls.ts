@@ -1,6 +1,6 @@
 import * as grpc from '@grpc/grpc-js';
 import { readFileSync } from 'node:fs';
-import { StrataError } from '../model/errors.ts';
+import { StrataError } from '../../model/errors.ts';
 
 /** PEM files for mutual TLS between the coordinator and the workers (and worker to worker). */
 export interface TlsFiles {

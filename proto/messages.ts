@@ -1,0 +1,100 @@
+import type { ErrorRecord } from '../model/errors.ts';
+import type { WireIdentity, WireTensor } from './wire.ts';
+
+/**
+ * The Stage service's messages (stage.proto) as TypeScript shapes, field names as on the wire. Every transport
+ * carries these; the gRPC one encodes them with protobuf.
+ */
+
+export interface WireStepRequest {
+  session_id: string;
+  fingerprint: string;
+  first: number;
+  input_ids?: WireTensor | null;
+  hidden?: WireTensor | null;
+  position_ids: WireTensor;
+  attention_mask: WireTensor;
+  logit_positions?: WireTensor | null;
+  select?: {
+    sampling: { temperature: number; top_k: number; top_p: number; repetition_penalty: number; seed: number };
+    history: { ids: number[] }[];
+    step: number;
+  } | null;
+  output?: 'TOKENS_OR_LOGITS' | 'HIDDEN_MEAN';
+  logprobs?: { top: number; targets: number[] } | null;
+  reply_to?: string;
+  timings?: WireTiming[];
+}
+
+export interface WireStepReply {
+  logits?: WireTensor | null;
+  tokens: number[];
+  hidden_mean?: WireTensor | null;
+  logprobs?: { top: number; rows: number; ids: number[]; values: number[] } | null;
+  timings: WireTiming[];
+  delivered?: boolean;
+}
+
+export type WireStepError = ErrorRecord;
+
+/** One item of a StepBatch reply: `reply` when the step succeeded, else `error`. */
+export interface WireStepOutcome {
+  reply?: WireStepReply | null;
+  error?: WireStepError | null;
+}
+
+export interface WireStepBatch {
+  call_id?: number;
+  steps?: WireStepRequest[];
+}
+
+export interface WireStepBatchReply {
+  call_id: number;
+  outcomes: WireStepOutcome[];
+  error?: WireStepError | null;
+}
+
+/** What a stage sends on a coordinator's Results subscription: `ready` once, then replies and pass-on errors. */
+export interface WireResultsMessage {
+  ready: boolean;
+  replies: WireDelivered[];
+}
+
+export interface WireDelivered {
+  session_id: string;
+  reply?: WireStepReply | null;
+  error?: WireStepError | null;
+}
+
+export interface WireTiming {
+  first: number;
+  last: number;
+  run_ms: number;
+  start_unix_ms: number;
+  batch: number;
+  pid: number;
+}
+
+export interface WireInfo {
+  identity: WireIdentity;
+  configured: boolean;
+  next_address: string;
+  pid: number;
+  device: string;
+  memory_bytes: number;
+  speed: number;
+  sessions: number;
+  kv_bytes: number;
+}
+
+export interface WireConfigureRequest {
+  first: number;
+  last: number;
+  dtype: string;
+  next_address: string;
+  fingerprint: string;
+}
+
+export interface WireIdentityReply {
+  identity: WireIdentity;
+}
