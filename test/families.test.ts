@@ -110,9 +110,11 @@ describe('model families behind a registry', () => {
     rejectsWith(() => normalizeConfig({ model_type: MODEL_TYPE, heads: 4, depth: 3, vocab_size: 97 }), 'config_missing_field', /width/);
   });
 
-  test('a family name or model_type is registered once', () => {
+  test('a family name, model_type or preset name is registered once', () => {
     rejectsWith(() => registerFamily(tiny), 'family_duplicate', /test-tiny/);
     rejectsWith(() => registerFamily({ ...tiny, name: 'other', modelTypes: [{ type: 'gpt2' }] }), 'family_duplicate', /gpt2/);
+    rejectsWith(() => registerFamily({ ...tiny, name: 'other', modelTypes: [{ type: 'other' }], synthetic: { ...tiny.synthetic!, presets: { 'gpt-j': { family: 'other', blocks: 1, dModel: 8, heads: 1, vocab: 8 } } } }), 'family_duplicate', /gpt-j/);
+    assert.equal(familyFor('other'), undefined, 'a refused family leaves nothing behind');
   });
 
   test('the synthetic checkpoint holds exactly the weights the family names', () => {

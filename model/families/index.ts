@@ -13,7 +13,7 @@ const byModelType = new Map<string, ModelFamily>();
 export const PRESETS: Record<string, SyntheticShape> = {};
 
 /**
- * Adds a family. Its name and `model_type`s must be new; from then on config.json files of those types load as it,
+ * Adds a family. Its name, `model_type`s and preset names must be new (else family_duplicate); from then on config.json files of those types load as it,
  * in this process (a family a worker process must compute is registered here, at import, like the built-ins).
  */
 export function registerFamily<E extends EmbedWeights, B extends object, H extends object>(family: ModelFamily<E, B, H>): void {
@@ -24,9 +24,12 @@ export function registerFamily<E extends EmbedWeights, B extends object, H exten
     const owner = byModelType.get(type);
     if (owner) throw new StrataError('family_duplicate', `model_type "${type}" is already claimed by family "${owner.name}"`);
   }
+  const presets = Object.entries(f.synthetic?.presets ?? {});
+  const taken = presets.find(([name]) => PRESETS[name]);
+  if (taken) throw new StrataError('family_duplicate', `synthetic preset "${taken[0]}" is already defined by family "${PRESETS[taken[0]].family}"`);
   byName.set(f.name, f);
   for (const { type } of f.modelTypes) byModelType.set(type, f);
-  for (const [name, shape] of Object.entries(f.synthetic?.presets ?? {})) PRESETS[name] ??= shape;
+  for (const [name, shape] of presets) PRESETS[name] = shape;
 }
 
 /** The family that claims a config.json `model_type`, if any. */
