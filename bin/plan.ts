@@ -3,6 +3,7 @@ import type { Command } from 'commander';
 import { loadModelSpec, normalizeConfig, type ModelSpec } from '../model/config.ts';
 import { StrataError, isStrataError } from '../model/errors.ts';
 import { formatPlan, planPartition, type PlanDtype, type WorkerCapacity } from '../coordinator/planner.ts';
+import { WEIGHT_DTYPES } from '../model/dtype.ts';
 
 const UNITS: Record<string, number> = { b: 1, kb: 1e3, mb: 1e6, gb: 1e9, tb: 1e12, kib: 2 ** 10, mib: 2 ** 20, gib: 2 ** 30, tib: 2 ** 40 };
 
@@ -50,7 +51,7 @@ interface PlanCliOptions { model?: string; config?: string; workers?: string; dt
 function runPlan(opts: PlanCliOptions): void {
   const spec = readSpec(opts);
   if (!opts.workers) throw new StrataError('plan_bad_args', '--workers is required: a count (4) or a list of memory[:speed] (16GB,16GB,24GB:1.5)');
-  if (opts.dtype !== 'float32' && opts.dtype !== 'float16') throw new StrataError('plan_bad_dtype', `--dtype must be float32 or float16 (got ${opts.dtype})`);
+  if (!(WEIGHT_DTYPES as readonly string[]).includes(opts.dtype)) throw new StrataError('plan_bad_dtype', `--dtype must be one of ${WEIGHT_DTYPES.join(', ')} (got ${opts.dtype})`);
   const maxStages = opts.maxStages === undefined ? undefined : Number(opts.maxStages);
   const plan = planPartition(spec, parseWorkers(opts.workers), {
     dtype: opts.dtype as PlanDtype,
@@ -67,7 +68,7 @@ export function registerPlanCommand(program: Command): void {
     .option('--model <dir>', 'Hugging Face model directory (only its config.json is read)')
     .option('--config <file>', 'a config.json alone, instead of --model (no weights needed)')
     .option('--workers <spec>', 'a count (4 = four equal workers, unlimited memory) or a comma list, in pipeline order, of [id=]memory[:speed], e.g. 16GB,16GB,24GB:1.5 (units B, kB, MB, GB, TB, KiB, MiB, GiB, TiB; speed is relative, default 1)')
-    .option('--dtype <dtype>', 'weight dtype: float32 or float16', 'float32')
+    .option('--dtype <dtype>', 'weight dtype: float32, float16, int8 or int4 (weight-only quantized, 1.125 / 0.625 bytes per weight)', 'float32')
     .option('--kv-reserve <size>', 'memory each stage keeps free for activations / KV cache, e.g. 2GB (default 0)')
     .option('--max-stages <n>', 'use at most this many stages (default: one per worker)')
     .option('--json', 'print the plan as one JSON object')

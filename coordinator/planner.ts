@@ -1,5 +1,6 @@
 import type { Family, ModelSpec } from '../model/config.ts';
 import { StrataError } from '../model/errors.ts';
+import { bytesPerWeight, WEIGHT_DTYPES, type StageDType } from '../model/dtype.ts';
 import { embedReadParams, keyPrefix, stageParamCount, stageWeights, type StageWeights } from '../model/layout.ts';
 import type { BlockRange } from '../model/range.ts';
 
@@ -13,8 +14,13 @@ import type { BlockRange } from '../model/range.ts';
  * which bounds pipeline throughput, subject to every stage fitting its worker's memory.
  */
 
-export type PlanDtype = 'float32' | 'float16';
-export const DTYPE_BYTES: Record<PlanDtype, number> = { float32: 4, float16: 2 };
+export type PlanDtype = StageDType;
+/**
+ * Bytes per weight in each stage dtype. int8/int4 count their codes plus one float32 scale per 32-weight block
+ * (1.125 and 0.625 bytes); the few tensors that stay float32 there (norms, biases, position tables: under 1 % of a
+ * GPT's weights) are counted at the same rate, so quantized footprints read up to ~1 % low.
+ */
+export const DTYPE_BYTES: Record<PlanDtype, number> = Object.fromEntries(WEIGHT_DTYPES.map((d) => [d, bytesPerWeight(d)])) as Record<PlanDtype, number>;
 
 export interface WorkerCapacity {
   id: string;
@@ -141,7 +147,7 @@ function solve(
 export function planPartition(spec: ModelSpec, workers: WorkerCapacity[], opts: PlanOptions = {}): StagePlan {
   const dtype = opts.dtype ?? 'float32';
   const bytes = DTYPE_BYTES[dtype];
-  if (!bytes) throw new StrataError('plan_bad_dtype', `dtype "${dtype}" is not supported; use float32 or float16`);
+  if (!bytes) throw new StrataError('plan_bad_dtype', `dtype "${dtype}" is not supported; use ${WEIGHT_DTYPES.join(', ')}`);
   const reserve = opts.kvReserveBytes ?? 0;
   if (!(reserve >= 0) || !Number.isFinite(reserve)) throw new StrataError('plan_bad_reserve', `kvReserveBytes must be a finite number ≥ 0 (got ${reserve})`);
   if (workers.length === 0) throw new StrataError('plan_no_workers', 'no workers given: a plan needs at least one worker');
@@ -200,7 +206,7 @@ function doesNotFit(spec: ModelSpec, workers: WorkerCapacity[], dtype: PlanDtype
   const total = workers.reduce((a, w) => a + w.memoryBytes, 0);
   const largest = Math.max(...workers.map((w) => w.memoryBytes));
   const firstMin = fp.params(0, 1) * bytes + reserve, lastMin = fp.params(B - 1, B) * bytes + reserve;
-  const hint = [dtype === 'float32' ? 'use --dtype float16 (halves the weights)' : null, 'add workers or give them more memory', reserve > 0 ? 'lower the KV reserve' : null].filter(Boolean).join(', or ');
+  const hint = [dtype === 'float32' ? 'use --dtype float16 (halves the weights) or int8 (about 28 %)' : dtype === 'float16' ? 'use --dtype int8 or int4 (weight-only quantized)' : null, 'add workers or give them more memory', reserve > 0 ? 'lower the KV reserve' : null].filter(Boolean).join(', or ');
   return new StrataError(
     'plan_does_not_fit',
     `${spec.family} (${B} blocks, ${fmtParams(fp.params(0, B))} params) does not fit ${workers.length} worker(s) in ${dtype}: ` +

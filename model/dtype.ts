@@ -1,3 +1,6 @@
+import { StrataError } from './errors.ts';
+import { QUANT_SCHEMES, type QuantDType } from './quantize.ts';
+
 /**
  * float16 / bfloat16 <-> float32 conversions. Node 20 has no Float16Array, so these are written by
  * hand (IEEE 754 binary16, round-to-nearest-even), as every JS ONNX/safetensors tool does.
@@ -68,4 +71,37 @@ export function float16ToFloat32(src: Uint16Array): Float32Array {
   const out = new Float32Array(src.length);
   for (let i = 0; i < src.length; i++) out[i] = f16ToF32(src[i]);
   return out;
+}
+
+// ---- weight dtypes of stage graphs (--dtype) ----
+
+/**
+ * The dtype a stage graph stores its weights in. float16 also runs activations in float16; int8/int4 are
+ * weight-only block quantization (model/quantize.ts) with float32 activations, norms and biases.
+ */
+export const WEIGHT_DTYPES = ['float32', 'float16', 'int8', 'int4'] as const;
+export type StageDType = (typeof WEIGHT_DTYPES)[number];
+export type QuantizedDType = Extract<StageDType, QuantDType>;
+
+export const isQuantized = (d: string): d is QuantizedDType => d in QUANT_SCHEMES;
+
+/** Validates a --dtype value (CLI flag, env var or the wire): a typed error naming the choices. */
+export function parseStageDType(value: string | undefined, what = '--dtype'): StageDType {
+  const v = value ?? 'float32';
+  if ((WEIGHT_DTYPES as readonly string[]).includes(v)) return v as StageDType;
+  throw new StrataError('dtype_invalid', `${what} "${v}" is not one of ${WEIGHT_DTYPES.join(', ')}; int8 and int4 are weight-only quantized graphs (float32 activations)`);
+}
+
+/** The activations' dtype (what crosses the wire between stages and fills the KV cache). */
+export const activationDType = (d: StageDType): 'float32' | 'float16' => (d === 'float16' ? 'float16' : 'float32');
+
+/**
+ * Bytes one weight of a linear matrix takes in a stage of dtype `d`: the codes plus one float32 scale per block.
+ * int8: 1 + 4/32 = 1.125; int4: 0.5 + 4/32 = 0.625. Norms, biases and position tables stay float32 (<1 % of a GPT).
+ */
+export function bytesPerWeight(d: StageDType): number {
+  if (d === 'float32') return 4;
+  if (d === 'float16') return 2;
+  const s = QUANT_SCHEMES[d];
+  return s.bits / 8 + 4 / s.blockSize;
 }

@@ -164,6 +164,8 @@ export const ERROR_CATALOGUE = {
   // ---- quantization (model/quantize.ts) ----
   quant_bits_invalid: entry('invalid_argument'),
   quant_block_invalid: entry('invalid_argument'),
+  quant_kernel_unavailable: entry('failed_precondition'),
+  quant_source_dtype_unsupported: entry('invalid_argument'),
 
   // ---- the CLI and local clusters (bin/, bench/) ----
   ids_invalid: entry('invalid_argument'),

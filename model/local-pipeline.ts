@@ -5,6 +5,7 @@ import { StageSession, type SessionOptions } from './executor.ts';
 import { Stage, type KvCache } from './stage.ts';
 import { embed, finishStep, type PipelineStep, type StepResult, type Stepper } from './generation.ts';
 import type { WeightDType } from './stage-graph.ts';
+import { activationDType } from './dtype.ts';
 
 export interface LocalPipelineOptions extends SessionOptions {
   dtype?: WeightDType;
@@ -32,7 +33,7 @@ export class LocalPipeline implements Stepper {
     const dtype = opts.dtype ?? 'float32';
     const prepared = ranges.map((r) => prepareStage(modelDir, r, { dtype, fused: opts.fused, device: opts.device, cacheDir: opts.cacheDir, onProgress: opts.onProgress }));
     const stages: Stage[] = [];
-    for (const p of prepared) stages.push(new Stage(spec, p.range, await StageSession.create(p.path, opts), dtype));
+    for (const p of prepared) stages.push(new Stage(spec, p.range, await StageSession.create(p.path, opts), activationDType(dtype)));
     return new LocalPipeline(spec, stages, prepared);
   }
 

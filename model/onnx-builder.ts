@@ -133,7 +133,7 @@ export class GraphBuilder {
   /** A weight tensor, stored as external data. Reusing a name returns the existing initializer (tied weights). */
   weight(name: string, elemType: ElemTypeId, dims: number[], bytes: () => Uint8Array): string {
     if (this.weightNames.has(name)) return name;
-    const size = elemType === ElemType.FLOAT16 ? 2 : elemType === ElemType.INT64 ? 8 : 4;
+    const size = elemType === ElemType.FLOAT16 ? 2 : elemType === ElemType.INT64 ? 8 : elemType === ElemType.UINT8 || elemType === ElemType.INT8 ? 1 : 4;
     const { offset, length } = this.sink.append(dims.reduce((a, b) => a * b, size), bytes);
     this.paramBytes += length;
     this.weightNames.add(name);
@@ -145,6 +145,19 @@ export class GraphBuilder {
         { key: 'length', value: String(length) },
       ],
     });
+    return name;
+  }
+
+  /**
+   * A second initializer over the bytes of weight `of` (same external-data span, other dims): the quantized token
+   * table is [V, D·bits/8] for GatherBlockQuantized and [V, D/block, block·bits/8] for MatMulNBits (tied LM head).
+   */
+  weightView(name: string, of: string, dims: number[]): string {
+    if (this.weightNames.has(name)) return name;
+    const base = (this.inits as { name: string; dataType: number; externalData?: object[] }[]).find((i) => i.name === of);
+    if (!base?.externalData) throw new Error(`weightView: ${of} is not an external weight`);
+    this.weightNames.add(name);
+    this.inits.push({ ...base, name, dims });
     return name;
   }
 

@@ -7,6 +7,10 @@ import { allRefs, isLegacyBuffer, keyPrefix, stageWeights } from './layout.ts';
 import { buildStageGraph, GRAPH_VERSION, type WeightDType } from './stage-graph.ts';
 import { FileSink } from './onnx-builder.ts';
 import { checkRange, rangeLabel, type BlockRange } from './range.ts';
+import { isQuantized } from './dtype.ts';
+import { StrataError } from './errors.ts';
+import { parseDevice } from './executor.ts';
+import { checkQuantKernels, quantScheme, schemeKey } from './quantize.ts';
 
 export interface PreparedStage {
   spec: ModelSpec;
@@ -42,16 +46,20 @@ export const defaultCacheDir = (): string => process.env.STRATA_CACHE_DIR ?? joi
 export function prepareStage(
   modelDir: string,
   range: BlockRange,
-  opts: { dtype?: WeightDType; fused?: boolean; device?: string; cacheDir?: string; onProgress?: (msg: string) => void } = {},
+  opts: { dtype?: WeightDType; fused?: boolean; device?: string; cacheDir?: string; quantBlockSize?: number; onProgress?: (msg: string) => void } = {},
 ): PreparedStage {
   const dtype = opts.dtype ?? 'float32';
   const fused = opts.fused ?? defaultFused(opts.device);
   const spec = loadModelSpec(modelDir);
   checkRange(range, spec.blocks);
+  // Quantized graphs: the scheme (bits, block, rounding) is part of the cache key, and a device without the kernels is refused before any work.
+  const scheme = isQuantized(dtype) ? quantScheme(dtype, opts.quantBlockSize) : null;
+  if (scheme) checkQuantKernels(parseDevice(opts.device).kind, scheme, dtype);
+  const dtypeKey = scheme ? `${dtype}-${schemeKey(scheme)}` : dtype;
   const ck = Checkpoint.open(modelDir);
   try {
     const fingerprint = ck.fingerprint();
-    const dir = join(opts.cacheDir ?? defaultCacheDir(), fingerprint, `${range.first}-${range.last}-${dtype}${fused ? '-fused' : ''}-v${GRAPH_VERSION}`);
+    const dir = join(opts.cacheDir ?? defaultCacheDir(), fingerprint, `${range.first}-${range.last}-${dtypeKey}${fused ? '-fused' : ''}-v${GRAPH_VERSION}`);
     const path = join(dir, 'stage.onnx');
     const metaPath = join(dir, 'meta.json');
     if (existsSync(path) && existsSync(metaPath)) {
@@ -61,13 +69,14 @@ export function prepareStage(
     opts.onProgress?.(`building stage graph for blocks ${rangeLabel(range)} (${dtype}) of ${modelDir}`);
     const unexpected = unusedTensors(spec, ck);
     if (unexpected.length) opts.onProgress?.(`warning: the checkpoint has ${unexpected.length} tensors a ${spec.modelType} model does not use (${unexpected.slice(0, 3).join(', ')}…); is config.json from the same checkpoint?`);
+    if (scheme) checkQuantizable(spec, range, ck, dtype);
     const tmp = `${dir}.tmp-${process.pid}-${Date.now()}`;
     mkdirSync(tmp, { recursive: true });
     const sink = new FileSink(join(tmp, 'weights.bin'), 'weights.bin');
     let model: Uint8Array, paramBytes: number;
     try {
       const source = { prefix: keyPrefix(spec, (k) => ck.has(k)), readFloat32: (k: string, s: number[]) => ck.readFloat32(k, s) };
-      ({ model, paramBytes } = buildStageGraph(spec, range, source, sink, { dtype, fused }));
+      ({ model, paramBytes } = buildStageGraph(spec, range, source, sink, { dtype, fused, quantBlockSize: scheme?.blockSize }));
     } catch (e) {
       sink.close();
       rmSync(tmp, { recursive: true, force: true });
@@ -75,13 +84,24 @@ export function prepareStage(
     }
     sink.close();
     writeFileSync(join(tmp, 'stage.onnx'), model);
-    writeFileSync(join(tmp, 'meta.json'), JSON.stringify({ fingerprint, range, dtype, paramBytes, modelDir }));
+    writeFileSync(join(tmp, 'meta.json'), JSON.stringify({ fingerprint, range, dtype, ...(scheme ? { quant: scheme } : {}), paramBytes, modelDir }));
     rmSync(dir, { recursive: true, force: true });
     renameSync(tmp, dir);
     opts.onProgress?.(`stage graph ${rangeLabel(range)} ready: ${(paramBytes / 2 ** 20).toFixed(1)} MiB of weights`);
     return { spec, range, dtype, fingerprint, path, paramBytes, built: true };
   } finally {
     ck.close();
+  }
+}
+
+/** int8/int4 read each matrix as float32 and quantize it: a checkpoint already stored in integers cannot be. */
+function checkQuantizable(spec: ModelSpec, range: BlockRange, ck: Checkpoint, dtype: string): void {
+  for (const ref of allRefs(stageWeights(spec, range, keyPrefix(spec, (k) => ck.has(k))))) {
+    const info = ck.info(ref.key);
+    if (info && !['F32', 'F16', 'BF16'].includes(info.dtype)) {
+      throw new StrataError('quant_source_dtype_unsupported',
+        `--dtype ${dtype} quantizes F32, F16 or BF16 weights, but tensor "${ref.key}" is ${info.dtype} (an already quantized or integer checkpoint?): point --model at the original floating-point checkpoint`);
+    }
   }
 }
 

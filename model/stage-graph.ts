@@ -5,6 +5,7 @@ import { ElemType, GraphBuilder, type WeightSink } from './onnx-builder.ts';
 import { familyNamed } from './families/index.ts';
 import { stageContext, type BlockContext, type StageGraphOptions, type WeightSource } from './graph/context.ts';
 import { IO } from './graph/io.ts';
+import { isQuantized } from './dtype.ts';
 import { attentionMask } from './graph/mask.ts';
 import { rotaryInputs } from './graph/rotary.ts';
 
@@ -61,7 +62,7 @@ export function buildStageGraph(spec: ModelSpec, range: BlockRange, source: Weig
     g.output(g.o('Reshape', [x, ctx.shapeBTD]), IO.hiddenOut, ACT, ['batch', 'seq', D]);
   }
 
-  const model = g.encode(`strata_${spec.family}_${range.first}_${range.last}`, { '': 20, ...(opts.fused ? { 'com.microsoft': 1 } : {}) }, {
+  const model = g.encode(`strata_${spec.family}_${range.first}_${range.last}`, { '': 20, ...(opts.fused || isQuantized(opts.dtype) ? { 'com.microsoft': 1 } : {}) }, {
     'strata.fused': String(!!opts.fused),
     'strata.family': spec.family,
     'strata.range': `${range.first},${range.last}`,

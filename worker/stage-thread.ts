@@ -8,6 +8,7 @@ import { StrataError, toErrorRecord } from '../model/errors.ts';
 import type { TensorData } from '../model/tensor.ts';
 import { KvStore } from './kv-store.ts';
 import type { LoadedInfo, StepDone, StepOutcome, ThreadReply, ThreadRequest } from './thread-protocol.ts';
+import { activationDType } from '../model/dtype.ts';
 
 // This thread owns the ORT session (whose run() blocks) and every session's KV cache; the main thread stays free
 // for gRPC streams, keepalives and health checks.
@@ -72,7 +73,7 @@ async function handle(req: ThreadRequest): Promise<unknown> {
       const prepared = prepareStage(req.modelDir, req.range, { dtype: req.dtype, device: req.device, cacheDir: req.cacheDir, onProgress: (m) => reply({ id: -1, progress: m }) });
       const session = await StageSession.create(prepared.path, { threads: req.threads, device: req.device as never });
       if (stage) await stage.session.release();
-      stage = new Stage(prepared.spec, prepared.range, session, req.dtype);
+      stage = new Stage(prepared.spec, prepared.range, session, activationDType(req.dtype));
       kv = new KvStore(req.kvBudgetBytes, req.sessionTtlMs);
       maxBatch = Math.max(1, req.maxBatch ?? 1);
       const info: LoadedInfo = { fingerprint: prepared.fingerprint, paramBytes: prepared.paramBytes, provider: session.executionProvider, built: prepared.built };

@@ -1,12 +1,13 @@
 import type { ModelSpec } from '../config.ts';
-import { float32ToFloat16 } from '../dtype.ts';
+import { float32ToFloat16, type StageDType } from '../dtype.ts';
 import { ElemType, GraphBuilder, type ElemTypeId } from '../onnx-builder.ts';
 import type { WeightRef } from '../families/family.ts';
 import { IO } from './io.ts';
 import type { AttentionMask } from './mask.ts';
 import type { RotaryInputs } from './rotary.ts';
 
-export type WeightDType = 'float32' | 'float16';
+/** float32 | float16 | int8 | int4 (int8/int4: weight-only quantized linear layers and token table, float32 activations). */
+export type WeightDType = StageDType;
 
 /** Where a stage's weights come from: a checkpoint, or synthetic values for shape checks and benches. */
 export interface WeightSource {
@@ -22,6 +23,8 @@ export interface StageGraphOptions {
    * the op-by-op attention and residual+norm. Same function, checked against the same fixtures.
    */
   fused?: boolean;
+  /** int8/int4 stages: quantization block size along the input features (default 32, model/quantize.ts). */
+  quantBlockSize?: number;
 }
 
 /** What every graph piece of a stage builds against: the builder, the spec, dtypes, weights and shared inputs. */
@@ -38,6 +41,8 @@ export interface StageContext {
   W(ref: WeightRef): string;
   /** A checkpoint weight kept float32 (layer-norm parameters: norms are computed in fp32 even in fp16 stages). */
   W32(ref: WeightRef): string;
+  /** A checkpoint weight's values as float32, read when called (the quantizer reads one tensor at a time). */
+  read(ref: WeightRef): Float32Array;
   readonly positionIds: string;
   readonly attentionMask: string;
   /** [B, T, D] and [B, T, H, head_dim] as shape tensors. */
@@ -68,6 +73,7 @@ export function stageContext(g: GraphBuilder, spec: ModelSpec, source: WeightSou
     g, spec, opts, half, ACT, F32, positionIds, attentionMask,
     W: (ref) => g.weight(ref.key, ACT, ref.shape, () => readBytes(ref)),
     W32: (ref) => g.weight(ref.key, F32, ref.shape, () => readBytes(ref, true)),
+    read: (ref) => source.readFloat32(ref.key, ref.shape),
     shapeBTD: g.o('Concat', [bt, g.constInt64([spec.dModel])], { axis: 0 }),
     shapeBTHd: g.o('Concat', [bt, g.constInt64([spec.heads, spec.headDim])], { axis: 0 }),
   };

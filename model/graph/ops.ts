@@ -1,6 +1,6 @@
 import type { EmbedWeights, NormRefs, WeightRef } from '../families/family.ts';
 import type { StageContext } from './context.ts';
-import { linear } from './linear.ts';
+import { gatherRows, linear } from './linear.ts';
 
 /** LayerNormalization over the last axis, computed in float32 (an fp16 stage casts around it). */
 export function layerNorm(ctx: StageContext, x: string, [w, b]: NormRefs): string {
@@ -43,7 +43,7 @@ export function mlp(ctx: StageContext, h: string, w: MlpWeights, conv1d: boolean
 /** Token rows (+ learned position rows) → [B·T, D]. */
 export function embedTokens(ctx: StageContext, inputIds: string, e: EmbedWeights): string {
   const { g } = ctx;
-  let emb = g.o('Gather', [ctx.W(e.tokens), inputIds], { axis: 0 });
+  let emb = gatherRows(ctx, e.tokens, inputIds);
   if (e.positions) emb = g.o('Add', [emb, g.o('Gather', [ctx.W(e.positions), ctx.positionIds], { axis: 0 })]);
   return g.o('Reshape', [emb, g.constInt64([-1, ctx.spec.dModel])]);
 }

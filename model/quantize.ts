@@ -1,0 +1,170 @@
+/**
+ * Weight-only, block-wise, symmetric quantization in the layout of ONNX Runtime's `MatMulNBits` and
+ * `GatherBlockQuantized` (com.microsoft): a [N, K] matrix (N = output features, K = input features, torch Linear's
+ * own layout) is cut into blocks of `blockSize` along K; each block keeps one float32 scale and `bits`-bit codes
+ * stored unsigned with the implicit zero point 2^(bits-1), so value = (code − 2^(bits−1)) · scale.
+ *
+ * The rounding follows ggml's reference quantizers, so that strata's int8/int4 and llama.cpp's q8_0/q4_0 make the
+ * same choices on the same weights (the accuracy anchor compares the two):
+ * - 8 bits (q8_0): scale = amax / 127, code = round-half-away(x / scale), codes −127…127.
+ * - 4 bits (q4_0): the value of largest magnitude (sign kept) maps to −8: scale = max / −8,
+ *   code = min(15, trunc(x / scale + 8.5)), so all 16 levels are used.
+ * Scales stay float32 (ggml rounds them to fp16; the kernels here take the activation's type).
+ *
+ * Pure functions over typed arrays: the stage-graph builder calls them one tensor at a time.
+ */
+import { StrataError } from './errors.ts';
+
+export type QuantBits = 4 | 8;
+
+export interface QuantScheme {
+  bits: QuantBits;
+  blockSize: number;
+}
+
+/** The schemes behind `--dtype int8 | int4`. Block 32 is ggml's q8_0/q4_0 block and a size MatMulNBits packs fast. */
+export const QUANT_SCHEMES = {
+  int8: { bits: 8, blockSize: 32 },
+  int4: { bits: 4, blockSize: 32 },
+} as const satisfies Record<string, QuantScheme>;
+
+export type QuantDType = keyof typeof QUANT_SCHEMES;
+
+/** The scheme of an int8/int4 stage; `blockSize` overrides the default 32 (a power of two ≥ 16). */
+export function quantScheme(dtype: QuantDType, blockSize?: number): QuantScheme {
+  const s: QuantScheme = { bits: QUANT_SCHEMES[dtype].bits, blockSize: blockSize ?? QUANT_SCHEMES[dtype].blockSize };
+  checkScheme(s);
+  return s;
+}
+
+/** Identifies the scheme in cache keys and graph metadata: a different layout or rounding must rebuild graphs. */
+export const schemeKey = (s: QuantScheme): string => `q${s.bits}b${s.blockSize}sym`;
+
+export interface QuantizedMatrix {
+  /** [N, kBlocks, blob] codes, blob = blockSize·bits/8 bytes. */
+  data: Uint8Array;
+  /** [N, kBlocks] float32 scales. */
+  scales: Float32Array;
+  n: number;
+  k: number;
+  kBlocks: number;
+  blob: number;
+}
+
+export function checkScheme(s: QuantScheme): void {
+  if (s.bits !== 4 && s.bits !== 8) throw new StrataError('quant_bits_invalid', `quantization bits must be 4 or 8 (got ${s.bits})`);
+  if (!(s.blockSize >= 16 && (s.blockSize & (s.blockSize - 1)) === 0)) {
+    throw new StrataError('quant_block_invalid', `quantization block size must be a power of two ≥ 16, as MatMulNBits requires (got ${s.blockSize})`);
+  }
+}
+
+/** torch rounds half to even; ggml's reference quantizer uses roundf (half away from zero): match ggml. */
+const roundAway = (x: number): number => (x < 0 ? -Math.round(-x) : Math.round(x));
+
+/**
+ * Quantizes a row-major [n, k] float32 matrix block-wise along k. A trailing partial block is padded with zeros
+ * (MatMulNBits's k_blocks = ceil(K / block)).
+ */
+export function quantizeRows(w: Float32Array, n: number, k: number, scheme: QuantScheme): QuantizedMatrix {
+  checkScheme(scheme);
+  if (w.length !== n * k) throw new Error(`quantizeRows: ${w.length} values is not ${n} × ${k}`);
+  const { bits, blockSize } = scheme;
+  const kBlocks = Math.ceil(k / blockSize);
+  const blob = (blockSize * bits) / 8;
+  const data = new Uint8Array(n * kBlocks * blob);
+  const scales = new Float32Array(n * kBlocks);
+  const codes = new Uint8Array(blockSize);
+  for (let r = 0; r < n; r++) {
+    const row = r * k;
+    for (let b = 0; b < kBlocks; b++) {
+      const start = b * blockSize;
+      const end = Math.min(k, start + blockSize);
+      let amax = 0, max = 0;
+      for (let i = start; i < end; i++) {
+        const a = Math.abs(w[row + i]);
+        if (a > amax) { amax = a; max = w[row + i]; }
+      }
+      codes.fill(1 << (bits - 1));
+      let scale: number;
+      if (bits === 8) {
+        scale = Math.fround(amax / 127);
+        const inv = scale ? Math.fround(1 / scale) : 0;
+        for (let i = start; i < end; i++) codes[i - start] = roundAway(Math.fround(w[row + i] * inv)) + 128;
+      } else {
+        scale = Math.fround(max / -8);
+        const inv = scale ? Math.fround(1 / scale) : 0;
+        for (let i = start; i < end; i++) codes[i - start] = Math.min(15, Math.trunc(Math.fround(Math.fround(w[row + i] * inv) + 8.5)));
+      }
+      scales[r * kBlocks + b] = scale;
+      const out = (r * kBlocks + b) * blob;
+      if (bits === 8) data.set(codes, out);
+      else for (let j = 0; j < blob; j++) data[out + j] = codes[2 * j] | (codes[2 * j + 1] << 4); // low nibble first
+    }
+  }
+  return { data, scales, n, k, kBlocks, blob };
+}
+
+/** The float32 matrix a quantized one stands for (tests and error measurement). */
+export function dequantizeRows(q: QuantizedMatrix, bits: QuantBits): Float32Array {
+  const out = new Float32Array(q.n * q.k);
+  const blockSize = (q.blob * 8) / bits;
+  const zero = 1 << (bits - 1);
+  for (let r = 0; r < q.n; r++) {
+    for (let i = 0; i < q.k; i++) {
+      const b = Math.floor(i / blockSize), j = i % blockSize;
+      const byte = q.data[(r * q.kBlocks + b) * q.blob + (bits === 8 ? j : j >> 1)];
+      const code = bits === 8 ? byte : j & 1 ? byte >> 4 : byte & 15;
+      out[r * q.k + i] = (code - zero) * q.scales[r * q.kBlocks + b];
+    }
+  }
+  return out;
+}
+
+/** [rows, cols] → [cols, rows]: GPT-2's Conv1D stores [in, out]; the quantized kernels want [out, in]. */
+export function transpose(w: Float32Array, rows: number, cols: number): Float32Array {
+  if (w.length !== rows * cols) throw new Error(`transpose: ${w.length} values is not ${rows} × ${cols}`);
+  const out = new Float32Array(w.length);
+  for (let r = 0; r < rows; r++) for (let c = 0; c < cols; c++) out[c * rows + r] = w[r * cols + c];
+  return out;
+}
+
+/**
+ * Per-output-channel int8 (one scale per column of a [K, N] matrix, symmetric, codes −127…127), the layout of
+ * `DynamicQuantizeMatMul`. Kept for the kernel comparison in bench/quant-kernels.ts (see the choice in the linear op).
+ */
+export function quantizeColumnsInt8(w: Float32Array, k: number, n: number): { data: Int8Array; scales: Float32Array } {
+  const scales = new Float32Array(n);
+  for (let r = 0; r < k; r++) for (let c = 0; c < n; c++) scales[c] = Math.max(scales[c], Math.abs(w[r * n + c]));
+  for (let c = 0; c < n; c++) scales[c] = Math.fround(scales[c] / 127);
+  const data = new Int8Array(k * n);
+  for (let r = 0; r < k; r++) for (let c = 0; c < n; c++) data[r * n + c] = scales[c] ? roundAway(w[r * n + c] / scales[c]) : 0;
+  return { data, scales };
+}
+
+/** Bytes of a quantized [n, k] matrix: codes plus float32 scales. */
+export function quantizedBytes(n: number, k: number, scheme: QuantScheme): number {
+  const kBlocks = Math.ceil(k / scheme.blockSize);
+  return n * kBlocks * ((scheme.blockSize * scheme.bits) / 8) + n * kBlocks * 4;
+}
+
+/**
+ * Which execution providers have kernels for the quantized ops a stage uses (`MatMulNBits` for linear layers,
+ * `GatherBlockQuantized` for the token embeddings), by bit width. ORT assigns a node that its EP cannot run to the
+ * CPU EP without a word, so a quantized stage on a device missing a kernel would silently run its matrices on the
+ * host: refuse it up front instead.
+ * - cpu: MLAS's n-bit kernels (measured here; 8-bit needs accuracy_level 4, see model/graph/linear.ts).
+ * - webgpu: both ops, 4 and 8 bits, placed on the WebGPU EP and exact against the CPU on lavapipe (2026-11-29).
+ * - cuda: both ops registered for float/fp16 activations with 4- and 8-bit weights (ORT's CUDA contrib kernels;
+ *   not run here: no CUDA provider on the development machine).
+ */
+export const QUANT_KERNELS: Record<string, readonly QuantBits[]> = { cpu: [4, 8], webgpu: [4, 8], cuda: [4, 8] };
+
+/** Throws unless `deviceKind` (cpu, cuda, webgpu, …) has the kernels for `scheme`. */
+export function checkQuantKernels(deviceKind: string, scheme: QuantScheme, dtypeName = `int${scheme.bits}`): void {
+  const bits = QUANT_KERNELS[deviceKind];
+  if (!bits?.includes(scheme.bits)) {
+    const have = Object.entries(QUANT_KERNELS).filter(([, b]) => b.includes(scheme.bits)).map(([d]) => d);
+    throw new StrataError('quant_kernel_unavailable',
+      `device ${deviceKind} has no ONNX Runtime kernel for ${scheme.bits}-bit weights (MatMulNBits, GatherBlockQuantized): run --dtype ${dtypeName} on ${have.join(', ')}, or use --dtype float32 / float16 on ${deviceKind}`);
+  }
+}

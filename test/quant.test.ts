@@ -1,0 +1,80 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { checkQuantKernels, dequantizeRows, quantizedBytes, quantizeRows, QUANT_SCHEMES, schemeKey, transpose } from '../model/quantize.ts';
+import { bytesPerWeight, parseStageDType } from '../model/dtype.ts';
+import { isStrataError } from '../model/errors.ts';
+
+// The quantizer itself: ggml's q8_0 / q4_0 rounding, MatMulNBits's packing, error bounds.
+
+const rng = (seed: number) => () => ((seed = (seed * 1103515245 + 12345) >>> 0) / 2 ** 32 - 0.5);
+
+test('int8: scale = amax/127, codes round half away from zero, stored with zero point 128', () => {
+  const row = Float32Array.from({ length: 32 }, (_, i) => (i - 16) / 16); // amax = 1 at i = 0
+  row[5] = 0.5 * (1 / 127) * 3; // exactly 1.5 steps: rounds away from zero to 2
+  row[6] = -row[5];
+  const q = quantizeRows(row, 1, 32, QUANT_SCHEMES.int8);
+  assert.equal(q.scales[0], Math.fround(1 / 127));
+  assert.equal(q.data[0], 128 - 127);
+  assert.equal(q.data[5], 128 + 2);
+  assert.equal(q.data[6], 128 - 2);
+  assert.equal(q.data[16], 128);
+});
+
+test('int4: the largest-magnitude value maps to code 0 (−8), codes pack low nibble first', () => {
+  const row = new Float32Array(32);
+  row[0] = 0.8; row[1] = -0.1; row[2] = -0.3; row[3] = 0.35;
+  const q = quantizeRows(row, 1, 32, QUANT_SCHEMES.int4);
+  const scale = Math.fround(0.8 / -8); // = −0.1
+  assert.equal(q.scales[0], scale);
+  // codes = min(15, trunc(x/scale + 8.5)): 0.8 → 0, −0.1 → 9, −0.3 → 11, 0.35 → 5 (4.99 + .5 truncates), 0 → 8
+  assert.equal(q.data[0], 0 | (9 << 4));
+  assert.equal(q.data[1], 11 | (Math.trunc(Math.fround(Math.fround(0.35 / scale) + 8.5)) << 4));
+  assert.equal(q.data[2], 8 | (8 << 4));
+  assert.equal(q.blob, 16);
+});
+
+test('dequantized matrices stay within half a step of the original (int4: one step where code 15 clips, as in ggml); all-zero blocks stay zero', () => {
+  const r = rng(3);
+  const [n, k] = [5, 96];
+  const w = Float32Array.from({ length: n * k }, () => r() * 0.1);
+  w.fill(0, 32, 64); // one zero block in row 0
+  for (const [name, s] of Object.entries(QUANT_SCHEMES)) {
+    const q = quantizeRows(w, n, k, s);
+    const back = dequantizeRows(q, s.bits);
+    for (let i = 0; i < w.length; i++) {
+      const scale = Math.abs(q.scales[Math.floor(i / k) * q.kBlocks + Math.floor((i % k) / s.blockSize)]);
+      const bound = s.bits === 8 ? scale / 2 : scale;
+      assert.ok(Math.abs(back[i] - w[i]) <= bound + 1e-9, `${name}: element ${i} off by ${Math.abs(back[i] - w[i])}, step ${scale}`);
+    }
+    for (let i = 32; i < 64; i++) assert.ok(back[i] === 0, `${name}: zero block element ${i} = ${back[i]}`);
+    assert.equal(q.data.byteLength + q.scales.byteLength, quantizedBytes(n, k, s));
+  }
+});
+
+test('a trailing partial block is padded, transpose turns Conv1D [in, out] into [out, in]', () => {
+  const w = Float32Array.from({ length: 2 * 40 }, (_, i) => i / 80);
+  const q = quantizeRows(w, 2, 40, QUANT_SCHEMES.int8);
+  assert.equal(q.kBlocks, 2);
+  const back = dequantizeRows(q, 8);
+  for (let i = 0; i < w.length; i++) assert.ok(Math.abs(back[i] - w[i]) < 0.01);
+  assert.deepEqual([...transpose(Float32Array.of(1, 2, 3, 4, 5, 6), 2, 3)], [1, 4, 2, 5, 3, 6]);
+});
+
+test('scheme keys and bytes per weight', () => {
+  assert.equal(schemeKey(QUANT_SCHEMES.int8), 'q8b32sym');
+  assert.equal(schemeKey(QUANT_SCHEMES.int4), 'q4b32sym');
+  assert.equal(bytesPerWeight('int8'), 1.125);
+  assert.equal(bytesPerWeight('int4'), 0.625);
+  assert.equal(bytesPerWeight('float16'), 2);
+});
+
+const strataCode = (code: string) => (e: unknown) => isStrataError(e) && e.code === code;
+
+test('bad input: an unknown dtype, a device without the kernels, a bad scheme', () => {
+  assert.equal(parseStageDType('int4'), 'int4');
+  assert.equal(parseStageDType(undefined), 'float32');
+  assert.throws(() => parseStageDType('int3'), (e) => strataCode('dtype_invalid')(e) && /float32, float16, int8, int4/.test((e as Error).message));
+  assert.doesNotThrow(() => checkQuantKernels('webgpu', QUANT_SCHEMES.int4));
+  assert.throws(() => checkQuantKernels('coreml', QUANT_SCHEMES.int8), (e) => strataCode('quant_kernel_unavailable')(e) && /--dtype float32/.test((e as Error).message));
+  assert.throws(() => quantizeRows(new Float32Array(24), 1, 24, { bits: 8, blockSize: 24 }), strataCode('quant_block_invalid'));
+});
