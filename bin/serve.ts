@@ -9,12 +9,15 @@ import { Checkpoint } from '../model/safetensors.ts';
 import { isStrataError, StrataError } from '../model/errors.ts';
 import { loadTokenizer } from '../model/tokenizer.ts';
 import type { WeightDType } from '../model/stage-graph.ts';
+import { parseStageDType } from '../model/dtype.ts';
 import { RemotePipeline } from '../coordinator/remote-pipeline.ts';
 import { startCoordinatorService } from '../coordinator/service.ts';
 import { observeStageForward } from '../coordinator/metrics.ts';
 import { startLocalCluster, type LocalCluster } from './local-cluster.ts';
 import { BUILTIN_MODEL } from './run-commands.ts';
 import { loadCredentials, tlsFromEnv } from '../transport/grpc/tls.ts';
+import { loadChatTemplateFile } from '../model/chat-template.ts';
+import type { StrataTokenizer } from '../model/tokenizer.ts';
 
 const log = pino({ name: 'strata' }, pino.destination(2));
 
@@ -30,6 +33,7 @@ interface ServeOptions {
   tlsCert?: string;
   tlsKey?: string;
   tlsCa?: string;
+  chatTemplate?: string;
 }
 
 /** Connects to the workers (retrying while they start, as pods do in any order), then serves the API + queue. */
@@ -39,6 +43,7 @@ async function serve(o: ServeOptions, addresses: string[], onStop: () => Promise
   const fingerprint = ck.fingerprint();
   ck.close();
   const tokenizer = await loadTokenizer(o.model, spec);
+  const chatTemplate = o.chatTemplate ? loadChatTemplateFile(o.chatTemplate) : undefined;
   let pipeline: RemotePipeline | undefined;
   for (let attempt = 1; !pipeline; attempt++) {
     try {
@@ -57,7 +62,7 @@ async function serve(o: ServeOptions, addresses: string[], onStop: () => Promise
   pipeline.startHealthMonitor();
   const service = await startCoordinatorService({
     pipeline, spec, tokenizer, redisUrl: o.redis, port: Number(o.port), host: o.host, authToken: o.apiToken,
-    concurrency: Number(o.concurrency), pipelineInfo: () => pipeline.describe(), health: () => pipeline.isHealthy, log: log.child({ name: 'strata-coordinator' }),
+    concurrency: Number(o.concurrency), chatTemplate, pipelineInfo: () => pipeline.describe(), health: () => pipeline.isHealthy, log: log.child({ name: 'strata-coordinator' }),
     modelName: basename(resolve(o.model)),
   });
   const stop = async () => {
@@ -69,7 +74,7 @@ async function serve(o: ServeOptions, addresses: string[], onStop: () => Promise
   };
   process.once('SIGINT', stop);
   process.once('SIGTERM', stop);
-  return { service, pipeline };
+  return { service, pipeline, tokenizer, hasChat: !!(chatTemplate ?? tokenizer?.chatTemplate) };
 }
 
 const addServeOptions = (cmd: Command) =>
@@ -77,13 +82,18 @@ const addServeOptions = (cmd: Command) =>
     .option('--port <port>', 'HTTP API port', process.env.STRATA_PORT ?? '8080')
     .option('--host <host>', 'HTTP API bind address', process.env.STRATA_HOST ?? '127.0.0.1')
     .option('--redis <url>', 'Redis for the request queue', process.env.REDIS_URL ?? 'redis://127.0.0.1:6379')
-    .option('--dtype <dtype>', 'weight dtype of the stage graphs: float32 | float16', process.env.STRATA_DTYPE ?? 'float32')
+    .option('--dtype <dtype>', 'weight dtype of the stage graphs: float32 | float16 | int8 | int4 (int8/int4: weight-only block-quantized, float32 activations)', (v: string) => parseStageDType(v), parseStageDType(process.env.STRATA_DTYPE, 'STRATA_DTYPE'))
     .option('--api-token <token>', 'require "Authorization: Bearer <token>" on the API (STRATA_API_TOKEN)', process.env.STRATA_API_TOKEN)
     .option('--concurrency <n>', 'requests in flight through the pipeline at once', process.env.STRATA_CONCURRENCY ?? '8')
     .option('--spares <addresses>', 'standby workers that take over a dead stage, comma-separated host:port', process.env.STRATA_SPARES)
     .option('--tls-cert <pem>', 'mutual TLS to the workers: this node\'s certificate (STRATA_TLS_CERT)')
     .option('--tls-key <pem>', 'mutual TLS: its private key (STRATA_TLS_KEY)')
-    .option('--tls-ca <pem>', 'mutual TLS: CA that signs the workers\' certificates (STRATA_TLS_CA)');
+    .option('--tls-ca <pem>', 'mutual TLS: CA that signs the workers\' certificates (STRATA_TLS_CA)')
+    .option('--chat-template <file>', 'Jinja chat template for /v1/chat/completions, overriding tokenizer_config.json\'s (STRATA_CHAT_TEMPLATE)', process.env.STRATA_CHAT_TEMPLATE);
+
+/** The worker options `strata up` passes on to each worker it starts (each with its STRATA_* fallback, as `strata worker`). */
+const WORKER_OPTIONS: [flag: string, option: string][] = [['--threads', 'threads'], ['--max-batch', 'maxBatch'], ['--kv-budget-mb', 'kvBudgetMb'], ['--device', 'device']];
+const workerArgs = (o: Record<string, unknown>): string[] => WORKER_OPTIONS.flatMap(([flag, key]) => (o[key] === undefined ? [] : [flag, String(o[key])]));
 
 const fail = (e: unknown) => {
   console.error(`strata: ${isStrataError(e) ? `${e.message} [${e.code}]` : (e as Error).stack}`);
@@ -112,7 +122,11 @@ export function registerServeCommands(program: Command): void {
       .command('up')
       .description('start K workers, a coordinator and the HTTP API in the foreground (Ctrl-C stops everything)')
       .option('--model <dir>', 'Hugging Face model directory (default: the built-in tiny GPT-2)', process.env.STRATA_MODEL ?? BUILTIN_MODEL)
-      .option('--workers <k>', 'number of worker processes (pipeline stages)', '2'),
+      .option('--workers <k>', 'number of worker processes (pipeline stages)', '2')
+      .option('--threads <n>', 'ORT intra-op threads per worker (STRATA_THREADS; default: the cores shared equally)', process.env.STRATA_THREADS)
+      .option('--max-batch <n>', 'decode steps batched into one ORT run per worker (STRATA_MAX_BATCH)', process.env.STRATA_MAX_BATCH)
+      .option('--kv-budget-mb <mb>', 'KV-cache memory budget per worker (STRATA_KV_BUDGET_MB)', process.env.STRATA_KV_BUDGET_MB)
+      .option('--device <device>', 'cpu | cuda:N for every worker (STRATA_DEVICE)', process.env.STRATA_DEVICE),
   ).action(async (o) => {
     let cluster: LocalCluster | undefined;
     let redis: ChildProcess | undefined;
@@ -122,13 +136,13 @@ export function registerServeCommands(program: Command): void {
       const k = Math.min(Number(o.workers), spec.blocks);
       console.error(`strata: starting ${k} workers for ${o.model} …`);
       const tls = tlsFromEnv(o);
-      cluster = await startLocalCluster(o.model, k, tls.cert ? ['--tls-cert', tls.cert, '--tls-key', tls.key!, '--tls-ca', tls.ca!] : []);
+      cluster = await startLocalCluster(o.model, k, [...workerArgs(o), ...(tls.cert ? ['--tls-cert', tls.cert, '--tls-key', tls.key!, '--tls-ca', tls.ca!] : [])]);
       const stop = async () => {
         await cluster?.stop();
         redis?.kill('SIGTERM');
       };
-      const { service, pipeline } = await serve({ ...o, redis: redisUrl }, cluster.workers.map((w) => w.address), stop);
-      printWelcome(service.url, pipeline.describe().stages, spec.causal, !!(await loadTokenizer(o.model, spec)));
+      const { service, pipeline, tokenizer, hasChat } = await serve({ ...o, redis: redisUrl }, cluster.workers.map((w) => w.address), stop);
+      printWelcome(service.url, pipeline.describe().stages, spec.causal, tokenizer, hasChat, resolve(o.model) === resolve(BUILTIN_MODEL));
     } catch (e) {
       await cluster?.stop();
       redis?.kill('SIGTERM');
@@ -137,14 +151,19 @@ export function registerServeCommands(program: Command): void {
   });
 }
 
-function printWelcome(url: string, stages: { blocks: [number, number]; address: string; pid?: number }[], causal: boolean, hasTokenizer: boolean) {
-  const prompt = hasTokenizer ? '"Hello, my name is"' : '[229, 49, 46, 89, 242]';
-  const body = causal ? `{"prompt": ${prompt}, "max_tokens": 12}` : `{"input_ids": [85, 127, 281, 97, 299, 228], "mask_index": 4}`;
-  const route = causal ? 'v1/completions' : 'v1/fill-mask';
+function printWelcome(url: string, stages: { blocks: [number, number]; address: string; pid?: number }[], causal: boolean, tokenizer: StrataTokenizer | null, hasChat: boolean, demo: boolean) {
+  const curl = (route: string, body: unknown) => `  curl -s ${url}/${route} -H 'content-type: application/json' -d '${JSON.stringify(body)}'\n`;
+  const tries = !causal
+    ? [curl('v1/fill-mask', { input_ids: [85, 127, 281, 97, 299, 228], mask_index: 4 })]
+    : [
+        curl('v1/completions', { prompt: tokenizer ? 'Hello, my name is' : [229, 49, 46, 89, 242], max_tokens: 12 }),
+        ...(hasChat && tokenizer ? [curl('v1/chat/completions', { messages: [{ role: 'user', content: 'Say hello.' }], max_tokens: 12 })] : []),
+      ];
   process.stdout.write(
     `\nstrata is serving at ${url}\n` +
       stages.map((s, i) => `  stage ${i}: blocks [${s.blocks[0]}, ${s.blocks[1]}) at ${s.address} (pid ${s.pid})`).join('\n') +
-      `\n\nTry:\n  curl -s ${url}/${route} -H 'content-type: application/json' -d '${body}'\n\n` +
+      (demo ? `\n\nThis is the built-in demo model (models/demo): GPT-2's real tokenizer and vocabulary with RANDOM weights,\nso its answers are real GPT-2 tokens in no meaningful order. Serve your own with --model DIR.` : '') +
+      `\n\nTry:\n${tries.join('')}\n` +
       `Pipeline: ${url}/v1/pipeline   Health: ${url}/health   Metrics: ${url}/metrics\nCtrl-C stops everything.\n`,
   );
 }

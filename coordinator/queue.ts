@@ -5,18 +5,18 @@ import { pino, type Logger } from 'pino';
 import type { ModelSpec } from '../model/config.ts';
 import { fromErrorRecord, isStrataError, StrataError, type ErrorKind } from '../model/errors.ts';
 import type { StrataTokenizer } from '../model/tokenizer.ts';
-import {
-  resolveJob, runJob, type JobPayload, type JobResult, type ModelContext, type ResolvedJob, type ServingPipeline, type TokenProgress,
-} from './api-jobs.ts';
+import { resolveJob } from './api/jobs/validate.ts';
+import { runJob } from './api/jobs/run.ts';
+import type { JobPayload, JobResult, ModelContext, ResolvedJob, ServingPipeline, TokenProgress } from './api/jobs/types.ts';
 import {
   e2eLatency, generationTokens, promptTokens, requestFailure, requestSuccess, timePerOutputToken, timeToFirstToken,
 } from './metrics.ts';
 
-export type { JobPayload, JobResult, TokenProgress, ServingPipeline } from './api-jobs.ts';
+export type { JobPayload, JobResult, TokenProgress, ServingPipeline } from './api/jobs/types.ts';
 
 /**
  * The request queue on Redis (BullMQ). Producers (the HTTP API, `strata submit`, or any BullMQ client) add a
- * job whose data is a self-describing JSON payload (see api-jobs.ts); the consumer runs it against the pipeline,
+ * job whose data is a self-describing JSON payload (see api/jobs/types.ts); the consumer runs it against the pipeline,
  * streams tokens as job progress and returns the result as the job's return value.
  */
 export const QUEUE_NAME = 'strata-requests';

@@ -2,8 +2,9 @@ import type { FastifyInstance } from 'fastify';
 import { pino, type Logger } from 'pino';
 import type { ModelSpec } from '../model/config.ts';
 import type { StrataTokenizer } from '../model/tokenizer.ts';
-import type { ServingPipeline } from './api-jobs.ts';
-import { buildApi, type StageInfo } from './api.ts';
+import type { ChatTemplate } from '../model/chat-template.ts';
+import type { ServingPipeline } from './api/jobs/types.ts';
+import { buildApi, type StageInfo } from './api/index.ts';
 import { RequestQueue, redisUrlFromEnv, startQueueWorker, type QueueWorkerHandle } from './queue.ts';
 
 /**
@@ -32,6 +33,8 @@ export interface CoordinatorServiceOptions {
   queueName?: string;
   prefix?: string;
   maxQueued?: number;
+  /** A chat template overriding the tokenizer's (--chat-template FILE). */
+  chatTemplate?: ChatTemplate;
   /** Job lock / stalled-job recovery (see QueueWorkerOptions; defaults from `STRATA_JOB_*`). */
   lockDurationMs?: number;
   stalledIntervalMs?: number;
@@ -66,7 +69,7 @@ export async function startCoordinatorService(opts: CoordinatorServiceOptions): 
       queue, spec: opts.spec, tokenizer: opts.tokenizer, modelName: opts.modelName ?? opts.spec.modelType,
       pipelineInfo: opts.pipelineInfo,
       health: opts.health ?? (() => opts.pipelineInfo().stages.every((s) => s.healthy)),
-      authToken: opts.authToken, maxQueued: opts.maxQueued, canEmbed: typeof opts.pipeline.embed === 'function', logger: log,
+      authToken: opts.authToken, maxQueued: opts.maxQueued, chatTemplate: opts.chatTemplate, canEmbed: typeof opts.pipeline.embed === 'function', logger: log,
     });
     const host = opts.host ?? process.env.STRATA_HOST ?? '0.0.0.0';
     await app.listen({ port: opts.port ?? 8080, host });

@@ -4,6 +4,7 @@ import { float16ToFloat32 } from './dtype.ts';
 import type { TensorData } from './tensor.ts';
 import { createRng, selectNextToken, type SamplingParams } from './sampling.ts';
 import { StrataError } from './errors.ts';
+import { logprobsOf, type LogprobRequest, type RowLogprobs } from './logprobs.ts';
 
 /**
  * How the last stage turns logits into tokens. Stateless per step (the RNG is seeded from seed and step index),
@@ -21,6 +22,8 @@ export interface PipelineStep extends StepInput {
   select?: SelectSpec;
   /** 'hidden_mean': the last stage returns the mask-weighted mean of its final hidden states (embeddings). */
   output?: 'tokens_or_logits' | 'hidden_mean';
+  /** Log-probabilities of the requested logit rows (top-N and a target each), computed on the last stage. */
+  logprobs?: LogprobRequest;
 }
 
 export interface StepResult {
@@ -28,11 +31,18 @@ export interface StepResult {
   tokens?: number[];
   /** float32 [B, D] */
   hiddenMean?: TensorData;
+  /** [B][R] when the step asked for `logprobs`. */
+  logprobs?: RowLogprobs[][];
 }
 
 /** What the last stage sends back for a step: chosen tokens, logits, or pooled hidden states. */
 export function finishStep(out: StepOutput, input: PipelineStep): StepResult {
   if (input.output === 'hidden_mean') return { hiddenMean: meanPool(out.lastHidden!, input.attentionMask) };
+  if (input.logprobs) {
+    // Logprobs replace the logits on the wire: only 1 + N values per row leave the stage.
+    const tokens = input.select ? pickTokens(out.logits!, input.select) : undefined;
+    return { tokens, logprobs: logprobsOf(out.logits!, input.logprobs, tokens) };
+  }
   if (input.select) return { tokens: pickTokens(out.logits!, input.select) };
   return { logits: out.logits };
 }
@@ -85,8 +95,14 @@ export interface GenerateOptions {
   sampling?: SamplingParams;
   /** Stop after emitting this id (HF generate's default behaviour). null: never. */
   eosTokenId?: number | null;
-  /** Called with each new token as soon as it is chosen; return false to stop (stop sequences). */
-  onToken?: (id: number, index: number) => boolean | void;
+  /** Called with each new token as soon as it is chosen (and its logprobs when asked); return false to stop. */
+  onToken?: (id: number, index: number, logprobs?: RowLogprobs) => boolean | void;
+  /** Report each generated token's log-probability and this many alternatives (0..20). */
+  logprobs?: number;
+  /** Also report the prompt's (needs `logprobs`): entry p scores prompt[p] given prompt[0..p); entry 0 is null. */
+  promptLogprobs?: boolean;
+  /** Called once the prompt's logprobs are complete (before the first token's onToken). */
+  onPromptLogprobs?: (lp: (RowLogprobs | null)[]) => void;
   maxPositions?: number;
   /** Prompt tokens per prefill step (default STRATA_PREFILL_CHUNK, else 256). */
   prefillChunk?: number;
@@ -97,11 +113,47 @@ export const DEFAULT_PREFILL_CHUNK = Number(process.env.STRATA_PREFILL_CHUNK ?? 
 export interface GenerateResult {
   outputIds: number[];
   finishReason: 'length' | 'stop';
+  /** One per output id, when `logprobs` was asked. */
+  tokenLogprobs?: RowLogprobs[];
+  /** One per prompt id (the first null), when `promptLogprobs` was asked. */
+  promptLogprobs?: (RowLogprobs | null)[];
 }
 
-/** Prefill once, then one token per step through the KV caches. */
+/** A step that asked for logprobs must get them: a last stage from before they existed answers without. */
+function logprobsFrom(r: StepResult, rows: number): RowLogprobs[] {
+  const lp = r.logprobs?.[0];
+  if (!lp || lp.length !== rows) {
+    throw new StrataError('logprobs_unsupported', 'the last stage returned no logprobs: it runs an older strata; upgrade the workers', 'failed_precondition');
+  }
+  return lp;
+}
+
+/**
+ * Prefill once, then one token per step through the KV caches. With `promptLogprobs` every prefill position's logits
+ * are scored against the next prompt token on the last stage; maxNewTokens 0 then scores the prompt alone.
+ */
 export async function generate(stepper: Stepper, promptIds: number[], opts: GenerateOptions): Promise<GenerateResult> {
   if (promptIds.length === 0) throw new StrataError('prompt_empty', 'the prompt has no tokens');
+  const top = opts.logprobs;
+  const scorePrompt = opts.promptLogprobs === true && top !== undefined;
+  const promptLogprobs: (RowLogprobs | null)[] | undefined = scorePrompt ? [null] : undefined;
+  const tokenLogprobs: RowLogprobs[] | undefined = top !== undefined ? [] : undefined;
+  /** Logit rows for positions [from, to) of the prompt: every one when scoring it, else just the last. */
+  const prefillRows = (from: number, to: number): Pick<PipelineStep, 'logitPositions' | 'logprobs'> => {
+    if (!scorePrompt) return { logitPositions: { dtype: 'int64', dims: [1], data: BigInt64Array.of(BigInt(to - from - 1)) } };
+    return {
+      logitPositions: { dtype: 'int64', dims: [to - from], data: BigInt64Array.from(range(0, to - from), BigInt) },
+      logprobs: { top: top!, targets: [range(from, to).map((p) => promptIds[p + 1] ?? -1)] },
+    };
+  };
+  const keepPrompt = (r: StepResult, from: number, to: number) => {
+    if (!promptLogprobs) return;
+    // Row p scores prompt[p + 1]; the last prompt position scores the first generated token (or nothing).
+    const rows = logprobsFrom(r, to - from);
+    promptLogprobs.push(...rows.slice(0, Math.min(to, promptIds.length - 1) - from));
+    if (to === promptIds.length) opts.onPromptLogprobs?.(promptLogprobs);
+    return rows.at(-1);
+  };
   if (opts.maxPositions !== undefined && promptIds.length + opts.maxNewTokens > opts.maxPositions) {
     throw new StrataError('prompt_too_long', `prompt (${promptIds.length} tokens) + max new tokens (${opts.maxNewTokens}) exceeds the model's context of ${opts.maxPositions}; shorten the prompt or lower max_tokens`);
   }
@@ -117,21 +169,29 @@ export async function generate(stepper: Stepper, promptIds: number[], opts: Gene
     const chunk = Math.max(1, opts.prefillChunk ?? DEFAULT_PREFILL_CHUNK);
     let start = 0;
     for (; promptIds.length - start > chunk; start += chunk) {
-      await stepper.step(sessionId, {
+      const r = await stepper.step(sessionId, {
         inputIds: i64([promptIds.slice(start, start + chunk)]), positionIds: i64([range(start, start + chunk)]), attentionMask: i64([range(0, start + chunk).map(() => 1)]),
-        logitPositions: { dtype: 'int64', dims: [1], data: BigInt64Array.of(BigInt(chunk - 1)) },
+        ...prefillRows(start, start + chunk),
       });
+      keepPrompt(r, start, start + chunk);
     }
     let input: PipelineStep = {
       inputIds: i64([promptIds.slice(start)]), positionIds: i64([range(start, promptIds.length)]), attentionMask: i64([promptIds.map(() => 1)]),
-      logitPositions: { dtype: 'int64', dims: [1], data: BigInt64Array.of(BigInt(promptIds.length - start - 1)) },
+      ...prefillRows(start, promptIds.length),
     };
+    // Scoring only: the last prefill piece still runs, for its logprobs.
+    if (opts.maxNewTokens === 0 && scorePrompt) keepPrompt(await stepper.step(sessionId, input), start, promptIds.length);
     for (let i = 0; i < opts.maxNewTokens; i++) {
-      const { tokens } = await stepper.step(sessionId, { ...input, select: { sampling, history: [history], step: i } });
-      const next = tokens![0];
+      if (top !== undefined && !input.logprobs) input.logprobs = { top, targets: [[-1]] };
+      const r = await stepper.step(sessionId, { ...input, select: { sampling, history: [history], step: i } });
+      const next = r.tokens![0];
+      let lp: RowLogprobs | undefined;
+      if (i === 0 && scorePrompt) lp = keepPrompt(r, start, promptIds.length);
+      else if (top !== undefined) lp = logprobsFrom(r, 1)[0];
+      if (lp) tokenLogprobs!.push(lp);
       outputIds.push(next);
       history.push(next);
-      if (opts.onToken?.(next, i) === false || (opts.eosTokenId != null && next === opts.eosTokenId)) {
+      if (opts.onToken?.(next, i, lp) === false || (opts.eosTokenId != null && next === opts.eosTokenId)) {
         finishReason = 'stop';
         break;
       }
@@ -141,7 +201,7 @@ export async function generate(stepper: Stepper, promptIds: number[], opts: Gene
   } finally {
     await stepper.end(sessionId);
   }
-  return { outputIds, finishReason };
+  return { outputIds, finishReason, ...(tokenLogprobs ? { tokenLogprobs } : {}), ...(promptLogprobs ? { promptLogprobs } : {}) };
 }
 
 /** Logits for every position of one sequence: [T][vocab]. */

@@ -3,6 +3,7 @@ import { join } from 'node:path';
 import { Tokenizer } from '@huggingface/tokenizers';
 import { StrataError } from './errors.ts';
 import type { ModelSpec } from './config.ts';
+import { chatTemplateSource } from './chat-template.ts';
 
 /** Text ↔ token ids for one model directory, whatever files it shipped its tokenizer as. */
 export interface StrataTokenizer {
@@ -16,6 +17,12 @@ export interface StrataTokenizer {
   eosTokenId: number | null;
   /** Highest token id + 1 (the tokenizer's, which may be below the model's padded vocab). */
   vocabSize: number;
+  /** tokenizer_config.json's Jinja chat_template, when it has one. */
+  chatTemplate?: string | null;
+  /** The special tokens a chat template may name (bos_token, eos_token, ...). */
+  specialTokens?: Record<string, string | undefined>;
+  /** Ids that end an assistant turn: the eos token and generation_config.json's eos_token_id(s). */
+  endTokenIds?: number[];
 }
 
 type Json = Record<string, any>;
@@ -225,6 +232,8 @@ export function createTokenizer(files: TokenizerFiles, spec?: ModelSpec): Strata
     maskToken: maskName === undefined ? null : { token: maskName, id: idOf(maskName)! },
     eosTokenId: spec?.eosTokenId ?? idOf(files.config.eos_token) ?? idOf('<|endoftext|>') ?? null,
     vocabSize: ids.reduce((max, id) => Math.max(max, id + 1), 0),
+    chatTemplate: chatTemplateSource(files.config),
+    specialTokens: Object.fromEntries(['bos_token', 'eos_token', 'unk_token', 'pad_token', 'sep_token', 'cls_token', 'mask_token'].map((k) => [k, typeof files.config[k] === 'string' ? files.config[k] : undefined])),
   };
 }
 
@@ -234,5 +243,12 @@ export function createTokenizer(files: TokenizerFiles, spec?: ModelSpec): Strata
  */
 export async function loadTokenizer(modelDir: string, spec?: ModelSpec): Promise<StrataTokenizer | null> {
   const files = await readTokenizerFiles(modelDir);
-  return files && createTokenizer(files, spec);
+  if (!files) return null;
+  const tok = createTokenizer(files, spec);
+  // generation_config.json may name more end ids than the tokenizer's eos (chat models' end-of-turn tokens).
+  const gen = join(modelDir, 'generation_config.json');
+  const extra = (await exists(gen)) ? (await readJson(gen, 'fix or delete generation_config.json')).eos_token_id : undefined;
+  const ends = [tok.eosTokenId, ...(Array.isArray(extra) ? extra : [extra])].filter((id): id is number => Number.isInteger(id));
+  tok.endTokenIds = [...new Set(ends)];
+  return tok;
 }

@@ -3,6 +3,7 @@ import { StrataError } from '../model/errors.ts';
 import type { TensorData } from '../model/tensor.ts';
 import type { WireStepReply, WireStepRequest } from './messages.ts';
 import { fromWire, toWire } from './wire.ts';
+import { flattenLogprobs, MAX_TOP_LOGPROBS, unflattenLogprobs } from '../model/logprobs.ts';
 
 /** PipelineStep → StepRequest. `hidden` replaces token ids on hops after stage 0. */
 export function stepToWire(sessionId: string, target: { fingerprint: string; first: number }, input: PipelineStep, hidden?: TensorData): WireStepRequest {
@@ -27,6 +28,7 @@ export function stepToWire(sessionId: string, target: { fingerprint: string; fir
         }
       : null,
     output: input.output === 'hidden_mean' ? 'HIDDEN_MEAN' : 'TOKENS_OR_LOGITS',
+    logprobs: input.logprobs ? { top: input.logprobs.top, targets: input.logprobs.targets.flat() } : null,
   };
 }
 
@@ -57,6 +59,11 @@ export function stepFromWire(req: WireStepRequest): { input: PipelineStep; hidde
     throw new StrataError('tensor_shape_invalid', `attention_mask [${attentionMask.dims}] does not cover position_ids [${positionIds.dims}]`);
   }
   const s = req.select;
+  const rows = logitPositions ? logitPositions.dims[0] : positionIds.dims[1];
+  const lp = req.logprobs;
+  if (lp && (!Number.isInteger(lp.top) || lp.top > MAX_TOP_LOGPROBS || (lp.targets ?? []).length !== positionIds.dims[0] * rows)) {
+    throw new StrataError('logprobs_invalid', `logprobs must ask for at most ${MAX_TOP_LOGPROBS} top tokens and name one target per batch row and logit row (${positionIds.dims[0]} × ${rows})`);
+  }
   const input: PipelineStep = {
     inputIds, positionIds, attentionMask, logitPositions,
     output: req.output === 'HIDDEN_MEAN' ? 'hidden_mean' : 'tokens_or_logits',
@@ -70,6 +77,9 @@ export function stepFromWire(req: WireStepRequest): { input: PipelineStep; hidde
           step: s.step,
         }
       : undefined,
+    logprobs: lp
+      ? { top: lp.top, targets: Array.from({ length: positionIds.dims[0] }, (_, b) => lp.targets.slice(b * rows, (b + 1) * rows).map(Number)) }
+      : undefined,
   };
   return { input, hidden };
 }
@@ -79,6 +89,7 @@ export function resultToWire(r: StepResult, timings: WireStepReply['timings']): 
     logits: r.logits ? toWire(r.logits) : null,
     tokens: r.tokens ?? [],
     hidden_mean: r.hiddenMean ? toWire(r.hiddenMean) : null,
+    logprobs: r.logprobs ? flattenLogprobs(r.logprobs, Math.max(0, ...r.logprobs.flat().map((x) => x.top.length))) : null,
     timings,
   };
 }
@@ -88,6 +99,7 @@ export function resultFromWire(r: WireStepReply): StepResult & { timings: WireSt
     logits: fromWire(r.logits, 'logits'),
     tokens: r.tokens?.length ? r.tokens.map(Number) : undefined,
     hiddenMean: fromWire(r.hidden_mean, 'hidden_mean'),
+    logprobs: r.logprobs ? unflattenLogprobs({ ...r.logprobs, ids: r.logprobs.ids.map(Number) }) : undefined,
     timings: r.timings ?? [],
   };
 }

@@ -8,7 +8,7 @@ import { loadModelSpec } from '../model/config.ts';
 import { LocalPipeline } from '../model/local-pipeline.ts';
 import { embed, fillMask, generate } from '../model/generation.ts';
 import { loadTokenizer, type StrataTokenizer } from '../model/tokenizer.ts';
-import { buildApi } from '../coordinator/api.ts';
+import { buildApi } from '../coordinator/api/index.ts';
 import { RequestQueue } from '../coordinator/queue.ts';
 import { startCoordinatorService, type CoordinatorService } from '../coordinator/service.ts';
 import { expected, fixtureDir, testCacheDir } from './helpers/fixtures.ts';
@@ -210,9 +210,16 @@ test('invalid requests: 4xx with a useful message, and no job enqueued', async (
     [{ prompt: [1], seed: 1.5 }, 400, 'invalid_field', /seed/],
     [{ prompt: [1], stop: ['x'] }, 400, 'tokenizer_missing', /stop_token_ids/],
     [{ prompt: [1], stream: 'yes' }, 400, 'invalid_field', /stream/],
-    [{ prompt: [1], logprobs: 5 }, 400, 'unsupported_field', /logprobs/],
+    [{ prompt: [1], logprobs: 21 }, 400, 'invalid_field', /logprobs must be an integer in \[0, 20\]/],
+    [{ prompt: [1], logprobs: -1 }, 400, 'invalid_field', /logprobs/],
+    [{ prompt: [1], echo: 'yes' }, 400, 'invalid_field', /echo must be true or false/],
+    [{ prompt: [1], max_tokens: 0, echo: false }, 400, 'invalid_field', /max_tokens/],
+    [{ prompt: [1], best_of: 3 }, 400, 'unsupported_field', /best_of/],
     [{ prompt: [1], priority: -1 }, 400, 'invalid_field', /priority/],
-    [{ prompt: [[1], [2]] }, 400, 'batch_unsupported', /one request per prompt/],
+    [{ prompt: [[1], 'two'] }, 400, 'invalid_field', /prompt mixes kinds/],
+    [{ prompt: [[1], [2, 'x']] }, 400, 'token_out_of_range', /prompt\[1\]\[1\]/],
+    [{ prompt: Array.from({ length: 65 }, () => [1]) }, 400, 'input_too_many', /65 prompts; send at most 64/],
+    [{ prompt: [[1], []] }, 400, 'input_empty', /prompt\[1\] is empty/],
     [{ prompt: [1], model: 'gpt-4' }, 404, 'model_not_found', /serves "gpt2-tiny"/],
     [[1, 2], 400, 'invalid_body', /JSON object/],
   ];

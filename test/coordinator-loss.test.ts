@@ -10,8 +10,8 @@ import { loadModelSpec } from '../model/config.ts';
 import { LocalPipeline } from '../model/local-pipeline.ts';
 import { generate } from '../model/generation.ts';
 import { RequestQueue, type TokenProgress } from '../coordinator/queue.ts';
-import { buildApi } from '../coordinator/api.ts';
-import type { GenerateJob, GenerateResultBody } from '../coordinator/api-jobs.ts';
+import { buildApi } from '../coordinator/api/index.ts';
+import type { GenerateJob, GenerateResultBody } from '../coordinator/api/jobs/types.ts';
 import { expected, fixtureDir, testCacheDir } from './helpers/fixtures.ts';
 import { redisUrlForTests, uniqueQueueName } from './helpers/redis.ts';
 

@@ -11,7 +11,7 @@ import type { StrataTokenizer } from '../model/tokenizer.ts';
 import {
   checkEvictionPolicy, formatFailure, parseFailure, QUEUE_NAME, RequestQueue, startQueueWorker, type QueueWorkerHandle, type TokenProgress,
 } from '../coordinator/queue.ts';
-import type { GenerateResultBody } from '../coordinator/api-jobs.ts';
+import type { GenerateResultBody } from '../coordinator/api/jobs/types.ts';
 import { expected, fixtureDir, testCacheDir } from './helpers/fixtures.ts';
 import { redisUrlForTests, uniqueQueueName } from './helpers/redis.ts';
 import { byteLevelTokenizer } from './helpers/byte-tokenizer.ts';

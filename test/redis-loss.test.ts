@@ -7,10 +7,10 @@ import { join } from 'node:path';
 import { Writable } from 'node:stream';
 import { pino } from 'pino';
 import { LocalPipeline } from '../model/local-pipeline.ts';
-import { buildApi } from '../coordinator/api.ts';
+import { buildApi } from '../coordinator/api/index.ts';
 import { RequestQueue, startQueueWorker } from '../coordinator/queue.ts';
 import { startCoordinatorService } from '../coordinator/service.ts';
-import type { GenerateResultBody } from '../coordinator/api-jobs.ts';
+import type { GenerateResultBody } from '../coordinator/api/jobs/types.ts';
 import { expected, fixtureDir, testCacheDir } from './helpers/fixtures.ts';
 import { freePort, redisAnswers } from './helpers/redis.ts';
 
