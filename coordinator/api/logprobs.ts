@@ -27,7 +27,17 @@ export function completionLogprobs(tok: StrataTokenizer | null, ids: number[], r
     const text = tokenText(tok, id);
     out.tokens.push(text);
     out.token_logprobs.push(row ? finite(row.logprob) : null);
-    out.top_logprobs.push(row ? Object.fromEntries([[text, finite(row.logprob)], ...row.top.map((t) => [tokenText(tok, t.id), finite(t.logprob)])]) : null);
+    let top: Record<string, number> | null = null;
+    if (row) {
+      // The token itself first; a top token whose text collides with one already there (bytes that decode alone to
+      // U+FFFD) does not overwrite it.
+      top = { [text]: finite(row.logprob) };
+      for (const t of row.top) {
+        const key = tokenText(tok, t.id);
+        if (!Object.hasOwn(top, key)) top[key] = finite(t.logprob);
+      }
+    }
+    out.top_logprobs.push(top);
     out.text_offset.push(offset);
     offset += text.length;
   });
