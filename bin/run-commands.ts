@@ -8,6 +8,7 @@ import { LocalPipeline } from '../model/local-pipeline.ts';
 import { fillMask, forwardLogits, generate, type Stepper } from '../model/generation.ts';
 import { loadTokenizer, type StrataTokenizer } from '../model/tokenizer.ts';
 import type { WeightDType } from '../model/stage-graph.ts';
+import { parseStageDType } from '../model/dtype.ts';
 import { RemotePipeline } from '../coordinator/remote-pipeline.ts';
 import { startLocalCluster } from './local-cluster.ts';
 
@@ -40,7 +41,7 @@ const addCommon = (cmd: Command) =>
     .option('--in-process', 'run the K stage graphs in this process without gRPC (the reference path)')
     .option('--ids <ids>', 'input token ids, comma-separated')
     .option('--text <text>', 'input text (needs a tokenizer in the model directory)')
-    .option('--dtype <dtype>', 'weight dtype of the stage graphs: float32 | float16', 'float32')
+    .option('--dtype <dtype>', 'weight dtype of the stage graphs: float32 | float16 | int8 | int4 (int8/int4: weight-only block-quantized, float32 activations)', 'float32')
     .option('--json', 'print one JSON object on stdout');
 
 /** Runs `fn` against K stages: in this process, or K real worker processes on loopback over gRPC. */
@@ -50,7 +51,7 @@ async function withPipeline<T>(o: CommonOptions, fn: (p: Stepper, spec: ModelSpe
   const ranges = evenSplit(spec.blocks, k);
   const tokenizer = await loadTokenizer(o.model, spec);
   if (o.inProcess) {
-    const p = await LocalPipeline.load(o.model, ranges, { dtype: o.dtype, onProgress: (m) => !o.json && console.error(m) });
+    const p = await LocalPipeline.load(o.model, ranges, { dtype: parseStageDType(o.dtype), onProgress: (m) => !o.json && console.error(m) });
     try {
       const out = await fn(p, spec, tokenizer);
       return { ...out, stages: ranges.map((r) => ({ blocks: [r.first, r.last] as [number, number], pid: process.pid, address: 'in-process' })) };
@@ -63,7 +64,7 @@ async function withPipeline<T>(o: CommonOptions, fn: (p: Stepper, spec: ModelSpe
   ck.close();
   const cluster = await startLocalCluster(o.model, k);
   try {
-    const p = await RemotePipeline.connect(cluster.workers.map((w) => w.address), { spec, fingerprint, dtype: o.dtype, ranges });
+    const p = await RemotePipeline.connect(cluster.workers.map((w) => w.address), { spec, fingerprint, dtype: parseStageDType(o.dtype), ranges });
     try {
       const out = await fn(p, spec, tokenizer);
       return { ...out, stages: p.describe().stages.map((s) => ({ blocks: s.blocks, pid: s.pid!, address: s.address })) };

@@ -48,7 +48,7 @@ async function serve(o: ServeOptions, addresses: string[], onStop: () => Promise
   for (let attempt = 1; !pipeline; attempt++) {
     try {
       pipeline = await RemotePipeline.connect(addresses, {
-        spec, fingerprint, dtype: o.dtype, log: (obj, msg) => log.info(obj, msg),
+        spec, fingerprint, dtype: parseStageDType(o.dtype), log: (obj, msg) => log.info(obj, msg),
         spares: o.spares ? o.spares.split(',').map((a) => a.trim()).filter(Boolean) : [],
         credentials: loadCredentials(tlsFromEnv(o))?.client,
         onTiming: (stage, t) => observeStageForward(stage, t.run_ms / 1000),
@@ -82,7 +82,7 @@ const addServeOptions = (cmd: Command) =>
     .option('--port <port>', 'HTTP API port', process.env.STRATA_PORT ?? '8080')
     .option('--host <host>', 'HTTP API bind address', process.env.STRATA_HOST ?? '127.0.0.1')
     .option('--redis <url>', 'Redis for the request queue', process.env.REDIS_URL ?? 'redis://127.0.0.1:6379')
-    .option('--dtype <dtype>', 'weight dtype of the stage graphs: float32 | float16 | int8 | int4 (int8/int4: weight-only block-quantized, float32 activations)', (v: string) => parseStageDType(v), parseStageDType(process.env.STRATA_DTYPE, 'STRATA_DTYPE'))
+    .option('--dtype <dtype>', 'weight dtype of the stage graphs: float32 | float16 | int8 | int4 (int8/int4: weight-only block-quantized, float32 activations)', process.env.STRATA_DTYPE ?? 'float32')
     .option('--api-token <token>', 'require "Authorization: Bearer <token>" on the API (STRATA_API_TOKEN)', process.env.STRATA_API_TOKEN)
     .option('--concurrency <n>', 'requests in flight through the pipeline at once', process.env.STRATA_CONCURRENCY ?? '8')
     .option('--spares <addresses>', 'standby workers that take over a dead stage, comma-separated host:port', process.env.STRATA_SPARES)
