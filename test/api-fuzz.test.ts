@@ -5,13 +5,15 @@ import type { CoordinatorService } from '../coordinator/service.ts';
 import { expected } from './helpers/fixtures.ts';
 import { startGpt2Service, type Gpt2Service } from './helpers/service.ts';
 import { createRng } from '../model/sampling.ts';
+import { compileChatTemplate } from '../model/chat-template.ts';
 
 // HTTP fuzz against a real service (LocalPipeline on gpt2-tiny, a byte-level tokenizer, real Redis + BullMQ):
 // seeded random requests — malformed JSON, wrong content types, wrong field types, extreme numbers, huge and
 // out-of-range token ids, prompts past the context, unknown fields, huge n and stop lists, deep nesting, oversized
 // bodies, odd routes and headers — mixed with valid ones. Every answer must be a valid 200 or a JSON 4xx with
 // {error: {message, type, code}}; never a 5xx; no job may be left behind by a refused request; the process
-// stays healthy. FUZZ_SEED / FUZZ_CASES pick another run.
+// stays healthy. Also the vLLM fields (logprobs, echo, prompt lists), chat completions through a Jinja template, and
+// /tokenize + /detokenize. FUZZ_SEED / FUZZ_CASES pick another run.
 
 const SEED = Number(process.env.FUZZ_SEED ?? 20240611);
 const CASES = Number(process.env.FUZZ_CASES ?? 400);
@@ -24,7 +26,8 @@ let svc: CoordinatorService;
 let service: Gpt2Service;
 
 before(async () => {
-  service = await startGpt2Service('fuzz', { maxQueued: 0 });
+  const chatTemplate = compileChatTemplate("{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('no tools') }}{% endif %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}", 'fuzz');
+  service = await startGpt2Service('fuzz', { maxQueued: 0, chatTemplate });
   ({ redis, gpt2, svc } = service);
 });
 
@@ -84,6 +87,20 @@ interface Case {
 const FIELDS = ['prompt', 'max_tokens', 'temperature', 'top_p', 'top_k', 'n', 'seed', 'stop', 'stream', 'stop_token_ids', 'ignore_eos', 'repetition_penalty',
   'priority', 'model', 'stream_options', 'logprobs', 'echo', 'suffix', 'best_of', 'logit_bias', 'presence_penalty', 'frequency_penalty', 'job_id', 'user', 'prompt_ids'];
 const json = (o: unknown): Case => ({ kind: '', body: JSON.stringify(o), headers: { 'content-type': 'application/json' } });
+
+const ROLES = ['system', 'user', 'assistant', 'tool', 'developer'];
+const validMessages = () => Array.from({ length: int(1, 4) }, () => ({ role: pick(ROLES.slice(0, 3)), content: chance(0.8) ? word(int(0, 20)) : [{ type: 'text', text: word() }] }));
+function validChat(): Record<string, unknown> {
+  const b: Record<string, unknown> = { messages: validMessages(), max_tokens: int(1, 4) };
+  if (chance(0.5)) b.temperature = pick([0, 1]);
+  if (chance(0.3)) b.stream = true;
+  if (chance(0.2)) b.stream_options = { include_usage: chance(0.5) };
+  if (chance(0.3)) b.logprobs = true;
+  if (chance(0.2) && b.logprobs) b.top_logprobs = int(0, 20);
+  if (chance(0.2)) b.n = int(1, 2);
+  return b;
+}
+const CHAT_FIELDS = ['messages', 'max_tokens', 'max_completion_tokens', 'logprobs', 'top_logprobs', 'add_generation_prompt', 'stream', 'stream_options', 'n', 'stop', 'temperature', 'ignore_eos', 'stop_token_ids'];
 
 const generators: Record<string, () => Case> = {
   valid: () => json(validBody()),
@@ -152,6 +169,37 @@ const generators: Record<string, () => Case> = {
   oversized: () => ({ kind: '', body: `{"prompt": "${'a'.repeat(17 * 1024 * 1024)}"}`, headers: { 'content-type': 'application/json' } }),
   'top-level': () => json(pick([null, 1, 'prompt', [1, 2], [{ prompt: [1] }], true])),
   'idempotency-key': () => ({ ...json(validBody()), headers: { 'content-type': 'application/json', 'idempotency-key': pick(['', ' ', '123', 'a:b', 'x'.repeat(200), 'ü', 'a b', `k-${word(16)}`]) } }),
+  'logprobs-echo': () => {
+    const b = validBody();
+    b.logprobs = chance(0.7) ? int(0, 20) : weird();
+    if (chance(0.6)) b.echo = chance(0.8) ? true : weird();
+    if (chance(0.4)) b.max_tokens = pick([0, 0, 1, -1, weird()]);
+    if (chance(0.3)) b.stream = true;
+    return json(b);
+  },
+  'prompt-list': () => json({
+    ...validBody(),
+    prompt: pick<() => unknown>([
+      () => Array.from({ length: int(2, 6) }, () => word(int(1, 10))),
+      () => Array.from({ length: int(2, 6) }, () => Array.from({ length: int(1, 8) }, () => int(0, 255))),
+      () => [word(), [1, 2]], () => [[1], 'x', null], () => [[]], () => [[1], [256]], () => [[[1]]], () => ['', 'a'],
+      () => Array.from({ length: int(65, 5000) }, () => [1]), () => Array.from({ length: int(2, 4) }, () => weird()),
+    ])(),
+    ...(chance(0.3) ? { echo: true, logprobs: int(0, 3) } : {}),
+  }),
+  chat: () => {
+    const b = validChat();
+    if (chance(0.6)) for (let k = int(1, 3); k > 0; k--) b[pick(CHAT_FIELDS)] = weird();
+    if (chance(0.3)) b.messages = pick<() => unknown>([
+      () => [{ role: pick(['wizard', '', 'USER', 5, null]), content: 'x' }], () => [{ role: 'tool', content: 'x' }], () => 'hi', () => {}, () => [],
+      () => [{ role: 'user' }], () => [{ content: 'x' }], () => [{ role: 'user', content: [{ type: 'image_url', image_url: 'x' }] }], () => [{ role: 'user', content: 'x'.repeat(int(100, 5000)) }],
+    ])();
+    return { ...json(b), path: '/v1/chat/completions' };
+  },
+  tokenize: () => pick<() => Case>([
+    () => ({ ...json(pick([{ prompt: word() }, { prompt: weird() }, { messages: chance(0.5) ? validMessages() : weird() }, { prompt: 'x', add_special_tokens: weird() }, { prompt: 'x', return_token_strs: weird() }, {}, { prompt: 'a', messages: [] }])), path: '/tokenize' }),
+    () => ({ ...json(pick([{ tokens: [1, 2, 3] }, { tokens: weird() }, { tokens: [1, 300] }, {}, { tokens: Array.from({ length: int(1, 2000) }, () => int(0, 255)) }])), path: '/detokenize' }),
+  ])(),
   'other-route': () => pick<() => Case>([
     () => ({ kind: '', method: 'GET', path: pick(['/v1/completions', '/v1/jobs/', `/v1/jobs/${word()}`, `/v1/jobs/${encodeURIComponent('a:b:c')}`, '/v1/jobs/%ZZ', `/v1/jobs/${'j'.repeat(5000)}`, '/nope', '/v1/models?x=%00', '/v1/pipeline', '/health']) }),
     () => ({ ...json(validBody()), method: pick(['PUT', 'DELETE', 'PATCH']), path: '/v1/completions' }),
@@ -166,6 +214,7 @@ const WEIGHTS: [string, number][] = [
   ['valid', 14], ['malformed-json', 10], ['content-type', 6], ['content-type-no-header', 2], ['wrong-type', 20], ['extreme-number', 8], ['number-literal', 4],
   ['huge-ids', 2], ['bad-ids', 5], ['too-long', 5], ['max-tokens-past-context', 3], ['unknown-fields', 6], ['n-large', 3], ['stop-huge', 4],
   ['deep-nesting', 4], ['oversized', 0.5], ['top-level', 3], ['idempotency-key', 4], ['other-route', 8],
+  ['logprobs-echo', 8], ['prompt-list', 6], ['chat', 10], ['tokenize', 5],
 ];
 const totalWeight = WEIGHTS.reduce((s, [, w]) => s + w, 0);
 /**
@@ -263,7 +312,18 @@ test(`HTTP fuzz: ${CASES} seeded cases (seed ${SEED}) get a valid 200 or a JSON 
         const body = JSON.parse(text);
         if ((c.path ?? '/v1/completions').startsWith('/v1/completions') && method === 'POST') {
           assert.ok(Array.isArray(body.choices) && body.choices.length >= 1, 'no choices');
-          for (const ch of body.choices) assert.ok(Array.isArray(ch.token_ids) && ch.token_ids.every((t: number) => Number.isInteger(t) && t >= 0 && t < 256));
+          for (const ch of body.choices) {
+            assert.ok(Array.isArray(ch.token_ids) && ch.token_ids.every((t: number) => Number.isInteger(t) && t >= 0 && t < 256));
+            const lp = ch.logprobs;
+            if (lp) {
+              assert.ok(['tokens', 'token_logprobs', 'top_logprobs', 'text_offset'].every((k) => Array.isArray(lp[k]) && lp[k].length === lp.tokens.length), 'logprobs arrays of one length');
+              assert.ok(lp.token_logprobs.every((v: unknown) => v === null || (typeof v === 'number' && v <= 0 && v >= -9999)), 'logprobs in [-9999, 0]');
+            }
+          }
+        }
+        if (c.path === '/v1/chat/completions') {
+          assert.equal(body.object, 'chat.completion');
+          for (const ch of body.choices) assert.ok(ch.message.role === 'assistant' && typeof ch.message.content === 'string');
         }
       }
     } catch (e) {
