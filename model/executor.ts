@@ -2,26 +2,69 @@ import * as ort from 'onnxruntime-node';
 import type { TensorData } from './tensor.ts';
 import { StrataError } from './errors.ts';
 
+/** `cpu`, `cuda:N` (CUDA EP, device N) or `webgpu[:N]` (ORT's bundled WebGPU EP, Dawn; device context N). */
+export type Device = 'cpu' | `cuda:${number}` | 'webgpu' | `webgpu:${number}`;
+
+export interface ParsedDevice {
+  kind: 'cpu' | 'cuda' | 'webgpu';
+  id: number;
+}
+
+/** Reads a --device flag; anything else is a typed error naming the accepted forms. */
+export function parseDevice(device: string | undefined): ParsedDevice {
+  const m = /^(cpu|cuda|webgpu)(?::(\d+))?$/.exec(device ?? 'cpu');
+  if (!m || (m[1] === 'cpu' && m[2] !== undefined)) throw new StrataError('device_invalid', `device "${device}" is not one of cpu, cuda:N, webgpu, webgpu:N`);
+  return { kind: m[1] as ParsedDevice['kind'], id: Number(m[2] ?? 0) };
+}
+
 export interface SessionOptions {
   /** ORT intra-op threads; pick so K workers on one host do not oversubscribe its cores. */
   threads?: number;
-  device?: 'cpu' | `cuda:${number}`;
+  device?: Device | string;
+}
+
+/**
+ * A tensor that lives in device memory (a WebGPU buffer). Never read on the host: onnxruntime-node's getData() on a
+ * gpu-buffer tensor aborted the process (NOTES, 2026-11-29). Feed it back to a run; dispose it when replaced.
+ */
+export interface DeviceTensor {
+  readonly device: true;
+  readonly dims: readonly number[];
+  readonly ort: ort.Tensor;
+}
+
+export type Feed = TensorData | DeviceTensor;
+export const isDeviceTensor = (t: Feed | undefined): t is DeviceTensor => !!t && (t as DeviceTensor).device === true;
+
+/** Bytes that crossed between host and device memory, counted per run from the tensors actually fed and fetched. */
+export interface Transfer {
+  hostToDevice: number;
+  deviceToHost: number;
+  /** Of those, bytes of KV cache (past_ and present_ tensors). */
+  kvBytes: number;
 }
 
 const toOrt = (t: TensorData) => new ort.Tensor(t.dtype, t.data, t.dims);
 const fromOrt = (t: ort.Tensor): TensorData => ({ dtype: t.type as TensorData['dtype'], dims: [...t.dims], data: t.data as TensorData['data'] });
+const isKv = (name: string) => name.startsWith('past_') || name.startsWith('present_');
 
 /**
  * One ORT session over one stage graph. `run` is a synchronous native call under the hood: callers that serve
  * sockets must host this in a worker thread (worker/), the CLI's in-process path may call it directly.
  */
 export class StageSession {
+  /** Totals since creation (the worker's metrics read them). */
+  readonly transferred: Transfer = { hostToDevice: 0, deviceToHost: 0, kvBytes: 0 };
+  /** The last run's transfer. */
+  lastTransfer: Transfer = { hostToDevice: 0, deviceToHost: 0, kvBytes: 0 };
+
   private constructor(
     private readonly session: ort.InferenceSession,
-    readonly executionProvider: string,
+    readonly executionProvider: 'cpu' | 'cuda' | 'webgpu',
+    private readonly resident: ReadonlySet<string>,
   ) {}
 
-  static async create(path: string, opts: SessionOptions = {}): Promise<StageSession> {
+  static async create(path: string | Uint8Array, opts: SessionOptions = {}): Promise<StageSession> {
     const base: ort.InferenceSession.SessionOptions = {
       graphOptimizationLevel: 'all',
       intraOpNumThreads: opts.threads ?? 0,
@@ -31,40 +74,95 @@ export class StageSession {
       // from the stage that has work (measured: K=4 × 2 threads went from 60-166 to 18-33 ms/token).
       extra: { session: { intra_op: { allow_spinning: '0' }, inter_op: { allow_spinning: '0' } } },
     };
-    const device = opts.device ?? 'cpu';
-    if (device.startsWith('cuda')) {
-      const deviceId = Number(device.split(':')[1] ?? 0);
-      try {
-        return new StageSession(await ort.InferenceSession.create(path, { ...base, executionProviders: [{ name: 'cuda', deviceId }] }), 'cuda');
-      } catch (e) {
-        // Never silently: the operator asked for a GPU and is not getting one.
-        console.error(`[strata] WARNING: CUDA execution provider unavailable (${(e as Error).message.split('\n')[0]}); FALLING BACK TO CPU. Install onnxruntime-node with ONNXRUNTIME_NODE_INSTALL=cuda12 on a CUDA 12 host.`);
-      }
+    const device = parseDevice(opts.device);
+    if (device.kind === 'webgpu' && device.id !== 0) {
+      // The WebGPU EP's deviceId names a WebGPU context, not an adapter: ids other than 0 need a device handed in from
+      // outside, which onnxruntime-node cannot do. Say so rather than run on another GPU than the one asked for.
+      throw new StrataError('device_unavailable', `webgpu:${device.id}: onnxruntime-node's WebGPU EP always uses the default adapter; start one worker per GPU and pick its GPU through the Vulkan environment (e.g. MESA_VK_DEVICE_SELECT, VK_DRIVER_FILES), with --device webgpu`);
     }
+    const providers: ort.InferenceSession.ExecutionProviderConfig[] = device.kind === 'cuda' ? [{ name: 'cuda', deviceId: device.id }] : device.kind === 'webgpu' ? ['webgpu'] : ['cpu'];
+    // Warnings (unused initializers, shape ops kept on the CPU by the WebGPU EP) are expected: log errors only.
+    const sessionOpts: ort.InferenceSession.SessionOptions = { ...base, executionProviders: providers, logSeverityLevel: 3 };
+    if (device.kind === 'webgpu') {
+      // Resident outputs stay in GPU memory; everything the host reads comes back as CPU data in the same run.
+      sessionOpts.preferredOutputLocation = 'cpu';
+    }
+    let session: ort.InferenceSession;
     try {
-      return new StageSession(await ort.InferenceSession.create(path, { ...base, executionProviders: ['cpu'] }), 'cpu');
+      session = await ort.InferenceSession.create(path as string, sessionOpts);
     } catch (e) {
-      throw new StrataError('stage_graph_invalid', `ONNX Runtime could not load ${path}: ${(e as Error).message}; delete the stage cache directory and retry`, 'internal');
+      const why = (e as Error).message.split('\n')[0];
+      if (device.kind === 'cpu') {
+        throw new StrataError('stage_graph_invalid', `ONNX Runtime could not load ${typeof path === 'string' ? path : 'the stage graph'}: ${why}; delete the stage cache directory and retry`, 'internal');
+      }
+      // Never a silent fallback: the operator asked for this device and is not getting it.
+      const fix = device.kind === 'cuda'
+        ? 'install onnxruntime-node with ONNXRUNTIME_NODE_INSTALL=cuda12 on a CUDA 12 host, or pass --device cpu'
+        : 'install a Vulkan driver (on a host without a GPU: mesa-vulkan-drivers from bookworm-backports, see .ci/lavapipe.sh; on NVIDIA: libvulkan1 and the driver ICD, VK_DRIVER_FILES), set XDG_RUNTIME_DIR, or pass --device cpu';
+      throw new StrataError('device_unavailable', `the ${device.kind} execution provider could not start on device ${device.id} (${why}); ${fix}`);
     }
+    // On WebGPU the KV outputs (present_*) stay in GPU memory and come back as DeviceTensors to feed the next run
+    // (onnxruntime-node has device tensors for this EP only); everything else comes back as CPU data.
+    const resident = new Set(device.kind === 'webgpu' ? session.outputNames.filter((n) => n.startsWith('present_')) : []);
+    if (resident.size) {
+      const loc: Record<string, ort.Tensor.DataLocation> = {};
+      for (const name of session.outputNames) loc[name] = resident.has(name) ? 'gpu-buffer' : 'cpu';
+      await session.release();
+      session = await ort.InferenceSession.create(path as string, { ...sessionOpts, preferredOutputLocation: loc });
+    }
+    return new StageSession(session, device.kind, resident);
   }
 
   get inputNames(): readonly string[] {
     return this.session.inputNames;
   }
 
+  get outputNames(): readonly string[] {
+    return this.session.outputNames;
+  }
+
+  get onDevice(): boolean {
+    return this.executionProvider !== 'cpu';
+  }
+
   /**
-   * Runs the graph. `preallocated` outputs (e.g. KV caches, whose shapes the caller knows) are written by ORT straight
-   * into those JS buffers: letting the binding hand back large outputs costs far more (measured: 3 MB of present
-   * KV took 4-7 ms to come back, against ~1 ms to compute).
+   * Runs the graph. `preallocated` outputs (KV slots, whose shapes the caller knows) are written by ORT straight into
+   * those buffers (on the CPU EP: in place, nothing copied). Resident outputs come back as DeviceTensors.
    */
-  async run(feeds: Record<string, TensorData>, preallocated: Record<string, TensorData> = {}): Promise<Record<string, TensorData>> {
+  async run(feeds: Record<string, Feed>, preallocated: Record<string, TensorData> = {}): Promise<Record<string, TensorData | DeviceTensor>> {
+    const t: Transfer = { hostToDevice: 0, deviceToHost: 0, kvBytes: 0 };
     const ortFeeds: Record<string, ort.Tensor> = {};
-    for (const [k, v] of Object.entries(feeds)) ortFeeds[k] = toOrt(v);
+    for (const [k, v] of Object.entries(feeds)) {
+      if (isDeviceTensor(v)) {
+        ortFeeds[k] = v.ort;
+        continue;
+      }
+      ortFeeds[k] = toOrt(v);
+      if (this.onDevice) {
+        t.hostToDevice += v.data.byteLength;
+        if (isKv(k)) t.kvBytes += v.data.byteLength;
+      }
+    }
     const fetches: Record<string, ort.Tensor | null> = {};
     for (const name of this.session.outputNames) fetches[name] = preallocated[name] ? toOrt(preallocated[name]) : null;
     const out = await this.session.run(ortFeeds, fetches as ort.InferenceSession.FetchesType);
-    const result: Record<string, TensorData> = {};
-    for (const [k, v] of Object.entries(out)) result[k] = preallocated[k] ?? fromOrt(v);
+    const result: Record<string, TensorData | DeviceTensor> = {};
+    for (const [k, v] of Object.entries(out)) {
+      if (this.resident.has(k) && v.location === 'gpu-buffer') {
+        result[k] = { device: true, dims: [...v.dims], ort: v };
+        continue;
+      }
+      const host = preallocated[k] ?? fromOrt(v);
+      result[k] = host;
+      if (this.onDevice) {
+        t.deviceToHost += host.data.byteLength;
+        if (isKv(k)) t.kvBytes += host.data.byteLength;
+      }
+    }
+    this.lastTransfer = t;
+    this.transferred.hostToDevice += t.hostToDevice;
+    this.transferred.deviceToHost += t.deviceToHost;
+    this.transferred.kvBytes += t.kvBytes;
     return result;
   }
 

@@ -3,12 +3,17 @@ import { evenSplit, type BlockRange } from './range.ts';
 import { prepareStage, type PreparedStage } from './stage-cache.ts';
 import { StageSession, type SessionOptions } from './executor.ts';
 import { Stage, type KvCache } from './stage.ts';
+import { DEFAULT_SLOT_ROWS } from './graph/slot-attention.ts';
 import { embed, finishStep, type PipelineStep, type StepResult, type Stepper } from './generation.ts';
 import type { WeightDType } from './stage-graph.ts';
 import { activationDType } from './dtype.ts';
 
 export interface LocalPipelineOptions extends SessionOptions {
   dtype?: WeightDType;
+  /** Per stage: bytes of KV slots (default 2 GiB; decoders only). */
+  kvBudgetBytes?: number;
+  /** Batch rows of each stage graph (decode batch limit). */
+  maxBatch?: number;
   fused?: boolean;
   cacheDir?: string;
   onProgress?: (msg: string) => void;
@@ -31,22 +36,29 @@ export class LocalPipeline implements Stepper {
     const spec = loadModelSpec(modelDir);
     const ranges = typeof split === 'number' ? evenSplit(spec.blocks, split) : split;
     const dtype = opts.dtype ?? 'float32';
-    const prepared = ranges.map((r) => prepareStage(modelDir, r, { dtype, fused: opts.fused, device: opts.device, cacheDir: opts.cacheDir, onProgress: opts.onProgress }));
+    const rows = opts.maxBatch ?? DEFAULT_SLOT_ROWS;
+    const prepared = ranges.map((r) => prepareStage(modelDir, r, { dtype, fused: opts.fused, device: opts.device, cacheDir: opts.cacheDir, rows, onProgress: opts.onProgress }));
     const stages: Stage[] = [];
-    for (const p of prepared) stages.push(new Stage(spec, p.range, await StageSession.create(p.path, opts), activationDType(dtype)));
+    for (const p of prepared) stages.push(new Stage(spec, p.range, await StageSession.create(p.path, opts), activationDType(dtype), { kvBudgetBytes: opts.kvBudgetBytes, rows }));
     return new LocalPipeline(spec, stages, prepared);
   }
 
   async step(sessionId: string, input: PipelineStep): Promise<StepResult> {
     let caches = this.caches.get(sessionId);
-    if (!caches) {
+    if (!caches && this.spec.causal) {
       const batch = input.positionIds.dims[0];
-      caches = this.stages.map((s) => s.emptyCache(batch));
-      if (this.spec.causal) this.caches.set(sessionId, caches);
+      caches = [];
+      try {
+        for (const s of this.stages) caches.push(s.emptyCache(batch));
+      } catch (e) {
+        caches.forEach((c, i) => this.stages[i].closeCache(c));
+        throw e;
+      }
+      this.caches.set(sessionId, caches);
     }
     let hidden = undefined;
     for (const [i, stage] of this.stages.entries()) {
-      const out = await stage.step({ ...input, hidden }, this.spec.causal ? caches[i] : null);
+      const out = await stage.step({ ...input, hidden }, caches ? caches[i] : null);
       if (stage.isLast) return finishStep(out, input);
       hidden = out.hidden;
     }
@@ -54,6 +66,7 @@ export class LocalPipeline implements Stepper {
   }
 
   async end(sessionId: string): Promise<void> {
+    this.caches.get(sessionId)?.forEach((c, i) => this.stages[i].closeCache(c));
     this.caches.delete(sessionId);
   }
 
@@ -63,6 +76,6 @@ export class LocalPipeline implements Stepper {
   }
 
   async close(): Promise<void> {
-    for (const s of this.stages) await s.session.release();
+    for (const s of this.stages) await s.close();
   }
 }

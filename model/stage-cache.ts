@@ -4,6 +4,7 @@ import { join } from 'node:path';
 import { loadModelSpec, type ModelSpec } from './config.ts';
 import { Checkpoint } from './safetensors.ts';
 import { allRefs, isLegacyBuffer, keyPrefix, stageWeights } from './layout.ts';
+import { DEFAULT_SLOT_ROWS } from './graph/slot-attention.ts';
 import { buildStageGraph, GRAPH_VERSION, type WeightDType } from './stage-graph.ts';
 import { FileSink } from './onnx-builder.ts';
 import { checkRange, rangeLabel, type BlockRange } from './range.ts';
@@ -46,11 +47,13 @@ export const defaultCacheDir = (): string => process.env.STRATA_CACHE_DIR ?? joi
 export function prepareStage(
   modelDir: string,
   range: BlockRange,
-  opts: { dtype?: WeightDType; fused?: boolean; device?: string; cacheDir?: string; quantBlockSize?: number; onProgress?: (msg: string) => void } = {},
+  opts: { dtype?: WeightDType; fused?: boolean; device?: string; cacheDir?: string; rows?: number; quantBlockSize?: number; onProgress?: (msg: string) => void } = {},
 ): PreparedStage {
   const dtype = opts.dtype ?? 'float32';
   const fused = opts.fused ?? defaultFused(opts.device);
   const spec = loadModelSpec(modelDir);
+  // Decoder graphs have one attention row per batch row (KV slots, model/graph/slot-attention.ts): part of the key.
+  const rows = spec.causal ? Math.max(1, opts.rows ?? DEFAULT_SLOT_ROWS) : 0;
   checkRange(range, spec.blocks);
   // Quantized graphs: the scheme (bits, block, rounding) is part of the cache key, and a device without the kernels is refused before any work.
   const scheme = isQuantized(dtype) ? quantScheme(dtype, opts.quantBlockSize) : null;
@@ -59,7 +62,7 @@ export function prepareStage(
   const ck = Checkpoint.open(modelDir);
   try {
     const fingerprint = ck.fingerprint();
-    const dir = join(opts.cacheDir ?? defaultCacheDir(), fingerprint, `${range.first}-${range.last}-${dtypeKey}${fused ? '-fused' : ''}-v${GRAPH_VERSION}`);
+    const dir = join(opts.cacheDir ?? defaultCacheDir(), fingerprint, `${range.first}-${range.last}-${dtypeKey}${fused ? '-fused' : ''}${rows ? `-r${rows}` : ''}-v${GRAPH_VERSION}`);
     const path = join(dir, 'stage.onnx');
     const metaPath = join(dir, 'meta.json');
     if (existsSync(path) && existsSync(metaPath)) {
@@ -76,7 +79,7 @@ export function prepareStage(
     let model: Uint8Array, paramBytes: number;
     try {
       const source = { prefix: keyPrefix(spec, (k) => ck.has(k)), readFloat32: (k: string, s: number[]) => ck.readFloat32(k, s) };
-      ({ model, paramBytes } = buildStageGraph(spec, range, source, sink, { dtype, fused, quantBlockSize: scheme?.blockSize }));
+      ({ model, paramBytes } = buildStageGraph(spec, range, source, sink, { dtype, fused, rows, quantBlockSize: scheme?.blockSize }));
     } catch (e) {
       sink.close();
       rmSync(tmp, { recursive: true, force: true });

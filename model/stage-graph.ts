@@ -14,7 +14,7 @@ export { rotaryTables } from './graph/rotary.ts';
 export type { StageGraphOptions, WeightDType, WeightSource } from './graph/context.ts';
 
 /** Bump when the graph a given checkpoint/range/dtype produces changes, so disk caches rebuild. */
-export const GRAPH_VERSION = 3;
+export const GRAPH_VERSION = 4; // 4: decoders keep KV in fixed slots (GroupQueryAttention per batch row)
 
 /**
  * Builds the ONNX graph of blocks `[first, last)` of a model, exactly as Hugging Face computes them:
@@ -62,7 +62,7 @@ export function buildStageGraph(spec: ModelSpec, range: BlockRange, source: Weig
     g.output(g.o('Reshape', [x, ctx.shapeBTD]), IO.hiddenOut, ACT, ['batch', 'seq', D]);
   }
 
-  const model = g.encode(`strata_${spec.family}_${range.first}_${range.last}`, { '': 20, ...(opts.fused || isQuantized(opts.dtype) ? { 'com.microsoft': 1 } : {}) }, {
+  const model = g.encode(`strata_${spec.family}_${range.first}_${range.last}`, { '': 20, ...(opts.fused || spec.causal || isQuantized(opts.dtype) ? { 'com.microsoft': 1 } : {}) }, {
     'strata.fused': String(!!opts.fused),
     'strata.family': spec.family,
     'strata.range': `${range.first},${range.last}`,

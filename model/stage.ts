@@ -1,8 +1,9 @@
-import { KvBufferPool } from './kv-pool.ts';
 import type { ModelSpec } from './config.ts';
 import type { BlockRange } from './range.ts';
-import { IO } from './stage-graph.ts';
-import { StageSession } from './executor.ts';
+import { IO } from './graph/io.ts';
+import { SLOT_IO, DEFAULT_SLOT_ROWS } from './graph/slot-attention.ts';
+import { isDeviceTensor, type DeviceTensor, type Feed, type StageSession, type Transfer } from './executor.ts';
+import { KvSlots } from './kv-slots.ts';
 import { BYTES_PER_ELEMENT, elementCount, type DType, type TensorData } from './tensor.ts';
 import { StrataError } from './errors.ts';
 
@@ -12,9 +13,9 @@ export interface StepInput {
   inputIds?: TensorData;
   /** Later stages: the previous stage's hidden states [B, T, D]. */
   hidden?: TensorData;
-  /** int64 [B, T]: absolute positions (left padding shifts them). */
+  /** int64 [B, T]: absolute positions. */
   positionIds: TensorData;
-  /** int64 [B, past + T] for decoders, [B, T] for encoders: 1 = attend, 0 = padding. */
+  /** int64 [B, past + T] for decoders (all ones: no padding), [B, T] for encoders: 1 = attend, 0 = padding. */
   attentionMask: TensorData;
   /** Last stage: which of the T positions get logits (int64 [R]). Default: all. */
   logitPositions?: TensorData;
@@ -27,86 +28,48 @@ export interface StepOutput {
   lastHidden?: TensorData;
 }
 
-/**
- * The KV cache of one session for this stage's blocks. Its tensors [Bt, H, Pt, hd] may be shared with the other
- * sessions of a batched run: this session's rows are [row, row + batch) and its positions [offset, offset + length).
- * Sharing lets a batch that meets again next step feed last step's present tensors as past without a copy.
- */
+/** A session's KV cache at one stage: the slot of each of its rows, and how many positions they hold. */
 export interface KvCache {
+  slots: number[];
   length: number;
-  layers: Map<number, { key: TensorData; value: TensorData }>;
-  row: number;
-  offset: number;
-  batch: number;
 }
 
-export const kvCacheBytes = (c: KvCache): number => {
-  const first = c.layers.values().next().value;
-  if (!first) return 0;
-  const [, heads, , headDim] = first.key.dims;
-  return c.layers.size * 2 * c.batch * heads * c.length * headDim * BYTES_PER_ELEMENT[first.key.dtype];
-};
-
-/** True when the cache's tensors hold exactly this session (no other rows, no padding): feed them as they are. */
-const isExact = (c: KvCache): boolean => {
-  const t = c.layers.values().next().value?.key;
-  return !t || (c.row === 0 && c.offset === 0 && t.dims[0] === c.batch && t.dims[2] === c.length);
-};
-
-/** A stable number per KV tensor, to group sessions that share one. */
-const tensorIds = new WeakMap<object, number>();
-let nextTensorId = 0;
-function tensorId(c: KvCache): number {
-  const t = c.layers.values().next().value?.key;
-  if (!t) return -1;
-  let id = tensorIds.get(t);
-  if (id === undefined) tensorIds.set(t, (id = nextTensorId++));
-  return id;
+export interface StageOptions {
+  /** Bytes of KV slots this stage allocates (--kv-budget-mb). */
+  kvBudgetBytes?: number;
+  /** Batch rows the stage graph was built with (its decode batch limit). */
+  rows?: number;
 }
 
-/**
- * Gathers the caches of several sessions into fresh [sum(batch), H, P, hd] tensors, each session's positions
- * right-aligned (left padding, masked out by the attention mask).
- */
-function packCaches(caches: KvCache[], P: number, dtype: DType, heads: number, headDim: number): Map<number, { key: TensorData; value: TensorData }> {
-  const rows = caches.reduce((n, c) => n + c.batch, 0);
-  const out = new Map<number, { key: TensorData; value: TensorData }>();
-  const alloc = (): TensorData => ({ dtype, dims: [rows, heads, P, headDim], data: dtype === 'float16' ? new Uint16Array(rows * heads * P * headDim) : new Float32Array(rows * heads * P * headDim) });
-  for (const layer of caches[0].layers.keys()) {
-    const key = alloc();
-    const value = alloc();
-    let dstRow = 0;
-    for (const c of caches) {
-      const src = c.layers.get(layer)!;
-      const [, , srcP] = src.key.dims;
-      for (let r = 0; r < c.batch; r++, dstRow++) {
-        for (let h = 0; h < heads; h++) {
-          const from = (((c.row + r) * heads + h) * srcP + c.offset) * headDim;
-          const to = ((dstRow * heads + h) * P + (P - c.length)) * headDim;
-          const n = c.length * headDim;
-          (key.data as Float32Array).set((src.key.data as Float32Array).subarray(from, from + n), to);
-          (value.data as Float32Array).set((src.value.data as Float32Array).subarray(from, from + n), to);
-        }
-      }
-    }
-    out.set(layer, { key, value });
-  }
-  return out;
+export const DEFAULT_KV_BUDGET_BYTES = 2 * 1024 ** 3;
+
+/** One run's rows: each batch row's slot and cached length, all with the same new-token count T. */
+interface Row {
+  slot: number;
+  past: number;
 }
 
-/** One stage (a block range and its ORT session) that steps sequences through its blocks, keeping their KV caches. */
+/** One stage (a block range and its ORT session) that steps sequences through its blocks, keeping their KV in slots. */
 export class Stage {
   readonly actDType: DType;
-
-  private readonly kvPool = new KvBufferPool();
+  /** The KV slots (decoders only). */
+  readonly slots: KvSlots | null;
+  readonly rows: number;
 
   constructor(
     readonly spec: ModelSpec,
     readonly range: BlockRange,
     readonly session: StageSession,
-    dtype: 'float32' | 'float16',
+    dtype: string,
+    opts: StageOptions = {},
   ) {
-    this.actDType = dtype;
+    // Activations (and KV) are float16 in fp16 stages, float32 otherwise (quantized weights included).
+    this.actDType = dtype === 'float16' ? 'float16' : 'float32';
+    this.rows = opts.rows ?? DEFAULT_SLOT_ROWS;
+    const layers = Array.from({ length: range.last - range.first }, (_, i) => range.first + i);
+    this.slots = spec.causal
+      ? new KvSlots({ layers, heads: spec.heads, headDim: spec.headDim, maxLen: spec.maxPositions, dtype: this.actDType }, opts.kvBudgetBytes ?? DEFAULT_KV_BUDGET_BYTES, session.executionProvider === 'webgpu')
+      : null;
   }
 
   get isFirst(): boolean {
@@ -117,23 +80,30 @@ export class Stage {
     return this.range.last === this.spec.blocks;
   }
 
-  emptyCache(batch: number): KvCache {
-    const layers = new Map<number, { key: TensorData; value: TensorData }>();
-    const empty = (): TensorData => ({ dtype: this.actDType, dims: [batch, this.spec.heads, 0, this.spec.headDim], data: this.actDType === 'float16' ? new Uint16Array(0) : new Float32Array(0) });
-    for (let l = this.range.first; l < this.range.last; l++) layers.set(l, { key: empty(), value: empty() });
-    return { length: 0, layers, row: 0, offset: 0, batch };
+  /** Host↔device bytes of the last run (0 on the CPU EP: there is no separate device). */
+  get lastTransfer(): Transfer {
+    return this.session.lastTransfer;
   }
 
-  /** Output buffers for this step's present KV tensors [B, H, total, hd], filled by ORT in place. */
-  private presentBuffers(batch: number, total: number): Record<string, TensorData> {
-    if (!this.spec.causal) return {};
-    const make = (): TensorData => this.kvPool.alloc(this.actDType, [batch, this.spec.heads, total, this.spec.headDim]);
-    const out: Record<string, TensorData> = {};
-    for (let l = this.range.first; l < this.range.last; l++) {
-      out[IO.presentKey(l)] = make();
-      out[IO.presentValue(l)] = make();
-    }
-    return out;
+  /** A cache with one slot per row, or null when too few slots are free. */
+  openCache(batch: number): KvCache | null {
+    if (!this.slots) return { slots: [], length: 0 };
+    if (this.slots.capacity - this.slots.inUse < batch) return null;
+    return { slots: Array.from({ length: batch }, () => this.slots!.acquire()!), length: 0 };
+  }
+
+  /** Like openCache, but every slot taken is a typed error (resource_exhausted → HTTP 429), never a wrong answer. */
+  emptyCache(batch: number): KvCache {
+    const c = this.openCache(batch);
+    if (!c) throw slotsExhausted(this.slots!.capacity);
+    return c;
+  }
+
+  /** Gives the cache's slots back (the session ended, was evicted, or its step failed). */
+  closeCache(cache: KvCache): void {
+    for (const s of cache.slots) this.slots?.release(s);
+    cache.slots = [];
+    cache.length = 0;
   }
 
   /** Position tables end at the model's context length: out-of-range ids are a request error, not an ORT crash. */
@@ -145,11 +115,70 @@ export class Stage {
     }
   }
 
-  /** Runs one step. For decoders `cache` is read as past and replaced by present (pass null for encoders). */
+  /** A decoder's mask only says how long each row is: no padding (rows are ragged, each with its own length). */
+  private checkCausalMask(mask: TensorData, rows: number, total: number): void {
+    checkDims(mask, [rows, total], 'attention_mask', 'int64');
+    if ((mask.data as BigInt64Array).some((v) => v !== 1n)) {
+      throw new StrataError('attention_mask_unsupported', 'a decoder step\'s attention_mask must be all ones (past + new tokens): padding is not needed, rows keep their own lengths');
+    }
+    if (total > this.spec.maxPositions) {
+      throw new StrataError('prompt_too_long', `the session would hold ${total} tokens, more than the model's context of ${this.spec.maxPositions}; shorten the prompt or lower max_tokens`);
+    }
+  }
+
+  /** Runs one step of one session (any T; B rows, each in its own slot). Pass null as cache for encoders. */
   async step(input: StepInput, cache: KvCache | null): Promise<StepOutput> {
+    const seq = input.positionIds.dims[1];
+    if (cache && this.slots?.resident && seq > WEBGPU_MAX_PROMPT_CHUNK) return this.stepInChunks(input, cache, WEBGPU_MAX_PROMPT_CHUNK);
+    return this.stepOnce(input, cache);
+  }
+
+  /**
+   * A long prompt as several shorter steps through this stage (each writes its tokens into the slot, so the next
+   * chunk attends to them): the outputs are the same as one step's. Used on WebGPU, whose GroupQueryAttention
+   * computes prompts of 32 or more tokens wrongly in ORT 1.30 (measured: errors ~1e-2 from T = 32 on, any max_len,
+   * first or later chunk; T <= 31 matches a JS reference to 6e-8).
+   */
+  private async stepInChunks(input: StepInput, cache: KvCache, chunk: number): Promise<StepOutput> {
+    const [batch, seq] = input.positionIds.dims;
+    const past = cache.length;
+    this.checkCausalMask(input.attentionMask, batch, past + seq);
+    const wanted = input.logitPositions ? Array.from(input.logitPositions.data as BigInt64Array, Number) : Array.from({ length: seq }, (_, i) => i);
+    const hidden: TensorData[] = [];
+    const lastHidden: TensorData[] = [];
+    const logits = new Map<number, { t: TensorData; row: number }>(); // position → where its logits are
+    for (let from = 0; from < seq; from += chunk) {
+      const to = Math.min(seq, from + chunk);
+      const mine = wanted.filter((p) => p >= from && p < to);
+      const out = await this.stepOnce({
+        inputIds: input.inputIds && cols(input.inputIds, from, to),
+        hidden: input.hidden && cols(input.hidden, from, to),
+        positionIds: cols(input.positionIds, from, to),
+        attentionMask: cols(input.attentionMask, 0, past + to),
+        logitPositions: { dtype: 'int64', dims: [Math.max(1, mine.length)], data: BigInt64Array.from(mine.length ? mine : [to - from - 1], (p) => BigInt(mine.length ? p - from : p)) },
+      }, cache);
+      if (out.hidden) hidden.push(out.hidden);
+      if (out.lastHidden) lastHidden.push(out.lastHidden);
+      mine.forEach((p, row) => logits.set(p, { t: out.logits!, row }));
+    }
+    if (!this.isLast) return { hidden: concatCols(hidden) };
+    const first = logits.values().next().value!.t;
+    const [, , vocab] = first.dims;
+    const data = new Float32Array(batch * wanted.length * vocab);
+    for (let b = 0; b < batch; b++) {
+      wanted.forEach((p, r) => {
+        const { t, row } = logits.get(p)!;
+        const rows = t.dims[1];
+        data.set((t.data as Float32Array).subarray((b * rows + row) * vocab, (b * rows + row + 1) * vocab), (b * wanted.length + r) * vocab);
+      });
+    }
+    return { logits: { dtype: 'float32', dims: [batch, wanted.length, vocab], data }, lastHidden: concatCols(lastHidden) };
+  }
+
+  private async stepOnce(input: StepInput, cache: KvCache | null): Promise<StepOutput> {
     const [batch, seq] = input.positionIds.dims;
     this.checkPositions(input.positionIds);
-    const feeds: Record<string, TensorData> = { [IO.positionIds]: input.positionIds, [IO.attentionMask]: input.attentionMask };
+    const feeds: Record<string, Feed> = { [IO.positionIds]: input.positionIds };
     if (this.isFirst) {
       if (!input.inputIds) throw new StrataError('stage_input_invalid', `stage ${this.range.first}..${this.range.last} is the first stage and needs token ids`);
       checkTokenIds(input.inputIds, this.spec.vocab);
@@ -160,65 +189,39 @@ export class Stage {
       checkDims(h, [batch, seq, this.spec.dModel], 'hidden_states', this.actDType);
       feeds[IO.hiddenIn] = h;
     }
-    let exclusive = false; // whether the past tensors are this session's alone (then they can be recycled)
-    if (this.spec.causal) {
-      if (!cache) throw new StrataError('stage_input_invalid', 'decoder stages need a KV cache');
-      const expectMask = cache.length + seq;
-      checkDims(input.attentionMask, [batch, expectMask], 'attention_mask', 'int64');
-      exclusive = isExact(cache);
-      const past = exclusive ? cache.layers : packCaches([cache], cache.length, this.actDType, this.spec.heads, this.spec.headDim);
-      for (const [l, kv] of past) {
-        feeds[IO.pastKey(l)] = kv.key;
-        feeds[IO.pastValue(l)] = kv.value;
-      }
-    } else {
-      checkDims(input.attentionMask, [batch, seq], 'attention_mask', 'int64');
-    }
     if (this.isLast) {
       feeds[IO.logitPositions] = input.logitPositions ?? { dtype: 'int64', dims: [seq], data: BigInt64Array.from({ length: seq }, (_, i) => BigInt(i)) };
     }
-    const out = await this.session.run(feeds, cache ? this.presentBuffers(batch, cache.length + seq) : {});
-    if (cache) {
-      // A new map: after a batched run the old one is shared with the batch's other sessions.
-      const layers = new Map([...cache.layers.keys()].map((l) => [l, { key: out[IO.presentKey(l)], value: out[IO.presentValue(l)] }]));
-      if (exclusive) this.kvPool.release(cache.layers.values());
-      Object.assign(cache, { layers, length: cache.length + seq, row: 0, offset: 0 });
+    if (!this.spec.causal) {
+      checkDims(input.attentionMask, [batch, seq], 'attention_mask', 'int64');
+      feeds[IO.attentionMask] = input.attentionMask;
+      const out = await this.session.run(feeds);
+      return this.outputsOf(out);
     }
-    return this.isLast ? { logits: out[IO.logits], lastHidden: out[IO.lastHidden] } : { hidden: out[IO.hiddenOut] };
+    if (!cache) throw new StrataError('stage_input_invalid', 'decoder stages need a KV cache');
+    if (cache.slots.length !== batch) throw new StrataError('batch_input_invalid', `this session holds ${cache.slots.length} KV slot(s) but the step has ${batch} rows`);
+    if (batch > this.rows) throw new StrataError('batch_input_invalid', `a step may have at most ${this.rows} rows here (--max-batch), got ${batch}`);
+    this.checkCausalMask(input.attentionMask, batch, cache.length + seq);
+    const out = await this.runSlots(feeds, cache.slots.map((slot) => ({ slot, past: cache.length })), seq);
+    cache.length += seq;
+    return this.outputsOf(out);
   }
 
   /**
-   * One decode step (T = 1) of several sessions as ONE ORT run: their caches are left-padded to a common length
-   * and the padding masked out, so each session computes what it would alone. When the same sessions met in the
-   * previous run, in the same order, last run's present tensors are fed back as past without copying.
+   * One decode step (T = 1) of several sessions as ONE ORT run: row b attends over its own slot and length (ragged,
+   * no padding, no repacking), and its new K/V lands in that slot in place.
    */
   async stepBatch(inputs: StepInput[], caches: KvCache[]): Promise<StepOutput[]> {
-    // Sessions arrive in any order: run them in the order of their last batch so its tensors can be reused as is.
-    const order = [...caches.keys()].sort((a, b) => tensorId(caches[a]) - tensorId(caches[b]) || caches[a].row - caches[b].row);
-    if (order.some((o, i) => o !== i)) {
-      const outs = await this.stepBatch(order.map((o) => inputs[o]), order.map((o) => caches[o]));
-      const back: StepOutput[] = new Array(outs.length);
-      order.forEach((o, i) => (back[o] = outs[i]));
-      return back;
-    }
     const B = inputs.length;
+    if (B > this.rows) throw new StrataError('batch_input_invalid', `a batch may have at most ${this.rows} sessions here (--max-batch), got ${B}`);
     for (const [b, input] of inputs.entries()) {
       const c = caches[b];
-      if (input.positionIds.dims[0] !== 1 || input.positionIds.dims[1] !== 1 || c.batch !== 1) throw new StrataError('batch_input_invalid', 'only single-row decode steps (T = 1) can be batched');
-      checkDims(input.attentionMask, [1, c.length + 1], 'attention_mask', 'int64');
+      if (input.positionIds.dims[0] !== 1 || input.positionIds.dims[1] !== 1 || c.slots.length !== 1) throw new StrataError('batch_input_invalid', 'only single-row decode steps (T = 1) can be batched');
+      this.checkCausalMask(input.attentionMask, 1, c.length + 1);
+      this.checkPositions(input.positionIds);
     }
-    const shared = caches[0].layers.values().next().value!.key;
-    const reuse = caches.every((c, b) => c.layers.values().next().value!.key === shared && c.row === b && c.offset + c.length === shared.dims[2]) && shared.dims[0] === B;
-    const P = reuse ? shared.dims[2] : Math.max(...caches.map((c) => c.length));
-    const past = reuse ? caches[0].layers : packCaches(caches, P, this.actDType, this.spec.heads, this.spec.headDim);
-    const offsets = caches.map((c) => (reuse ? c.offset : P - c.length));
-
-    inputs.forEach((i) => this.checkPositions(i.positionIds));
-    const mask = new BigInt64Array(B * (P + 1));
-    inputs.forEach((input, b) => mask.set(input.attentionMask.data as BigInt64Array, b * (P + 1) + offsets[b]));
-    const feeds: Record<string, TensorData> = {
+    const feeds: Record<string, Feed> = {
       [IO.positionIds]: { dtype: 'int64', dims: [B, 1], data: BigInt64Array.from(inputs, (i) => (i.positionIds.data as BigInt64Array)[0]) },
-      [IO.attentionMask]: { dtype: 'int64', dims: [B, P + 1], data: mask },
     };
     if (this.isFirst) {
       const ids = { dtype: 'int64' as const, dims: [B, 1], data: BigInt64Array.from(inputs, (i) => (i.inputIds!.data as BigInt64Array)[0]) };
@@ -234,21 +237,89 @@ export class Stage {
       feeds[IO.hiddenIn] = { dtype: this.actDType, dims: [B, 1, D], data: hidden };
     }
     if (this.isLast) feeds[IO.logitPositions] = { dtype: 'int64', dims: [1], data: BigInt64Array.of(0n) };
-    for (const [l, kv] of past) {
-      feeds[IO.pastKey(l)] = kv.key;
-      feeds[IO.pastValue(l)] = kv.value;
-    }
-    const out = await this.session.run(feeds, this.presentBuffers(B, P + 1));
-    const present = new Map([...past.keys()].map((l) => [l, { key: out[IO.presentKey(l)], value: out[IO.presentValue(l)] }]));
-    caches.forEach((c, b) => Object.assign(c, { layers: present, row: b, offset: offsets[b], length: c.length + 1 }));
-    if (reuse) this.kvPool.release(past.values()); // every row of the shared past belonged to this batch
+    const out = this.outputsOf(await this.runSlots(feeds, caches.map((c) => ({ slot: c.slots[0], past: c.length })), 1));
+    caches.forEach((c) => (c.length += 1));
     // Each session gets its own copy of its row, so results can travel (and be transferred) independently.
     const rowOf = (t: TensorData, b: number): TensorData => {
       const n = t.data.length / B;
       return { dtype: t.dtype, dims: [1, ...t.dims.slice(1)], data: t.data.slice(b * n, (b + 1) * n) as TensorData['data'] };
     };
-    return inputs.map((_, b) => (this.isLast ? { logits: rowOf(out[IO.logits], b), lastHidden: rowOf(out[IO.lastHidden], b) } : { hidden: rowOf(out[IO.hiddenOut], b) }));
+    return inputs.map((_, b) => (this.isLast ? { logits: rowOf(out.logits!, b), lastHidden: rowOf(out.lastHidden!, b) } : { hidden: rowOf(out.hidden!, b) }));
   }
+
+  /** Binds each row to its slot (idle rows to scratch), runs, and keeps device-resident presents as the slots'. */
+  private async runSlots(feeds: Record<string, Feed>, rows: Row[], seq: number): Promise<Record<string, TensorData | DeviceTensor>> {
+    const slots = this.slots!;
+    const B = rows.length;
+    // The graph ignores the mask of a decoder (GQA reads lengths from seqlens_k); it still declares the input.
+    feeds[IO.attentionMask] = { dtype: 'int64', dims: [B, 1], data: new BigInt64Array(B).fill(1n) };
+    feeds[SLOT_IO.seqlens] = { dtype: 'int32', dims: [B], data: Int32Array.from(rows, (r) => r.past + seq - 1) } as unknown as TensorData;
+    const present: Record<string, TensorData> = {};
+    for (const l of slots.geometry.layers) {
+      for (let r = 0; r < this.rows; r++) {
+        const kv = r < B ? slots.slot(l, rows[r].slot) : slots.idle(l, r);
+        feeds[SLOT_IO.pastKey(l, r)] = kv.key;
+        feeds[SLOT_IO.pastValue(l, r)] = kv.value;
+        // Host buffers: the same tensor is past and preallocated present, so GQA writes the new K/V in place.
+        if (!isDeviceTensor(kv.key) && !slots.resident) {
+          present[SLOT_IO.presentKey(l, r)] = kv.key;
+          present[SLOT_IO.presentValue(l, r)] = kv.value as TensorData;
+        }
+      }
+    }
+    const out = await this.session.run(feeds, present);
+    if (slots.resident) {
+      for (const l of slots.geometry.layers) {
+        for (let r = 0; r < this.rows; r++) {
+          const key = out[SLOT_IO.presentKey(l, r)];
+          const value = out[SLOT_IO.presentValue(l, r)];
+          if (!isDeviceTensor(key) || !isDeviceTensor(value)) throw new StrataError('stage_internal', `present KV of layer ${l} row ${r} came back to the host; expected it on the device`, 'internal');
+          slots.storeDevice(l, r < B ? { slot: rows[r].slot } : { row: r }, key, value);
+        }
+      }
+    }
+    return out;
+  }
+
+  private outputsOf(out: Record<string, TensorData | DeviceTensor>): StepOutput {
+    const host = (name: string) => out[name] as TensorData;
+    return this.isLast ? { logits: host(IO.logits), lastHidden: host(IO.lastHidden) } : { hidden: host(IO.hiddenOut) };
+  }
+
+  async close(): Promise<void> {
+    this.slots?.dispose();
+    await this.session.release();
+  }
+}
+
+/** Longest prompt chunk one WebGPU run takes (see Stage.stepInChunks). */
+export const WEBGPU_MAX_PROMPT_CHUNK = 31;
+
+/** Columns [from, to) of a [B, T, ...] tensor. */
+function cols(t: TensorData, from: number, to: number): TensorData {
+  const [B, T] = t.dims;
+  const inner = elementCount(t.dims.slice(2));
+  const out = new (t.data.constructor as new (n: number) => TensorData['data'])(B * (to - from) * inner);
+  for (let b = 0; b < B; b++) out.set(t.data.subarray((b * T + from) * inner, (b * T + to) * inner) as never, b * (to - from) * inner);
+  return { dtype: t.dtype, dims: [B, to - from, ...t.dims.slice(2)], data: out };
+}
+
+/** [B, T_i, ...] tensors joined along T. */
+function concatCols(parts: TensorData[]): TensorData {
+  const [B] = parts[0].dims;
+  const inner = elementCount(parts[0].dims.slice(2));
+  const T = parts.reduce((n, p) => n + p.dims[1], 0);
+  const out = new (parts[0].data.constructor as new (n: number) => TensorData['data'])(B * T * inner);
+  for (let b = 0, at = 0; b < B; b++) for (const p of parts) {
+    const n = p.dims[1] * inner;
+    out.set(p.data.subarray(b * n, (b + 1) * n) as never, at);
+    at += n;
+  }
+  return { dtype: parts[0].dtype, dims: [B, T, ...parts[0].dims.slice(2)], data: out };
+}
+
+export function slotsExhausted(capacity: number): StrataError {
+  return new StrataError('kv_slots_exhausted', `all ${capacity} KV slots of this stage are held by active sessions; retry shortly, raise --kv-budget-mb, or send fewer concurrent requests`, 'resource_exhausted');
 }
 
 function checkDims(t: TensorData, want: number[], name: string, dtype: DType): void {

@@ -205,33 +205,29 @@ describe('bad input', () => {
   });
 });
 
-describe('left padding', () => {
-  test('a left-padded row computes what the unpadded sequence computes', async () => {
+describe('padding (none: decoder rows keep their own lengths in KV slots)', () => {
+  test('a padded decoder mask is refused clearly; two rows of one session each compute their own sequence', async () => {
     const dir = fixtureDir('gptj-tiny');
     const spec = loadModelSpec(dir);
     const p = await LocalPipeline.load(dir, 3);
     const c = expected('gptj-tiny').forward[1];
-    const ids = c.input_ids.slice(0, 10);
-    const pad = 4;
     const i64 = (rows: number[][]) => ({ dtype: 'int64' as const, dims: [rows.length, rows[0].length], data: BigInt64Array.from(rows.flat(), BigInt) });
-    const padded = [...Array(pad).fill(0), ...ids];
-    const { logits } = await p.step('padded', {
-      inputIds: i64([padded, padded.map((_, i) => c.input_ids[i])]),
-      positionIds: i64([padded.map((_, i) => Math.max(0, i - pad)), padded.map((_, i) => i)]),
-      attentionMask: i64([padded.map((_, i) => (i < pad ? 0 : 1)), padded.map(() => 1)]),
-    });
-    const data = logits!.data as Float32Array;
-    const V = spec.vocab;
-    const row0 = Array.from({ length: ids.length }, (_, t) => Array.from(data.subarray((pad + t) * V, (pad + t + 1) * V)));
-    assert.ok(maxAbsDiff(row0, c.logits.slice(0, 10)) <= 1e-4, 'padded row');
-    // Decode one more step on the padded batch through the KV cache.
-    const next = await p.step('padded', {
-      inputIds: i64([[c.input_ids[10]], [c.input_ids[14]]]), positionIds: i64([[10], [14]]),
-      attentionMask: i64([[...padded.map((_, i) => (i < pad ? 0 : 1)), 1], padded.concat(0).map(() => 1)]),
-    });
-    const last = Array.from((next.logits!.data as Float32Array).subarray(0, V));
-    assert.ok(maxAbsDiff([last], [c.logits[10]]) <= 1e-4, 'decode after padding');
+    const pos = (n: number, from = 0) => Array.from({ length: n }, (_, i) => from + i);
+    await rejects(() => p.step('padded', { inputIds: i64([[0, 0, ...c.input_ids.slice(0, 4)]]), positionIds: i64([[0, 0, 0, 1, 2, 3]]), attentionMask: i64([[0, 0, 1, 1, 1, 1]]) }), 'attention_mask_unsupported', /padding is not needed/);
     await p.end('padded');
+    const a = c.input_ids.slice(0, 10);
+    const b = c.input_ids.slice(20, 30);
+    const { logits } = await p.step('rows', { inputIds: i64([a, b]), positionIds: i64([pos(10), pos(10)]), attentionMask: i64([a.map(() => 1), b.map(() => 1)]) });
+    const V = spec.vocab;
+    const data = logits!.data as Float32Array;
+    const row = (r: number) => Array.from({ length: 10 }, (_, t) => Array.from(data.subarray((r * 10 + t) * V, (r * 10 + t + 1) * V)));
+    assert.ok(maxAbsDiff(row(0), c.logits.slice(0, 10)) <= 1e-4, 'row 0');
+    assert.ok(maxAbsDiff(row(1), await forwardLogits(p, b)) <= 1e-4, 'row 1');
+    // One more step for both rows through their slots.
+    const next = await p.step('rows', { inputIds: i64([[c.input_ids[10]], [c.input_ids[30]]]), positionIds: i64([[10], [10]]), attentionMask: i64([pos(11).map(() => 1), pos(11).map(() => 1)]) });
+    const last = Array.from((next.logits!.data as Float32Array).subarray(0, V));
+    assert.ok(maxAbsDiff([last], [c.logits[10]]) <= 1e-4, 'decode, row 0');
+    await p.end('rows');
     await p.close();
   });
 });

@@ -10,7 +10,6 @@ import { loadModelSpec } from '../model/config.ts';
 import { Checkpoint } from '../model/safetensors.ts';
 import { StrataError } from '../model/errors.ts';
 import { writeSyntheticModel } from '../model/synthetic.ts';
-import { KvStore } from '../worker/kv-store.ts';
 import type { WireResultsMessage } from '../proto/messages.ts';
 import { StageClient } from '../transport/grpc/client.ts';
 import { stepToWire } from '../proto/step-codec.ts';
@@ -26,25 +25,7 @@ const code = (c: string) => (e: unknown) => e instanceof StrataError && e.code =
 const prefillStep = (fp: string, sid: string) => stepToWire(sid, { fingerprint: fp, first: 0 }, { inputIds: i64([[1, 2]]), positionIds: i64([[0, 1]]), attentionMask: i64([[1, 1]]) });
 const decodeStep = (fp: string, sid: string) => stepToWire(sid, { fingerprint: fp, first: 0 }, { inputIds: i64([[3]]), positionIds: i64([[2]]), attentionMask: i64([[1, 1, 1]]) });
 
-describe('KV store: budget, LRU eviction, TTL', () => {
-  const cache = (len: number) => ({ length: len, row: 0, offset: 0, batch: 1, layers: new Map([[0, { key: { dtype: 'float32' as const, dims: [1, 1, len, 4], data: new Float32Array(len * 4) }, value: { dtype: 'float32' as const, dims: [1, 1, len, 4], data: new Float32Array(len * 4) } }]]) });
-  test('evicts least-recently-used sessions and tells their owner clearly', () => {
-    let now = 0;
-    const store = new KvStore(3 * 32 * 10, 60_000, () => now); // room for three 10-token sessions
-    for (const s of ['a', 'b', 'c']) store.commit(s, cache(10));
-    store.take('a', 10, () => assert.fail()); // a is now the most recent
-    assert.deepEqual(store.commit('d', cache(10)), ['b']);
-    assert.throws(() => store.take('b', 10, () => cache(0)), code('session_evicted'));
-    assert.throws(() => store.take('zzz', 5, () => cache(0)), code('session_unknown'));
-    assert.throws(() => store.take('a', 7, () => cache(0)), code('session_out_of_step'));
-    assert.throws(() => store.commit('huge', cache(100)), code('kv_budget_exceeded'));
-    assert.equal(store.take('new', 0, () => cache(0)).length, 0, 'a new session starts empty');
-    now = 120_000;
-    assert.deepEqual(store.sweep().sort(), ['a', 'c', 'd']);
-    assert.equal(store.sessions, 0);
-    assert.equal(store.bytes, 0);
-  });
-});
+// The KV store (slots, LRU/TTL eviction, exhaustion) is tested in test/kv-slots.test.ts.
 
 describe('stage handshake and refusals', () => {
   let a: LocalWorker, b: LocalWorker;

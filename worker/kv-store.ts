@@ -1,25 +1,35 @@
 import { StrataError } from '../model/errors.ts';
-import { kvCacheBytes, type KvCache } from '../model/stage.ts';
+import type { KvCache } from '../model/stage.ts';
+
+/** Where sessions' caches come from: a stage's fixed KV slots (model/stage.ts). */
+export interface SlotSource {
+  openCache(batch: number): KvCache | null;
+  closeCache(cache: KvCache): void;
+}
 
 interface Entry {
   cache: KvCache;
-  bytes: number;
   lastUsed: number;
 }
 
+/** How long a session must have been idle before a new session may take its slot (STRATA_KV_EVICT_IDLE_MS). */
+export const DEFAULT_EVICT_IDLE_MS = Number(process.env.STRATA_KV_EVICT_IDLE_MS ?? 10_000);
+
 /**
- * The KV caches of every session this stage serves, under a memory budget: least-recently-used sessions are
- * evicted when a step would exceed it, idle ones expire after a TTL. Evicted ids are remembered (bounded) so
- * their owner gets a clear `session_evicted` instead of a wrong answer computed without the past.
+ * The sessions this stage serves and the KV slots they hold. A session takes its slots at its first step and keeps
+ * them until it ends, expires (TTL) or is evicted. When every slot is held, a new session takes the slot of the
+ * least-recently-used session that has been idle at least `evictIdleMs` (its owner later gets `session_evicted` and
+ * replays); with none that idle it gets `kv_slots_exhausted` (resource_exhausted → 429): never a wrong answer.
+ * Evicted ids are remembered (bounded) so their owner gets a clear `session_evicted`.
  */
 export class KvStore {
   private readonly entries = new Map<string, Entry>(); // Map iteration order = LRU order
   private readonly evicted = new Map<string, string>();
-  private total = 0;
 
   constructor(
-    readonly budgetBytes: number,
+    private readonly slots: SlotSource & { readonly slots: { capacity: number; slotBytes: number } | null },
     readonly ttlMs: number,
+    readonly evictIdleMs = DEFAULT_EVICT_IDLE_MS,
     private readonly now: () => number = Date.now,
   ) {}
 
@@ -27,8 +37,15 @@ export class KvStore {
     return this.entries.size;
   }
 
+  /** Bytes of KV slots held by sessions. */
   get bytes(): number {
-    return this.total;
+    let rows = 0;
+    for (const e of this.entries.values()) rows += e.cache.slots.length;
+    return rows * (this.slots.slots?.slotBytes ?? 0);
+  }
+
+  get capacity(): number {
+    return this.slots.slots?.capacity ?? 0;
   }
 
   has(sessionId: string): boolean {
@@ -36,7 +53,7 @@ export class KvStore {
   }
 
   /** The cache a step continues from; `pastLength` is what the request's attention mask implies. */
-  take(sessionId: string, pastLength: number, create: () => KvCache): KvCache {
+  take(sessionId: string, pastLength: number, batch: number): KvCache {
     const entry = this.entries.get(sessionId);
     if (entry) {
       if (entry.cache.length !== pastLength) {
@@ -52,35 +69,38 @@ export class KvStore {
       if (why) throw new StrataError('session_evicted', `session ${sessionId}: its KV cache was evicted (${why}); replay the session from its prompt`, 'failed_precondition');
       throw new StrataError('session_unknown', `session ${sessionId} is unknown to this stage (expired, or the stage restarted); replay the session from its prompt`, 'not_found');
     }
-    return create();
+    let cache = this.slots.openCache(batch);
+    while (!cache) {
+      const victim = this.idleVictim();
+      if (!victim) {
+        throw new StrataError('kv_slots_exhausted', `all ${this.capacity} KV slots of this stage are held by active sessions; retry shortly, raise --kv-budget-mb, or send fewer concurrent requests`, 'resource_exhausted');
+      }
+      this.forget(victim, 'its slot went to a new session after it was idle; KV slots are limited by --kv-budget-mb');
+      cache = this.slots.openCache(batch);
+    }
+    this.entries.set(sessionId, { cache, lastUsed: this.now() });
+    return cache;
   }
 
-  /** Records the cache after a step, evicting other sessions (oldest first) to stay within budget. */
-  commit(sessionId: string, cache: KvCache): string[] {
-    const bytes = kvCacheBytes(cache);
-    if (bytes > this.budgetBytes) {
-      this.drop(sessionId);
-      throw new StrataError('kv_budget_exceeded', `session ${sessionId} needs ${bytes} bytes of KV cache, more than this stage's whole budget (${this.budgetBytes}); raise --kv-budget-mb or shorten the request`, 'resource_exhausted');
-    }
-    this.drop(sessionId);
-    const victims: string[] = [];
-    let kept = this.total;
-    for (const [id, e] of this.entries) {
-      if (kept + bytes <= this.budgetBytes) break;
-      victims.push(id);
-      kept -= e.bytes;
-    }
-    for (const id of victims) this.forget(id, 'memory budget');
-    this.entries.set(sessionId, { cache, bytes, lastUsed: this.now() });
-    this.total += bytes;
-    return victims;
+  /** The least-recently-used session idle long enough to give up its slot. */
+  private idleVictim(): string | null {
+    const cutoff = this.now() - this.evictIdleMs;
+    for (const [id, e] of this.entries) if (e.lastUsed <= cutoff) return id;
+    return null;
   }
 
+  /** Marks a step done: the session stays most recent. */
+  commit(sessionId: string): void {
+    const e = this.entries.get(sessionId);
+    if (e) e.lastUsed = this.now();
+  }
+
+  /** Ends a session: its slots are free for the next one. */
   drop(sessionId: string): boolean {
     const e = this.entries.get(sessionId);
     if (!e) return false;
     this.entries.delete(sessionId);
-    this.total -= e.bytes;
+    this.slots.closeCache(e.cache);
     return true;
   }
 

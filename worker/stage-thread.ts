@@ -70,13 +70,13 @@ function batchable(p: Pending): boolean {
 async function handle(req: ThreadRequest): Promise<unknown> {
   switch (req.type) {
     case 'load': {
-      const prepared = prepareStage(req.modelDir, req.range, { dtype: req.dtype, device: req.device, cacheDir: req.cacheDir, onProgress: (m) => reply({ id: -1, progress: m }) });
-      const session = await StageSession.create(prepared.path, { threads: req.threads, device: req.device as never });
-      if (stage) await stage.session.release();
-      stage = new Stage(prepared.spec, prepared.range, session, activationDType(req.dtype));
-      kv = new KvStore(req.kvBudgetBytes, req.sessionTtlMs);
       maxBatch = Math.max(1, req.maxBatch ?? 1);
-      const info: LoadedInfo = { fingerprint: prepared.fingerprint, paramBytes: prepared.paramBytes, provider: session.executionProvider, built: prepared.built };
+      const prepared = prepareStage(req.modelDir, req.range, { dtype: req.dtype, device: req.device, cacheDir: req.cacheDir, rows: maxBatch, onProgress: (m) => reply({ id: -1, progress: m }) });
+      const session = await StageSession.create(prepared.path, { threads: req.threads, device: req.device });
+      if (stage) await stage.close();
+      stage = new Stage(prepared.spec, prepared.range, session, activationDType(req.dtype), { kvBudgetBytes: req.kvBudgetBytes, rows: maxBatch });
+      kv = new KvStore(stage, req.sessionTtlMs);
+      const info: LoadedInfo = { fingerprint: prepared.fingerprint, paramBytes: prepared.paramBytes, provider: session.executionProvider, built: prepared.built, kvSlots: stage.slots?.capacity ?? 0 };
       return info;
     }
     case 'step':
@@ -88,7 +88,7 @@ async function handle(req: ThreadRequest): Promise<unknown> {
       return null;
     case 'stats': {
       const expired = kv?.sweep() ?? [];
-      return { sessions: kv?.sessions ?? 0, kvBytes: kv?.bytes ?? 0, expired };
+      return { sessions: kv?.sessions ?? 0, kvBytes: kv?.bytes ?? 0, expired, kvSlots: kv?.capacity ?? 0, transferred: stage?.session.transferred };
     }
   }
 }
@@ -96,7 +96,7 @@ async function handle(req: ThreadRequest): Promise<unknown> {
 /** Runs one step alone, or several sessions' decode steps as one batched run. */
 async function runSteps(steps: { sessionId: string; input: PipelineStep }[]): Promise<StepDone[]> {
   const { stage, kv } = configured();
-  const caches = steps.map(({ sessionId, input }) => (stage.spec.causal ? kv.take(sessionId, pastLength(input), () => stage.emptyCache(input.positionIds.dims[0])) : null));
+  const caches = steps.map(({ sessionId, input }) => (stage.spec.causal ? kv.take(sessionId, pastLength(input), input.positionIds.dims[0]) : null));
   const startUnixMs = performance.timeOrigin + performance.now();
   const t0 = performance.now();
   let outs;
@@ -106,9 +106,10 @@ async function runSteps(steps: { sessionId: string; input: PipelineStep }[]): Pr
     steps.forEach((s) => kv.drop(s.sessionId)); // a failed step leaves the caches in an unknown state
     throw e;
   }
-  const timing = { runMs: performance.now() - t0, startUnixMs, batch: steps.length };
+  const { hostToDevice, deviceToHost, kvBytes } = stage.lastTransfer;
+  const timing = { runMs: performance.now() - t0, startUnixMs, batch: steps.length, transfer: { hostToDevice, deviceToHost, kvBytes } };
   return steps.map((s, i) => {
-    if (caches[i]) kv.commit(s.sessionId, caches[i]!);
+    if (caches[i]) kv.commit(s.sessionId);
     return stage.isLast ? { result: finishStep(outs[i], s.input), ...timing } : { result: {}, hidden: outs[i].hidden, ...timing };
   });
 }

@@ -2,6 +2,7 @@ import type { PipelineStep, StepResult } from '../model/generation.ts';
 import type { WeightDType } from '../model/stage-graph.ts';
 import type { BlockRange } from '../model/range.ts';
 import type { ErrorRecord } from '../model/errors.ts';
+import type { Transfer } from '../model/executor.ts';
 
 /** Messages between a worker's main thread (gRPC) and the thread that owns the ORT session and KV caches. */
 export interface LoadRequest {
@@ -22,6 +23,8 @@ export interface LoadedInfo {
   paramBytes: number;
   provider: string;
   built: boolean;
+  /** KV slots the stage allocated (0 for encoders). */
+  kvSlots: number;
 }
 
 export type ThreadRequest =
@@ -39,6 +42,8 @@ export interface StepDone {
   startUnixMs: number;
   /** Sessions that shared the ORT run. */
   batch: number;
+  /** Bytes that run moved between host and device memory (0 on the CPU EP), and how many of them were KV cache. */
+  transfer?: Transfer;
 }
 
 export type ThreadReply = { id: number; ok: true; value: unknown } | { id: number; ok: false; error: ThreadError } | { id: -1; progress: string };

@@ -1,7 +1,14 @@
 import type { BlockContext } from './context.ts';
-import { IO } from './io.ts';
 import { additiveBias } from './mask.ts';
 import { applyRotary } from './rotary.ts';
+import { slotAttention } from './slot-attention.ts';
+
+/** The one factor GroupQueryAttention multiplies QKᵀ by: 1/sqrt(hd) where HF scales, and GPT-2's 1/(layer+1). */
+function gqaScale(headDim: number, scaling: AttentionScaling, layer: number): number {
+  let scale = scaling.sqrtHeadDim === 'none' ? 1 : 1 / Math.sqrt(headDim);
+  if (scaling.inverseLayer) scale /= layer + 1; // GLOBAL layer index
+  return scale;
+}
 
 /** Where each Hugging Face implementation applies its score scaling. */
 export interface AttentionScaling {
@@ -12,13 +19,14 @@ export interface AttentionScaling {
 }
 
 /**
- * Multi-head attention of projected q, k, v [B·T, D] → context [B·T, D] (before the output projection), with the
- * stage's mask, rotary positions when the model has them, and for causal models the layer's KV cache as graph I/O
- * (past_key/value_<layer> in, present_key/value_<layer> out, [B, H, S, head_dim]).
+ * Multi-head attention of projected q, k, v [B·T, D] → context [B·T, D] (before the output projection), with rotary
+ * positions when the model has them. Causal models attend through their KV slots (slot-attention.ts:
+ * GroupQueryAttention per batch row, K/V written in place); the masked encoder uses the stage's mask.
  */
 export function attention(ctx: BlockContext, q: string, k: string, v: string, layer: number, scaling: AttentionScaling): string {
   const { g, spec, half, ACT, F32 } = ctx;
-  const { heads: H, headDim: HD, dModel: D } = spec;
+  const { headDim: HD, dModel: D } = spec;
+  if (spec.causal) return slotAttention(ctx, q, k, v, layer, gqaScale(HD, scaling, layer), ctx.opts.rows);
   const heads = (t: string) => g.o('Reshape', [t, ctx.shapeBTHd]); // [B,T,H,hd]
   let [q4, k4] = [heads(q), heads(k)];
   if (ctx.rotary) [q4, k4] = [applyRotary(ctx, q4, ctx.rotary), applyRotary(ctx, k4, ctx.rotary)];
@@ -27,14 +35,6 @@ export function attention(ctx: BlockContext, q: string, k: string, v: string, la
   let kh = toBHTd(k4);
   let vh = toBHTd(heads(v));
   if (ctx.opts.fused) return fusedAttention(ctx, q4, k4, v, layer, scaling);
-  if (spec.causal) {
-    const pk = g.input(IO.pastKey(layer), ACT, ['batch', H, 'past_seq', HD]);
-    const pv = g.input(IO.pastValue(layer), ACT, ['batch', H, 'past_seq', HD]);
-    kh = g.o('Concat', [pk, kh], { axis: 2 });
-    vh = g.o('Concat', [pv, vh], { axis: 2 });
-    g.output(kh, IO.presentKey(layer), ACT, ['batch', H, 'total_seq', HD]);
-    g.output(vh, IO.presentValue(layer), ACT, ['batch', H, 'total_seq', HD]);
-  }
   const sqrtHd = Math.sqrt(HD);
   if (scaling.sqrtHeadDim === 'query') qh = g.o('Div', [qh, g.constScalar(sqrtHd, ACT)]);
   let scores = g.o('MatMul', [qh, g.o('Transpose', [kh], { perm: [0, 1, 3, 2] })]); // [B,H,T,S]
@@ -57,14 +57,6 @@ function fusedAttention(ctx: BlockContext, q4: string, k4: string, v: string, la
   if (scaling.inverseLayer) scale /= layer + 1; // GLOBAL layer index
   const inputs = [flat(q4), flat(k4), flat(v), '', '', bias];
   const outputs: string[] = [`attn_${layer}`];
-  if (spec.causal) {
-    inputs.push(g.input(IO.pastKey(layer), ACT, ['batch', H, 'past_seq', HD]), g.input(IO.pastValue(layer), ACT, ['batch', H, 'past_seq', HD]));
-    outputs.push(`present_key_raw_${layer}`, `present_value_raw_${layer}`);
-  }
   g.op('MultiHeadAttention', inputs, { num_heads: H, scale: { float: scale } }, outputs, 'com.microsoft');
-  if (spec.causal) {
-    g.output(outputs[1], IO.presentKey(layer), ACT, ['batch', H, 'total_seq', HD]);
-    g.output(outputs[2], IO.presentValue(layer), ACT, ['batch', H, 'total_seq', HD]);
-  }
   return g.o('Reshape', [outputs[0], g.constInt64([-1, D])]);
 }

@@ -25,6 +25,8 @@ export interface StageGraphOptions {
   fused?: boolean;
   /** int8/int4 stages: quantization block size along the input features (default 32, model/quantize.ts). */
   quantBlockSize?: number;
+  /** Decoders: batch rows the graph serves at once, one KV-slot attention per row (graph/slot-attention.ts). */
+  rows?: number;
 }
 
 /** What every graph piece of a stage builds against: the builder, the spec, dtypes, weights and shared inputs. */
