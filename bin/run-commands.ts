@@ -1,3 +1,4 @@
+import { parseDevice } from '../model/executor.ts';
 import { type Command } from 'commander';
 import { fileURLToPath } from 'node:url';
 import { loadModelSpec, type ModelSpec } from '../model/config.ts';
@@ -25,6 +26,7 @@ interface CommonOptions {
   ids?: string;
   text?: string;
   dtype: WeightDType;
+  device?: string;
   json?: boolean;
 }
 
@@ -42,16 +44,18 @@ const addCommon = (cmd: Command) =>
     .option('--ids <ids>', 'input token ids, comma-separated')
     .option('--text <text>', 'input text (needs a tokenizer in the model directory)')
     .option('--dtype <dtype>', 'weight dtype of the stage graphs: float32 | float16 | int8 | int4 (int8/int4: weight-only block-quantized, float32 activations)', 'float32')
+    .option('--device <device>', 'where the stages run: cpu | cuda:N | webgpu (ORT\'s WebGPU EP: KV stays in GPU memory); a device that cannot start is an error, never a silent fallback', process.env.STRATA_DEVICE ?? 'cpu')
     .option('--json', 'print one JSON object on stdout');
 
 /** Runs `fn` against K stages: in this process, or K real worker processes on loopback over gRPC. */
 async function withPipeline<T>(o: CommonOptions, fn: (p: Stepper, spec: ModelSpec, tok: StrataTokenizer | null) => Promise<T>): Promise<T & { stages: StageReport[] }> {
+  parseDevice(o.device); // a bad --device is a typed error before any worker starts
   const spec = loadModelSpec(o.model);
   const k = Number(o.stages);
   const ranges = evenSplit(spec.blocks, k);
   const tokenizer = await loadTokenizer(o.model, spec);
   if (o.inProcess) {
-    const p = await LocalPipeline.load(o.model, ranges, { dtype: parseStageDType(o.dtype), onProgress: (m) => !o.json && console.error(m) });
+    const p = await LocalPipeline.load(o.model, ranges, { dtype: parseStageDType(o.dtype), device: o.device, onProgress: (m) => !o.json && console.error(m) });
     try {
       const out = await fn(p, spec, tokenizer);
       return { ...out, stages: ranges.map((r) => ({ blocks: [r.first, r.last] as [number, number], pid: process.pid, address: 'in-process' })) };
@@ -62,7 +66,7 @@ async function withPipeline<T>(o: CommonOptions, fn: (p: Stepper, spec: ModelSpe
   const ck = Checkpoint.open(o.model);
   const fingerprint = ck.fingerprint();
   ck.close();
-  const cluster = await startLocalCluster(o.model, k);
+  const cluster = await startLocalCluster(o.model, k, ['--device', o.device ?? 'cpu']);
   try {
     const p = await RemotePipeline.connect(cluster.workers.map((w) => w.address), { spec, fingerprint, dtype: parseStageDType(o.dtype), ranges });
     try {

@@ -126,7 +126,7 @@ export function registerServeCommands(program: Command): void {
       .option('--threads <n>', 'ORT intra-op threads per worker (STRATA_THREADS; default: the cores shared equally)', process.env.STRATA_THREADS)
       .option('--max-batch <n>', 'decode steps batched into one ORT run per worker (STRATA_MAX_BATCH)', process.env.STRATA_MAX_BATCH)
       .option('--kv-budget-mb <mb>', 'KV-cache memory budget per worker (STRATA_KV_BUDGET_MB)', process.env.STRATA_KV_BUDGET_MB)
-      .option('--device <device>', 'cpu | cuda:N for every worker (STRATA_DEVICE)', process.env.STRATA_DEVICE),
+      .option('--device <device>', 'cpu | cuda:N | webgpu for every worker (STRATA_DEVICE); a device that cannot start fails the worker, never a silent fallback', process.env.STRATA_DEVICE),
   ).action(async (o) => {
     let cluster: LocalCluster | undefined;
     let redis: ChildProcess | undefined;
