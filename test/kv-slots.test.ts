@@ -1,0 +1,143 @@
+import { describe, test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { loadModelSpec } from '../model/config.ts';
+import { Checkpoint } from '../model/safetensors.ts';
+import { StrataError } from '../model/errors.ts';
+import { LocalPipeline } from '../model/local-pipeline.ts';
+import { forwardLogits, generate, type Stepper } from '../model/generation.ts';
+import { slotBytes } from '../model/kv-slots.ts';
+import { KvStore } from '../worker/kv-store.ts';
+import { StageClient } from '../transport/grpc/client.ts';
+import { stepToWire } from '../proto/step-codec.ts';
+import { RemotePipeline } from '../coordinator/remote-pipeline.ts';
+import { startWorkerProcess, type LocalWorker } from '../bin/local-cluster.ts';
+import { expected, fixtureDir, testCacheDir } from './helpers/fixtures.ts';
+
+before(() => testCacheDir());
+const dir = fixtureDir('gpt2-tiny');
+const spec = loadModelSpec(dir);
+const code = (c: string) => (e: unknown) => e instanceof StrataError && e.code === c;
+const i64 = (rows: number[][]) => ({ dtype: 'int64' as const, dims: [rows.length, rows[0].length], data: BigInt64Array.from(rows.flat(), BigInt) });
+/** Bytes of one slot of the whole gpt2-tiny model (one stage holding every block). */
+const SLOT = slotBytes({ layers: Array.from({ length: spec.blocks }, (_, i) => i), heads: spec.heads, headDim: spec.headDim, maxLen: spec.maxPositions, dtype: 'float32' });
+const prefill = (ids: number[]) => ({ inputIds: i64([ids]), positionIds: i64([ids.map((_, i) => i)]), attentionMask: i64([ids.map(() => 1)]) });
+const solo = async (prompt: number[], n = 6) => {
+  const p = await LocalPipeline.load(dir, 1);
+  const r = await generate(p, prompt, { maxNewTokens: n, eosTokenId: null });
+  await p.close();
+  return r.outputIds;
+};
+
+describe('KV store over a stage\'s slots: exhaustion, reuse, LRU/TTL eviction', () => {
+  test('all slots held by active sessions: a typed error and nothing lost; an idle one gives up its slot; a freed slot is reused', async () => {
+    const p = await LocalPipeline.load(dir, 1, { kvBudgetBytes: 3 * SLOT, maxBatch: 2 });
+    const stage = p.stages[0];
+    assert.equal(stage.slots!.capacity, 3, 'the budget sizes the slot count');
+    let now = 0;
+    const store = new KvStore(stage, 60_000, 10_000, () => now);
+    const held = ['a', 'b', 'c'].map((s) => store.take(s, 0, 1).slots[0]);
+    assert.deepEqual([...held].sort(), [0, 1, 2]);
+    assert.throws(() => store.take('d', 0, 1), (e: unknown) => code('kv_slots_exhausted')(e) && (e as StrataError).kind === 'resource_exhausted');
+    assert.equal(store.sessions, 3, 'a refused session evicts nobody active');
+    now = 11_000;
+    store.commit('a'); // a is recent again; b is now the least-recently-used idle session
+    const d = store.take('d', 0, 1);
+    assert.equal(d.slots[0], held[1], 'd took b\'s slot');
+    assert.throws(() => store.take('b', 4, 1), code('session_evicted'));
+    assert.ok(store.drop('c'));
+    assert.equal(store.take('e', 0, 1).slots[0], held[2], 'c\'s freed slot is the next one taken');
+    assert.throws(() => store.take('zzz', 5, 1), code('session_unknown'));
+    assert.throws(() => store.take('a', 7, 1), code('session_out_of_step'));
+    assert.equal(store.bytes, 3 * SLOT);
+    now = 200_000;
+    assert.deepEqual(store.sweep().sort(), ['a', 'd', 'e']);
+    assert.equal(store.sessions, 0);
+    assert.equal(stage.slots!.inUse, 0, 'expired sessions free their slots');
+    await p.close();
+  });
+
+  test('in process: a third session is refused while two hold the slots; once one ends, it runs in the freed slot and matches its solo run', async () => {
+    const p = await LocalPipeline.load(dir, 1, { kvBudgetBytes: 2 * SLOT });
+    const prompts = expected('gpt2-tiny').generate!.map((g) => g.input_ids);
+    await p.step('s1', prefill(prompts[0]));
+    await p.step('s2', prefill([5, 6, 7, 8]));
+    await assert.rejects(p.step('s3', prefill(prompts[1])), code('kv_slots_exhausted'));
+    await p.end('s1');
+    const got = await generate(p, prompts[1], { maxNewTokens: 6, eosTokenId: null });
+    assert.deepEqual(got.outputIds, await solo(prompts[1]), 'a reused slot (stale contents beyond the session) changes nothing');
+    await p.close();
+  });
+
+  test(`long sessions: up to n_positions (${spec.maxPositions}) tokens match a full recompute; one past it is prompt_too_long`, async () => {
+    const p = await LocalPipeline.load(dir, 1);
+    const prompt = Array.from({ length: spec.maxPositions - 12 }, (_, i) => (i * 7 + 3) % spec.vocab);
+    const { outputIds } = await generate(p, prompt, { maxNewTokens: 12, eosTokenId: null, prefillChunk: 20 });
+    const seq = [...prompt];
+    for (const id of outputIds) {
+      const row = (await forwardLogits(p, seq)).at(-1)!;
+      assert.equal(id, row.indexOf(Math.max(...row)), `token at position ${seq.length}`);
+      seq.push(id);
+    }
+    assert.equal(seq.length, spec.maxPositions);
+    await assert.rejects(generate(p, prompt, { maxNewTokens: 13, eosTokenId: null, maxPositions: spec.maxPositions }), code('prompt_too_long'));
+    // A stage refuses a step that would run past the context even when the caller did not check.
+    const full = Array.from({ length: spec.maxPositions }, (_, i) => i % spec.vocab);
+    await p.step('full', prefill(full));
+    await assert.rejects(p.step('full', { inputIds: i64([[1]]), positionIds: i64([[spec.maxPositions]]), attentionMask: i64([[...full, 1].map(() => 1)]) }), code('prompt_too_long'));
+    await p.end('full');
+    await p.close();
+  });
+});
+
+describe('slots over gRPC', () => {
+  let w: LocalWorker;
+  let one: LocalWorker;
+  const evictIdle = process.env.STRATA_KV_EVICT_IDLE_MS;
+  before(async () => {
+    const mb = (n: number) => String((n * SLOT) / 2 ** 20);
+    w = await startWorkerProcess(dir, ['--threads', '1', '--kv-budget-mb', mb(2)]);
+    // A worker whose single slot goes to a new session as soon as the holder is idle at all: forces evictions.
+    process.env.STRATA_KV_EVICT_IDLE_MS = '0';
+    one = await startWorkerProcess(dir, ['--threads', '1', '--kv-budget-mb', mb(1)]);
+    if (evictIdle === undefined) delete process.env.STRATA_KV_EVICT_IDLE_MS;
+    else process.env.STRATA_KV_EVICT_IDLE_MS = evictIdle;
+  });
+  after(() => {
+    w?.process.kill();
+    one?.process.kill();
+  });
+
+  test('exhaustion is RESOURCE_EXHAUSTED kv_slots_exhausted on the wire; the held sessions go on; a freed slot serves the next', async () => {
+    const c = new StageClient(w.address);
+    const fp = Checkpoint.open(dir).fingerprint();
+    await c.configure({ first: 0, last: spec.blocks, dtype: 'float32', next_address: '', fingerprint: fp });
+    const step = (sid: string, input: ReturnType<typeof prefill>) => c.step(stepToWire(sid, { fingerprint: fp, first: 0 }, input), 5_000);
+    await step('g1', prefill([1, 2]));
+    await step('g2', prefill([3, 4]));
+    await assert.rejects(step('g3', prefill([5, 6])), (e: StrataError & { grpcCode?: number }) => e.code === 'kv_slots_exhausted' && e.kind === 'resource_exhausted');
+    // Nothing lost: both held sessions still decode.
+    await step('g1', { inputIds: i64([[9]]), positionIds: i64([[2]]), attentionMask: i64([[1, 1, 1]]) });
+    await step('g2', { inputIds: i64([[9]]), positionIds: i64([[2]]), attentionMask: i64([[1, 1, 1]]) });
+    await c.endSession('g1');
+    await step('g3', prefill([5, 6]));
+    c.close();
+  });
+
+  test('a session evicted by another is replayed by the coordinator and its greedy output is unchanged', async () => {
+    const fp = Checkpoint.open(dir).fingerprint();
+    const p = await RemotePipeline.connect([one.address], { spec, fingerprint: fp });
+    const [a, b] = expected('gpt2-tiny').generate!.map((g) => g.input_ids);
+    let steps = 0;
+    // Between a's 3rd and 4th step, a whole other session runs: it takes the only slot, evicting a.
+    const interrupting: Stepper = {
+      step: async (sid, input) => {
+        if (++steps === 4) await generate(p, b, { maxNewTokens: 3, eosTokenId: null });
+        return p.step(sid, input);
+      },
+      end: (sid) => p.end(sid),
+    };
+    const got = await generate(interrupting, a, { maxNewTokens: 8, eosTokenId: null });
+    assert.deepEqual(got.outputIds, await solo(a, 8));
+    p.close();
+  });
+});
