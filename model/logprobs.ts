@@ -51,7 +51,8 @@ export function rowLogprobs(row: Float32Array, target: number, top: number): Row
     best.splice(at, 0, i);
     if (best.length > top) best.pop();
   }
-  return { token: target, logprob: target >= 0 && target < row.length ? lp(target) : 0, top: best.map((id) => ({ id, logprob: lp(id) })) };
+  const known = Number.isInteger(target) && target >= 0 && target < row.length;
+  return { token: known ? target : -1, logprob: known ? lp(target) : 0, top: best.map((id) => ({ id, logprob: lp(id) })) };
 }
 
 /** Applies a LogprobRequest to logits [B, R, V]; `chosen` (one per batch row) replaces each last row's target. */

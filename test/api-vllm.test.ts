@@ -5,6 +5,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { compileChatTemplate } from '../model/chat-template.ts';
 import { loadTokenizer } from '../model/tokenizer.ts';
+import { forwardLogits } from '../model/generation.ts';
 import type { CoordinatorService } from '../coordinator/service.ts';
 import { expected } from './helpers/fixtures.ts';
 import { startGpt2Service, type Gpt2Service } from './helpers/service.ts';
@@ -105,6 +106,43 @@ test('generated logprobs: greedy picks the top token; streaming sends the same a
   }
   assert.equal(text, whole.text);
   assert.deepEqual(merged, lp);
+});
+
+test('an lm-evaluation-harness local-completions loglikelihood request: token-id prompts, echo, logprobs 1', async () => {
+  // Its payload (tokenized_requests): a batch of context + continuation ids; it sums token_logprobs[ctxlen:-1] of
+  // each choice (sorted by index) and checks the continuation is greedy against top_logprobs.
+  const context = [72, 101, 108];
+  const conts = [[108, 111], [32, 119, 111]];
+  const out = await json(plain.svc, '/v1/completions', { model: 'gpt2-tiny', prompt: conts.map((c) => [...context, ...c]), max_tokens: 1, temperature: 0, logprobs: 1, seed: 1234, echo: true });
+  const choices = [...out.choices].sort((a: any, b: any) => a.index - b.index);
+  for (const [i, cont] of conts.entries()) {
+    const ids = [...context, ...cont];
+    const lp = choices[i].logprobs;
+    assert.equal(lp.tokens.length, ids.length + 1, 'the prompt, then the one generated token');
+    const got = (lp.token_logprobs as number[]).slice(context.length, -1).reduce((a, b) => a + b, 0);
+    const rows = (await forwardLogits(plain.gpt2, ids)).map(logSoftmax);
+    const want = cont.reduce((s, t, j) => s + rows[context.length + j - 1][t], 0);
+    assert.ok(Math.abs(got - want) < 1e-4, `continuation ${i}: ${got} vs ${want}`);
+    const greedy = cont.every((t, j) => rows[context.length + j - 1].indexOf(Math.max(...rows[context.length + j - 1])) === t);
+    const reported = (lp.top_logprobs as Record<string, number>[]).slice(context.length, -1).every((top, j) => {
+      const best = Object.entries(top).sort((a, b) => b[1] - a[1])[0][0];
+      return best === lp.tokens[context.length + j];
+    });
+    assert.equal(reported, greedy, 'is_greedy as the harness computes it');
+  }
+});
+
+test('/tokenize and /detokenize need the API token when one is set', async () => {
+  const guarded = await startGpt2Service('api-vllm-auth', { authToken: 'sesame' });
+  try {
+    for (const [path, body] of [['/tokenize', { prompt: 'x' }], ['/detokenize', { tokens: [1] }]] as const) {
+      assert.equal((await post(guarded.svc, path, body)).status, 401);
+      const ok = await fetch(`${guarded.svc.url}${path}`, { method: 'POST', headers: { 'content-type': 'application/json', authorization: 'Bearer sesame' }, body: JSON.stringify(body) });
+      assert.equal(ok.status, 200);
+    }
+  } finally {
+    await guarded.close();
+  }
 });
 
 test('a list of prompts: one choice per prompt and n, numbered prompt * n + i, each as if sent alone', async () => {

@@ -81,8 +81,9 @@ const isIds = (v: unknown): v is unknown[] => Array.isArray(v) && v.length > 0 &
  * is a batch (OpenAI's and vLLM's forms). A batch mixing the two is refused.
  */
 function promptsOf(o: Obj, ctx: ModelContext): number[][] {
-  const field = given(o.prompt_ids) ? 'prompt_ids' : 'prompt';
-  const prompt = o[field];
+  const prompt = given(o.prompt_ids) ? o.prompt_ids : o.prompt;
+  // Messages name `prompt` whichever field carried it (the API's job payloads carry prompt_ids).
+  const field = 'prompt';
   if (typeof prompt === 'string') return [encode(prompt, field, ctx)];
   if (isIds(prompt) || (Array.isArray(prompt) && prompt.length === 0)) return [tokenIds(prompt, field, ctx.spec)];
   if (!Array.isArray(prompt) || prompt.length === 0) throw bad('prompt_missing', `${field} is required: a string, an array of token ids, or a list of either`);
