@@ -3,8 +3,10 @@ import assert from 'node:assert/strict';
 import { loadModelSpec } from '../model/config.ts';
 import { Checkpoint } from '../model/safetensors.ts';
 import { LocalPipeline } from '../model/local-pipeline.ts';
-import { generate, type Stepper } from '../model/generation.ts';
-import type { RowLogprobs } from '../model/logprobs.ts';
+import { generate, type PipelineStep, type Stepper } from '../model/generation.ts';
+import { rowLogprobs, type RowLogprobs } from '../model/logprobs.ts';
+import { resultFromWire, resultToWire, stepFromWire, stepToWire } from '../proto/step-codec.ts';
+import type { TensorData } from '../model/tensor.ts';
 import { RemotePipeline } from '../coordinator/remote-pipeline.ts';
 import { startWorkerProcess, type LocalWorker } from '../bin/local-cluster.ts';
 import { CAUSAL_FIXTURES, expected, fixtureDir, testCacheDir } from './helpers/fixtures.ts';
@@ -81,6 +83,43 @@ describe('logprobs in process', () => {
         assert.ok(Math.abs(lp.logprob - again.logprob) < TOL, `token ${i}: ${lp.logprob} vs ${again.logprob}`);
         assert.deepEqual(lp.top.map((t) => t.id), again.top.map((t) => t.id));
       });
+    } finally {
+      await p.close();
+    }
+  });
+});
+
+describe('logprobs on the wire', () => {
+  const i64 = (rows: number[][]): TensorData => ({ dtype: 'int64', dims: [rows.length, rows[0].length], data: BigInt64Array.from(rows.flat(), BigInt) });
+  const step = (logprobs: PipelineStep['logprobs'], positions?: number[]): PipelineStep => ({
+    inputIds: i64([[1, 2, 3]]), positionIds: i64([[0, 1, 2]]), attentionMask: i64([[1, 1, 1]]), logprobs,
+    logitPositions: positions && { dtype: 'int64', dims: [positions.length], data: BigInt64Array.from(positions, BigInt) },
+  });
+  const target = { fingerprint: 'f', first: 0 };
+
+  test('the request and the reply round-trip (optional fields; float32 values)', () => {
+    const back = stepFromWire(stepToWire('s', target, step({ top: 2, targets: [[2, 3, -1]] }))).input;
+    assert.deepEqual(back.logprobs, { top: 2, targets: [[2, 3, -1]] });
+    assert.equal(stepFromWire(stepToWire('s', target, step(undefined))).input.logprobs, undefined, 'absent stays absent');
+    const row = Float32Array.from([0.5, -1, 3, 2.25]);
+    const rows = [[rowLogprobs(row, 1, 2), rowLogprobs(row, -1, 2)]];
+    const wire = resultToWire({ logprobs: rows }, []);
+    assert.equal(wire.logits, null, 'no logits travel with logprobs');
+    assert.deepEqual(resultFromWire(wire).logprobs, rows);
+  });
+
+  test('a malformed request is refused with logprobs_invalid', () => {
+    for (const lp of [{ top: 21, targets: [[1, 2, 3]] }, { top: 1, targets: [[1, 2]] }, { top: 1.5, targets: [[1, 2, 3]] }]) {
+      assert.throws(() => stepFromWire(stepToWire('s', target, step(lp))), { code: 'logprobs_invalid' });
+    }
+    assert.throws(() => stepFromWire(stepToWire('s', target, step({ top: 1, targets: [[1, 2, 3]] }, [2]))), { code: 'logprobs_invalid' }, 'one target per logit row');
+  });
+
+  test('a last stage that ignores the request (an older worker) fails the request with logprobs_unsupported', async () => {
+    const p = await LocalPipeline.load(fixtureDir('gpt2-tiny'), 1);
+    try {
+      const old: Stepper = { step: async (id, input) => ({ ...(await p.step(id, { ...input, logprobs: undefined })) }), end: (id) => p.end(id) };
+      await assert.rejects(generate(old, [1, 2, 3], { maxNewTokens: 2, logprobs: 1 }), { code: 'logprobs_unsupported' });
     } finally {
       await p.close();
     }
