@@ -25,6 +25,7 @@ interface StageStub extends grpc.Client {
   Results(req: { subscriber: string }): grpc.ClientReadableStream<WireResultsMessage>;
 }
 interface HealthStub extends grpc.Client {
+  [method: string]: unknown;
   Check(req: { service: string }, opts: grpc.CallOptions, cb: (err: grpc.ServiceError | null, res: { status: string | number }) => void): void;
 }
 
@@ -39,9 +40,9 @@ export class StageClient implements StageLink {
     readonly address: string,
     credentials: grpc.ChannelCredentials = grpc.credentials.createInsecure(),
   ) {
-    this.client = new StageClientCtor(address, credentials, channelOptions) as never;
+    this.client = new StageClientCtor(address, credentials, channelOptions) as StageStub;
     // Share the channel: one HTTP/2 connection per stage pair.
-    this.health = new HealthClient(address, credentials, { channelOverride: this.client.getChannel() }) as never;
+    this.health = new HealthClient(address, credentials, { channelOverride: this.client.getChannel() }) as HealthStub;
   }
 
   private unary<Req, Res>(method: string, req: Req, timeoutMs: number): Promise<Res> {
