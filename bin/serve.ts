@@ -12,7 +12,7 @@ import type { WeightDType } from '../model/stage-graph.ts';
 import { parseStageDType } from '../model/dtype.ts';
 import { RemotePipeline } from '../coordinator/remote-pipeline.ts';
 import { startCoordinatorService } from '../coordinator/service.ts';
-import { observeStageForward } from '../coordinator/metrics.ts';
+import { observeStageForward, observeStageTransfer } from '../coordinator/metrics.ts';
 import { startLocalCluster, type LocalCluster } from './local-cluster.ts';
 import { BUILTIN_MODEL } from './run-commands.ts';
 import { loadCredentials, tlsFromEnv } from '../transport/grpc/tls.ts';
@@ -51,7 +51,7 @@ async function serve(o: ServeOptions, addresses: string[], onStop: () => Promise
         spec, fingerprint, dtype: parseStageDType(o.dtype), log: (obj, msg) => log.info(obj, msg),
         spares: o.spares ? o.spares.split(',').map((a) => a.trim()).filter(Boolean) : [],
         credentials: loadCredentials(tlsFromEnv(o))?.client,
-        onTiming: (stage, t) => observeStageForward(stage, t.run_ms / 1000),
+        onTiming: (stage, t) => (observeStageForward(stage, t.run_ms / 1000), observeStageTransfer(stage, t)),
       });
     } catch (e) {
       if (isStrataError(e) && e.kind !== 'unavailable') throw e;

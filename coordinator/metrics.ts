@@ -39,6 +39,19 @@ export const stageForward = new Histogram({
   name: 'strata_stage_forward_seconds', help: 'Time of one forward pass of one pipeline stage.', labelNames: ['stage'], buckets: TPOT_BUCKETS, registers: [registry],
 });
 
+export const stageHostDeviceBytes = new Counter({
+  name: 'strata_stage_host_device_bytes_total', help: 'Bytes moved between host and device memory by stage runs (0 on the CPU EP), by direction; kv = of those, KV cache.',
+  labelNames: ['stage', 'direction'], registers: [registry],
+});
+
+/** Host↔device traffic of one stage run, as its timing reports it. */
+export function observeStageTransfer(stage: number | string, t: { host_to_device_bytes?: number; device_to_host_bytes?: number; kv_host_bytes?: number }): void {
+  const s = String(stage);
+  stageHostDeviceBytes.inc({ stage: s, direction: 'to_device' }, t.host_to_device_bytes ?? 0);
+  stageHostDeviceBytes.inc({ stage: s, direction: 'to_host' }, t.device_to_host_bytes ?? 0);
+  stageHostDeviceBytes.inc({ stage: s, direction: 'kv' }, t.kv_host_bytes ?? 0);
+}
+
 /** For the pipeline (local or remote) to call after each stage forward. */
 export function observeStageForward(stage: number | string, seconds: number): void {
   stageForward.observe({ stage: String(stage) }, seconds);

@@ -73,6 +73,10 @@ export interface WireTiming {
   start_unix_ms: number;
   batch: number;
   pid: number;
+  /** Host↔device bytes of that run (absent from older workers), and of them KV bytes. */
+  host_to_device_bytes?: number;
+  device_to_host_bytes?: number;
+  kv_host_bytes?: number;
 }
 
 export interface WireInfo {

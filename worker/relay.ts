@@ -67,7 +67,11 @@ export class StepRelay {
   }
 
   private timing(a: Assignment, done: StepDone): WireTiming {
-    return { first: a.range.first, last: a.range.last, run_ms: done.runMs, start_unix_ms: done.startUnixMs, batch: done.batch, pid: process.pid };
+    const t = done.transfer;
+    return {
+      first: a.range.first, last: a.range.last, run_ms: done.runMs, start_unix_ms: done.startUnixMs, batch: done.batch, pid: process.pid,
+      host_to_device_bytes: t?.hostToDevice ?? 0, device_to_host_bytes: t?.deviceToHost ?? 0, kv_host_bytes: t?.kvBytes ?? 0,
+    };
   }
 
   private target(a: Assignment) {
