@@ -8,6 +8,11 @@ export interface SessionLog {
   epoch: number;
   /** Every step's token-level input so far (no hidden states: the coordinator never has them). */
   steps: PipelineStep[];
+  /**
+   * The session asked for logprobs: a replay re-runs its steps one by one as they first ran, so the rebuilt KV cache,
+   * and every logprob after the fault, is bit-identical (one prefill of the same tokens rounds differently, ~1e-6).
+   */
+  exact?: boolean;
 }
 
 /**
@@ -37,6 +42,7 @@ export class ReplayLog {
    */
   record(log: SessionLog, input: PipelineStep): void {
     if (!this.causal) return;
+    if (input.logprobs) log.exact = true;
     const prev = log.steps.at(-1);
     if (prev && prev.positionIds.dims[0] === 1 && input.positionIds.dims[0] === 1) prev.attentionMask = SUBSUMED_MASK;
     log.steps.push({ inputIds: input.inputIds, positionIds: input.positionIds, attentionMask: input.attentionMask });
@@ -54,7 +60,7 @@ export class ReplayLog {
     log.wireId = `${old.replace(/#\d+$/, '')}#${log.epoch}`;
     if (log.steps.length === 0) return { old, steps: [] };
     const singleRow = log.steps.every((s) => s.positionIds.dims[0] === 1);
-    const steps = singleRow ? [concatSteps(log.steps)] : log.steps;
+    const steps = !singleRow ? log.steps : log.exact ? withMasks(log.steps) : [concatSteps(log.steps)];
     return {
       old,
       steps: steps.map((s) => ({ ...s, logitPositions: { dtype: 'int64', dims: [1], data: BigInt64Array.of(BigInt(s.positionIds.dims[1] - 1)) } })),
@@ -71,6 +77,17 @@ export class ReplayLog {
 
 /** Stands in for a recorded single-row mask that a later step's mask covers (see ReplayLog.record). */
 const SUBSUMED_MASK: TensorData = { dtype: 'int64', dims: [1, 0], data: new BigInt64Array(0) };
+
+/** Single-row steps as they ran: each subsumed mask is the prefix of the last one that covers its positions. */
+function withMasks(steps: PipelineStep[]): PipelineStep[] {
+  const last = steps.at(-1)!.attentionMask;
+  let end = 0;
+  return steps.map((s) => {
+    end += s.positionIds.dims[1];
+    if (s.attentionMask !== SUBSUMED_MASK) return s;
+    return { ...s, attentionMask: { dtype: 'int64', dims: [1, end], data: (last.data as BigInt64Array).slice(0, end) } };
+  });
+}
 
 /** Concatenates single-row steps into one prefill: same tokens, positions and mask, in one run. */
 function concatSteps(steps: PipelineStep[]): PipelineStep {
