@@ -8,13 +8,17 @@ import type { ClusterLauncher } from '../bench/runner.ts';
 import { renderSuiteReport, runSuite, type SuiteReport } from '../bench/suite.ts';
 import { renderTimeline } from '../bench/timeline.ts';
 import { renderBlockReport, runBlockBench, type BlockBenchReport } from '../bench/block.ts';
+import { renderQuantReport, runQuantBench, type QuantBenchReport } from '../bench/quant.ts';
 import { availableParallelism } from 'node:os';
 import { startLocalCluster } from './local-cluster.ts';
 
 /** The CLI's options: a pipeline bench's, plus the suite to run and where its outputs go. */
 export interface BenchCliOptions extends PipelineBenchOptions {
   repeats: number;
-  suite: 'pipeline' | 'all' | 'block';
+  suite: 'pipeline' | 'all' | 'block' | 'quant';
+  /** --suite quant: a Hugging Face checkpoint instead of the synthetic preset, and the llama.cpp anchors folder. */
+  model?: string;
+  anchors?: string;
   out: string;
   json?: boolean;
   quiet?: boolean;
@@ -28,7 +32,7 @@ export const BENCH_DEFAULTS: BenchCliOptions = {
 export const localLauncher: ClusterLauncher = (modelDir, k, extraArgs) => startLocalCluster(modelDir, k, extraArgs);
 
 export interface BenchOutcome {
-  report: PipelineBenchReport | SuiteReport | BlockBenchReport;
+  report: PipelineBenchReport | SuiteReport | BlockBenchReport | QuantBenchReport;
   text: string;
   jsonPath: string;
   timelinePath: string;
@@ -43,7 +47,7 @@ export async function runBench(opts: Partial<BenchCliOptions>, deps: { launcher?
   mkdirSync(outDir, { recursive: true });
   const jsonPath = join(outDir, 'bench.json');
   const timelinePath = join(outDir, 'timeline.html');
-  let report: PipelineBenchReport | SuiteReport | BlockBenchReport;
+  let report: PipelineBenchReport | SuiteReport | BlockBenchReport | QuantBenchReport;
   let text: string;
   let html: string;
   if (o.suite === 'all') {
@@ -61,8 +65,13 @@ export async function runBench(opts: Partial<BenchCliOptions>, deps: { launcher?
     report = r;
     text = renderBlockReport(r);
     html = renderTimeline('strata bench --suite block (no pipeline: one block timed alone)', []);
+  } else if (o.suite === 'quant') {
+    const r = await runQuantBench({ ...o }, launcher, progress);
+    report = r;
+    text = renderQuantReport(r, o.out);
+    html = renderTimeline('strata bench --suite quant (float32 vs int8 vs int4, llama.cpp on the same weights)', []);
   } else {
-    throw new StrataError('bench_suite_unknown', `--suite must be "pipeline", "all" or "block", got "${o.suite}"`);
+    throw new StrataError('bench_suite_unknown', `--suite must be "pipeline", "all", "block" or "quant", got "${o.suite}"`);
   }
   writeFileSync(jsonPath, JSON.stringify(report, null, 2) + '\n');
   writeFileSync(timelinePath, html);
@@ -92,7 +101,9 @@ export function registerBenchCommand(program: Command): void {
     .option('--max-batch <b>', 'worker --max-batch (decode steps batched per ORT run)', int('--max-batch'), BENCH_DEFAULTS.maxBatch)
     .option('--repeats <r>', '--suite all: repeats of each one-request run (median)', int('--repeats'), BENCH_DEFAULTS.repeats)
     .option('--seed <s>', 'prompt RNG seed', int('--seed', 0), BENCH_DEFAULTS.seed)
-    .option('--suite <name>', 'pipeline (this configuration vs its baselines) | all (every figure the issues ask for) | block (one block of --preset, default gpt-j, timed alone vs memory bandwidth)', BENCH_DEFAULTS.suite)
+    .option('--suite <name>', 'pipeline (this configuration vs its baselines) | all (every figure the issues ask for) | block (one block of --preset, default gpt-j, timed alone vs memory bandwidth) | quant (float32 vs int8 vs int4 stages on one worker: weight bytes, RSS, decode speed; llama.cpp with --anchors)', BENCH_DEFAULTS.suite)
+    .option('--model <dir>', '--suite quant: a Hugging Face checkpoint (default: the synthetic --preset)')
+    .option('--anchors <dir>', '--suite quant: the llama.cpp anchors folder (../shared/anchors set up in e.g. /tmp/anchors) holding GGUF files of --model')
     .option('--out <dir>', 'where bench.json and timeline.html go', BENCH_DEFAULTS.out)
     .option('--json', 'print only the JSON report on stdout')
     .action(async (o: BenchCliOptions) => {

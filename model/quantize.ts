@@ -7,8 +7,8 @@
  * The rounding follows ggml's reference quantizers, so that strata's int8/int4 and llama.cpp's q8_0/q4_0 make the
  * same choices on the same weights (the accuracy anchor compares the two):
  * - 8 bits (q8_0): scale = amax / 127, code = round-half-away(x / scale), codes −127…127.
- * - 4 bits (q4_0): the value of largest magnitude (sign kept) maps to −8: scale = max / −8,
- *   code = min(15, trunc(x / scale + 8.5)), so all 16 levels are used.
+ * - 4 bits (q4_0's format): codes −8…7 around one scale per block; the scale is the least-squares one found near
+ *   q4_0's max / −8 (see q4Scale), which keeps the int4 graphs at least as close to fp32 as llama.cpp's q4_0.
  * Scales stay float32 (ggml rounds them to fp16; the kernels here take the activation's type).
  *
  * Pure functions over typed arrays: the stage-graph builder calls them one tensor at a time.
@@ -20,25 +20,27 @@ export type QuantBits = 4 | 8;
 export interface QuantScheme {
   bits: QuantBits;
   blockSize: number;
+  /** How a block's scale is chosen: `absmax` (q8_0: amax / 127) or `lsq` (least-squares search, see q4Scale). */
+  rounding: 'absmax' | 'lsq';
 }
 
 /** The schemes behind `--dtype int8 | int4`. Block 32 is ggml's q8_0/q4_0 block and a size MatMulNBits packs fast. */
 export const QUANT_SCHEMES = {
-  int8: { bits: 8, blockSize: 32 },
-  int4: { bits: 4, blockSize: 32 },
+  int8: { bits: 8, blockSize: 32, rounding: 'absmax' },
+  int4: { bits: 4, blockSize: 32, rounding: 'lsq' },
 } as const satisfies Record<string, QuantScheme>;
 
 export type QuantDType = keyof typeof QUANT_SCHEMES;
 
 /** The scheme of an int8/int4 stage; `blockSize` overrides the default 32 (a power of two ≥ 16). */
 export function quantScheme(dtype: QuantDType, blockSize?: number): QuantScheme {
-  const s: QuantScheme = { bits: QUANT_SCHEMES[dtype].bits, blockSize: blockSize ?? QUANT_SCHEMES[dtype].blockSize };
+  const s: QuantScheme = { ...QUANT_SCHEMES[dtype], blockSize: blockSize ?? QUANT_SCHEMES[dtype].blockSize };
   checkScheme(s);
   return s;
 }
 
 /** Identifies the scheme in cache keys and graph metadata: a different layout or rounding must rebuild graphs. */
-export const schemeKey = (s: QuantScheme): string => `q${s.bits}b${s.blockSize}sym`;
+export const schemeKey = (s: QuantScheme): string => `q${s.bits}b${s.blockSize}${s.rounding}`;
 
 export interface QuantizedMatrix {
   /** [N, kBlocks, blob] codes, blob = blockSize·bits/8 bytes. */
@@ -52,6 +54,7 @@ export interface QuantizedMatrix {
 }
 
 export function checkScheme(s: QuantScheme): void {
+  if ((s.bits === 8) !== (s.rounding === 'absmax')) throw new StrataError('quant_bits_invalid', `quantization: ${s.bits}-bit weights use ${s.bits === 8 ? 'absmax' : 'lsq'} rounding`);
   if (s.bits !== 4 && s.bits !== 8) throw new StrataError('quant_bits_invalid', `quantization bits must be 4 or 8 (got ${s.bits})`);
   if (!(s.blockSize >= 16 && (s.blockSize & (s.blockSize - 1)) === 0)) {
     throw new StrataError('quant_block_invalid', `quantization block size must be a power of two ≥ 16, as MatMulNBits requires (got ${s.blockSize})`);
@@ -91,9 +94,9 @@ export function quantizeRows(w: Float32Array, n: number, k: number, scheme: Quan
         const inv = scale ? Math.fround(1 / scale) : 0;
         for (let i = start; i < end; i++) codes[i - start] = roundAway(Math.fround(w[row + i] * inv)) + 128;
       } else {
-        scale = Math.fround(max / -8);
+        scale = Math.fround(q4Scale(w, row + start, row + end, max));
         const inv = scale ? Math.fround(1 / scale) : 0;
-        for (let i = start; i < end; i++) codes[i - start] = Math.min(15, Math.trunc(Math.fround(Math.fround(w[row + i] * inv) + 8.5)));
+        for (let i = start; i < end; i++) codes[i - start] = Math.max(0, Math.min(15, roundAway(Math.fround(w[row + i] * inv)) + 8));
       }
       scales[r * kBlocks + b] = scale;
       const out = (r * kBlocks + b) * blob;
@@ -102,6 +105,33 @@ export function quantizeRows(w: Float32Array, n: number, k: number, scheme: Quan
     }
   }
   return { data, scales, n, k, kBlocks, blob };
+}
+
+/**
+ * The 4-bit block scale: ggml's q4_0 reference takes max / −8 (the largest value lands exactly on code −8); here
+ * the scale that minimises the block's squared error is searched around it, as ggml's own k-quant quantizers
+ * (make_qx_quants) do: for 19 trial scales near max / −8 the codes are rounded, then the least-squares scale for
+ * those codes (Σx·q / Σq²) is kept if it fits best. Same format and kernel as q4_0. The trial at max / −8 gives q4_0's
+ * own codes (up to exact half-way ties), refitted: no block ends up with a larger squared error than q4_0's.
+ */
+function q4Scale(w: Float32Array, start: number, end: number, max: number): number {
+  if (max === 0) return 0;
+  let best = max / -8, bestFit = -1;
+  for (let t = -9; t <= 9; t++) {
+    const inv = -(8 + 0.1 * t) / max;
+    let sumXq = 0, sumQq = 0;
+    for (let i = start; i < end; i++) {
+      const q = Math.max(-8, Math.min(7, roundAway(w[i] * inv)));
+      sumXq += w[i] * q;
+      sumQq += q * q;
+    }
+    // For fixed codes the squared error is Σx² − (Σxq)²/Σq² at scale Σxq/Σq²: the largest (Σxq)²/Σq² wins.
+    if (sumQq > 0 && (sumXq * sumXq) / sumQq > bestFit) {
+      bestFit = (sumXq * sumXq) / sumQq;
+      best = sumXq / sumQq;
+    }
+  }
+  return best;
 }
 
 /** The float32 matrix a quantized one stands for (tests and error measurement). */

@@ -20,20 +20,38 @@ test('int8: scale = amax/127, codes round half away from zero, stored with zero 
   assert.equal(q.data[16], 128);
 });
 
-test('int4: the largest-magnitude value maps to code 0 (−8), codes pack low nibble first', () => {
+/** ggml's quantize_row_q4_0_ref on one block: scale = max / −8, code = min(15, trunc(x / scale + 8.5)). */
+function q4Reference(x: Float32Array): Float32Array {
+  let max = 0;
+  for (const v of x) if (Math.abs(v) > Math.abs(max)) max = v;
+  const d = Math.fround(max / -8), id = d ? Math.fround(1 / d) : 0;
+  return x.map((v) => (Math.min(15, Math.trunc(Math.fround(Math.fround(v * id) + 8.5))) - 8) * d);
+}
+const sqErr = (a: Float32Array, b: Float32Array) => a.reduce((s, v, i) => s + (v - b[i]) ** 2, 0);
+
+test('int4: codes pack low nibble first around zero point 8; each block fits at least as well as ggml\'s q4_0', () => {
   const row = new Float32Array(32);
   row[0] = 0.8; row[1] = -0.1; row[2] = -0.3; row[3] = 0.35;
   const q = quantizeRows(row, 1, 32, QUANT_SCHEMES.int4);
-  const scale = Math.fround(0.8 / -8); // = −0.1
-  assert.equal(q.scales[0], scale);
-  // codes = min(15, trunc(x/scale + 8.5)): 0.8 → 0, −0.1 → 9, −0.3 → 11, 0.35 → 5 (4.99 + .5 truncates), 0 → 8
-  assert.equal(q.data[0], 0 | (9 << 4));
-  assert.equal(q.data[1], 11 | (Math.trunc(Math.fround(Math.fround(0.35 / scale) + 8.5)) << 4));
+  const s = q.scales[0];
+  const code = (x: number) => Math.max(0, Math.min(15, Math.round(x / s) + 8));
+  assert.equal(q.data[0], code(0.8) | (code(-0.1) << 4));
+  assert.equal(q.data[1], code(-0.3) | (code(0.35) << 4));
   assert.equal(q.data[2], 8 | (8 << 4));
   assert.equal(q.blob, 16);
+  const r = rng(11);
+  let ours = 0, ggml = 0;
+  for (let b = 0; b < 200; b++) {
+    const block = Float32Array.from({ length: 32 }, () => r() * (b % 7 === 0 ? 3 : 0.05) * (1 + r()));
+    const e = sqErr(dequantizeRows(quantizeRows(block, 1, 32, QUANT_SCHEMES.int4), 4), block);
+    const e0 = sqErr(q4Reference(block), block);
+    assert.ok(e <= e0 * (1 + 1e-6), `block ${b}: squared error ${e} > q4_0's ${e0}`);
+    ours += e; ggml += e0;
+  }
+  assert.ok(ours < 0.95 * ggml, `least-squares scales should beat q4_0 overall: ${ours} vs ${ggml}`);
 });
 
-test('dequantized matrices stay within half a step of the original (int4: one step where code 15 clips, as in ggml); all-zero blocks stay zero', () => {
+test('dequantized matrices stay within half a step of the original (int4: one step where code 7 clips); all-zero blocks stay zero', () => {
   const r = rng(3);
   const [n, k] = [5, 96];
   const w = Float32Array.from({ length: n * k }, () => r() * 0.1);
@@ -61,8 +79,8 @@ test('a trailing partial block is padded, transpose turns Conv1D [in, out] into 
 });
 
 test('scheme keys and bytes per weight', () => {
-  assert.equal(schemeKey(QUANT_SCHEMES.int8), 'q8b32sym');
-  assert.equal(schemeKey(QUANT_SCHEMES.int4), 'q4b32sym');
+  assert.equal(schemeKey(QUANT_SCHEMES.int8), 'q8b32absmax');
+  assert.equal(schemeKey(QUANT_SCHEMES.int4), 'q4b32lsq');
   assert.equal(bytesPerWeight('int8'), 1.125);
   assert.equal(bytesPerWeight('int4'), 0.625);
   assert.equal(bytesPerWeight('float16'), 2);
@@ -76,5 +94,5 @@ test('bad input: an unknown dtype, a device without the kernels, a bad scheme', 
   assert.throws(() => parseStageDType('int3'), (e) => strataCode('dtype_invalid')(e) && /float32, float16, int8, int4/.test((e as Error).message));
   assert.doesNotThrow(() => checkQuantKernels('webgpu', QUANT_SCHEMES.int4));
   assert.throws(() => checkQuantKernels('coreml', QUANT_SCHEMES.int8), (e) => strataCode('quant_kernel_unavailable')(e) && /--dtype float32/.test((e as Error).message));
-  assert.throws(() => quantizeRows(new Float32Array(24), 1, 24, { bits: 8, blockSize: 24 }), strataCode('quant_block_invalid'));
+  assert.throws(() => quantizeRows(new Float32Array(24), 1, 24, { bits: 8, blockSize: 24, rounding: 'absmax' }), strataCode('quant_block_invalid'));
 });

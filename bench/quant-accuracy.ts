@@ -1,0 +1,144 @@
+import { spawnSync } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import { join } from 'node:path';
+import { LocalPipeline } from '../model/local-pipeline.ts';
+import { forwardLogits, generate } from '../model/generation.ts';
+import type { StageDType } from '../model/dtype.ts';
+
+/**
+ * The accuracy anchor for quantized stage graphs: on identical weights (../shared/anchors builds one random
+ * GPT-2-small checkpoint as HF safetensors and as GGUF f32/q8_0/q4_0), strata's int8 must stay at least as close to
+ * strata's fp32 as llama.cpp's q8_0 stays to llama.cpp's f32 (int4 against q4_0). Two measures:
+ * - teacher-forced top-1 agreement over a 32-token continuation: the continuation is the fp32 greedy one; each
+ *   engine's quantized model is fed it token by token and its top-1 pick at every step is compared with fp32's
+ *   (which is the fed token itself: fp32 generated it). llama.cpp: `llama_bench.mjs --force`.
+ * - first-token log-prob error: |log p_q(t) − log p_fp32(t)| at the first generated position, for t = fp32's top-1
+ *   token, and the largest such error over fp32's top-10 tokens. llama.cpp: `llama_bench.mjs --probe 10`.
+ * llama.cpp runs with a float32 KV cache and flash attention off, the configuration where its f32 output equals
+ * strata's fp32 token for token; both engines quantize the tied token table/LM head (llama.cpp's q8_0 and the
+ * anchors' "pure" q4_0 do too).
+ */
+
+export const ANCHOR_PROMPT = [464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 981, 262, 1468, 18739, 16860, 422, 465];
+export const CONTINUATION = 32;
+
+export interface AccuracyRow {
+  engine: 'strata' | 'llama.cpp';
+  weights: string;
+  /** Steps (of 32) whose top-1 equals the fp32 model's. */
+  top1Agree: number;
+  steps: number;
+  /** |Δ log p| of fp32's first greedy token, and the max over fp32's top-10 at that position. */
+  firstLogprobErr: number;
+  firstTop10MaxErr: number;
+}
+
+export interface AccuracyReport {
+  model: string;
+  prompt: number[];
+  continuation: number[];
+  /** strata fp32 and llama.cpp f32 on the same weights: same greedy continuation? */
+  f32Match: boolean;
+  rows: AccuracyRow[];
+  /** int8 vs q8_0 and int4 vs q4_0: does strata hold the line (agreement ≥, log-prob error ≤)? */
+  verdicts: { strata: string; llama: string; top1: [number, number]; logprobErr: [number, number]; atLeastAsClose: boolean }[];
+}
+
+const logSoftmax = (r: number[]): number[] => {
+  const m = Math.max(...r);
+  const l = Math.log(r.reduce((s, x) => s + Math.exp(x - m), 0)) + m;
+  return r.map((x) => x - l);
+};
+const argmax = (r: number[]): number => r.indexOf(Math.max(...r));
+
+interface LlamaProbe { top: { token: number; logprob: number }[]; tokens: number[] }
+interface LlamaForce { steps_agreeing: number; steps: number; picks: number[] }
+
+function llama<T>(anchors: string, gguf: string, args: string[]): T {
+  const r = spawnSync(process.execPath, [join(anchors, 'llama_bench.mjs'), join(anchors, gguf), '2', '1', '--kv', 'f32', '--fa', 'off', ...args], { cwd: anchors, encoding: 'utf8', maxBuffer: 64 << 20 });
+  const line = r.stdout.trim().split('\n').pop() ?? '';
+  if (r.status !== 0 || !line.startsWith('{')) throw new Error(`llama_bench.mjs ${gguf} ${args.join(' ')} failed: ${r.stderr.slice(-2000)}`);
+  return JSON.parse(line) as T;
+}
+
+/** strata's rows: fp32 reference logits, then each quantized dtype teacher-forced over the same tokens in one pass. */
+async function strataRows(modelDir: string, dtypes: StageDType[], threads: number, log: (m: string) => void): Promise<{ continuation: number[]; rows: AccuracyRow[] }> {
+  const P = ANCHOR_PROMPT.length;
+  const positions = (rows: number[][]) => rows.slice(P - 1, P - 1 + CONTINUATION);
+  const ref = await LocalPipeline.load(modelDir, 1, { dtype: 'float32', threads, onProgress: log });
+  let continuation: number[], refRows: number[][];
+  try {
+    continuation = (await generate(ref, ANCHOR_PROMPT, { maxNewTokens: CONTINUATION, eosTokenId: null })).outputIds.slice(-CONTINUATION);
+    refRows = positions(await forwardLogits(ref, [...ANCHOR_PROMPT, ...continuation.slice(0, -1)]));
+  } finally {
+    await ref.close();
+  }
+  const refTop10 = logSoftmax(refRows[0]).map((l, t) => [l, t]).sort((a, b) => b[0] - a[0]).slice(0, 10);
+  const rows: AccuracyRow[] = [];
+  for (const dtype of dtypes) {
+    const p = await LocalPipeline.load(modelDir, 1, { dtype, threads, onProgress: log });
+    try {
+      const got = positions(await forwardLogits(p, [...ANCHOR_PROMPT, ...continuation.slice(0, -1)]));
+      const lp = logSoftmax(got[0]);
+      rows.push({
+        engine: 'strata', weights: dtype, steps: CONTINUATION,
+        top1Agree: got.filter((r, s) => argmax(r) === argmax(refRows[s])).length,
+        firstLogprobErr: Math.abs(lp[refTop10[0][1]] - refTop10[0][0]),
+        firstTop10MaxErr: Math.max(...refTop10.map(([l, t]) => Math.abs(lp[t] - l))),
+      });
+    } finally {
+      await p.close();
+    }
+  }
+  return { continuation, rows };
+}
+
+function llamaRows(anchors: string, continuation: number[]): { f32Match: boolean; rows: AccuracyRow[] } {
+  const ref = llama<LlamaProbe>(anchors, 'gpt2-small-f32.gguf', ['--probe', '10']);
+  const rows: AccuracyRow[] = [];
+  for (const weights of ['q8_0', 'q4_0']) {
+    const probe = llama<LlamaProbe>(anchors, `gpt2-small-${weights}.gguf`, ['--probe', '10']);
+    const forced = llama<LlamaForce>(anchors, `gpt2-small-${weights}.gguf`, ['--force', continuation.join(',')]);
+    // --probe lists the quantized model's own top-10: fp32's tokens missing from it are not counted.
+    const errs = ref.top.flatMap((r) => probe.top.filter((q) => q.token === r.token).map((q) => Math.abs(q.logprob - r.logprob)));
+    const first = probe.top.find((q) => q.token === ref.top[0].token);
+    rows.push({
+      engine: 'llama.cpp', weights, steps: forced.steps, top1Agree: forced.steps_agreeing,
+      firstLogprobErr: first ? Math.abs(first.logprob - ref.top[0].logprob) : NaN, firstTop10MaxErr: Math.max(...errs),
+    });
+  }
+  return { f32Match: ref.tokens.join() === continuation.join(), rows };
+}
+
+export async function runQuantAccuracy(o: { model: string; anchors?: string; threads?: number; log?: (m: string) => void }): Promise<AccuracyReport> {
+  const log = o.log ?? (() => {});
+  const { continuation, rows } = await strataRows(o.model, ['int8', 'int4'], o.threads ?? 2, log);
+  const haveAnchors = !!o.anchors && existsSync(join(o.anchors, 'gpt2-small-q8_0.gguf'));
+  const llamaSide = haveAnchors ? llamaRows(o.anchors!, continuation) : { f32Match: false, rows: [] };
+  const pairs: [string, string][] = [['int8', 'q8_0'], ['int4', 'q4_0']];
+  const verdicts = pairs.flatMap(([s, l]) => {
+    const a = rows.find((r) => r.weights === s), b = llamaSide.rows.find((r) => r.weights === l);
+    if (!a || !b) return [];
+    return [{ strata: s, llama: l, top1: [a.top1Agree, b.top1Agree] as [number, number], logprobErr: [a.firstLogprobErr, b.firstLogprobErr] as [number, number], atLeastAsClose: a.top1Agree >= b.top1Agree && a.firstLogprobErr <= b.firstLogprobErr }];
+  });
+  return { model: o.model, prompt: ANCHOR_PROMPT, continuation, f32Match: llamaSide.f32Match, rows: [...rows, ...llamaSide.rows], verdicts };
+}
+
+export function renderAccuracy(r: AccuracyReport): string {
+  const lines = [
+    `accuracy vs fp32 on identical weights (${r.model}); ${CONTINUATION}-token teacher-forced continuation; llama.cpp f32 greedy ${r.f32Match ? 'equals' : 'DIFFERS FROM'} strata fp32`,
+    'engine     weights  top-1 agree  first-token |Δlogp|  max over fp32 top-10',
+    ...r.rows.map((x) => `${x.engine.padEnd(10)} ${x.weights.padEnd(8)} ${`${x.top1Agree}/${x.steps}`.padStart(11)}  ${x.firstLogprobErr.toExponential(2).padStart(19)}  ${x.firstTop10MaxErr.toExponential(2).padStart(20)}`),
+    ...r.verdicts.map((v) => `${v.strata} vs ${v.llama}: top-1 ${v.top1[0]} vs ${v.top1[1]}, |Δlogp| ${v.logprobErr[0].toExponential(2)} vs ${v.logprobErr[1].toExponential(2)}: ${v.atLeastAsClose ? 'at least as close' : 'NOT as close'}`),
+  ];
+  return lines.join('\n');
+}
+
+// node --import tsx bench/quant-accuracy.ts [model dir] [anchors dir]
+if (process.argv[1]?.endsWith('quant-accuracy.ts')) {
+  const model = process.argv[2] ?? '/tmp/anchors/gpt2-small-hf';
+  const anchors = process.argv[3] ?? '/tmp/anchors';
+  const r = await runQuantAccuracy({ model, anchors, log: (m) => console.error(m) });
+  console.log(renderAccuracy(r));
+  console.log(JSON.stringify(r));
+}

@@ -1,0 +1,175 @@
+import { spawnSync } from 'node:child_process';
+import { existsSync, readFileSync, statSync } from 'node:fs';
+import { join } from 'node:path';
+import { loadModelSpec } from '../model/config.ts';
+import { Checkpoint } from '../model/safetensors.ts';
+import { prepareStage } from '../model/stage-cache.ts';
+import type { StageDType } from '../model/dtype.ts';
+import { RemotePipeline } from '../coordinator/remote-pipeline.ts';
+import { resolveShape, weightBytes, type ShapeFlags } from './model.ts';
+import type { Progress } from './progress.ts';
+import { machineInfo } from './pipeline.ts';
+import { measure, prepareModel, TimingCollector, type BenchCluster, type BenchModel, type ClusterLauncher } from './runner.ts';
+import { median, ratio } from './stats.ts';
+import { renderAccuracy, runQuantAccuracy, type AccuracyReport } from './quant-accuracy.ts';
+
+/**
+ * `strata bench --suite quant`: memory and decode speed of each stage dtype on one worker, the float32 graph
+ * measured in the same run, and llama.cpp on the same weights when `--anchors` points at ../shared/anchors' scratch
+ * folder (GGUF f32/q8_0/q4_0 of the checkpoint given by --model). Rounds interleave every engine and dtype; figures
+ * are medians and ratios. Per dtype: the stage's weight bytes, the worker's RSS after the runs, batch-1 decode ms
+ * per token, and the decode tokens/s of `--concurrency` sessions at once.
+ */
+export interface QuantBenchOptions extends ShapeFlags {
+  model?: string;
+  anchors?: string;
+  threadsPerWorker?: number;
+  concurrency: number;
+  promptTokens: number;
+  newTokens: number;
+  maxBatch: number;
+  repeats: number;
+  seed: number;
+  dtypes?: StageDType[];
+  cacheDir?: string;
+}
+
+export interface QuantDTypeRow {
+  dtype: StageDType;
+  weightBytes: number;
+  rssBytes: number;
+  batch1MsPerToken: number;
+  aggregateDecodeTokS: number;
+  samples: { batch1MsPerToken: number[]; aggregateDecodeTokS: number[] };
+}
+
+export interface LlamaRow {
+  weights: string;
+  fileBytes: number;
+  batch1MsPerToken: number;
+  aggregateDecodeTokS: number;
+  samples: { batch1MsPerToken: number[]; aggregateDecodeTokS: number[] };
+}
+
+export interface QuantBenchReport {
+  suite: 'quant';
+  startedAt: string;
+  machine: ReturnType<typeof machineInfo>;
+  model: { dir: string; fingerprint: string; float32WeightBytes: number };
+  workload: { threads: number; concurrency: number; promptTokens: number; newTokens: number; rounds: number };
+  rows: QuantDTypeRow[];
+  llama: LlamaRow[];
+  ratios: Record<string, number>;
+  accuracy: AccuracyReport | null;
+}
+
+const LLAMA_FOR: Partial<Record<StageDType, string>> = { float32: 'f32', int8: 'q8_0', int4: 'q4_0' };
+
+function vmRss(pid: number): number {
+  const m = /VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
+  return m ? Number(m[1]) * 1024 : NaN;
+}
+
+function llamaBench(anchors: string, weights: string, threads: number, args: string[]): Record<string, number> {
+  const r = spawnSync(process.execPath, [join(anchors, 'llama_bench.mjs'), join(anchors, `gpt2-small-${weights}.gguf`), String(threads), '3', '--new', '32', ...args], { cwd: anchors, encoding: 'utf8', maxBuffer: 64 << 20 });
+  const line = r.stdout.trim().split('\n').pop() ?? '';
+  if (r.status !== 0 || !line.startsWith('{')) throw new Error(`llama_bench.mjs ${weights} failed: ${r.stderr.slice(-2000)}`);
+  return JSON.parse(line);
+}
+
+function modelFrom(dir: string): BenchModel {
+  const spec = loadModelSpec(dir);
+  const ck = Checkpoint.open(dir);
+  const fingerprint = ck.fingerprint();
+  ck.close();
+  return { dir, spec, fingerprint, weights: weightBytes(spec), built: false, shape: { family: spec.family, blocks: spec.blocks, dModel: spec.dModel, heads: spec.heads, vocab: spec.vocab, maxPositions: spec.maxPositions } };
+}
+
+export async function runQuantBench(o: QuantBenchOptions, launch: ClusterLauncher, progress: Progress): Promise<QuantBenchReport> {
+  const startedAt = new Date().toISOString();
+  const model = o.model ? modelFrom(o.model) : prepareModel(resolveShape(o), progress, o.cacheDir);
+  const dtypes = o.dtypes ?? ['float32', 'int8', 'int4'];
+  const threads = o.threadsPerWorker ?? 2;
+  const range = { first: 0, last: model.spec.blocks };
+  const anchors = o.anchors && existsSync(join(o.anchors, 'llama_bench.mjs')) ? o.anchors : null;
+  // One worker per dtype, all started up front (idle ones cost no CPU), so rounds can interleave them.
+  const open: { dtype: StageDType; weightBytes: number; cluster: BenchCluster; pipeline: RemotePipeline; collector: TimingCollector; b1: number[]; agg: number[] }[] = [];
+  try {
+    for (const dtype of dtypes) {
+      const t0 = Date.now();
+      const prepared = prepareStage(model.dir, range, { dtype, cacheDir: o.cacheDir, rows: o.maxBatch, onProgress: (m) => progress.phase(m) });
+      if (prepared.built) progress.phase(`  ${dtype} stage built in ${((Date.now() - t0) / 1000).toFixed(1)} s`);
+      const cluster = await launch(model.dir, 1, ['--threads', String(threads), '--max-batch', String(o.maxBatch)]);
+      const collector = new TimingCollector();
+      const pipeline = await RemotePipeline.connect(cluster.workers.map((w) => w.address), { spec: model.spec, fingerprint: model.fingerprint, dtype, ranges: [range], onTiming: collector.onTiming });
+      open.push({ dtype, weightBytes: prepared.paramBytes, cluster, pipeline, collector, b1: [], agg: [] });
+    }
+    const llama = anchors ? dtypes.flatMap((d) => (LLAMA_FOR[d] ? [{ weights: LLAMA_FOR[d]!, b1: [] as number[], agg: [] as number[] }] : [])) : [];
+    const w = { promptTokens: o.promptTokens, newTokens: o.newTokens, seed: o.seed };
+    for (let round = 0; round < o.repeats; round++) {
+      progress.phase(`round ${round + 1}/${o.repeats}`);
+      for (const s of open) {
+        const cfg = (label: string) => ({ label, mode: 'workers' as const, workers: 1, threadsPerWorker: threads, maxBatch: o.maxBatch, ranges: [range] });
+        const one = await measure(s.pipeline, cfg(`${s.dtype} batch 1`), model, { ...w, concurrency: 1 }, progress);
+        const many = await measure(s.pipeline, cfg(`${s.dtype} × ${o.concurrency}`), model, { ...w, concurrency: o.concurrency }, progress);
+        s.b1.push(one.result.msPerToken);
+        s.agg.push(many.result.decodeTokensPerSec);
+      }
+      for (const l of llama) {
+        l.b1.push(llamaBench(anchors!, l.weights, threads, []).decode_ms_per_token);
+        l.agg.push(llamaBench(anchors!, l.weights, threads, ['--mode', 'multi', '--seqs', String(o.concurrency)]).aggregate_decode_tok_s);
+      }
+    }
+    const rows: QuantDTypeRow[] = open.map((s) => ({
+      dtype: s.dtype, weightBytes: s.weightBytes, rssBytes: vmRss(s.cluster.workers[0].pid),
+      batch1MsPerToken: median(s.b1), aggregateDecodeTokS: median(s.agg), samples: { batch1MsPerToken: s.b1, aggregateDecodeTokS: s.agg },
+    }));
+    const llamaRows: LlamaRow[] = llama.map((l) => ({
+      weights: l.weights, fileBytes: statSync(join(anchors!, `gpt2-small-${l.weights}.gguf`)).size,
+      batch1MsPerToken: median(l.b1), aggregateDecodeTokS: median(l.agg), samples: { batch1MsPerToken: l.b1, aggregateDecodeTokS: l.agg },
+    }));
+    const ratios: Record<string, number> = {};
+    const f32 = rows.find((r) => r.dtype === 'float32');
+    for (const r of rows) {
+      if (f32 && r !== f32) {
+        ratios[`${r.dtype}.weightBytesVsFloat32`] = ratio(r.weightBytes, f32.weightBytes);
+        ratios[`${r.dtype}.rssVsFloat32`] = ratio(r.rssBytes, f32.rssBytes);
+        ratios[`${r.dtype}.batch1SpeedupVsFloat32`] = ratio(f32.batch1MsPerToken, r.batch1MsPerToken);
+        ratios[`${r.dtype}.aggregateVsFloat32`] = ratio(r.aggregateDecodeTokS, f32.aggregateDecodeTokS);
+      }
+      const l = llamaRows.find((x) => x.weights === LLAMA_FOR[r.dtype]);
+      if (l) {
+        // ≥ 1 means strata is at least as fast as llama.cpp on the same weights at the same bit width.
+        ratios[`${r.dtype}.batch1VsLlama.${l.weights}`] = ratio(l.batch1MsPerToken, r.batch1MsPerToken);
+        ratios[`${r.dtype}.aggregateVsLlama.${l.weights}`] = ratio(r.aggregateDecodeTokS, l.aggregateDecodeTokS);
+      }
+    }
+    const accuracy = anchors && o.model ? await runQuantAccuracy({ model: o.model, anchors, threads, log: (m) => progress.phase(m) }) : null;
+    return {
+      suite: 'quant', startedAt, machine: machineInfo(),
+      model: { dir: model.dir, fingerprint: model.fingerprint, float32WeightBytes: model.weights.held },
+      workload: { threads, concurrency: o.concurrency, promptTokens: o.promptTokens, newTokens: o.newTokens, rounds: o.repeats },
+      rows, llama: llamaRows, ratios, accuracy,
+    };
+  } finally {
+    for (const s of open) {
+      s.pipeline.close();
+      await s.cluster.stop();
+    }
+  }
+}
+
+const mib = (b: number) => `${(b / 2 ** 20).toFixed(1)} MiB`;
+
+export function renderQuantReport(r: QuantBenchReport, outDir: string): string {
+  const lines = [
+    `strata bench --suite quant: ${r.model.dir}, 1 worker × ${r.workload.threads} threads, ${r.workload.rounds} interleaved rounds (medians), ${r.workload.promptTokens}-token prompts, ${r.workload.newTokens} new tokens`,
+    'dtype     weights     RSS         batch-1 ms/token  ×' + r.workload.concurrency + ' decode tok/s',
+    ...r.rows.map((x) => `${x.dtype.padEnd(9)} ${mib(x.weightBytes).padEnd(11)} ${mib(x.rssBytes).padEnd(11)} ${x.batch1MsPerToken.toFixed(2).padStart(16)}  ${x.aggregateDecodeTokS.toFixed(1).padStart(14)}`),
+    ...r.llama.map((x) => `${('llama ' + x.weights).padEnd(9)} ${mib(x.fileBytes).padEnd(11)} ${'(file)'.padEnd(11)} ${x.batch1MsPerToken.toFixed(2).padStart(16)}  ${x.aggregateDecodeTokS.toFixed(1).padStart(14)}`),
+    'ratios: ' + Object.entries(r.ratios).map(([k, v]) => `${k} ×${v.toFixed(2)}`).join(', '),
+  ];
+  if (r.accuracy) lines.push(renderAccuracy(r.accuracy));
+  lines.push(`report: ${join(outDir, 'bench.json')}`);
+  return lines.join('\n');
+}
