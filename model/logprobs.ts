@@ -35,24 +35,30 @@ export interface RowLogprobs {
 
 /** Log-softmax report of one row: `target`'s value and the `top` most likely (ties: lower id first). */
 export function rowLogprobs(row: Float32Array, target: number, top: number): RowLogprobs {
+  const n = row.length;
   let max = -Infinity;
-  for (let i = 0; i < row.length; i++) if (row[i] > max) max = row[i];
+  for (let i = 0; i < n; i++) if (row[i] > max) max = row[i];
   let sum = 0;
-  for (let i = 0; i < row.length; i++) sum += Math.exp(row[i] - max);
+  for (let i = 0; i < n; i++) sum += Math.exp(row[i] - max);
   const lse = max + Math.log(sum);
-  const lp = (id: number) => Math.fround(row[id] - lse);
-  // The N best by insertion into a sorted list of at most N (N <= 20 against a vocabulary of ~50k).
-  const best: number[] = [];
-  for (let i = 0; i < row.length && top > 0; i++) {
+  // The N best by insertion into a sorted run of at most N (N <= 20 against a vocabulary of ~50k): most values
+  // fall below the run's floor and cost one comparison.
+  const ids = new Int32Array(top);
+  const vals = new Float32Array(top);
+  let count = 0;
+  let floor = -Infinity;
+  for (let i = 0; i < n && top > 0; i++) {
     const v = row[i];
-    if (best.length === top && v <= row[best[top - 1]]) continue;
-    let at = best.length;
-    while (at > 0 && row[best[at - 1]] < v) at--;
-    best.splice(at, 0, i);
-    if (best.length > top) best.pop();
+    if (count === top && v <= floor) continue;
+    let at = count < top ? count++ : top - 1;
+    for (; at > 0 && vals[at - 1] < v; at--) (vals[at] = vals[at - 1]), (ids[at] = ids[at - 1]);
+    vals[at] = v;
+    ids[at] = i;
+    if (count === top) floor = vals[top - 1];
   }
-  const known = Number.isInteger(target) && target >= 0 && target < row.length;
-  return { token: known ? target : -1, logprob: known ? lp(target) : 0, top: best.map((id) => ({ id, logprob: lp(id) })) };
+  const lp = (id: number) => Math.fround(row[id] - lse);
+  const known = Number.isInteger(target) && target >= 0 && target < n;
+  return { token: known ? target : -1, logprob: known ? lp(target) : 0, top: Array.from(ids.subarray(0, count), (id) => ({ id, logprob: lp(id) })) };
 }
 
 /** Applies a LogprobRequest to logits [B, R, V]; `chosen` (one per batch row) replaces each last row's target. */
