@@ -13,7 +13,9 @@ import { parseStageDType } from '../model/dtype.ts';
 import { RemotePipeline } from '../coordinator/remote-pipeline.ts';
 import { startCoordinatorService } from '../coordinator/service.ts';
 import { observeStageForward, observeStageTransfer } from '../coordinator/metrics.ts';
-import { startLocalCluster, type LocalCluster } from './local-cluster.ts';
+import { WorkerSupervisor } from './supervisor.ts';
+import { createLoadDisplay } from './progress-bar.ts';
+import { availableParallelism } from 'node:os';
 import { BUILTIN_MODEL } from './run-commands.ts';
 import { loadCredentials, tlsFromEnv } from '../transport/grpc/tls.ts';
 import { loadChatTemplateFile } from '../model/chat-template.ts';
@@ -128,7 +130,7 @@ export function registerServeCommands(program: Command): void {
       .option('--kv-budget-mb <mb>', 'KV-cache memory budget per worker (STRATA_KV_BUDGET_MB)', process.env.STRATA_KV_BUDGET_MB)
       .option('--device <device>', 'cpu | cuda:N | webgpu for every worker (STRATA_DEVICE); a device that cannot start fails the worker, never a silent fallback', process.env.STRATA_DEVICE),
   ).action(async (o) => {
-    let cluster: LocalCluster | undefined;
+    let cluster: WorkerSupervisor | undefined;
     let redis: ChildProcess | undefined;
     try {
       const redisUrl = await ensureRedis(o.redis, (child) => (redis = child));
@@ -136,12 +138,26 @@ export function registerServeCommands(program: Command): void {
       const k = Math.min(Number(o.workers), spec.blocks);
       console.error(`strata: starting ${k} workers for ${o.model} …`);
       const tls = tlsFromEnv(o);
-      cluster = await startLocalCluster(o.model, k, [...workerArgs(o), ...(tls.cert ? ['--tls-cert', tls.cert, '--tls-key', tls.key!, '--tls-ca', tls.ca!] : [])]);
+      // Each worker gets an equal share of the cores unless --threads says otherwise.
+      const threads = o.threads ? [] : ['--threads', String(Math.max(1, Math.floor(availableParallelism() / k)))];
+      const display = createLoadDisplay((obj, msg) => log.info(obj, msg));
+      cluster = new WorkerSupervisor({
+        modelDir: o.model, count: k, args: [...threads, ...workerArgs(o), ...(tls.cert ? ['--tls-cert', tls.cert, '--tls-key', tls.key!, '--tls-ca', tls.ca!] : [])],
+        log: (level, obj, msg) => log[level](obj, msg),
+        onLoad: (i, p) => display.update(`worker ${i}`, p),
+        // A worker that keeps dying: stop everything and say why (the supervisor has stopped the workers).
+        onFatal: (e) => {
+          display.stop();
+          redis?.kill('SIGTERM');
+          fail(e);
+        },
+      });
+      const workers = await cluster.start();
       const stop = async () => {
         await cluster?.stop();
         redis?.kill('SIGTERM');
       };
-      const { service, pipeline, tokenizer, hasChat } = await serve({ ...o, redis: redisUrl }, cluster.workers.map((w) => w.address), stop);
+      const { service, pipeline, tokenizer, hasChat } = await serve({ ...o, redis: redisUrl }, workers.map((w) => w.address), stop);
       printWelcome(service.url, pipeline.describe().stages, spec.causal, tokenizer, hasChat, resolve(o.model) === resolve(BUILTIN_MODEL));
     } catch (e) {
       await cluster?.stop();

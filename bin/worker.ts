@@ -4,6 +4,7 @@ import { StageWorker } from '../worker/server.ts';
 import { isStrataError } from '../model/errors.ts';
 import { parseSize } from './plan.ts';
 import { loadCredentials, tlsFromEnv } from '../transport/grpc/tls.ts';
+import { createLoadDisplay } from './progress-bar.ts';
 
 export function registerWorkerCommand(program: Command): void {
   program
@@ -25,6 +26,9 @@ export function registerWorkerCommand(program: Command): void {
     .action(async (o) => {
       const log = pino({ name: 'strata-worker' }, pino.destination(2));
       let worker: StageWorker;
+      // Load progress: a bar on a terminal, plain log lines otherwise; and one JSON line per change on stdout for a
+      // launcher (strata up's supervisor names what a worker was doing when it died).
+      const display = createLoadDisplay((obj, msg) => log.info(obj, msg));
       try {
         worker = new StageWorker({
           listen: o.listen, modelDir: o.model, device: o.device, threads: o.threads ? Number(o.threads) : undefined, cacheDir: o.cacheDir,
@@ -32,6 +36,10 @@ export function registerWorkerCommand(program: Command): void {
           memoryBytes: o.memory ? parseSize(o.memory) : undefined, speed: Number(o.speed), maxBatch: Number(o.maxBatch),
           credentials: loadCredentials(tlsFromEnv(o)),
           log: (obj, msg) => log.info(obj, msg),
+          onLoad: (p) => {
+            display.update('stage', p);
+            process.stdout.write(JSON.stringify({ event: 'load', ...p }) + '\n');
+          },
         });
       } catch (e) {
         console.error(`strata worker: ${isStrataError(e) ? e.message : (e as Error).stack}`);

@@ -120,6 +120,8 @@ export const ERROR_CATALOGUE = {
   plan_bad_workers: entry('invalid_argument'),
   plan_no_workers: entry('invalid_argument'),
   plan_does_not_fit: entry('failed_precondition'),
+  memory_limit_exceeded: entry('failed_precondition'),   // a stage's weights + KV + activations + runtime exceed its worker's memory
+  float16_on_cpu: entry('invalid_argument'),             // the CPU EP would hold fp16 weights twice (fp16 + fp32 copies)
 
   // ---- the request queue (coordinator/queue/) ----
   queue_unavailable: entry('unavailable'),
@@ -173,6 +175,7 @@ export const ERROR_CATALOGUE = {
   redis_start_failed: entry('unavailable'),
   worker_exited: entry('unavailable'),
   worker_start_timeout: entry('unavailable'),
+  worker_failed: entry('unavailable'),                 // strata up: a worker died more often than it may be restarted
   bench_flag_invalid: entry('invalid_argument'),
   bench_preset_unknown: entry('invalid_argument'),
   bench_shape_invalid: entry('invalid_argument'),

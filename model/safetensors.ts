@@ -109,6 +109,16 @@ export class Checkpoint {
 
   /** Reads one tensor as float32, checking it exists and has the shape the model config implies. */
   readFloat32(key: string, expectedShape: number[]): Float32Array {
+    const { dtype, bytes } = this.readRaw(key, expectedShape);
+    // F32 bytes already are the result (read into a fresh buffer: no second copy).
+    return dtype === 'F32' ? new Float32Array(bytes.buffer, bytes.byteOffset, bytes.byteLength / 4) : toFloat32(bytes, dtype);
+  }
+
+  /**
+   * One tensor's stored bytes as they are on disk (after the same checks as readFloat32): a stage whose dtype is
+   * the checkpoint's copies them through without converting (F16 → F32 → F16 was most of a float16 build).
+   */
+  readRaw(key: string, expectedShape: number[]): { dtype: StDType; bytes: Uint8Array } {
     const info = this.tensors.get(key);
     const want = `[${expectedShape.join(', ')}]`;
     if (!info) throw new StrataError('weight_missing', `checkpoint ${this.dir} has no tensor "${key}" (expected shape ${want}); is config.json from the same checkpoint as the weights?`);
@@ -116,10 +126,15 @@ export class Checkpoint {
       throw new StrataError('weight_shape_mismatch', `tensor "${key}" has shape [${info.shape.join(', ')}] but config.json implies ${want}; the config and weights are from different checkpoints`);
     }
     if (!(info.dtype in SUPPORTED)) throw new StrataError('weight_dtype_unsupported', `tensor "${key}" has dtype ${info.dtype}; supported: F32, F16, BF16`);
-    const buf = Buffer.alloc(info.length);
+    // A fresh ArrayBuffer (not Buffer's pool) sized to 4-byte multiples, so typed-array views over it are aligned.
+    const bytes = new Uint8Array(new ArrayBuffer(info.length));
     const shard = this.shards.find((s) => s.path === info.file)!;
-    readSync(shard.fd, buf, 0, info.length, info.offset);
-    return toFloat32(buf, info.dtype);
+    for (let done = 0; done < info.length; ) {
+      const n = readSync(shard.fd, bytes, done, Math.min(info.length - done, 1 << 30), info.offset + done);
+      if (n <= 0) throw new StrataError('weights_invalid', `${info.file}: tensor "${key}" is cut short (truncated file?)`);
+      done += n;
+    }
+    return { dtype: info.dtype, bytes };
   }
 
   /**

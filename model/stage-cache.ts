@@ -1,4 +1,4 @@
-import { existsSync, mkdirSync, renameSync, rmSync, writeFileSync, readFileSync } from 'node:fs';
+import { existsSync, mkdirSync, renameSync, rmSync, statSync, writeFileSync, readFileSync } from 'node:fs';
 import { homedir } from 'node:os';
 import { join } from 'node:path';
 import { loadModelSpec, type ModelSpec } from './config.ts';
@@ -12,6 +12,7 @@ import { isQuantized } from './dtype.ts';
 import { StrataError } from './errors.ts';
 import { parseDevice } from './executor.ts';
 import { checkQuantKernels, quantScheme, schemeKey } from './quantize.ts';
+import { ProgressMeter, formatProgress, type LoadProgress } from './progress.ts';
 
 export interface PreparedStage {
   spec: ModelSpec;
@@ -47,7 +48,7 @@ export const defaultCacheDir = (): string => process.env.STRATA_CACHE_DIR ?? joi
 export function prepareStage(
   modelDir: string,
   range: BlockRange,
-  opts: { dtype?: WeightDType; fused?: boolean; device?: string; cacheDir?: string; rows?: number; quantBlockSize?: number; onProgress?: (msg: string) => void } = {},
+  opts: { dtype?: WeightDType; fused?: boolean; device?: string; cacheDir?: string; rows?: number; quantBlockSize?: number; onProgress?: (msg: string, load?: LoadProgress) => void } = {},
 ): PreparedStage {
   const dtype = opts.dtype ?? 'float32';
   const fused = opts.fused ?? defaultFused(opts.device);
@@ -64,11 +65,13 @@ export function prepareStage(
     const fingerprint = ck.fingerprint();
     const dir = join(opts.cacheDir ?? defaultCacheDir(), fingerprint, `${range.first}-${range.last}-${dtypeKey}${fused ? '-fused' : ''}${rows ? `-r${rows}` : ''}-v${GRAPH_VERSION}`);
     const path = join(dir, 'stage.onnx');
-    const metaPath = join(dir, 'meta.json');
-    if (existsSync(path) && existsSync(metaPath)) {
-      const { paramBytes } = JSON.parse(readFileSync(metaPath, 'utf8'));
-      return { spec, range, dtype, fingerprint, path, paramBytes, built: false };
+    const cached = readCompleteEntry(dir);
+    if (cached) {
+      const done = new ProgressMeter('building', rangeLabel(range), cached.paramBytes, 0, () => {}).finish({ cached: true, weightBytes: cached.paramBytes });
+      opts.onProgress?.(`stage graph ${rangeLabel(range)} (${dtype}) from the cache: ${dir}`, done);
+      return { spec, range, dtype, fingerprint, path, paramBytes: cached.paramBytes, built: false };
     }
+    if (existsSync(dir)) opts.onProgress?.(`stage cache ${dir} is incomplete or corrupt: rebuilding it`);
     opts.onProgress?.(`building stage graph for blocks ${rangeLabel(range)} (${dtype}) of ${modelDir}`);
     const unexpected = unusedTensors(spec, ck);
     if (unexpected.length) opts.onProgress?.(`warning: the checkpoint has ${unexpected.length} tensors a ${spec.modelType} model does not use (${unexpected.slice(0, 3).join(', ')}…); is config.json from the same checkpoint?`);
@@ -77,8 +80,18 @@ export function prepareStage(
     mkdirSync(tmp, { recursive: true });
     const sink = new FileSink(join(tmp, 'weights.bin'), 'weights.bin');
     let model: Uint8Array, paramBytes: number;
+    // Progress counts checkpoint bytes read: known up front from the headers, whatever the output dtype.
+    const prefix = keyPrefix(spec, (k) => ck.has(k));
+    const refs = [...new Map(allRefs(stageWeights(spec, range, prefix)).map((r) => [r.key, r])).values()];
+    const total = refs.reduce((a, r) => a + (ck.info(r.key)?.length ?? 0), 0);
+    const meter = new ProgressMeter('building', rangeLabel(range), total, refs.length, (p) => opts.onProgress?.(formatProgress(p), p), 500);
     try {
-      const source = { prefix: keyPrefix(spec, (k) => ck.has(k)), readFloat32: (k: string, s: number[]) => ck.readFloat32(k, s) };
+      const counted = <T>(k: string, v: T): T => (meter.advance(ck.info(k)?.length ?? 0, 1), v);
+      const source = {
+        prefix,
+        readFloat32: (k: string, s: number[]) => counted(k, ck.readFloat32(k, s)),
+        readRaw: (k: string, s: number[]) => counted(k, ck.readRaw(k, s)),
+      };
       ({ model, paramBytes } = buildStageGraph(spec, range, source, sink, { dtype, fused, rows, quantBlockSize: scheme?.blockSize }));
     } catch (e) {
       sink.close();
@@ -87,13 +100,32 @@ export function prepareStage(
     }
     sink.close();
     writeFileSync(join(tmp, 'stage.onnx'), model);
-    writeFileSync(join(tmp, 'meta.json'), JSON.stringify({ fingerprint, range, dtype, ...(scheme ? { quant: scheme } : {}), paramBytes, modelDir }));
+    // meta.json is the completion marker, written last, with the sizes a later start checks before trusting the entry.
+    const files = Object.fromEntries(CACHE_FILES.map((f) => [f, statSync(join(tmp, f)).size]));
+    writeFileSync(join(tmp, 'meta.json'), JSON.stringify({ fingerprint, range, dtype, ...(scheme ? { quant: scheme } : {}), paramBytes, modelDir, files, complete: true }));
     rmSync(dir, { recursive: true, force: true });
     renameSync(tmp, dir);
-    opts.onProgress?.(`stage graph ${rangeLabel(range)} ready: ${(paramBytes / 2 ** 20).toFixed(1)} MiB of weights`);
+    opts.onProgress?.(`stage graph ${rangeLabel(range)} ready: ${(paramBytes / 2 ** 20).toFixed(1)} MiB of weights`, meter.finish({ weightBytes: paramBytes }));
     return { spec, range, dtype, fingerprint, path, paramBytes, built: true };
   } finally {
     ck.close();
+  }
+}
+
+const CACHE_FILES = ['stage.onnx', 'weights.bin'] as const;
+
+/**
+ * A cache entry is used only when its meta.json (written last) says it is complete and every file has the size it
+ * recorded: a directory left by a killed build, a truncated copy or a hand-edited file is rebuilt, never loaded.
+ */
+function readCompleteEntry(dir: string): { paramBytes: number } | null {
+  try {
+    const meta = JSON.parse(readFileSync(join(dir, 'meta.json'), 'utf8'));
+    if (meta.complete !== true || typeof meta.paramBytes !== 'number' || !meta.files) return null;
+    for (const f of CACHE_FILES) if (statSync(join(dir, f)).size !== meta.files[f]) return null;
+    return { paramBytes: meta.paramBytes };
+  } catch {
+    return null;
   }
 }
 

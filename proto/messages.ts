@@ -89,6 +89,23 @@ export interface WireInfo {
   speed: number;
   sessions: number;
   kv_bytes: number;
+  /** Load progress (stage protocol field 10): null from a worker that predates it. */
+  load?: WireLoadState | null;
+}
+
+/** model/progress.ts's LoadProgress on the wire (eta_ms -1 = unknown). */
+export interface WireLoadState {
+  phase: string;
+  range: string;
+  done_bytes: number;
+  total_bytes: number;
+  tensors: number;
+  tensors_total: number;
+  elapsed_ms: number;
+  bytes_per_sec: number;
+  eta_ms: number;
+  cached: boolean;
+  error: string;
 }
 
 export interface WireConfigureRequest {

@@ -7,6 +7,11 @@ import { serveStage } from '../transport/registry.ts';
 import { StageAssignment } from './assignment.ts';
 import { StepRelay } from './relay.ts';
 import { StageHost } from './stage-host.ts';
+import { StageLoadState } from './load-state.ts';
+import { loadToWire } from '../proto/load-codec.ts';
+import type { LoadProgress } from '../model/progress.ts';
+import type { WireConfigureRequest } from '../proto/messages.ts';
+import { rangeLabel } from '../model/range.ts';
 
 export interface WorkerOptions {
   /** Address to serve on (port 0 = any free port); a `scheme://` prefix picks the transport (default gRPC). */
@@ -26,6 +31,8 @@ export interface WorkerOptions {
   /** The transport's security material (gRPC: transport/grpc/tls.ts's loadCredentials). */
   credentials?: { server: ServerSecurity; client: ClientSecurity };
   log?: (obj: object, msg: string) => void;
+  /** Every change of the stage's load progress (building, loading, serving, failed). */
+  onLoad?: (p: LoadProgress) => void;
 }
 
 /**
@@ -40,6 +47,7 @@ export class StageWorker {
   private readonly server: StageServer;
   private readonly listenOn: string;
   private sweepTimer: NodeJS.Timeout | null = null;
+  readonly loadState: StageLoadState;
   readonly spec: ModelSpec;
   readonly fingerprint: string;
   address = '';
@@ -50,7 +58,8 @@ export class StageWorker {
     const ck = Checkpoint.open(opts.modelDir);
     this.fingerprint = ck.fingerprint();
     ck.close();
-    this.host = new StageHost((m) => this.log({}, m));
+    this.loadState = new StageLoadState((p) => opts.onLoad?.(p));
+    this.host = new StageHost((m, load) => (load ? this.loadState.building(load) : this.log({}, m)));
     const { server, listen } = serveStage(opts.listen, this.handler(), opts.credentials?.server);
     this.server = server;
     this.listenOn = listen;
@@ -70,7 +79,7 @@ export class StageWorker {
   private handler(): StageHandler {
     return {
       info: () => this.info(),
-      configure: (req) => this.assignment.configure(req),
+      configure: (req) => this.configure(req),
       handshake: (req) => this.assignment.handshake(req),
       step: (req) => this.relay.step(req),
       stepBatch: (req) => this.relay.stepBatch(req),
@@ -78,6 +87,19 @@ export class StageWorker {
       endSession: (req) => this.endSession(req.session_id),
       ping: async (req) => ({ bytes: fromWire(req.payload, 'payload')?.data.byteLength ?? 0 }),
     };
+  }
+
+  /** Configure, with its outcome recorded in the load state (serving, or failed with the reason). */
+  private async configure(req: WireConfigureRequest) {
+    const range = rangeLabel({ first: req.first, last: req.last });
+    try {
+      const reply = await this.assignment.configure(req);
+      this.loadState.serving(range);
+      return reply;
+    } catch (e) {
+      this.loadState.failed(range, (e as Error).message);
+      throw e;
+    }
   }
 
   private log(obj: object, msg: string): void {
@@ -101,7 +123,7 @@ export class StageWorker {
     return {
       identity: this.identity(), configured: !!this.assignment.current, next_address: this.assignment.current?.next?.address ?? '', pid: process.pid,
       device: this.assignment.current?.device ?? this.opts.device ?? 'cpu', memory_bytes: this.opts.memoryBytes ?? 0, speed: this.opts.speed ?? 1,
-      sessions: stats.sessions, kv_bytes: stats.kvBytes,
+      sessions: stats.sessions, kv_bytes: stats.kvBytes, load: loadToWire(this.loadState.current),
     };
   }
 
@@ -113,6 +135,7 @@ export class StageWorker {
 
   async close(): Promise<void> {
     if (this.sweepTimer) clearInterval(this.sweepTimer);
+    this.loadState.close();
     await this.server.close();
     this.assignment.close();
     await this.host.close();

@@ -1,6 +1,7 @@
 import { Worker } from 'node:worker_threads';
 import { fromErrorRecord, StrataError } from '../model/errors.ts';
 import type { PipelineStep } from '../model/generation.ts';
+import type { LoadProgress } from '../model/progress.ts';
 import type { LoadedInfo, LoadRequest, StepDone, StepOutcome, ThreadReply, ThreadRequest } from './thread-protocol.ts';
 
 /** Main-thread handle on the stage thread: promise-returning calls, one message each way. */
@@ -9,10 +10,10 @@ export class StageHost {
   private readonly pending = new Map<number, { resolve: (v: unknown) => void; reject: (e: Error) => void }>();
   private nextId = 1;
 
-  constructor(private readonly onProgress: (msg: string) => void = () => {}) {
+  constructor(private readonly onProgress: (msg: string, load?: LoadProgress) => void = () => {}) {
     this.thread = new Worker(new URL('./stage-thread.js', import.meta.url));
     this.thread.on('message', (msg: ThreadReply) => {
-      if ('progress' in msg) return this.onProgress(msg.progress);
+      if ('progress' in msg) return this.onProgress(msg.progress, msg.load);
       const p = this.pending.get(msg.id);
       if (!p) return;
       this.pending.delete(msg.id);

@@ -71,7 +71,7 @@ async function handle(req: ThreadRequest): Promise<unknown> {
   switch (req.type) {
     case 'load': {
       maxBatch = Math.max(1, req.maxBatch ?? 1);
-      const prepared = prepareStage(req.modelDir, req.range, { dtype: req.dtype, device: req.device, cacheDir: req.cacheDir, rows: maxBatch, onProgress: (m) => reply({ id: -1, progress: m }) });
+      const prepared = prepareStage(req.modelDir, req.range, { dtype: req.dtype, device: req.device, cacheDir: req.cacheDir, rows: maxBatch, onProgress: (m, load) => reply({ id: -1, progress: m, load }) });
       const session = await StageSession.create(prepared.path, { threads: req.threads, device: req.device });
       if (stage) await stage.close();
       stage = new Stage(prepared.spec, prepared.range, session, activationDType(req.dtype), { kvBudgetBytes: req.kvBudgetBytes, rows: maxBatch });

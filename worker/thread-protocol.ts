@@ -2,6 +2,7 @@ import type { PipelineStep, StepResult } from '../model/generation.ts';
 import type { WeightDType } from '../model/stage-graph.ts';
 import type { BlockRange } from '../model/range.ts';
 import type { ErrorRecord } from '../model/errors.ts';
+import type { LoadProgress } from '../model/progress.ts';
 import type { Transfer } from '../model/executor.ts';
 
 /** Messages between a worker's main thread (gRPC) and the thread that owns the ORT session and KV caches. */
@@ -46,7 +47,7 @@ export interface StepDone {
   transfer?: Transfer;
 }
 
-export type ThreadReply = { id: number; ok: true; value: unknown } | { id: number; ok: false; error: ThreadError } | { id: -1; progress: string };
+export type ThreadReply = { id: number; ok: true; value: unknown } | { id: number; ok: false; error: ThreadError } | { id: -1; progress: string; load?: LoadProgress };
 
 export type ThreadError = ErrorRecord;
 

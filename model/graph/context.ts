@@ -1,5 +1,5 @@
 import type { ModelSpec } from '../config.ts';
-import { float32ToFloat16, type StageDType } from '../dtype.ts';
+import { float32ToFloat16, toFloat32, type StageDType } from '../dtype.ts';
 import { ElemType, GraphBuilder, type ElemTypeId } from '../onnx-builder.ts';
 import type { WeightRef } from '../families/family.ts';
 import { IO } from './io.ts';
@@ -12,6 +12,8 @@ export type WeightDType = StageDType;
 /** Where a stage's weights come from: a checkpoint, or synthetic values for shape checks and benches. */
 export interface WeightSource {
   readFloat32(key: string, shape: number[]): Float32Array;
+  /** The stored bytes and their dtype, when the source has them (a checkpoint): copied through when no conversion is needed. */
+  readRaw?(key: string, shape: number[]): { dtype: string; bytes: Uint8Array };
   /** Prefix of the HF keys (`transformer.`, `distilbert.`, or ''). */
   readonly prefix: string;
 }
@@ -64,7 +66,9 @@ export function stageContext(g: GraphBuilder, spec: ModelSpec, source: WeightSou
   const ACT = half ? ElemType.FLOAT16 : ElemType.FLOAT;
   const F32 = ElemType.FLOAT;
   const readBytes = (ref: WeightRef, keepF32 = false): Uint8Array => {
-    const w = source.readFloat32(ref.key, ref.shape);
+    const raw = source.readRaw?.(ref.key, ref.shape);
+    if (raw && raw.dtype === (half && !keepF32 ? 'F16' : 'F32')) return raw.bytes;
+    const w = raw ? toFloat32(raw.bytes, raw.dtype as 'F32' | 'F16' | 'BF16') : source.readFloat32(ref.key, ref.shape);
     const out = half && !keepF32 ? float32ToFloat16(w) : w;
     return new Uint8Array(out.buffer, out.byteOffset, out.byteLength);
   };
