@@ -2,6 +2,7 @@ import type { ModelSpec } from '../model/config.ts';
 import { isStrataError, StrataError } from '../model/errors.ts';
 import { checkRange, rangeLabel, type BlockRange } from '../model/range.ts';
 import type { WeightDType } from '../model/stage-graph.ts';
+import { parseStageDType } from '../model/dtype.ts';
 import type { WireConfigureRequest, WireIdentityReply } from '../proto/messages.ts';
 import { PROTOCOL_VERSION, sameModel, type WireIdentity } from '../proto/wire.ts';
 import type { ClientSecurity, StageLink } from '../transport/link.ts';
@@ -60,8 +61,7 @@ export class StageAssignment {
       throw new StrataError('checkpoint_mismatch', `this worker serves checkpoint ${fingerprint} (${this.o.modelDir}) but the coordinator expects ${req.fingerprint}; start it with the same --model`, 'failed_precondition');
     }
     const range = checkRange({ first: req.first, last: req.last }, spec.blocks);
-    const dtype = (req.dtype || 'float32') as WeightDType;
-    if (dtype !== 'float32' && dtype !== 'float16') throw new StrataError('dtype_invalid', `dtype "${req.dtype}" is not float32 or float16`);
+    const dtype: WeightDType = parseStageDType(req.dtype || 'float32', 'dtype');
     const run = () => this.apply(range, dtype, req.next_address);
     const p = this.configuring.then(run, run);
     this.configuring = p.catch(() => {});
