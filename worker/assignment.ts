@@ -41,7 +41,7 @@ export class StageAssignment {
 
   constructor(private readonly o: AssignmentOptions) {}
 
-  identity(a: Assignment | null = this.current): WireIdentity {
+  identity(a: Pick<Assignment, 'range' | 'dtype'> | null = this.current): WireIdentity {
     return {
       fingerprint: this.o.fingerprint, first: a?.range.first ?? 0, last: a?.range.last ?? 0, dtype: a?.dtype ?? '',
       protocol: PROTOCOL_VERSION, blocks: this.o.spec.blocks, model_type: this.o.spec.modelType,
@@ -82,8 +82,7 @@ export class StageAssignment {
     prev?.next?.close();
     this.current = null;
     if (!same) device = await this.load(range, dtype);
-    const assignment: Assignment = { range, dtype, next: null, identity: null as never, device };
-    assignment.identity = this.identity(assignment);
+    const assignment: Assignment = { range, dtype, next: null, identity: this.identity({ range, dtype }), device };
     if (range.last < this.o.spec.blocks) {
       if (!nextAddress) throw new StrataError('next_stage_missing', `blocks ${rangeLabel(range)} do not end the model (${this.o.spec.blocks} blocks): a next_address is required`);
       const next = connectStage(nextAddress, this.o.security);
