@@ -2,6 +2,7 @@ import { describe, test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import * as grpc from '@grpc/grpc-js';
 import { Checkpoint } from '../model/safetensors.ts';
+import type { StrataError } from '../model/errors.ts';
 import type { WireStepRequest } from '../proto/messages.ts';
 import { StageClient } from '../transport/grpc/client.ts';
 import { stepToWire } from '../proto/step-codec.ts';
@@ -81,8 +82,16 @@ describe('Stage gRPC service under hostile input', () => {
         seen.set(`m${m}:${err.code}`, (seen.get(`m${m}:${err.code}`) ?? 0) + 1);
       }
     }
-    // A flood of sessions that never end: the KV budget evicts the oldest, the store stays bounded.
-    for (let i = 0; i < 1000; i++) await client.step(good(), 10_000);
+    // A flood of sessions that never end: once every KV slot is held (by sessions idle less than
+    // STRATA_KV_EVICT_IDLE_MS), new sessions get kv_slots_exhausted (resource_exhausted, HTTP 429); the store stays bounded.
+    let refused = 0;
+    for (let i = 0; i < 1000; i++) {
+      await client.step(good(), 10_000).catch((e: StrataError) => {
+        assert.equal(e.code, 'kv_slots_exhausted', e.message);
+        refused++;
+      });
+    }
+    assert.ok(refused > 0, 'a full stage refuses new sessions');
     const info = await client.info();
     assert.ok(info.sessions < 1000, `${info.sessions} sessions kept of 1000 opened`);
     assert.equal(await client.checkHealth(), 'SERVING');
