@@ -12,6 +12,7 @@ import type { TensorData } from '../model/tensor.ts';
 import { StrataError } from '../model/errors.ts';
 import { RemotePipeline } from '../coordinator/remote-pipeline.ts';
 import { startLocalCluster, type LocalCluster } from '../bin/local-cluster.ts';
+import type { WireTiming } from '../proto/messages.ts';
 import { ALL_FIXTURES, expected, fixtureDir, maxAbsDiff, testCacheDir } from './helpers/fixtures.ts';
 
 // The device path on a machine without a GPU: ORT's WebGPU EP (Dawn) on Mesa's lavapipe (Vulkan on the CPU; CI
@@ -141,7 +142,8 @@ describe('WebGPU over gRPC: 2 worker processes with --device webgpu', () => {
       const cluster: LocalCluster = await startLocalCluster(dir, 2, ['--device', 'webgpu']);
       try {
         const spec = loadModelSpec(dir);
-        const p = await RemotePipeline.connect(cluster.workers.map((w) => w.address), { spec, fingerprint: Checkpoint.open(dir).fingerprint() });
+        const timings: WireTiming[] = [];
+        const p = await RemotePipeline.connect(cluster.workers.map((w) => w.address), { spec, fingerprint: Checkpoint.open(dir).fingerprint(), onTiming: (_s, t) => timings.push(t) });
         assert.deepEqual(p.describe().stages.map((s) => s.device), ['webgpu', 'webgpu']);
         const ex = expected(name);
         const f = ex.forward.at(-1)!;
@@ -149,6 +151,13 @@ describe('WebGPU over gRPC: 2 worker processes with --device webgpu', () => {
         assert.ok(diff <= TOL, `forward: ${diff}`);
         const got = await Promise.all((ex.generate ?? []).map((g) => generate(p, g.input_ids, { maxNewTokens: g.max_new_tokens, eosTokenId: null })));
         got.forEach((r, i) => assert.deepEqual(r.outputIds, ex.generate![i].output_ids, `session ${i}`));
+        if (ex.generate) {
+          // Again, in the same (now device-resident) slots: no run of any step moves KV between host and device.
+          timings.length = 0;
+          await Promise.all(ex.generate.map((g) => generate(p, g.input_ids, { maxNewTokens: 4, eosTokenId: null })));
+          assert.ok(timings.length > 0 && timings.every((t) => t.kv_host_bytes === 0), `KV bytes per run: ${timings.map((t) => t.kv_host_bytes)}`);
+          assert.ok(timings.every((t) => (t.host_to_device_bytes ?? 0) > 0), 'the stages count what they send to the device');
+        }
         for (const m of ex.fill_mask ?? []) assert.deepEqual((await fillMask(p, m.input_ids, m.mask_index, 5)).map((c) => c.id), m.top5_ids, 'fill-mask top 5');
         p.close();
       } finally {
