@@ -14,6 +14,7 @@ import { RemotePipeline } from '../coordinator/remote-pipeline.ts';
 import { startCoordinatorService } from '../coordinator/service.ts';
 import { observeStageForward, observeStageTransfer } from '../coordinator/metrics.ts';
 import { WorkerSupervisor } from './supervisor.ts';
+import { LoadBoard, PendingPipeline } from '../coordinator/load-board.ts';
 import { createLoadDisplay } from './progress-bar.ts';
 import { availableParallelism } from 'node:os';
 import { BUILTIN_MODEL } from './run-commands.ts';
@@ -38,21 +39,48 @@ interface ServeOptions {
   chatTemplate?: string;
 }
 
-/** Connects to the workers (retrying while they start, as pods do in any order), then serves the API + queue. */
-async function serve(o: ServeOptions, addresses: string[], onStop: () => Promise<void> = async () => {}) {
+/**
+ * Serves the API + queue at once, then connects to the workers (retrying while they start, as pods do in any
+ * order) and configures them; until they have loaded, /health answers 503 saying which stage is building or loading,
+ * /v1/pipeline shows each stage's state, and jobs wait. `showProgress`: a bar or log lines per stage (strata up's
+ * supervisor shows its own).
+ */
+async function serve(o: ServeOptions, addresses: string[], onStop: () => Promise<void> = async () => {}, showProgress = true) {
   const spec = loadModelSpec(o.model);
   const ck = Checkpoint.open(o.model);
   const fingerprint = ck.fingerprint();
   ck.close();
   const tokenizer = await loadTokenizer(o.model, spec);
   const chatTemplate = o.chatTemplate ? loadChatTemplateFile(o.chatTemplate) : undefined;
+  const credentials = loadCredentials(tlsFromEnv(o))?.client;
+  const display = createLoadDisplay((obj, msg) => log.info(obj, msg));
+  const board = new LoadBoard(addresses, credentials, (i, v) => showProgress && v.load && display.update(`stage ${i}`, v.load)).start();
+  const pending = new PendingPipeline<RemotePipeline>();
+  const healthy = () => !!pending.pipeline?.isHealthy;
+  const service = await startCoordinatorService({
+    pipeline: pending, spec, tokenizer, redisUrl: o.redis, port: Number(o.port), host: o.host, authToken: o.apiToken,
+    concurrency: Number(o.concurrency), chatTemplate, pipelineInfo: () => pipelineView(pending.pipeline, board), health: healthy,
+    healthDetail: () => (healthy() ? {} : { reason: board.reason() ?? (pending.pipeline ? 'the pipeline is recovering from a fault' : 'configuring the pipeline') }),
+    log: log.child({ name: 'strata-coordinator' }), modelName: basename(resolve(o.model)),
+  });
   let pipeline: RemotePipeline | undefined;
+  const stop = async () => {
+    log.info('shutting down: finishing active jobs');
+    display.stop();
+    board.close();
+    await service.close();
+    pipeline?.close();
+    await onStop();
+    process.exit(0);
+  };
+  process.once('SIGINT', stop);
+  process.once('SIGTERM', stop);
   for (let attempt = 1; !pipeline; attempt++) {
     try {
       pipeline = await RemotePipeline.connect(addresses, {
         spec, fingerprint, dtype: parseStageDType(o.dtype), log: (obj, msg) => log.info(obj, msg),
         spares: o.spares ? o.spares.split(',').map((a) => a.trim()).filter(Boolean) : [],
-        credentials: loadCredentials(tlsFromEnv(o))?.client,
+        credentials,
         onTiming: (stage, t) => (observeStageForward(stage, t.run_ms / 1000), observeStageTransfer(stage, t)),
       });
     } catch (e) {
@@ -62,21 +90,30 @@ async function serve(o: ServeOptions, addresses: string[], onStop: () => Promise
     }
   }
   pipeline.startHealthMonitor();
-  const service = await startCoordinatorService({
-    pipeline, spec, tokenizer, redisUrl: o.redis, port: Number(o.port), host: o.host, authToken: o.apiToken,
-    concurrency: Number(o.concurrency), chatTemplate, pipelineInfo: () => pipeline.describe(), health: () => pipeline.isHealthy, log: log.child({ name: 'strata-coordinator' }),
-    modelName: basename(resolve(o.model)),
-  });
-  const stop = async () => {
-    log.info('shutting down: finishing active jobs');
-    await service.close();
-    pipeline.close();
-    await onStop();
-    process.exit(0);
-  };
-  process.once('SIGINT', stop);
-  process.once('SIGTERM', stop);
+  pending.set(pipeline);
+  display.stop();
   return { service, pipeline, tokenizer, hasChat: !!(chatTemplate ?? tokenizer?.chatTemplate) };
+}
+
+/** /v1/pipeline: the plan's stages with each one's load state; while the workers load, the workers as the LoadBoard sees them. */
+function pipelineView(pipeline: RemotePipeline | null, board: LoadBoard) {
+  const seen = new Map(board.workers.map((w) => [w.address, w]));
+  if (!pipeline) {
+    return {
+      ready: false,
+      stages: board.workers.map((w) => {
+        const range = /^\[(\d+), (\d+)\)$/.exec(w.load?.range ?? '');
+        return { blocks: (range ? [Number(range[1]), Number(range[2])] : [0, 0]) as [number, number], address: w.address, healthy: false, state: w.state, load: w.load };
+      }),
+    };
+  }
+  return {
+    ready: true,
+    stages: pipeline.describe().stages.map((s) => {
+      const w = seen.get(s.address);
+      return { ...s, state: w?.state ?? (s.healthy ? 'serving' : 'unreachable'), load: w?.load ?? null };
+    }),
+  };
 }
 
 const addServeOptions = (cmd: Command) =>
@@ -157,7 +194,7 @@ export function registerServeCommands(program: Command): void {
         await cluster?.stop();
         redis?.kill('SIGTERM');
       };
-      const { service, pipeline, tokenizer, hasChat } = await serve({ ...o, redis: redisUrl }, workers.map((w) => w.address), stop);
+      const { service, pipeline, tokenizer, hasChat } = await serve({ ...o, redis: redisUrl }, workers.map((w) => w.address), stop, false);
       printWelcome(service.url, pipeline.describe().stages, spec.causal, tokenizer, hasChat, resolve(o.model) === resolve(BUILTIN_MODEL));
     } catch (e) {
       await cluster?.stop();

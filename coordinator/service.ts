@@ -24,6 +24,8 @@ export interface CoordinatorServiceOptions {
   pipelineInfo: () => { stages: StageInfo[] };
   /** Default: every stage in pipelineInfo() is healthy. */
   health?: () => boolean;
+  /** Merged into /health's body: why it is 503 (e.g. which stage is still loading). */
+  healthDetail?: () => Record<string, unknown>;
   /** Default `STRATA_API_TOKEN`. */
   authToken?: string;
   /** Jobs run at once (default 8). */
@@ -68,7 +70,7 @@ export async function startCoordinatorService(opts: CoordinatorServiceOptions): 
     app = await buildApi({
       queue, spec: opts.spec, tokenizer: opts.tokenizer, modelName: opts.modelName ?? opts.spec.modelType,
       pipelineInfo: opts.pipelineInfo,
-      health: opts.health ?? (() => opts.pipelineInfo().stages.every((s) => s.healthy)),
+      health: opts.health ?? (() => opts.pipelineInfo().stages.every((s) => s.healthy)), healthDetail: opts.healthDetail,
       authToken: opts.authToken, maxQueued: opts.maxQueued, chatTemplate: opts.chatTemplate, canEmbed: typeof opts.pipeline.embed === 'function', logger: log,
     });
     const host = opts.host ?? process.env.STRATA_HOST ?? '0.0.0.0';

@@ -105,7 +105,8 @@ export function prepareStage(
     writeFileSync(join(tmp, 'meta.json'), JSON.stringify({ fingerprint, range, dtype, ...(scheme ? { quant: scheme } : {}), paramBytes, modelDir, files, complete: true }));
     rmSync(dir, { recursive: true, force: true });
     renameSync(tmp, dir);
-    opts.onProgress?.(`stage graph ${rangeLabel(range)} ready: ${(paramBytes / 2 ** 20).toFixed(1)} MiB of weights`, meter.finish({ weightBytes: paramBytes }));
+    meter.finish({ weightBytes: paramBytes });
+    opts.onProgress?.(`stage graph ${rangeLabel(range)} ready: ${(paramBytes / 2 ** 20).toFixed(1)} MiB of weights`);
     return { spec, range, dtype, fingerprint, path, paramBytes, built: true };
   } finally {
     ck.close();

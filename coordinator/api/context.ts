@@ -26,6 +26,8 @@ export interface ApiOptions {
   pipelineInfo: () => { stages: StageInfo[] };
   /** Whether the pipeline can serve right now (every stage healthy). */
   health: () => boolean;
+  /** Merged into /health's body: why it is 503 (e.g. which stage is still loading). */
+  healthDetail?: () => Record<string, unknown>;
   /** Bearer token required on /v1/*; default `STRATA_API_TOKEN`; unset or empty = no auth. */
   authToken?: string;
   /** 429 once this many jobs wait (default `STRATA_MAX_QUEUED`, else 1000; 0 = no limit). */

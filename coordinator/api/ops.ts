@@ -40,7 +40,8 @@ export function registerOps(app: FastifyInstance, ctx: RouteContext): void {
       pipeline = false;
     }
     const redis = await queue.ping();
-    return reply.code(pipeline && redis ? 200 : 503).send({ status: pipeline && redis ? 'ok' : 'unavailable', pipeline, redis });
+    const detail = pipeline ? {} : (ctx.opts.healthDetail?.() ?? {});
+    return reply.code(pipeline && redis ? 200 : 503).send({ status: pipeline && redis ? 'ok' : 'unavailable', pipeline, redis, ...detail });
   });
 
   app.get('/metrics', async (_req, reply) => {

@@ -1,0 +1,131 @@
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { mkdtempSync, readFileSync, rmSync, statSync, truncateSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { writeSyntheticModel } from '../model/synthetic.ts';
+import { prepareStage } from '../model/stage-cache.ts';
+import type { LoadProgress } from '../model/progress.ts';
+import { freePort, startPrivateRedis, type PrivateRedis } from './helpers/redis.ts';
+
+// Loading a stage: progress events, the disk cache (hits, corrupt entries), and the loading states the API shows.
+// A synthetic GPT-2 (4 blocks, d 384, ≈42 MB) so a build takes long enough to watch.
+
+const STRATA = fileURLToPath(new URL('../bin/strata.js', import.meta.url));
+let root: string;
+let model: string;
+
+before(() => {
+  root = mkdtempSync(join(tmpdir(), 'strata-loading-'));
+  model = join(root, 'model');
+  writeSyntheticModel(model, { family: 'gpt2', blocks: 4, dModel: 384, heads: 6, vocab: 8000, maxPositions: 128 });
+});
+
+after(() => rmSync(root, { recursive: true, force: true }));
+
+const build = (cacheDir: string, events: LoadProgress[] = []) =>
+  prepareStage(model, { first: 0, last: 4 }, { cacheDir, rows: 1, onProgress: (_m, p) => p && events.push(p) });
+
+test('build progress events arrive in order, bytes never go back, and the last is 100 % with the weight bytes', () => {
+  const events: LoadProgress[] = [];
+  const stage = build(mkdtempSync(join(root, 'cache-')), events);
+  assert.equal(stage.built, true);
+  assert.ok(events.length >= 2, `${events.length} events`);
+  assert.ok(events.every((e) => e.phase === 'building' && e.range === '[0, 4)'));
+  assert.equal(events[0].doneBytes, 0);
+  const total = events[0].totalBytes;
+  const file = join(model, 'model.safetensors');
+  const headerLen = Number(readFileSync(file).readBigUInt64LE(0));
+  assert.equal(total, statSync(file).size - 8 - headerLen, 'total = the checkpoint bytes of every tensor (this stage is the whole model)');
+  for (let i = 1; i < events.length; i++) {
+    assert.ok(events[i].doneBytes >= events[i - 1].doneBytes, 'bytes done never decrease');
+    assert.ok(events[i].tensors >= events[i - 1].tensors, 'tensors done never decrease');
+  }
+  const last = events.at(-1)!;
+  assert.equal(last.doneBytes, total);
+  assert.equal(last.tensors, last.tensorsTotal);
+  assert.equal(last.etaMs, 0);
+  assert.equal(last.weightBytes, stage.paramBytes);
+  assert.equal(events.filter((e) => e.weightBytes !== undefined).length, 1, 'only the last event marks the build done');
+});
+
+test('a cache hit does not rebuild: no build, the files untouched, one cached event at 100 %', () => {
+  const cacheDir = mkdtempSync(join(root, 'cache-'));
+  const first = build(cacheDir);
+  const weights = join(first.path, '..', 'weights.bin');
+  const before = statSync(weights).mtimeMs;
+  const events: LoadProgress[] = [];
+  const again = build(cacheDir, events);
+  assert.equal(again.built, false);
+  assert.equal(again.path, first.path);
+  assert.equal(statSync(weights).mtimeMs, before);
+  assert.deepEqual(events.map((e) => [e.phase, e.cached, e.doneBytes === e.totalBytes]), [['building', true, true]]);
+});
+
+test('a half-written or corrupt cache entry is rebuilt, not loaded', () => {
+  const cacheDir = mkdtempSync(join(root, 'cache-'));
+  const first = build(cacheDir);
+  const dir = join(first.path, '..');
+  const weights = join(dir, 'weights.bin');
+  const size = statSync(weights).size;
+  const corruptions: [string, () => void][] = [
+    ['weights.bin cut short (a killed copy)', () => truncateSync(weights, Math.floor(size / 2))],
+    ['no meta.json (a build killed before its marker)', () => rmSync(join(dir, 'meta.json'))],
+    ['meta.json not marked complete', () => writeFileSync(join(dir, 'meta.json'), JSON.stringify({ ...JSON.parse(readFileSync(join(dir, 'meta.json'), 'utf8')), complete: false }))],
+    ['meta.json not JSON', () => writeFileSync(join(dir, 'meta.json'), '{"paramBytes": 12')],
+    ['stage.onnx missing', () => rmSync(first.path)],
+  ];
+  for (const [what, corrupt] of corruptions) {
+    corrupt();
+    const again = build(cacheDir);
+    assert.equal(again.built, true, `${what}: rebuilt`);
+    assert.equal(statSync(weights).size, size, `${what}: whole again`);
+    assert.equal(build(cacheDir).built, false, `${what}: and then a hit`);
+  }
+});
+
+test('/v1/pipeline shows each stage building or loading while the workers load, /health says why it is 503, then both serve', { timeout: 180_000 }, async () => {
+  const redis: PrivateRedis = await startPrivateRedis();
+  const port = await freePort();
+  const up = spawn(process.execPath, [STRATA, 'up', '--model', model, '--workers', '2', '--port', String(port), '--redis', redis.url, '--threads', '1'], {
+    stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, STRATA_CACHE_DIR: mkdtempSync(join(root, 'cache-')) },
+  });
+  let err = '';
+  up.stderr!.on('data', (d) => (err = (err + d).slice(-6000)));
+  const base = `http://127.0.0.1:${port}`;
+  const states = new Set<string>();
+  let loadingHealth: { status: number; body: { reason?: string } } | null = null;
+  try {
+    const deadline = Date.now() + 150_000;
+    for (;;) {
+      assert.ok(Date.now() < deadline, `never served; stderr:\n${err}`);
+      assert.equal(up.exitCode, null, `strata up exited: ${err}`);
+      const view = await fetch(`${base}/v1/pipeline`).then((r) => r.json() as Promise<{ ready: boolean; stages: { state: string; load: LoadProgress | null }[] }>, () => null);
+      if (view) {
+        view.stages.forEach((s) => states.add(s.state.replace(/\d+ %/, 'N %')));
+        const loading = view.stages.some((s) => /^(building|loading) \d+ %$/.test(s.state));
+        const health = await fetch(`${base}/health`);
+        const body = await health.json();
+        if (loading && health.status === 503 && !loadingHealth) loadingHealth = { status: health.status, body };
+        if (view.ready && view.stages.every((s) => s.state === 'serving') && health.status === 200) break;
+      }
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    assert.ok(states.has('building N %') || states.has('loading N %'), `saw only ${[...states].join(', ')}`);
+    assert.ok(loadingHealth, 'a 503 while a stage loaded');
+    assert.match(loadingHealth.body.reason ?? '', /stage \d \(127\.0\.0\.1:\d+\) (building|loading) \[\d, \d\): \d+ % of/);
+    const final = (await (await fetch(`${base}/v1/pipeline`)).json()) as { stages: { blocks: number[]; load: LoadProgress }[] };
+    assert.deepEqual(final.stages.map((s) => s.load.phase), ['serving', 'serving']);
+    assert.equal(final.stages[0].blocks[0], 0);
+    assert.equal(final.stages[0].blocks[1], final.stages[1].blocks[0]);
+  } finally {
+    if (up.exitCode === null) {
+      const exited = new Promise((r) => up.once('exit', r));
+      up.kill('SIGTERM');
+      await exited;
+    }
+    await redis.stop();
+  }
+});
