@@ -96,3 +96,22 @@ test('bad input: an unknown dtype, a device without the kernels, a bad scheme', 
   assert.throws(() => checkQuantKernels('coreml', QUANT_SCHEMES.int8), (e) => strataCode('quant_kernel_unavailable')(e) && /--dtype float32/.test((e as Error).message));
   assert.throws(() => quantizeRows(new Float32Array(24), 1, 24, { bits: 8, blockSize: 24, rounding: 'absmax' }), strataCode('quant_block_invalid'));
 });
+
+test('BioMedLM-shaped on 2 workers at int8: weights ≤ 30 % of float32, computed from the stage graphs and the planner', async () => {
+  const { readFileSync } = await import('node:fs');
+  const { normalizeConfig } = await import('../model/config.ts');
+  const { buildStageGraph } = await import('../model/stage-graph.ts');
+  const { CountingSink } = await import('../model/onnx-builder.ts');
+  const { planPartition } = await import('../coordinator/planner.ts');
+  const spec = normalizeConfig(JSON.parse(readFileSync(new URL('./configs/biomedlm.config.json', import.meta.url), 'utf8')));
+  const workers = [{ id: 'a', memoryBytes: Infinity }, { id: 'b', memoryBytes: Infinity }];
+  const unread = { prefix: 'transformer.', readFloat32: (): Float32Array => { throw new Error('a counting build reads no weights'); } };
+  const graphBytes = (dtype: 'float32' | 'int8' | 'int4') =>
+    planPartition(spec, workers, { dtype: 'int8' }).stages.map((s) => buildStageGraph(spec, s.range, unread, new CountingSink(), { dtype }).paramBytes);
+  const [f32, i8, i4] = [graphBytes('float32'), graphBytes('int8'), graphBytes('int4')];
+  i8.forEach((b, i) => assert.ok(b / f32[i] <= 0.3, `stage ${i}: int8 ${b} bytes is ${(b / f32[i]).toFixed(3)} of float32`));
+  i4.forEach((b, i) => assert.ok(b / f32[i] <= 0.17, `stage ${i}: int4 ${(b / f32[i]).toFixed(3)} of float32`));
+  // The planner's memory model (1.125 bytes per int8 weight) stays within 1 % of the graphs.
+  const planned = planPartition(spec, workers, { dtype: 'int8' }).stages.map((s) => s.paramBytes);
+  planned.forEach((b, i) => assert.ok(Math.abs(b - i8[i]) / i8[i] < 0.01, `stage ${i}: planner ${b} vs graph ${i8[i]}`));
+});
