@@ -14,6 +14,10 @@ import { RemotePipeline } from '../coordinator/remote-pipeline.ts';
 import { startCoordinatorService } from '../coordinator/service.ts';
 import { observeStageForward, observeStageTransfer } from '../coordinator/metrics.ts';
 import { WorkerSupervisor } from './supervisor.ts';
+import { availableMemory, checkDtypeOnDevice, checkStageFits, memoryLimitFromFlag } from '../model/memory.ts';
+import { parseDevice } from '../model/executor.ts';
+import { planPartition } from '../coordinator/planner.ts';
+import type { ModelSpec } from '../model/config.ts';
 import { LoadBoard, PendingPipeline } from '../coordinator/load-board.ts';
 import { createLoadDisplay } from './progress-bar.ts';
 import { availableParallelism } from 'node:os';
@@ -95,6 +99,22 @@ async function serve(o: ServeOptions, addresses: string[], onStop: () => Promise
   return { service, pipeline, tokenizer, hasChat: !!(chatTemplate ?? tokenizer?.chatTemplate) };
 }
 
+/**
+ * Before any process starts: the dtype must make sense on the device, and every stage of the plan the coordinator
+ * will make must fit a worker's share of memory (--memory-limit-mb, else the host's available memory / K).
+ * Returns the per-worker limit the workers are started with.
+ */
+function checkLocalPlan(spec: ModelSpec, k: number, o: { dtype: WeightDType; device?: string; kvBudgetMb?: string; memoryLimitMb?: string }): number {
+  checkDtypeOnDevice(o.dtype, parseDevice(o.device).kind);
+  const flag = memoryLimitFromFlag(o.memoryLimitMb);
+  const limit = flag ?? Math.floor(availableMemory() / k);
+  const kvBudgetBytes = Number(o.kvBudgetMb ?? 2048) * 2 ** 20;
+  const plan = planPartition(spec, Array.from({ length: k }, (_, i) => ({ id: `worker ${i}`, memoryBytes: Infinity })), { dtype: o.dtype });
+  const where = flag ? 'each worker (--memory-limit-mb)' : `each worker (the host's available memory shared by ${k} workers)`;
+  for (const s of plan.stages) checkStageFits(spec, s.range, o.dtype, { kvBudgetBytes, limitBytes: limit, where, stages: k });
+  return limit;
+}
+
 /** /v1/pipeline: the plan's stages with each one's load state; while the workers load, the workers as the LoadBoard sees them. */
 function pipelineView(pipeline: RemotePipeline | null, board: LoadBoard) {
   const seen = new Map(board.workers.map((w) => [w.address, w]));
@@ -165,6 +185,7 @@ export function registerServeCommands(program: Command): void {
       .option('--threads <n>', 'ORT intra-op threads per worker (STRATA_THREADS; default: the cores shared equally)', process.env.STRATA_THREADS)
       .option('--max-batch <n>', 'decode steps batched into one ORT run per worker (STRATA_MAX_BATCH)', process.env.STRATA_MAX_BATCH)
       .option('--kv-budget-mb <mb>', 'KV-cache memory budget per worker (STRATA_KV_BUDGET_MB)', process.env.STRATA_KV_BUDGET_MB)
+      .option('--memory-limit-mb <mb>', 'memory each worker may use; a plan that needs more is refused before loading (STRATA_MEMORY_LIMIT_MB; default: the host\'s available memory shared by the workers)', process.env.STRATA_MEMORY_LIMIT_MB)
       .option('--device <device>', 'cpu | cuda:N | webgpu for every worker (STRATA_DEVICE); a device that cannot start fails the worker, never a silent fallback', process.env.STRATA_DEVICE),
   ).action(async (o) => {
     let cluster: WorkerSupervisor | undefined;
@@ -173,10 +194,12 @@ export function registerServeCommands(program: Command): void {
       const redisUrl = await ensureRedis(o.redis, (child) => (redis = child));
       const spec = loadModelSpec(o.model);
       const k = Math.min(Number(o.workers), spec.blocks);
+      const memoryLimit = checkLocalPlan(spec, k, o);
       console.error(`strata: starting ${k} workers for ${o.model} …`);
       const tls = tlsFromEnv(o);
       // Each worker gets an equal share of the cores unless --threads says otherwise.
       const threads = o.threads ? [] : ['--threads', String(Math.max(1, Math.floor(availableParallelism() / k)))];
+      threads.push('--memory-limit-mb', String(Math.floor(memoryLimit / 2 ** 20)));
       const display = createLoadDisplay((obj, msg) => log.info(obj, msg));
       cluster = new WorkerSupervisor({
         modelDir: o.model, count: k, args: [...threads, ...workerArgs(o), ...(tls.cert ? ['--tls-cert', tls.cert, '--tls-key', tls.key!, '--tls-ca', tls.ca!] : [])],

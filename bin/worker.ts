@@ -5,6 +5,7 @@ import { isStrataError } from '../model/errors.ts';
 import { parseSize } from './plan.ts';
 import { loadCredentials, tlsFromEnv } from '../transport/grpc/tls.ts';
 import { createLoadDisplay } from './progress-bar.ts';
+import { memoryLimitFromFlag } from '../model/memory.ts';
 
 export function registerWorkerCommand(program: Command): void {
   program
@@ -21,6 +22,7 @@ export function registerWorkerCommand(program: Command): void {
     .option('--tls-cert <pem>', 'mutual TLS: this node\'s certificate (STRATA_TLS_CERT)')
     .option('--tls-key <pem>', 'mutual TLS: its private key (STRATA_TLS_KEY)')
     .option('--tls-ca <pem>', 'mutual TLS: CA that signs every peer (STRATA_TLS_CA); peers without such a certificate are refused')
+    .option('--memory-limit-mb <mb>', 'refuse (before loading) a stage that needs more memory than this; default: the host\'s available memory (STRATA_MEMORY_LIMIT_MB)', process.env.STRATA_MEMORY_LIMIT_MB)
     .option('--memory <size>', 'memory this worker offers the planner, e.g. 24GB (default: unlimited)', process.env.STRATA_WORKER_MEMORY)
     .option('--speed <x>', 'relative speed this worker reports to the planner', process.env.STRATA_WORKER_SPEED ?? '1')
     .action(async (o) => {
@@ -33,7 +35,7 @@ export function registerWorkerCommand(program: Command): void {
         worker = new StageWorker({
           listen: o.listen, modelDir: o.model, device: o.device, threads: o.threads ? Number(o.threads) : undefined, cacheDir: o.cacheDir,
           kvBudgetBytes: Number(o.kvBudgetMb) * 2 ** 20, sessionTtlMs: Number(o.sessionTtlS) * 1000,
-          memoryBytes: o.memory ? parseSize(o.memory) : undefined, speed: Number(o.speed), maxBatch: Number(o.maxBatch),
+          memoryBytes: o.memory ? parseSize(o.memory) : undefined, memoryLimitBytes: memoryLimitFromFlag(o.memoryLimitMb), speed: Number(o.speed), maxBatch: Number(o.maxBatch),
           credentials: loadCredentials(tlsFromEnv(o)),
           log: (obj, msg) => log.info(obj, msg),
           onLoad: (p) => {

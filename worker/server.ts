@@ -12,6 +12,9 @@ import { loadToWire } from '../proto/load-codec.ts';
 import type { LoadProgress } from '../model/progress.ts';
 import type { WireConfigureRequest } from '../proto/messages.ts';
 import { rangeLabel } from '../model/range.ts';
+import { availableMemory, checkDtypeOnDevice, checkStageFits, RUNTIME_BASE_BYTES } from '../model/memory.ts';
+import { parseStageDType } from '../model/dtype.ts';
+import { parseDevice } from '../model/executor.ts';
 
 export interface WorkerOptions {
   /** Address to serve on (port 0 = any free port); a `scheme://` prefix picks the transport (default gRPC). */
@@ -24,6 +27,8 @@ export interface WorkerOptions {
   sessionTtlMs?: number;
   /** Capacity and relative speed this worker reports to the planner. */
   memoryBytes?: number;
+  /** A stage that would need more is refused before loading (default: the host's available memory at configure time). */
+  memoryLimitBytes?: number;
   speed?: number;
   stepTimeoutMs?: number;
   /** Decode steps of different sessions merged into one ORT run. */
@@ -93,6 +98,7 @@ export class StageWorker {
   private async configure(req: WireConfigureRequest) {
     const range = rangeLabel({ first: req.first, last: req.last });
     try {
+      this.checkFits(req);
       const reply = await this.assignment.configure(req);
       this.loadState.serving(range);
       return reply;
@@ -100,6 +106,22 @@ export class StageWorker {
       this.loadState.failed(range, (e as Error).message);
       throw e;
     }
+  }
+
+  /** Before loading a new range: refuse float16 on a CPU and a stage that does not fit this worker's memory. */
+  private checkFits(req: WireConfigureRequest): void {
+    const dtype = parseStageDType(req.dtype || 'float32', 'dtype');
+    const a = this.assignment.current;
+    if (a && a.range.first === req.first && a.range.last === req.last && a.dtype === dtype) return; // already loaded
+    if (req.first < 0 || req.last > this.spec.blocks || req.first >= req.last) return; // the assignment's own check answers
+    checkDtypeOnDevice(dtype, parseDevice(this.opts.device).kind);
+    const limit = this.opts.memoryLimitBytes ?? this.opts.memoryBytes;
+    // Reconfiguring frees the old stage: count what this process holds beyond its baseline as available too.
+    const available = availableMemory() + (a ? Math.max(0, process.memoryUsage.rss() - RUNTIME_BASE_BYTES) : 0);
+    checkStageFits(this.spec, { first: req.first, last: req.last }, dtype, {
+      kvBudgetBytes: this.opts.kvBudgetBytes ?? 2 * 1024 ** 3, limitBytes: limit ?? available,
+      where: limit ? `worker ${this.address} (--memory-limit-mb)` : `worker ${this.address} (the host's available memory)`,
+    });
   }
 
   private log(obj: object, msg: string): void {
@@ -122,7 +144,7 @@ export class StageWorker {
     const stats = a ? await this.host.stats() : { sessions: 0, kvBytes: 0 };
     return {
       identity: this.identity(), configured: !!this.assignment.current, next_address: this.assignment.current?.next?.address ?? '', pid: process.pid,
-      device: this.assignment.current?.device ?? this.opts.device ?? 'cpu', memory_bytes: this.opts.memoryBytes ?? 0, speed: this.opts.speed ?? 1,
+      device: this.assignment.current?.device ?? this.opts.device ?? 'cpu', memory_bytes: this.opts.memoryBytes ?? this.opts.memoryLimitBytes ?? 0, speed: this.opts.speed ?? 1,
       sessions: stats.sessions, kv_bytes: stats.kvBytes, load: loadToWire(this.loadState.current),
     };
   }

@@ -1,0 +1,110 @@
+import { readFileSync } from 'node:fs';
+import { freemem } from 'node:os';
+import type { ModelSpec } from './config.ts';
+import { bytesPerWeight, type StageDType } from './dtype.ts';
+import { StrataError } from './errors.ts';
+import { MAX_SLOTS, slotBytes } from './kv-slots.ts';
+import { stageParamCount, stageWeights, keyPrefix } from './layout.ts';
+import { rangeLabel, type BlockRange } from './range.ts';
+
+/**
+ * What a worker process holds for one stage, by part. Measured on this project's CPU workers (onnxruntime-node
+ * 1.30): an idle worker (Node, the stage thread, ORT's library) is ≈175 MB; a loaded float32 stage adds 1.11× its
+ * weight bytes (ORT keeps the external weights plus small prepacked/arena extras); KV slots are allocated once at
+ * configure time up to the KV budget; activations peak in a full-context prefill.
+ */
+export interface StageMemory {
+  weights: number;
+  kv: number;
+  activations: number;
+  runtime: number;
+  total: number;
+}
+
+export const RUNTIME_BASE_BYTES = 200 * 2 ** 20;
+/** ORT's extra over the weight bytes of a loaded stage (arena, prepacked copies of small tensors). */
+export const WEIGHT_OVERHEAD = 0.1;
+
+export interface StageMemoryOptions {
+  /** The worker's KV budget (--kv-budget-mb); decoders only. */
+  kvBudgetBytes: number;
+}
+
+export function stageMemory(spec: ModelSpec, range: BlockRange, dtype: StageDType, o: StageMemoryOptions): StageMemory {
+  const params = stageParamCount(stageWeights(spec, range, keyPrefix(spec, () => true)));
+  const weights = params * bytesPerWeight(dtype);
+  const act = dtype === 'float16' ? 2 : 4;
+  let kv = 0;
+  if (spec.causal) {
+    const layers = Array.from({ length: range.last - range.first }, (_, i) => range.first + i);
+    const one = slotBytes({ layers, heads: spec.heads, headDim: spec.headDim, maxLen: spec.maxPositions, dtype: act === 2 ? 'float16' : 'float32' });
+    kv = Math.min(MAX_SLOTS, Math.max(1, Math.floor(o.kvBudgetBytes / one))) * one;
+  }
+  // A full-context prefill of one sequence: the block's widest intermediates (q, k, v, MLP inner, residual) twice
+  // (inputs and outputs alive together) and the attention scores of one layer.
+  const T = spec.maxPositions, D = spec.dModel;
+  const activations = T * (4 * D + spec.inner) * act * 2 + spec.heads * T * T * 4;
+  const runtime = RUNTIME_BASE_BYTES + weights * WEIGHT_OVERHEAD;
+  return { weights, kv, activations, runtime, total: weights + kv + activations + runtime };
+}
+
+const fmt = (b: number) => (b >= 2 ** 30 ? `${(b / 2 ** 30).toFixed(2)} GiB` : `${(b / 2 ** 20).toFixed(0)} MiB`);
+
+/** "weights 12.10 GiB (float32) + KV cache 2.00 GiB + activations 812 MiB + runtime 1.41 GiB" */
+export const describeMemory = (m: StageMemory, dtype: StageDType): string =>
+  `weights ${fmt(m.weights)} (${dtype}) + KV cache ${fmt(m.kv)} + activations ${fmt(m.activations)} + runtime ${fmt(m.runtime)}`;
+
+/** Memory a new stage may use on this host now: MemAvailable (Linux), else os.freemem(). */
+export function availableMemory(): number {
+  try {
+    const m = /MemAvailable:\s+(\d+) kB/.exec(readFileSync('/proc/meminfo', 'utf8'));
+    if (m) return Number(m[1]) * 1024;
+  } catch {
+    /* not Linux */
+  }
+  return freemem();
+}
+
+/** --memory-limit-mb / STRATA_MEMORY_LIMIT_MB as bytes, or undefined when unset. */
+export function memoryLimitFromFlag(mb: string | undefined): number | undefined {
+  if (mb === undefined || mb === '') return undefined;
+  const n = Number(mb);
+  if (!(n > 0) || !Number.isFinite(n)) throw new StrataError('plan_bad_size', `--memory-limit-mb / STRATA_MEMORY_LIMIT_MB "${mb}" is not a positive number of MiB`);
+  return n * 2 ** 20;
+}
+
+/**
+ * Refuses a stage that would not fit `limitBytes`, before anything is loaded, with the numbers and the ways out.
+ * `where` names the worker and where its limit came from.
+ */
+export function checkStageFits(spec: ModelSpec, range: BlockRange, dtype: StageDType, o: StageMemoryOptions & { limitBytes: number; where: string; stages?: number }): StageMemory {
+  const m = stageMemory(spec, range, dtype, o);
+  if (m.total <= o.limitBytes) return m;
+  const smaller = (['int8', 'int4'] as const).filter((d) => bytesPerWeight(d) < bytesPerWeight(dtype)).map((d) => `--dtype ${d} (about ${fmt(stageMemory(spec, range, d, o).total)})`);
+  const fixes = [
+    `use more workers${o.stages ? ` (--workers ${o.stages + 1} or more)` : ''} so each holds fewer blocks`,
+    ...smaller,
+    m.kv > m.weights / 4 ? `a smaller --kv-budget-mb (the KV cache takes ${fmt(m.kv)})` : null,
+    'or give the worker more memory (--memory-limit-mb / STRATA_MEMORY_LIMIT_MB)',
+  ].filter(Boolean);
+  throw new StrataError(
+    'memory_limit_exceeded',
+    `stage ${rangeLabel(range)} of ${spec.family} needs about ${fmt(m.total)} — ${describeMemory(m, dtype)} — but ${o.where} has ${fmt(o.limitBytes)}; ` +
+      `it was not loaded (it would be killed by the OOM killer). To fix: ${fixes.join(', ')}.`,
+  );
+}
+
+/**
+ * float16 on the CPU execution provider: ORT has no float16 kernels for these layers on x86, so it inserts casts and
+ * keeps float32 copies of the weights at load — measured 2.7× the float16 weight bytes (more than float32's 1.1×),
+ * and no faster. Refused rather than double the memory silently.
+ */
+export function checkDtypeOnDevice(dtype: StageDType, deviceKind: string): void {
+  if (dtype === 'float16' && deviceKind === 'cpu' && process.env.STRATA_ALLOW_CPU_FLOAT16 !== '1') {
+    throw new StrataError(
+      'float16_on_cpu',
+      '--dtype float16 on a CPU device: ONNX Runtime\'s CPU execution provider computes these layers in float32 and keeps float32 copies of the float16 weights, so the stage would take more memory than float32 (measured 2.7× its float16 bytes) and run no faster. ' +
+        'Use --dtype float32 on a CPU (same numbers, less memory), --dtype int8 or int4 (weight-only quantized: about 28 % / 16 % of float32), or --device cuda:N for real float16',
+    );
+  }
+}
