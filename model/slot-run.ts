@@ -1,0 +1,78 @@
+import { IO } from './graph/io.ts';
+import { SLOT_IO } from './graph/slot-attention.ts';
+import { isDeviceTensor, type DeviceTensor, type Feed, type StageSession } from './executor.ts';
+import type { KvSlots } from './kv-slots.ts';
+import type { TensorData } from './tensor.ts';
+import { StrataError } from './errors.ts';
+
+// One ORT run of a decoder stage over KV slots: each batch row bound to its session's slot (idle graph rows to
+// scratch), and the run's outputs unpacked again, per stage and per session. See model/graph/slot-attention.ts.
+
+export interface StepOutput {
+  hidden?: TensorData;
+  logits?: TensorData;
+  /** Last stage: the final hidden states [B, T, D] (HF's last_hidden_state). */
+  lastHidden?: TensorData;
+}
+
+/** One run's rows: each batch row's slot and cached length, all with the same new-token count T. */
+export interface SlotRow {
+  slot: number;
+  past: number;
+}
+
+type RunOutputs = Record<string, TensorData | DeviceTensor>;
+
+/**
+ * Binds each row to its slot (idle rows of the graph's `graphRows` to scratch), runs, and keeps device-resident
+ * presents as the slots'. `feeds` holds the step's own inputs; the mask, lengths and KV are added here.
+ */
+export async function runInSlots(session: StageSession, slots: KvSlots, graphRows: number, feeds: Record<string, Feed>, rows: SlotRow[], seq: number): Promise<RunOutputs> {
+  const B = rows.length;
+  // The graph ignores the mask of a decoder (GQA reads lengths from seqlens_k); it still declares the input.
+  feeds[IO.attentionMask] = { dtype: 'int64', dims: [B, 1], data: new BigInt64Array(B).fill(1n) };
+  feeds[SLOT_IO.seqlens] = { dtype: 'int32', dims: [B], data: Int32Array.from(rows, (r) => r.past + seq - 1) } as unknown as TensorData;
+  const present: Record<string, TensorData> = {};
+  for (const l of slots.geometry.layers) {
+    for (let r = 0; r < graphRows; r++) {
+      const kv = r < B ? slots.slot(l, rows[r].slot) : slots.idle(l, r);
+      feeds[SLOT_IO.pastKey(l, r)] = kv.key;
+      feeds[SLOT_IO.pastValue(l, r)] = kv.value;
+      // Host buffers: the same tensor is past and preallocated present, so GQA writes the new K/V in place.
+      if (!isDeviceTensor(kv.key) && !slots.resident) {
+        present[SLOT_IO.presentKey(l, r)] = kv.key;
+        present[SLOT_IO.presentValue(l, r)] = kv.value as TensorData;
+      }
+    }
+  }
+  const out = await session.run(feeds, present);
+  if (slots.resident) keepOnDevice(slots, graphRows, rows, out);
+  return out;
+}
+
+/** WebGPU: the run's present K/V stay in GPU memory and become the slots' (and idle rows' scratch) for the next run. */
+function keepOnDevice(slots: KvSlots, graphRows: number, rows: SlotRow[], out: RunOutputs): void {
+  for (const l of slots.geometry.layers) {
+    for (let r = 0; r < graphRows; r++) {
+      const key = out[SLOT_IO.presentKey(l, r)];
+      const value = out[SLOT_IO.presentValue(l, r)];
+      if (!isDeviceTensor(key) || !isDeviceTensor(value)) throw new StrataError('stage_internal', `present KV of layer ${l} row ${r} came back to the host; expected it on the device`, 'internal');
+      slots.storeDevice(l, r < rows.length ? { slot: rows[r].slot } : { row: r }, key, value);
+    }
+  }
+}
+
+/** A run's outputs as a stage's: logits and final hidden states from the last stage, hidden states from the others. */
+export function stageOutputs(out: RunOutputs, isLast: boolean): StepOutput {
+  const host = (name: string) => out[name] as TensorData;
+  return isLast ? { logits: host(IO.logits), lastHidden: host(IO.lastHidden) } : { hidden: host(IO.hiddenOut) };
+}
+
+/** A batched run's output cut into one output per session (row b), each its own copy so it can travel independently. */
+export function splitRows(out: StepOutput, B: number, isLast: boolean): StepOutput[] {
+  const rowOf = (t: TensorData, b: number): TensorData => {
+    const n = t.data.length / B;
+    return { dtype: t.dtype, dims: [1, ...t.dims.slice(1)], data: t.data.slice(b * n, (b + 1) * n) as TensorData['data'] };
+  };
+  return Array.from({ length: B }, (_, b) => (isLast ? { logits: rowOf(out.logits!, b), lastHidden: rowOf(out.lastHidden!, b) } : { hidden: rowOf(out.hidden!, b) }));
+}
