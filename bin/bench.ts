@@ -9,16 +9,26 @@ import { renderSuiteReport, runSuite, type SuiteReport } from '../bench/suite.ts
 import { renderTimeline } from '../bench/timeline.ts';
 import { renderBlockReport, runBlockBench, type BlockBenchReport } from '../bench/block.ts';
 import { renderQuantReport, runQuantBench, type QuantBenchReport } from '../bench/quant.ts';
+import { renderLoadReport, runLoadBench, type LoadBenchReport } from '../bench/load.ts';
+import { supervisedLauncher } from './bench-load.ts';
 import { availableParallelism } from 'node:os';
 import { startLocalCluster } from './local-cluster.ts';
 
 /** The CLI's options: a pipeline bench's, plus the suite to run and where its outputs go. */
 export interface BenchCliOptions extends PipelineBenchOptions {
   repeats: number;
-  suite: 'pipeline' | 'all' | 'block' | 'quant';
+  suite: 'pipeline' | 'all' | 'block' | 'quant' | 'load';
   /** --suite quant: a Hugging Face checkpoint instead of the synthetic preset, and the llama.cpp anchors folder. */
   model?: string;
   anchors?: string;
+  /** --suite load: the stage dtype, the checkpoint's dtype, shard size, KV budget, the kill-and-restart run, removing the checkpoint. */
+  dtype?: string;
+  ckptDtype?: string;
+  shardMb?: number;
+  kvBudgetMb?: number;
+  recover?: boolean;
+  deleteCheckpoint?: boolean;
+  dropCaches?: boolean;
   out: string;
   json?: boolean;
   quiet?: boolean;
@@ -32,7 +42,7 @@ export const BENCH_DEFAULTS: BenchCliOptions = {
 export const localLauncher: ClusterLauncher = (modelDir, k, extraArgs) => startLocalCluster(modelDir, k, extraArgs);
 
 export interface BenchOutcome {
-  report: PipelineBenchReport | SuiteReport | BlockBenchReport | QuantBenchReport;
+  report: PipelineBenchReport | SuiteReport | BlockBenchReport | QuantBenchReport | LoadBenchReport;
   text: string;
   jsonPath: string;
   timelinePath: string;
@@ -47,7 +57,7 @@ export async function runBench(opts: Partial<BenchCliOptions>, deps: { launcher?
   mkdirSync(outDir, { recursive: true });
   const jsonPath = join(outDir, 'bench.json');
   const timelinePath = join(outDir, 'timeline.html');
-  let report: PipelineBenchReport | SuiteReport | BlockBenchReport | QuantBenchReport;
+  let report: PipelineBenchReport | SuiteReport | BlockBenchReport | QuantBenchReport | LoadBenchReport;
   let text: string;
   let html: string;
   if (o.suite === 'all') {
@@ -70,8 +80,13 @@ export async function runBench(opts: Partial<BenchCliOptions>, deps: { launcher?
     report = r;
     text = renderQuantReport(r, o.out);
     html = renderTimeline('strata bench --suite quant (float32 vs int8 vs int4, llama.cpp on the same weights)', []);
+  } else if (o.suite === 'load') {
+    const r = await runLoadBench({ ...o, newTokens: opts.newTokens ?? 16 }, supervisedLauncher(progress), progress);
+    report = r;
+    text = renderLoadReport(r, o.out);
+    html = renderTimeline('strata bench --suite load (checkpoint read, first start, cache hit, memory, decode)', []);
   } else {
-    throw new StrataError('bench_suite_unknown', `--suite must be "pipeline", "all", "block" or "quant", got "${o.suite}"`);
+    throw new StrataError('bench_suite_unknown', `--suite must be "pipeline", "all", "block", "quant" or "load", got "${o.suite}"`);
   }
   writeFileSync(jsonPath, JSON.stringify(report, null, 2) + '\n');
   writeFileSync(timelinePath, html);
@@ -101,9 +116,16 @@ export function registerBenchCommand(program: Command): void {
     .option('--max-batch <b>', 'worker --max-batch (decode steps batched per ORT run)', int('--max-batch'), BENCH_DEFAULTS.maxBatch)
     .option('--repeats <r>', '--suite all: repeats of each one-request run (median)', int('--repeats'), BENCH_DEFAULTS.repeats)
     .option('--seed <s>', 'prompt RNG seed', int('--seed', 0), BENCH_DEFAULTS.seed)
-    .option('--suite <name>', 'pipeline (this configuration vs its baselines) | all (every figure the issues ask for) | block (one block of --preset, default gpt-j, timed alone vs memory bandwidth) | quant (float32 vs int8 vs int4 stages on one worker: weight bytes, RSS, decode speed; llama.cpp with --anchors)', BENCH_DEFAULTS.suite)
+    .option('--suite <name>', 'pipeline (this configuration vs its baselines) | all (every figure the issues ask for) | block (one block of --preset, default gpt-j, timed alone vs memory bandwidth) | quant (float32 vs int8 vs int4 stages on one worker: weight bytes, RSS, decode speed; llama.cpp with --anchors) | load (a full-size sharded checkpoint of --preset, --blocks to scale it: raw read, first start, cache-hit start, peak RSS, decode; --recover)', BENCH_DEFAULTS.suite)
     .option('--model <dir>', '--suite quant: a Hugging Face checkpoint (default: the synthetic --preset)')
     .option('--anchors <dir>', '--suite quant: the llama.cpp anchors folder (../shared/anchors set up in e.g. /tmp/anchors) holding GGUF files of --model')
+    .option('--dtype <dtype>', '--suite load: the stage dtype (float32 | int8 | int4; float16 is refused on a CPU)', 'float32')
+    .option('--ckpt-dtype <dtype>', '--suite load: the written checkpoint\'s dtype, f32 | f16', 'f32')
+    .option('--shard-mb <mb>', '--suite load: largest checkpoint shard', int('--shard-mb'), 3500)
+    .option('--kv-budget-mb <mb>', '--suite load: each worker\'s --kv-budget-mb', int('--kv-budget-mb'), 1024)
+    .option('--recover', '--suite load: also kill -9 the last worker mid-generation and time its restart (warm cache), checking the outputs')
+    .option('--no-drop-caches', '--suite load: never drop the page cache before timed reads and starts (they are then warm)')
+    .option('--delete-checkpoint', '--suite load: remove the written checkpoint at the end (it is kept for the next run otherwise)')
     .option('--out <dir>', 'where bench.json and timeline.html go', BENCH_DEFAULTS.out)
     .option('--json', 'print only the JSON report on stdout')
     .action(async (o: BenchCliOptions) => {

@@ -180,6 +180,8 @@ export const ERROR_CATALOGUE = {
   bench_preset_unknown: entry('invalid_argument'),
   bench_shape_invalid: entry('invalid_argument'),
   bench_suite_unknown: entry('invalid_argument'),
+  bench_read_failed: entry('internal'),
+  bench_cache_missing: entry('internal'),
 
   // ---- raised only by tests (a stand-in transient failure) ----
   stage_unreachable: entry('unavailable'),
