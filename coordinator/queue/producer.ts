@@ -2,12 +2,13 @@ import { randomUUID } from 'node:crypto';
 import { Queue, QueueEvents, type Job, type JobsOptions } from 'bullmq';
 import type { Redis } from 'ioredis';
 import type { Logger } from 'pino';
-import { isStrataError, StrataError } from '../../model/errors.ts';
+import { StrataError } from '../../model/errors.ts';
 import type { JobPayload, JobResult, TokenProgress } from '../api/jobs/types.ts';
-import { connect, defaultLog, hangUp, QUEUE_NAME, redisUnavailable, redisUrlFromEnv, settlesWithin, throttled, whenReady, withTimeout, type QueueConfig } from './connection.ts';
-import { NON_RETRYABLE, parseFailure } from './failure.ts';
-import { JobFollowers, type Follower } from './followers.ts';
-import { canonical } from './idempotency.ts';
+import { connect, defaultLog, hangUp, QUEUE_NAME, redisUrlFromEnv, settlesWithin, throttled, type QueueConfig } from './connection.ts';
+import { parseFailure } from './failure.ts';
+import { JobFollowers } from './followers.ts';
+import { followExisting, pollFollowers, type JobStore, type SameRequest } from './job-state.ts';
+import { RedisCalls, streamEnd } from './redis-calls.ts';
 
 /** Retries for transient failures (a worker restarting), retention so Redis does not fill with finished jobs. */
 export const DEFAULT_JOB_OPTIONS: JobsOptions = {
@@ -32,21 +33,10 @@ export interface SubmitOptions {
    * Whether an existing job's data is the same request as `payload` (default: equal JSON, key order aside). The
    * API compares validated requests instead, so defaults spelled out or left out do not matter.
    */
-  sameRequest?: (existing: unknown, payload: JobPayload) => boolean;
+  sameRequest?: SameRequest;
   onProgress?: (p: TokenProgress) => void;
   /** Give up waiting (the job itself stays queued and visible under /v1/jobs/:id). Default 10 min. */
   timeoutMs?: number;
-}
-
-/** The id of a stream's last entry ('0-0' when empty); undefined when Redis does not answer in time. */
-async function streamEnd(redis: Redis, key: string, timeoutMs: number): Promise<string | undefined> {
-  try {
-    await whenReady(redis, timeoutMs);
-    const last = await withTimeout(redis.xrevrange(key, '+', '-', 'COUNT', 1), timeoutMs, () => new Error('timeout'));
-    return last[0]?.[0] ?? '0-0';
-  } catch {
-    return undefined; // Redis down now: '$' when it comes back, the poller covers the gap
-  }
 }
 
 /**
@@ -57,6 +47,9 @@ export class RequestQueue {
   readonly name: string;
   private readonly followers = new JobFollowers();
   private poller: NodeJS.Timeout | null = null;
+  private readonly calls: RedisCalls;
+  /** What settling followers from stored job state needs (job-state.ts). */
+  private readonly store: JobStore;
 
   private constructor(
     readonly url: string,
@@ -69,11 +62,13 @@ export class RequestQueue {
     readonly redisTimeoutMs: number,
   ) {
     this.name = queue.name;
+    this.calls = new RedisCalls(url, redis, redisTimeoutMs);
+    this.store = { getJob: (id) => this.getJob(id), calls: this.calls, followers: this.followers, log };
     events.on('progress', ({ jobId, data }) => this.followers.progress(jobId, data as unknown as TokenProgress));
     events.on('completed', ({ jobId, returnvalue }) => this.followers.settle(jobId, returnvalue as unknown as JobResult));
     events.on('failed', ({ jobId, failedReason }) => this.followers.settle(jobId, parseFailure(failedReason)));
     // Events can be lost (a reconnect while the stream was trimmed); a slow poll of the job state backs them up.
-    this.poller = setInterval(() => void this.pollFollowers(), 5000);
+    this.poller = setInterval(() => void pollFollowers(this.store), 5000);
     this.poller.unref();
   }
 
@@ -99,27 +94,13 @@ export class RequestQueue {
     return new RequestQueue(url, queue, events, producer, [producer, blocking], log, timeout);
   }
 
-  private unavailable(detail?: string) {
-    return redisUnavailable(this.url, detail);
-  }
-
   /** Runs a Redis call on a request's path: a deadline, and any failure becomes a typed 503. */
-  async redisCall<T>(fn: () => Promise<T>): Promise<T> {
-    // A connection attempt in progress gets the deadline; a connection known to be down fails at once.
-    if (!(await whenReady(this.redis, this.redisTimeoutMs))) throw this.unavailable(`is not connected (${this.redis.status})`);
-    try {
-      return await withTimeout(fn(), this.redisTimeoutMs, () => this.unavailable());
-    } catch (e) {
-      throw isStrataError(e) ? e : this.unavailable(`failed: ${(e as Error).message}`);
-    }
+  redisCall<T>(fn: () => Promise<T>): Promise<T> {
+    return this.calls.call(fn);
   }
 
-  async ping(): Promise<boolean> {
-    try {
-      return (await this.redisCall(() => this.redis.ping())) === 'PONG';
-    } catch {
-      return false;
-    }
+  ping(): Promise<boolean> {
+    return this.calls.ping();
   }
 
   /** Jobs not started yet (waiting + prioritized + delayed retries). */
@@ -156,7 +137,7 @@ export class RequestQueue {
     const { follower, result, stop } = this.followers.follow(jobId, opts.timeoutMs ?? 600_000, opts.onProgress);
     let existing = false;
     try {
-      existing = opts.jobId !== undefined && (await this.followExisting(jobId, payload, follower, opts.sameRequest));
+      existing = opts.jobId !== undefined && (await followExisting(this.store, jobId, payload, follower, opts.sameRequest));
       if (!existing) {
         await opts.beforeAdd?.();
         await this.enqueue(payload, { jobId, priority: opts.priority });
@@ -168,44 +149,6 @@ export class RequestQueue {
     // Abandoning settles the promise (so nothing waits forever); the job itself runs on and stays queryable.
     const abandon = () => this.followers.settleOne(jobId, follower, new StrataError('abandoned', `stopped following job ${jobId}`, 'unavailable'));
     return { jobId, result, abandon, existing };
-  }
-
-  /**
-   * An idempotent resubmission: when job `jobId` exists, checks it is the same request and settles `follower` from
-   * its state (or leaves it to the job's events). False when there is no such job.
-   */
-  private async followExisting(jobId: string, payload: JobPayload, follower: Follower, same?: SubmitOptions['sameRequest']): Promise<boolean> {
-    const job = await this.getJob(jobId);
-    if (!job) return false;
-    if (!(same ? same(job.data, payload) : canonical(job.data) === canonical(payload))) {
-      throw new StrataError('idempotency_key_reused', `job ${jobId} exists with a different request; an idempotency key (Idempotency-Key header or job_id) names one request: use a new key for a new request`, 'failed_precondition');
-    }
-    const state = await this.redisCall(() => job.getState());
-    if (state === 'completed') this.followers.settleOne(jobId, follower, job.returnvalue as JobResult);
-    else if (state === 'failed') {
-      const failure = parseFailure(job.failedReason);
-      // A failure a retry can cure (the pipeline was down) runs again; one that cannot is the answer.
-      if (NON_RETRYABLE.has(failure.kind)) this.followers.settleOne(jobId, follower, failure);
-      else {
-        this.log.info({ jobId, reason: job.failedReason }, 'resubmitted job had failed; retrying it');
-        await this.redisCall(() => job.retry('failed', { resetAttemptsMade: true }));
-      }
-    }
-    return true;
-  }
-
-  private async pollFollowers(): Promise<void> {
-    if (this.followers.size === 0 || this.redis.status !== 'ready') return;
-    for (const jobId of this.followers.jobIds()) {
-      try {
-        const job = await this.getJob(jobId);
-        const state = job && (await job.getState());
-        if (state === 'completed') this.followers.settle(jobId, job!.returnvalue as JobResult);
-        else if (state === 'failed') this.followers.settle(jobId, parseFailure(job!.failedReason));
-      } catch {
-        return; // Redis trouble: try again next round
-      }
-    }
   }
 
   async close(): Promise<void> {
