@@ -2,14 +2,13 @@ import { randomUUID } from 'node:crypto';
 import { isRecoverable, StrataError } from '../model/errors.ts';
 import { embed, type PipelineStep, type StepResult, type Stepper } from '../model/generation.ts';
 import type { BlockRange } from '../model/range.ts';
-import type { WireStepReply, WireTiming } from '../proto/messages.ts';
-import { resultFromWire, stepToWire } from '../proto/step-codec.ts';
-import { DecodeScheduler } from './decode-scheduler.ts';
+import type { WireTiming } from '../proto/messages.ts';
 import { HealthMonitor } from './health-monitor.ts';
 import { Recovery, type RecoveryOptions } from './recovery.ts';
 import { ReplayLog, type SessionLog } from './replay-log.ts';
-import { ResultsSubscription } from './results-subscription.ts';
+import { ResultsRoute } from './results-subscription.ts';
 import { configureStages, NO_STAGES, type ConfigureOptions, type StageSet } from './stage-set.ts';
+import { StepRouter } from './step-router.ts';
 
 // A type alias (not an interface) so it is assignable to the API's open-ended stage records.
 export type StageView = {
@@ -36,7 +35,7 @@ export interface RemotePipelineOptions extends ConfigureOptions, Omit<RecoveryOp
 /**
  * The coordinator's view of K workers as one Stepper. It configures every worker with its block range and next hop
  * (stage-set.ts), then sends token ids to stage 0 and gets tokens or logits back from the chain, decode steps in
- * groups (decode-scheduler.ts). It never sees hidden states.
+ * groups (step-router.ts, decode-scheduler.ts). It never sees hidden states.
  *
  * It keeps every live session's token-level inputs (replay-log.ts), so when a stage dies mid-request it re-plans
  * onto the workers that answer (recovery.ts: a restarted worker at its old address, a spare, or fewer stages),
@@ -48,10 +47,9 @@ export class RemotePipeline implements Stepper {
   private readonly health = new HealthMonitor();
   private readonly sessions: ReplayLog;
   private readonly recovery: Recovery;
-  private readonly decodes: DecodeScheduler;
+  private readonly router: StepRouter;
   /** Replies straight from the last stage, errors from the stage that passed a step on (re-subscribed whenever the pipeline is reconfigured). */
-  private results: ResultsSubscription | null = null;
-  private readonly subscriber = `coordinator-${randomUUID()}`;
+  private readonly results = new ResultsRoute(`coordinator-${randomUUID()}`);
   /** Bumped by every (re)configuration; a failure seen under an older generation needs no new recovery. */
   private generation = 0;
 
@@ -70,12 +68,13 @@ export class RemotePipeline implements Stepper {
       },
       { ...opts, addresses },
     );
-    this.decodes = new DecodeScheduler({
+    this.router = new StepRouter({
+      spec: opts.spec,
       fingerprint: opts.fingerprint,
       stepTimeoutMs: opts.stepTimeoutMs ?? 60_000,
       links: () => this.stages.links,
-      subscription: () => this.subscription(),
-      received: (reply) => this.received(reply),
+      subscription: () => this.results.current(this.stages.links),
+      onTiming: (stage, timing) => this.opts.onTiming?.(stage, timing),
     });
   }
 
@@ -92,23 +91,7 @@ export class RemotePipeline implements Stepper {
     this.stages = stages;
     this.health.reset(stages.links);
     this.generation++;
-    this.subscribeResults();
-  }
-
-  /** (Re)subscribes to every stage's Results; until all confirm, decode replies come back through the chain. */
-  private subscribeResults(): void {
-    this.results?.close();
-    try {
-      this.results = new ResultsSubscription(this.stages.links, this.subscriber);
-    } catch {
-      this.results = null; // a link closed meanwhile: the chain carries the replies
-    }
-  }
-
-  /** The subscription for the next decode group: a broken one (the last stage restarted, say) is renewed first. */
-  private subscription(): ResultsSubscription | null {
-    if (this.results?.closed && this.stages.links.length) this.subscribeResults();
-    return this.results;
+    this.results.renew(stages.links);
   }
 
   /** Polls every stage's health so /health and /v1/pipeline tell the truth, and grows back to full size. */
@@ -128,7 +111,7 @@ export class RemotePipeline implements Stepper {
 
   /** Decode results that came straight from the last stage (the rest came back through the chain). */
   get directReplies(): number {
-    return this.decodes.directReplies;
+    return this.router.directReplies;
   }
 
   describe(): { stages: StageView[] } {
@@ -148,7 +131,7 @@ export class RemotePipeline implements Stepper {
         // A replay can itself meet a fault (another worker dies meanwhile): it is retried like the step.
         if (replayNeeded) await this.replay(log);
         replayNeeded = false;
-        const result = await this.send(log.wireId, input);
+        const result = await this.router.send(log.wireId, input);
         this.sessions.record(log, input);
         return result;
       } catch (e) {
@@ -160,29 +143,11 @@ export class RemotePipeline implements Stepper {
     }
   }
 
-  private async send(wireId: string, input: PipelineStep): Promise<StepResult> {
-    if (this.isDecodeStep(input)) return this.decodes.enqueue(wireId, input);
-    const req = stepToWire(wireId, { fingerprint: this.opts.fingerprint, first: 0 }, input);
-    return this.received(await this.stages.links[0].step(req, this.opts.stepTimeoutMs ?? 60_000));
-  }
-
-  private received(wire: WireStepReply): StepResult {
-    const reply = resultFromWire(wire);
-    reply.timings.forEach((t, i) => this.opts.onTiming?.(i, t));
-    return reply;
-  }
-
-  /** One token of one session on top of its KV cache: the steps worth batching across sessions. */
-  private isDecodeStep(input: PipelineStep): boolean {
-    const [rows, seq] = input.positionIds.dims;
-    return this.opts.spec.causal && rows === 1 && seq === 1 && input.attentionMask.dims[1] > 1 && input.output !== 'hidden_mean';
-  }
-
   /** Rebuilds a session's KV caches under a fresh wire id: one prefill of every token so far. */
   private async replay(log: SessionLog): Promise<void> {
     const { old, steps } = this.sessions.renew(log);
     void this.stages.links[0]?.endSession(old).catch(() => {});
-    for (const s of steps) await this.send(log.wireId, s);
+    for (const s of steps) await this.router.send(log.wireId, s);
   }
 
   /** Re-plans onto the larger set when a worker lost earlier answers again; false when there is none. */
@@ -192,7 +157,7 @@ export class RemotePipeline implements Stepper {
 
   async end(sessionId: string): Promise<void> {
     const wireId = this.sessions.end(sessionId);
-    this.decodes.forget(wireId);
+    this.router.forget(wireId);
     await this.stages.links[0]?.endSession(wireId).catch(() => {});
   }
 
@@ -203,7 +168,7 @@ export class RemotePipeline implements Stepper {
 
   close(): void {
     this.health.stop();
-    this.results?.close();
+    this.results.close();
     this.stages.links.forEach((c) => c.close());
   }
 }

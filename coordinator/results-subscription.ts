@@ -60,3 +60,33 @@ export class ResultsSubscription {
     for (const s of this.subscriptions) s.cancel();
   }
 }
+
+/**
+ * The coordinator's current ResultsSubscription: a new one whenever the pipeline is reconfigured, and one renewed
+ * when it broke (the last stage restarted, say). Null while there is none: the chain then carries the replies.
+ */
+export class ResultsRoute {
+  private results: ResultsSubscription | null = null;
+
+  constructor(readonly subscriber: string) {}
+
+  /** (Re)subscribes to every stage's Results; until all confirm, decode replies come back through the chain. */
+  renew(links: StageLink[]): void {
+    this.results?.close();
+    try {
+      this.results = new ResultsSubscription(links, this.subscriber);
+    } catch {
+      this.results = null; // a link closed meanwhile: the chain carries the replies
+    }
+  }
+
+  /** The subscription for the next decode group: a broken one is renewed first. */
+  current(links: StageLink[]): ResultsSubscription | null {
+    if (this.results?.closed && links.length) this.renew(links);
+    return this.results;
+  }
+
+  close(): void {
+    this.results?.close();
+  }
+}
