@@ -4,6 +4,8 @@ import { Tokenizer } from '@huggingface/tokenizers';
 import { StrataError } from './errors.ts';
 import type { ModelSpec } from './config.ts';
 import { chatTemplateSource } from './chat-template.ts';
+import { families, familyNamed } from './families/index.ts';
+import type { TokenizerDefaults } from './families/family.ts';
 
 /** Text ↔ token ids for one model directory, whatever files it shipped its tokenizer as. */
 export interface StrataTokenizer {
@@ -12,7 +14,7 @@ export interface StrataTokenizer {
   decode(ids: number[], opts?: { skipSpecialTokens?: boolean }): string;
   tokenToId(token: string): number | undefined;
   idToToken(id: number): string | undefined;
-  /** "[MASK]" for BERT vocabularies; null when the vocabulary has no mask token. */
+  /** tokenizer_config.json's mask_token, else the family's (`[MASK]` for DistilBERT); null when the vocabulary has none. */
   maskToken: { token: string; id: number } | null;
   eosTokenId: number | null;
   /** Highest token id + 1 (the tokenizer's, which may be below the model's padded vocab). */
@@ -86,7 +88,8 @@ const addedToken = (id: number, content: string, special: boolean) =>
 
 /**
  * GPT-2 style `vocab.json` + `merges.txt` as the tokenizer.json that GPT2TokenizerFast would save:
- * byte-level BPE, no normalizer, special tokens (default `<|endoftext|>`) as added tokens.
+ * byte-level BPE, no normalizer, special tokens (`<|endoftext|>` always: the class's default for these files,
+ * whatever the model) as added tokens.
  * Special tokens missing from the vocabulary are skipped rather than appended (HF would give them ids past
  * the vocabulary, which the model's embedding could not look up).
  */
@@ -208,6 +211,14 @@ export async function readTokenizerFiles(modelDir: string): Promise<TokenizerFil
   return { source: 'vocab.txt', dir: modelDir, json: bertTokenizerJson(vocab, config), config };
 }
 
+/**
+ * The special tokens to look up when the tokenizer files name none: the model's family's (model/families/), or,
+ * for a tokenizer loaded without its model (tools, tests), every registered family's in registration order.
+ */
+function tokenizerDefaults(spec?: ModelSpec): TokenizerDefaults[] {
+  return spec ? [familyNamed(spec.family).tokenizer] : families().map((f) => f.tokenizer);
+}
+
 /** Wraps a built `Tokenizer`: camelCase options, and decode that tolerates what generation produces. */
 export function createTokenizer(files: TokenizerFiles, spec?: ModelSpec): StrataTokenizer {
   let tok: Tokenizer;
@@ -219,7 +230,9 @@ export function createTokenizer(files: TokenizerFiles, spec?: ModelSpec): Strata
   const idOf = (t: unknown) => (typeof t === 'string' ? tok.token_to_id(t) : undefined);
   const ids = [...Object.values(files.json.model.vocab ?? {}), ...files.json.added_tokens.map((t: Json) => t.id)]
     .filter((id): id is number => typeof id === 'number');
-  const maskName = [files.config.mask_token, '[MASK]', '<mask>'].find((t) => idOf(t) !== undefined) as string | undefined;
+  const defaults = tokenizerDefaults(spec);
+  const maskName = [files.config.mask_token, ...defaults.map((d) => d.maskToken)].find((t) => idOf(t) !== undefined) as string | undefined;
+  const eosName = defaults.map((d) => d.eosToken).find((t) => idOf(t) !== undefined);
   return {
     encode: (text, opts) => tok.encode(text, { add_special_tokens: opts?.addSpecialTokens ?? true }).ids,
     decode(ids, opts) {
@@ -230,7 +243,7 @@ export function createTokenizer(files: TokenizerFiles, spec?: ModelSpec): Strata
     tokenToId: (token) => tok.token_to_id(token),
     idToToken: (id) => tok.id_to_token(id),
     maskToken: maskName === undefined ? null : { token: maskName, id: idOf(maskName)! },
-    eosTokenId: spec?.eosTokenId ?? idOf(files.config.eos_token) ?? idOf('<|endoftext|>') ?? null,
+    eosTokenId: spec?.eosTokenId ?? idOf(files.config.eos_token) ?? idOf(eosName) ?? null,
     vocabSize: ids.reduce((max, id) => Math.max(max, id + 1), 0),
     chatTemplate: chatTemplateSource(files.config),
     specialTokens: Object.fromEntries(['bos_token', 'eos_token', 'unk_token', 'pad_token', 'sep_token', 'cls_token', 'mask_token'].map((k) => [k, typeof files.config[k] === 'string' ? files.config[k] : undefined])),
