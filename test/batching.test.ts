@@ -9,16 +9,9 @@ import type { TensorData } from '../model/tensor.ts';
 import { RemotePipeline } from '../coordinator/remote-pipeline.ts';
 import { startLocalCluster, type LocalCluster } from '../bin/local-cluster.ts';
 import { CAUSAL_FIXTURES, expected, fixtureDir, maxAbsDiff, testCacheDir } from './helpers/fixtures.ts';
+import { argmax, i64 } from './helpers/tensors.ts';
 
 before(() => testCacheDir());
-
-const i64 = (rows: number[][]): TensorData => ({ dtype: 'int64', dims: [rows.length, rows[0].length], data: BigInt64Array.from(rows.flat(), BigInt) });
-const argmax = (t: TensorData) => {
-  const d = t.data as Float32Array;
-  let best = 0;
-  for (let i = 1; i < d.length; i++) if (d[i] > d[best]) best = i;
-  return best;
-};
 
 /** Sessions driven step by step through a chain of stages, decode steps batched in whatever groups the test picks. */
 class Driver {

@@ -14,6 +14,7 @@ import { RemotePipeline } from '../coordinator/remote-pipeline.ts';
 import { startLocalCluster, type LocalCluster } from '../bin/local-cluster.ts';
 import type { WireTiming } from '../proto/messages.ts';
 import { ALL_FIXTURES, expected, fixtureDir, maxAbsDiff, testCacheDir } from './helpers/fixtures.ts';
+import { argmax, i64 } from './helpers/tensors.ts';
 
 // The device path on a machine without a GPU: ORT's WebGPU EP (Dawn) on Mesa's lavapipe (Vulkan on the CPU; CI
 // installs it, .ci/lavapipe.sh). lavapipe is slow (shaders compile per shape, seconds per first run), so these use
@@ -28,13 +29,6 @@ before(() => {
   }
 });
 const TOL = 1e-4;
-const i64 = (rows: number[][]): TensorData => ({ dtype: 'int64', dims: [rows.length, rows[0].length], data: BigInt64Array.from(rows.flat(), BigInt) });
-const argmax = (t: TensorData) => {
-  const d = t.data as Float32Array;
-  let best = 0;
-  for (let i = 1; i < d.length; i++) if (d[i] > d[best]) best = i;
-  return best;
-};
 
 describe('WebGPU (lavapipe): parity of every family, K = 1 and 2, in process', () => {
   for (const name of ALL_FIXTURES) {
