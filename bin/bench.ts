@@ -9,6 +9,8 @@ import { renderSuiteReport, runSuite, type SuiteReport } from '../bench/suite.ts
 import { renderTimeline } from '../bench/timeline.ts';
 import { renderBlockReport, runBlockBench, type BlockBenchReport } from '../bench/block.ts';
 import { renderQuantReport, runQuantBench, type QuantBenchReport } from '../bench/quant.ts';
+import { renderContextReport, runContextBench, type ContextBenchReport } from '../bench/context.ts';
+import { ensureSyntheticModel, resolveShape } from '../bench/model.ts';
 import { renderLoadReport, runLoadBench, type LoadBenchReport } from '../bench/load.ts';
 import { supervisedLauncher } from './bench-load.ts';
 import { availableParallelism } from 'node:os';
@@ -17,7 +19,10 @@ import { startLocalCluster } from './local-cluster.ts';
 /** The CLI's options: a pipeline bench's, plus the suite to run and where its outputs go. */
 export interface BenchCliOptions extends PipelineBenchOptions {
   repeats: number;
-  suite: 'pipeline' | 'all' | 'block' | 'quant' | 'load';
+  suite: 'pipeline' | 'all' | 'block' | 'quant' | 'context' | 'load';
+  /** --suite context: the previous runtime's git ref ('' = none), and where the stage runs. */
+  baseline?: string;
+  device?: string;
   /** --suite quant: a Hugging Face checkpoint instead of the synthetic preset, and the llama.cpp anchors folder. */
   model?: string;
   anchors?: string;
@@ -42,7 +47,7 @@ export const BENCH_DEFAULTS: BenchCliOptions = {
 export const localLauncher: ClusterLauncher = (modelDir, k, extraArgs) => startLocalCluster(modelDir, k, extraArgs);
 
 export interface BenchOutcome {
-  report: PipelineBenchReport | SuiteReport | BlockBenchReport | QuantBenchReport | LoadBenchReport;
+  report: PipelineBenchReport | SuiteReport | BlockBenchReport | QuantBenchReport | ContextBenchReport | LoadBenchReport;
   text: string;
   jsonPath: string;
   timelinePath: string;
@@ -57,7 +62,7 @@ export async function runBench(opts: Partial<BenchCliOptions>, deps: { launcher?
   mkdirSync(outDir, { recursive: true });
   const jsonPath = join(outDir, 'bench.json');
   const timelinePath = join(outDir, 'timeline.html');
-  let report: PipelineBenchReport | SuiteReport | BlockBenchReport | QuantBenchReport | LoadBenchReport;
+  let report: PipelineBenchReport | SuiteReport | BlockBenchReport | QuantBenchReport | ContextBenchReport | LoadBenchReport;
   let text: string;
   let html: string;
   if (o.suite === 'all') {
@@ -80,13 +85,19 @@ export async function runBench(opts: Partial<BenchCliOptions>, deps: { launcher?
     report = r;
     text = renderQuantReport(r, o.out);
     html = renderTimeline('strata bench --suite quant (float32 vs int8 vs int4, llama.cpp on the same weights)', []);
+  } else if (o.suite === 'context') {
+    const model = o.model ?? ensureSyntheticModel(resolveShape(o)).dir;
+    const r = await runContextBench({ model, threads: o.threadsPerWorker ?? availableParallelism(), rounds: o.repeats, device: o.device, baseline: o.baseline, anchors: o.anchors, log: (m) => progress.phase(m) });
+    report = r;
+    text = renderContextReport(r);
+    html = renderTimeline('strata bench --suite context (one stage, decode steps by context length and batch)', []);
   } else if (o.suite === 'load') {
     const r = await runLoadBench({ ...o, newTokens: opts.newTokens ?? 16 }, supervisedLauncher(progress), progress);
     report = r;
     text = renderLoadReport(r, o.out);
     html = renderTimeline('strata bench --suite load (checkpoint read, first start, cache hit, memory, decode)', []);
   } else {
-    throw new StrataError('bench_suite_unknown', `--suite must be "pipeline", "all", "block", "quant" or "load", got "${o.suite}"`);
+    throw new StrataError('bench_suite_unknown', `--suite must be "pipeline", "all", "block", "quant", "context" or "load", got "${o.suite}"`);
   }
   writeFileSync(jsonPath, JSON.stringify(report, null, 2) + '\n');
   writeFileSync(timelinePath, html);
@@ -116,9 +127,11 @@ export function registerBenchCommand(program: Command): void {
     .option('--max-batch <b>', 'worker --max-batch (decode steps batched per ORT run)', int('--max-batch'), BENCH_DEFAULTS.maxBatch)
     .option('--repeats <r>', '--suite all: repeats of each one-request run (median)', int('--repeats'), BENCH_DEFAULTS.repeats)
     .option('--seed <s>', 'prompt RNG seed', int('--seed', 0), BENCH_DEFAULTS.seed)
-    .option('--suite <name>', 'pipeline (this configuration vs its baselines) | all (every figure the issues ask for) | block (one block of --preset, default gpt-j, timed alone vs memory bandwidth) | quant (float32 vs int8 vs int4 stages on one worker: weight bytes, RSS, decode speed; llama.cpp with --anchors) | load (a full-size sharded checkpoint of --preset, --blocks to scale it: raw read, first start, cache-hit start, peak RSS, decode; --recover)', BENCH_DEFAULTS.suite)
-    .option('--model <dir>', '--suite quant: a Hugging Face checkpoint (default: the synthetic --preset)')
-    .option('--anchors <dir>', '--suite quant: the llama.cpp anchors folder (../shared/anchors set up in e.g. /tmp/anchors) holding GGUF files of --model')
+    .option('--suite <name>', 'pipeline (this configuration vs its baselines) | all (every figure the issues ask for) | block (one block of --preset, default gpt-j, timed alone vs memory bandwidth) | quant (float32 vs int8 vs int4 stages on one worker: weight bytes, RSS, decode speed; llama.cpp with --anchors) | context (decode ms/step, tok/s, host↔device bytes/step at prompts 16-1024, batch 1 and 8, vs the previous runtime and llama.cpp with --anchors) | load (a full-size sharded checkpoint of --preset, --blocks to scale it: raw read, first start, cache-hit start, peak RSS, decode; --recover)', BENCH_DEFAULTS.suite)
+    .option('--model <dir>', '--suite quant/context: a Hugging Face checkpoint (default: the synthetic --preset)')
+    .option('--baseline <ref>', '--suite context: git ref of the previous stage runtime, run from a worktree in the same rounds (\'\' = none)')
+    .option('--device <device>', '--suite context: cpu | cuda:N | webgpu', process.env.STRATA_DEVICE ?? 'cpu')
+    .option('--anchors <dir>', '--suite quant/context: the llama.cpp anchors folder (../shared/anchors set up in e.g. /tmp/anchors) holding GGUF files of --model')
     .option('--dtype <dtype>', '--suite load: the stage dtype (float32 | int8 | int4; float16 is refused on a CPU)', 'float32')
     .option('--ckpt-dtype <dtype>', '--suite load: the written checkpoint\'s dtype, f32 | f16', 'f32')
     .option('--shard-mb <mb>', '--suite load: largest checkpoint shard', int('--shard-mb'), 3500)

@@ -44,7 +44,18 @@ export interface Transfer {
   kvBytes: number;
 }
 
-const toOrt = (t: TensorData) => new ort.Tensor(t.dtype, t.data, t.dims);
+/**
+ * ORT tensors of long-lived buffers (KV slot views, scratch), made once: a run binds hundreds of them (layers × rows ×
+ * past/present), and wrapping each anew every run cost milliseconds per step. Keyed by the TensorData object, whose
+ * data and dims must then not change (KvSlots hands out the same objects every run).
+ */
+const wrapped = new WeakMap<TensorData, ort.Tensor>();
+const toOrt = (t: TensorData, keep = false): ort.Tensor => {
+  if (!keep) return new ort.Tensor(t.dtype, t.data, t.dims);
+  let o = wrapped.get(t);
+  if (!o) wrapped.set(t, (o = new ort.Tensor(t.dtype, t.data, t.dims)));
+  return o;
+};
 const fromOrt = (t: ort.Tensor): TensorData => ({ dtype: t.type as TensorData['dtype'], dims: [...t.dims], data: t.data as TensorData['data'] });
 const isKv = (name: string) => name.startsWith('past_') || name.startsWith('present_');
 
@@ -137,14 +148,14 @@ export class StageSession {
         ortFeeds[k] = v.ort;
         continue;
       }
-      ortFeeds[k] = toOrt(v);
+      ortFeeds[k] = toOrt(v, isKv(k));
       if (this.onDevice) {
         t.hostToDevice += v.data.byteLength;
         if (isKv(k)) t.kvBytes += v.data.byteLength;
       }
     }
     const fetches: Record<string, ort.Tensor | null> = {};
-    for (const name of this.session.outputNames) fetches[name] = preallocated[name] ? toOrt(preallocated[name]) : null;
+    for (const name of this.session.outputNames) fetches[name] = preallocated[name] ? toOrt(preallocated[name], isKv(name)) : null;
     const out = await this.session.run(ortFeeds, fetches as ort.InferenceSession.FetchesType);
     const result: Record<string, TensorData | DeviceTensor> = {};
     for (const [k, v] of Object.entries(out)) {

@@ -45,6 +45,7 @@ export class KvSlots {
   private readonly host: Map<number, { key: ArrayBuffer; value: ArrayBuffer }> | null;
   private readonly device = new Map<string, { key: DeviceTensor; value: DeviceTensor }>();
   private readonly scratch = new Map<string, { key: KvTensor; value: KvTensor }>();
+  private readonly views = new Map<string, { key: TensorData; value: TensorData }>();
 
   constructor(
     readonly geometry: SlotGeometry,
@@ -98,8 +99,14 @@ export class KvSlots {
   /** What a run reads as past (and, on the host, writes as present) for `slot` at `layer`. */
   slot(layer: number, slot: number): { key: KvTensor; value: KvTensor } {
     if (this.host) {
-      const b = this.host.get(layer)!;
-      return { key: this.view(b.key, slot), value: this.view(b.value, slot) };
+      // The same view objects every run: the executor keeps one ORT tensor per view (no per-run wrapping).
+      const k = `${layer}:${slot}`;
+      let v = this.views.get(k);
+      if (!v) {
+        const b = this.host.get(layer)!;
+        this.views.set(k, (v = { key: this.view(b.key, slot), value: this.view(b.value, slot) }));
+      }
+      return v;
     }
     // First use of this slot on the device: zeros go up once; from then on the slot lives in GPU memory.
     return this.device.get(`${layer}:${slot}`) ?? { key: this.zeros(this.geometry.maxLen), value: this.zeros(this.geometry.maxLen) };

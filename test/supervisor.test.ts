@@ -61,6 +61,16 @@ function firstWorkerPid(up: ChildProcess): number {
   return Math.min(...pids);
 }
 
+/** /health polled until it answers 200, or the last answer once `ms` have passed. */
+async function waitForHealthy(port: number, ms: number): Promise<Response> {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    const res = await fetch(`http://127.0.0.1:${port}/health`);
+    if (res.status === 200 || Date.now() > deadline) return res;
+    await new Promise((r) => setTimeout(r, 250));
+  }
+}
+
 async function stopUp(up: ChildProcess): Promise<void> {
   if (up.exitCode !== null || up.signalCode !== null) return;
   const exited = new Promise((r) => up.once('exit', r));
@@ -80,8 +90,9 @@ test('a worker killed with SIGKILL while building its stage is reported with its
     const [, address] = await up.waitFor(/restarting worker 0 at (\S+) in/);
     await up.waitFor(new RegExp(`worker 0 restarted \\(pid \\d+\\) at ${address.replace(/\./g, '\\.')}`));
     await up.waitFor(/coordinator API listening/);
-    const health = await fetch(`http://127.0.0.1:${port}/health`);
-    assert.equal(health.status, 200);
+    // The API listens while the workers load (/health answers 503 naming the loading stage): wait for serving.
+    const health = await waitForHealthy(port, 90_000);
+    assert.equal(health.status, 200, await health.clone().text());
     const pipeline = (await (await fetch(`http://127.0.0.1:${port}/v1/pipeline`)).json()) as { stages: { address: string; pid: number }[] };
     assert.equal(pipeline.stages[0].address, address, 'the restarted worker serves at its old address');
     assert.notEqual(pipeline.stages[0].pid, pid);
