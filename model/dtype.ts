@@ -56,7 +56,8 @@ export function toFloat32(src: Uint8Array, dtype: 'F32' | 'F16' | 'BF16'): Float
     const bits = new Uint32Array(out.buffer);
     for (let i = 0; i < n; i++) bits[i] = halves[i] << 16;
   } else {
-    for (let i = 0; i < n; i++) out[i] = f16ToF32(halves[i]);
+    const table = f16Table();
+    for (let i = 0; i < n; i++) out[i] = table[halves[i]];
   }
   return out;
 }
@@ -69,8 +70,22 @@ export function float32ToFloat16(src: Float32Array): Uint16Array {
 
 export function float16ToFloat32(src: Uint16Array): Float32Array {
   const out = new Float32Array(src.length);
-  for (let i = 0; i < src.length; i++) out[i] = f16ToF32(src[i]);
+  const table = f16Table();
+  for (let i = 0; i < src.length; i++) out[i] = table[src[i]];
   return out;
+}
+
+/**
+ * Every binary16 value as float32 (256 KiB, made on first use): a lookup instead of f16ToF32's arithmetic per element.
+ * Exact (float32 holds every float16), and what made an F16 checkpoint's conversion cheap next to reading it.
+ */
+let F16_TABLE: Float32Array | null = null;
+function f16Table(): Float32Array {
+  if (!F16_TABLE) {
+    F16_TABLE = new Float32Array(65536);
+    for (let h = 0; h < 65536; h++) F16_TABLE[h] = f16ToF32(h);
+  }
+  return F16_TABLE;
 }
 
 // ---- weight dtypes of stage graphs (--dtype) ----

@@ -1,7 +1,7 @@
 import { loadModelSpec, type ModelSpec } from './config.ts';
 import { evenSplit, type BlockRange } from './range.ts';
 import { prepareStage, type PreparedStage } from './stage-cache.ts';
-import { StageSession, type SessionOptions } from './executor.ts';
+import { StageSession, stagePrepack, type SessionOptions } from './executor.ts';
 import { Stage, type KvCache } from './stage.ts';
 import { DEFAULT_SLOT_ROWS } from './graph/slot-attention.ts';
 import { embed, finishStep, type PipelineStep, type StepResult, type Stepper } from './generation.ts';
@@ -39,7 +39,7 @@ export class LocalPipeline implements Stepper {
     const rows = opts.maxBatch ?? DEFAULT_SLOT_ROWS;
     const prepared = ranges.map((r) => prepareStage(modelDir, r, { dtype, fused: opts.fused, device: opts.device, cacheDir: opts.cacheDir, rows, onProgress: opts.onProgress }));
     const stages: Stage[] = [];
-    for (const p of prepared) stages.push(new Stage(spec, p.range, await StageSession.create(p.path, opts), activationDType(dtype), { kvBudgetBytes: opts.kvBudgetBytes, rows }));
+    for (const p of prepared) stages.push(new Stage(spec, p.range, await StageSession.create(p.path, { prepack: stagePrepack(dtype), ...opts }), activationDType(dtype), { kvBudgetBytes: opts.kvBudgetBytes, rows }));
     return new LocalPipeline(spec, stages, prepared);
   }
 

@@ -119,13 +119,7 @@ export class Checkpoint {
    * the checkpoint's copies them through without converting (F16 → F32 → F16 was most of a float16 build).
    */
   readRaw(key: string, expectedShape: number[]): { dtype: StDType; bytes: Uint8Array } {
-    const info = this.tensors.get(key);
-    const want = `[${expectedShape.join(', ')}]`;
-    if (!info) throw new StrataError('weight_missing', `checkpoint ${this.dir} has no tensor "${key}" (expected shape ${want}); is config.json from the same checkpoint as the weights?`);
-    if (info.shape.length !== expectedShape.length || info.shape.some((d, i) => d !== expectedShape[i])) {
-      throw new StrataError('weight_shape_mismatch', `tensor "${key}" has shape [${info.shape.join(', ')}] but config.json implies ${want}; the config and weights are from different checkpoints`);
-    }
-    if (!(info.dtype in SUPPORTED)) throw new StrataError('weight_dtype_unsupported', `tensor "${key}" has dtype ${info.dtype}; supported: F32, F16, BF16`);
+    const info = this.checked(key, expectedShape);
     // A fresh ArrayBuffer (not Buffer's pool) sized to 4-byte multiples, so typed-array views over it are aligned.
     const bytes = new Uint8Array(new ArrayBuffer(info.length));
     const shard = this.shards.find((s) => s.path === info.file)!;
@@ -135,6 +129,23 @@ export class Checkpoint {
       done += n;
     }
     return { dtype: info.dtype, bytes };
+  }
+
+  /** Where one tensor's bytes are on disk (after readRaw's checks), for a graph that points at them instead of copying. */
+  locate(key: string, expectedShape: number[]): { dtype: StDType; file: string; offset: number } {
+    const info = this.checked(key, expectedShape);
+    return { dtype: info.dtype, file: info.file, offset: info.offset };
+  }
+
+  private checked(key: string, expectedShape: number[]): TensorInfo {
+    const info = this.tensors.get(key);
+    const want = `[${expectedShape.join(', ')}]`;
+    if (!info) throw new StrataError('weight_missing', `checkpoint ${this.dir} has no tensor "${key}" (expected shape ${want}); is config.json from the same checkpoint as the weights?`);
+    if (info.shape.length !== expectedShape.length || info.shape.some((d, i) => d !== expectedShape[i])) {
+      throw new StrataError('weight_shape_mismatch', `tensor "${key}" has shape [${info.shape.join(', ')}] but config.json implies ${want}; the config and weights are from different checkpoints`);
+    }
+    if (!(info.dtype in SUPPORTED)) throw new StrataError('weight_dtype_unsupported', `tensor "${key}" has dtype ${info.dtype}; supported: F32, F16, BF16`);
+    return info;
   }
 
   /**

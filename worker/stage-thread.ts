@@ -1,7 +1,8 @@
 import { parentPort } from 'node:worker_threads';
 import { performance } from 'node:perf_hooks';
 import { prepareStage } from '../model/stage-cache.ts';
-import { StageSession } from '../model/executor.ts';
+import { StageSession, stagePrepack } from '../model/executor.ts';
+import { readSpans, stageWeightSpans } from '../model/stage-prefetch.ts';
 import { Stage, type KvCache } from '../model/stage.ts';
 import { finishStep, type PipelineStep } from '../model/generation.ts';
 import { StrataError, toErrorRecord } from '../model/errors.ts';
@@ -72,7 +73,10 @@ async function handle(req: ThreadRequest): Promise<unknown> {
     case 'load': {
       maxBatch = Math.max(1, req.maxBatch ?? 1);
       const prepared = prepareStage(req.modelDir, req.range, { dtype: req.dtype, device: req.device, cacheDir: req.cacheDir, rows: maxBatch, onProgress: (m, load) => reply({ id: -1, progress: m, load }) });
-      const session = await StageSession.create(prepared.path, { threads: req.threads, device: req.device });
+      const prepack = stagePrepack(req.dtype);
+      const session = await StageSession.create(prepared.path, { threads: req.threads, device: req.device, prepack });
+      // A float graph's weights are mapped, not loaded: read them once now, so serving means they are in memory.
+      if (!prepack) readSpans(stageWeightSpans(prepared.path));
       if (stage) await stage.close();
       stage = new Stage(prepared.spec, prepared.range, session, activationDType(req.dtype), { kvBudgetBytes: req.kvBudgetBytes, rows: maxBatch });
       kv = new KvStore(stage, req.sessionTtlMs);

@@ -1,6 +1,6 @@
 import type { ModelSpec } from '../config.ts';
 import { float32ToFloat16, toFloat32, type StageDType } from '../dtype.ts';
-import { ElemType, GraphBuilder, type ElemTypeId } from '../onnx-builder.ts';
+import { ElemType, GraphBuilder, type ElemTypeId, type WeightFileSpan } from '../onnx-builder.ts';
 import type { WeightRef } from '../families/family.ts';
 import { IO } from './io.ts';
 import type { AttentionMask } from './mask.ts';
@@ -14,6 +14,8 @@ export interface WeightSource {
   readFloat32(key: string, shape: number[]): Float32Array;
   /** The stored bytes and their dtype, when the source has them (a checkpoint): copied through when no conversion is needed. */
   readRaw?(key: string, shape: number[]): { dtype: string; bytes: Uint8Array };
+  /** Where the stored bytes are (file, offset), when the source is files on disk: linked, not copied, when the dtype matches. */
+  locate?(key: string, shape: number[]): { dtype: string; file: string; offset: number };
   /** Prefix of the HF keys (`transformer.`, `distilbert.`, or ''). */
   readonly prefix: string;
 }
@@ -72,13 +74,18 @@ export function stageContext(g: GraphBuilder, spec: ModelSpec, source: WeightSou
     const out = half && !keepF32 ? float32ToFloat16(w) : w;
     return new Uint8Array(out.buffer, out.byteOffset, out.byteLength);
   };
+  // The stored bytes' place when they are already what the graph needs (the sink may link them instead of copying).
+  const at = (ref: WeightRef, keepF32 = false) => (): WeightFileSpan | undefined => {
+    const l = source.locate?.(ref.key, ref.shape);
+    return l && l.dtype === (half && !keepF32 ? 'F16' : 'F32') ? l : undefined;
+  };
   const positionIds = g.input(IO.positionIds, ElemType.INT64, ['batch', 'seq']);
   const attentionMask = g.input(IO.attentionMask, ElemType.INT64, ['batch', spec.causal ? 'total_seq' : 'seq']);
   const bt = g.o('Shape', [positionIds]); // [B, T]
   return {
     g, spec, opts, half, ACT, F32, positionIds, attentionMask,
-    W: (ref) => g.weight(ref.key, ACT, ref.shape, () => readBytes(ref)),
-    W32: (ref) => g.weight(ref.key, F32, ref.shape, () => readBytes(ref, true)),
+    W: (ref) => g.weight(ref.key, ACT, ref.shape, () => readBytes(ref), at(ref)),
+    W32: (ref) => g.weight(ref.key, F32, ref.shape, () => readBytes(ref, true), at(ref, true)),
     read: (ref) => source.readFloat32(ref.key, ref.shape),
     shapeBTD: g.o('Concat', [bt, g.constInt64([spec.dModel])], { axis: 0 }),
     shapeBTHd: g.o('Concat', [bt, g.constInt64([spec.heads, spec.headDim])], { axis: 0 }),
