@@ -10,6 +10,7 @@ import { rangeLabel, type BlockRange } from '../model/range.ts';
 import { Checkpoint } from '../model/safetensors.ts';
 import { defaultCacheDir } from '../model/stage-cache.ts';
 import { generate } from '../model/generation.ts';
+import { readSpans, stageWeightSpans, type WeightSpan } from '../model/stage-prefetch.ts';
 import { RemotePipeline } from '../coordinator/remote-pipeline.ts';
 import { ensureShardedCheckpoint, type CkptDType } from './load-checkpoint.ts';
 import { resolveShape, type ShapeFlags } from './model.ts';
@@ -105,7 +106,7 @@ export interface LoadBenchReport {
   rawRead: ReadTiming;
   firstStart: StartReport & { vsRawRead: number };
   cacheHit: { ms: number; stageMs: number; stages: (StageLoad & { cachedRead: ReadTiming; vsCachedRead: number })[] };
-  decode: { promptTokens: number; newTokens: number; tokPerSec: number };
+  decode: { promptTokens: number; newTokens: number; tokPerSec: number; ttftMs: number };
   recover: RecoveryReport | null;
   /** The issue's bounds: first start ≤ ×2 raw read, cache hit ≤ ×1.5 its stage's read, planner within 10 %. */
   bounds: { firstStartX: number; cacheHitX: number; plannerTolerance: number };
@@ -191,13 +192,17 @@ async function start(model: { dir: string; spec: ModelSpec; fingerprint: string 
 }
 type RemoteOptsHook = () => Partial<Parameters<typeof RemotePipeline.connect>[1]>;
 
-/** Batch-1 decode: tokens after the first over the time since the first (the prefill excluded). */
-async function decodeRate(pipeline: RemotePipeline, vocab: number, promptTokens: number, newTokens: number, seed: number): Promise<number> {
+/**
+ * The first request after a start: its time to first token (a stage whose weights were not in memory would page them
+ * in here), then batch-1 decode as tokens after the first over the time since the first.
+ */
+async function decodeRate(pipeline: RemotePipeline, vocab: number, promptTokens: number, newTokens: number, seed: number): Promise<{ tokPerSec: number; ttftMs: number }> {
   const prompt = Array.from({ length: promptTokens }, (_, i) => (seed * 7919 + i * 104729) % vocab);
+  const t0 = performance.now();
   let first = 0;
   let last = 0;
   await generate(pipeline, prompt, { maxNewTokens: newTokens, eosTokenId: null, onToken: (_id, i) => void (i === 0 ? (first = performance.now()) : (last = performance.now())) });
-  return ((newTokens - 1) * 1000) / (last - first);
+  return { tokPerSec: ((newTokens - 1) * 1000) / (last - first), ttftMs: first - t0 };
 }
 
 export async function runLoadBench(o: LoadBenchOptions, launch: LoadLauncher, progress: Progress): Promise<LoadBenchReport> {
@@ -247,10 +252,10 @@ export async function runLoadBench(o: LoadBenchOptions, launch: LoadLauncher, pr
     if (cold) dropPageCache();
     progress.phase(`first start: ${o.workers} workers, --dtype ${dtype}, no stage cache`);
     const first = await start(model, dtype, args, o.workers, launch, progress, kvBudgetBytes);
-    let tokPerSec: number;
+    let decode: { tokPerSec: number; ttftMs: number };
     try {
       progress.phase(`first start: serving after ${(first.report.ms / 1000).toFixed(1)} s; decoding ${o.newTokens} tokens (1 request)`);
-      tokPerSec = await decodeRate(first.pipeline, spec.vocab, o.promptTokens, o.newTokens, o.seed);
+      decode = await decodeRate(first.pipeline, spec.vocab, o.promptTokens, o.newTokens, o.seed);
       first.report.stages.forEach((s, i) => (s.peakRssBytes = vmHwm(first.cluster.pid(i))));
       first.report.stages.forEach((s) => ((s.plannedVsPeakRss = s.plannedBytes / s.peakRssBytes), (s.peakRssVsWeights = s.peakRssBytes / s.weightBytes)));
     } finally {
@@ -259,7 +264,7 @@ export async function runLoadBench(o: LoadBenchOptions, launch: LoadLauncher, pr
     }
 
     // 4. Each stage's cached files read once (cold), then a start from that cache (cold).
-    const reads = first.report.stages.map((s) => timedRead(cachedFiles(stageCache, fingerprint, s.blocks), cold));
+    const reads = first.report.stages.map((s) => timedSpans(cachedSpans(stageCache, fingerprint, s.blocks), cold));
     if (cold) dropPageCache();
     progress.phase('cache-hit start');
     const recoveries: number[] = [];
@@ -279,7 +284,7 @@ export async function runLoadBench(o: LoadBenchOptions, launch: LoadLauncher, pr
       dtype, workers: o.workers, threadsPerWorker: threads, kvBudgetMb, rawRead,
       firstStart: { ...first.report, vsRawRead: first.report.stageMs / rawRead.ms },
       cacheHit: { ms: hit.report.ms, stageMs: hit.report.stageMs, stages: hit.report.stages.map((s, i) => ({ ...s, cachedRead: reads[i], vsCachedRead: s.totalMs / reads[i].ms })) },
-      decode: { promptTokens: o.promptTokens, newTokens: o.newTokens, tokPerSec },
+      decode: { promptTokens: o.promptTokens, newTokens: o.newTokens, ...decode },
       recover, bounds: { firstStartX: 2, cacheHitX: 1.5, plannerTolerance: 0.1 },
     };
   } finally {
@@ -288,12 +293,21 @@ export async function runLoadBench(o: LoadBenchOptions, launch: LoadLauncher, pr
   }
 }
 
-/** The files of the cached stage graph for `blocks` (the bench's cache directory holds one entry per range). */
-function cachedFiles(cache: string, fingerprint: string, blocks: [number, number]): string[] {
+/** What a start from the cache must read of stage `blocks`: its graph and its weights' spans (model/stage-prefetch.ts). */
+function cachedSpans(cache: string, fingerprint: string, blocks: [number, number]): WeightSpan[] {
   const dir = join(cache, fingerprint);
   const entry = readdirSync(dir).find((d) => d.startsWith(`${blocks[0]}-${blocks[1]}-`) && !d.includes('.tmp-'));
   if (!entry) throw new StrataError('bench_cache_missing', `no cached stage ${rangeLabel({ first: blocks[0], last: blocks[1] })} under ${dir}`);
-  return ['stage.onnx', 'weights.bin'].map((f) => join(dir, entry, f)).filter((f) => statSync(f).size > 0);
+  return stageWeightSpans(join(dir, entry, 'stage.onnx'));
+}
+
+/** Reads the spans once (the page cache dropped first when `cold`). */
+export function timedSpans(spans: WeightSpan[], cold: boolean): ReadTiming {
+  const dropped = cold ? dropPageCache() : false;
+  const t0 = performance.now();
+  const bytes = readSpans(spans);
+  const ms = performance.now() - t0;
+  return { ms, bytes, mbPerSec: bytes / 2 ** 20 / (ms / 1000), cold: dropped };
 }
 
 const gib = (b: number) => `${(b / 2 ** 30).toFixed(2)} GiB`;
@@ -308,7 +322,7 @@ export function renderLoadReport(r: LoadBenchReport, outDir: string): string {
     ...r.firstStart.stages.map((x) => `  stage [${x.blocks.join(', ')}): build ${s(x.buildMs)} + ORT load ${s(x.loadMs)}; weights ${gib(x.weightBytes)}, peak RSS ${gib(x.peakRssBytes)} (×${x.peakRssVsWeights.toFixed(2)} of weights), planner ${gib(x.plannedBytes)} (×${x.plannedVsPeakRss.toFixed(2)} of peak)`),
     `cache-hit start: stages serving ${s(r.cacheHit.stageMs)} after configure; ${s(r.cacheHit.ms)} from process launch`,
     ...r.cacheHit.stages.map((x) => `  stage [${x.blocks.join(', ')}): ${s(x.totalMs)} vs reading its cached graph ${s(x.cachedRead.ms)} (${gib(x.cachedRead.bytes)}, ${x.cachedRead.cold ? 'cold' : 'warm'}) = ×${x.vsCachedRead.toFixed(2)} (bound ×${r.bounds.cacheHitX}); peak RSS ${gib(x.peakRssBytes)}, planner ×${x.plannedVsPeakRss.toFixed(2)}`),
-    `decode, 1 request: ${r.decode.tokPerSec.toFixed(2)} tok/s (${r.decode.promptTokens}-token prompt, ${r.decode.newTokens} new tokens)`,
+    `first request after the first start: first token after ${s(r.decode.ttftMs)}, then ${r.decode.tokPerSec.toFixed(2)} tok/s decode (1 request, ${r.decode.promptTokens}-token prompt, ${r.decode.newTokens} new tokens)`,
   ];
   if (r.recover) {
     const x = r.recover;
