@@ -93,13 +93,14 @@ export function weightFloor(spec: ModelSpec, dtype: 'float32' | 'float16', hbmGb
 }
 
 /**
- * KV bytes a decode step of `batch` sessions moves EACH WAY when the slots live in host memory (--device cuda:N;
- * see the README): every row binds its whole slot (n_positions, not just the session's length) as past_* (copied
- * up) and as the preallocated present_* (copied back); the graph's idle rows bind one-position scratch buffers.
+ * KV bytes a decode step of `batch` sessions moves when the slots live in host memory (--device cuda:N; see the
+ * README): every row binds its whole slot (n_positions, not just the session's length) as its past_* input, copied
+ * up; the graph's idle rows bind one-position scratch buffers. Back comes only each session's new position (the
+ * new_key/new_value outputs, which the runtime writes into the slot).
  */
-export function hostKvBytesPerStep(spec: ModelSpec, layers: number, dtype: 'float32' | 'float16', batch: number, rows: number): number {
+export function hostKvBytesPerStep(spec: ModelSpec, layers: number, dtype: 'float32' | 'float16', batch: number, rows: number): { up: number; back: number } {
   const perPosition = 2 * layers * spec.heads * spec.headDim * BYTES_PER_ELEMENT[dtype];
-  return perPosition * (batch * spec.maxPositions + Math.max(0, rows - batch));
+  return { up: perPosition * (batch * spec.maxPositions + Math.max(0, rows - batch)), back: perPosition * batch };
 }
 
 export interface BatchResult {
@@ -180,7 +181,7 @@ export interface GpuStageReport {
   loadMs: number;
   /** The throwaway session's prefill and warm-up steps: shader compilation on WebGPU. */
   firstRunMs: number;
-  batches: (BatchResult & { hostKvBytesEachWay: number })[];
+  batches: (BatchResult & { hostKv: { up: number; back: number } })[];
 }
 
 export async function runGpuStage(o: GpuStageOptions, log: (msg: string) => void): Promise<GpuStageReport> {
@@ -217,7 +218,7 @@ export async function runGpuStage(o: GpuStageOptions, log: (msg: string) => void
     for (const b of o.batches) {
       log(`batch ${b}: prefill ${b} × ${o.prompt} tokens, then ${o.warmup} + ${o.steps} decode steps`);
       const r = await measureBatch(p, o, b, floor.ms, 1234 + b);
-      batches.push({ ...r, hostKvBytesEachWay: hostKvBytesPerStep(spec, spec.blocks, o.dtype, b, rows) });
+      batches.push({ ...r, hostKv: hostKvBytesPerStep(spec, spec.blocks, o.dtype, b, rows) });
     }
     return {
       device: o.device,
@@ -246,11 +247,11 @@ export function renderGpuStage(r: GpuStageReport): string {
     `weights held ${mb(r.weightBytesHeld)}; read per decode step ${mb(r.floor.bytesPerStep)} → floor ${r.floor.ms.toPrecision(3)} ms at ${r.floor.hbmGbps} GB/s`,
     `prompt ${r.prompt} tokens, ${r.steps} timed decode steps; checkpoint ${(r.buildMs / 1e3).toFixed(1)} s, graph + session ${(r.loadMs / 1e3).toFixed(1)} s, first run ${(r.firstRunMs / 1e3).toFixed(1)} s`,
     '',
-    '| batch | prefill ms/session | decode ms/step (p50) | min | tok/s | × floor | host→device B/step | device→host B/step | of them KV | KV each way if host-resident (cuda) |',
+    '| batch | prefill ms/session | decode ms/step (p50) | min | tok/s | × floor | host→device B/step | device→host B/step | of them KV | KV per step if host-resident (cuda) |',
     '|---|---|---|---|---|---|---|---|---|---|',
   ];
   for (const b of r.batches) {
-    lines.push(`| ${b.batch} | ${b.prefillMs.toFixed(1)} | ${b.msPerStep.toFixed(2)} | ${b.msMin.toFixed(2)} | ${b.tokPerS.toFixed(1)} | ×${b.ratioToFloor.toFixed(2)} | ${b.hostToDevice} | ${b.deviceToHost} | ${b.kvBytes} | ${mb(b.hostKvBytesEachWay)} |`);
+    lines.push(`| ${b.batch} | ${b.prefillMs.toFixed(1)} | ${b.msPerStep.toFixed(2)} | ${b.msMin.toFixed(2)} | ${b.tokPerS.toFixed(1)} | ×${b.ratioToFloor.toFixed(2)} | ${b.hostToDevice} | ${b.deviceToHost} | ${b.kvBytes} | ${mb(b.hostKv.up)} up, ${mb(b.hostKv.back)} back |`);
   }
   for (const b of r.batches) if (b.nonFiniteSteps) lines.push(`WARNING: batch ${b.batch}: ${b.nonFiniteSteps} decode steps gave NaN/Inf logits; the timings are not of a working stage`);
   return lines.join('\n');

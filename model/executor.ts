@@ -29,13 +29,14 @@ export interface SessionOptions {
 }
 
 /**
- * Prepacking per stage dtype. Float32 (and float16) graphs are not prepacked: on a 5 GB BioMedLM stage ORT's CPU
- * prepacking took 15 s warm and 33 s cold to copy every Gemm weight into its own layout (the whole ORT load), and
- * without it the session is created in 0.3 s over memory-mapped weights, peak RSS is lower, and batch-1 decode was
- * faster, not slower (4-block BioMedLM, 1 thread: 89 vs 137 ms/token; prefill of 64: 0.59 vs 0.86 s). Quantized
- * graphs are: MatMulNBits without its packed layout decoded 28× slower.
+ * Prepacking per stage dtype: on for every dtype. Without it (measured on a 5 GB BioMedLM float32 stage) ORT creates
+ * the session in 0.3 s instead of 15 s warm / 33 s cold, but MLAS then runs a batch-1 Gemm by another kernel than a
+ * batched one, so a session replayed alone after a worker fault no longer reproduces the logprobs it had in a batch
+ * bit for bit (test/logprobs.test.ts) — and that identity is a contract. Quantized graphs need it anyway:
+ * MatMulNBits without its packed layout decoded 28× slower. STRATA_ORT_PREPACK=0 trades the identity for the start
+ * time of a float stage, for an operator who wants that.
  */
-export const stagePrepack = (dtype: string): boolean => dtype === 'int8' || dtype === 'int4';
+export const stagePrepack = (dtype: string): boolean => dtype === 'int8' || dtype === 'int4' || process.env.STRATA_ORT_PREPACK !== '0';
 
 /**
  * A tensor that lives in device memory (a WebGPU buffer). Never read on the host: onnxruntime-node's getData() on a

@@ -32,22 +32,38 @@ export async function runInSlots(session: StageSession, slots: KvSlots, graphRow
   // The graph ignores the mask of a decoder (GQA reads lengths from seqlens_k); it still declares the input.
   feeds[IO.attentionMask] = { dtype: 'int64', dims: [B, 1], data: new BigInt64Array(B).fill(1n) };
   feeds[SLOT_IO.seqlens] = { dtype: 'int32', dims: [B], data: Int32Array.from(rows, (r) => r.past + seq - 1) } as unknown as TensorData;
-  const present: Record<string, TensorData> = {};
   for (const l of slots.geometry.layers) {
     for (let r = 0; r < graphRows; r++) {
       const kv = r < B ? slots.slot(l, rows[r].slot) : slots.idle(l, r);
       feeds[SLOT_IO.pastKey(l, r)] = kv.key;
       feeds[SLOT_IO.pastValue(l, r)] = kv.value;
-      // Host buffers: the same tensor is past and preallocated present, so GQA writes the new K/V in place.
-      if (!isDeviceTensor(kv.key) && !slots.resident) {
-        present[SLOT_IO.presentKey(l, r)] = kv.key;
-        present[SLOT_IO.presentValue(l, r)] = kv.value as TensorData;
-      }
     }
   }
-  const out = await session.run(feeds, present);
+  const out = await session.run(feeds);
   if (slots.resident) keepOnDevice(slots, graphRows, rows, out);
+  else writeNewKv(slots, rows, seq, out);
   return out;
+}
+
+/** Host slots: the run read each row's past in place (a view, no copy); its new K/V [B, H, T, hd] go into the slots. */
+function writeNewKv(slots: KvSlots, rows: SlotRow[], seq: number, out: RunOutputs): void {
+  const { heads: H, headDim: hd, maxLen } = slots.geometry;
+  const run = seq * hd; // one row's one head: T positions × hd, contiguous in the output and in the slot
+  for (const l of slots.geometry.layers) {
+    const newK = out[SLOT_IO.newKey(l)] as TensorData;
+    const newV = out[SLOT_IO.newValue(l)] as TensorData;
+    delete out[SLOT_IO.newKey(l)];
+    delete out[SLOT_IO.newValue(l)];
+    rows.forEach((row, b) => {
+      const slot = slots.slot(l, row.slot) as { key: TensorData; value: TensorData };
+      for (let h = 0; h < H; h++) {
+        const from = (b * H + h) * run;
+        const to = (h * maxLen + row.past) * hd;
+        slot.key.data.set(newK.data.subarray(from, from + run) as never, to);
+        slot.value.data.set(newV.data.subarray(from, from + run) as never, to);
+      }
+    });
+  }
 }
 
 /** WebGPU: the run's present K/V stay in GPU memory and become the slots' (and idle rows' scratch) for the next run. */

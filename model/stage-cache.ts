@@ -55,6 +55,8 @@ export function prepareStage(
   const spec = loadModelSpec(modelDir);
   // Decoder graphs have one attention row per batch row (KV slots, model/graph/slot-attention.ts): part of the key.
   const rows = spec.causal ? Math.max(1, opts.rows ?? DEFAULT_SLOT_ROWS) : 0;
+  // KV slots resident on the device (WebGPU) are written in place by the graph; host slots take the new K/V as outputs.
+  const kvInPlace = parseDevice(opts.device).kind === 'webgpu';
   checkRange(range, spec.blocks);
   // Quantized graphs: the scheme (bits, block, rounding) is part of the cache key, and a device without the kernels is refused before any work.
   const scheme = isQuantized(dtype) ? quantScheme(dtype, opts.quantBlockSize) : null;
@@ -63,7 +65,7 @@ export function prepareStage(
   const ck = Checkpoint.open(modelDir);
   try {
     const fingerprint = ck.fingerprint();
-    const dir = join(opts.cacheDir ?? defaultCacheDir(), fingerprint, `${range.first}-${range.last}-${dtypeKey}${fused ? '-fused' : ''}${rows ? `-r${rows}` : ''}-v${GRAPH_VERSION}`);
+    const dir = join(opts.cacheDir ?? defaultCacheDir(), fingerprint, `${range.first}-${range.last}-${dtypeKey}${fused ? '-fused' : ''}${rows ? `-r${rows}${kvInPlace ? '-kvd' : ''}` : ''}-v${GRAPH_VERSION}`);
     const path = join(dir, 'stage.onnx');
     const cached = readCompleteEntry(dir);
     if (cached) {
@@ -95,7 +97,7 @@ export function prepareStage(
         readRaw: (k: string, s: number[]) => counted(k, ck.readRaw(k, s)),
         locate: (k: string, s: number[]) => counted(k, ck.locate(k, s)),
       };
-      ({ model, paramBytes } = buildStageGraph(spec, range, source, sink, { dtype, fused, rows, quantBlockSize: scheme?.blockSize }));
+      ({ model, paramBytes } = buildStageGraph(spec, range, source, sink, { dtype, fused, rows, kvInPlace, quantBlockSize: scheme?.blockSize }));
     } catch (e) {
       sink.close();
       rmSync(tmp, { recursive: true, force: true });

@@ -43,10 +43,11 @@ describe('bench/gpu-stage.ts', () => {
 
   test('host-resident KV (cuda): whole slots up and back, 168 MB per session per step for 16 BioMedLM layers in float16', () => {
     const spec = biomedlm(16);
-    assert.equal(hostKvBytesPerStep(spec, 16, 'float16', 1, 1), 2 * 16 * 20 * 128 * 1024 * 2);
-    assert.equal(hostKvBytesPerStep(spec, 16, 'float16', 1, 1), 167_772_160);
+    assert.equal(hostKvBytesPerStep(spec, 16, 'float16', 1, 1).up, 2 * 16 * 20 * 128 * 1024 * 2);
+    assert.equal(hostKvBytesPerStep(spec, 16, 'float16', 1, 1).up, 167_772_160);
+    assert.equal(hostKvBytesPerStep(spec, 16, 'float16', 1, 1).back, 2 * 16 * 20 * 128 * 2);
     // Idle rows of an 8-row graph bind one position each.
-    assert.equal(hostKvBytesPerStep(spec, 16, 'float16', 3, 8), 2 * 16 * 20 * 128 * 2 * (3 * 1024 + 5));
+    assert.equal(hostKvBytesPerStep(spec, 16, 'float16', 3, 8).up, 2 * 16 * 20 * 128 * 2 * (3 * 1024 + 5));
   });
 
   test('a real run on the CPU EP at a tiny shape: both batches timed, ratio = step ÷ floor, finite logits, no device bytes', async () => {
@@ -61,6 +62,6 @@ describe('bench/gpu-stage.ts', () => {
       // The CPU EP has no separate device memory: nothing is counted as crossing.
       assert.deepEqual([b.hostToDevice, b.deviceToHost, b.kvBytes], [0, 0, 0]);
     }
-    assert.equal(r.batches[1].hostKvBytesEachWay, 2 * 1 * 2 * 32 * 4 * 8 * 1024);
+    assert.deepEqual(r.batches[1].hostKv, { up: 2 * 1 * 2 * 32 * 4 * 8 * 1024, back: 2 * 1 * 2 * 32 * 4 * 8 });
   });
 });

@@ -89,7 +89,10 @@ test('a half-written or corrupt cache entry is rebuilt, not loaded', () => {
 test('/v1/pipeline shows each stage building or loading while the workers load, /health says why it is 503, then both serve', { timeout: 180_000 }, async () => {
   const redis: PrivateRedis = await startPrivateRedis();
   const port = await freePort();
-  const up = spawn(process.execPath, [STRATA, 'up', '--model', model, '--workers', '2', '--port', String(port), '--redis', redis.url, '--threads', '1'], {
+  // A model big enough (≈140 MB) that building and loading its stages outlast a few 50 ms polls on any machine.
+  const big = join(root, 'big-model');
+  writeSyntheticModel(big, { family: 'gpt2', blocks: 4, dModel: 768, heads: 12, vocab: 8000, maxPositions: 128 });
+  const up = spawn(process.execPath, [STRATA, 'up', '--model', big, '--workers', '2', '--port', String(port), '--redis', redis.url, '--threads', '1'], {
     stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, STRATA_CACHE_DIR: mkdtempSync(join(root, 'cache-')) },
   });
   let err = '';

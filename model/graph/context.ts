@@ -31,6 +31,13 @@ export interface StageGraphOptions {
   quantBlockSize?: number;
   /** Decoders: batch rows the graph serves at once, one KV-slot attention per row (graph/slot-attention.ts). */
   rows?: number;
+  /**
+   * Decoders: how a step's K/V reach the slots. In place (WebGPU, slots resident on the device): GroupQueryAttention
+   * writes them into the past buffer, which is also the present output. Otherwise (host slots: CPU, CUDA) the graph
+   * outputs only the new K/V and the runtime copies them into the slot: onnxruntime-node 1.30 copies every output of
+   * a run into a fresh ArrayBuffer, so a whole-slot present output would cost a slot-sized copy per row and layer.
+   */
+  kvInPlace?: boolean;
 }
 
 /** What every graph piece of a stage builds against: the builder, the spec, dtypes, weights and shared inputs. */

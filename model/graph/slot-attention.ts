@@ -31,6 +31,9 @@ export const SLOT_IO = {
   pastValue: (layer: number, row: number) => `past_value_${layer}_r${row}`,
   presentKey: (layer: number, row: number) => `present_key_${layer}_r${row}`,
   presentValue: (layer: number, row: number) => `present_value_${layer}_r${row}`,
+  /** Host slots: the step's new K/V of every row, [B, H, T, head_dim], which the runtime writes into the slots. */
+  newKey: (layer: number) => `new_key_${layer}`,
+  newValue: (layer: number) => `new_value_${layer}`,
 } as const;
 
 /** Batch rows a stage graph serves at once (its decode batch limit, --max-batch). */
@@ -102,6 +105,12 @@ export function slotAttention(ctx: BlockContext, q: string, k: string, v: string
     k3 = applyRotary(ctx, heads(k), ctx.rotary);
   }
   const packed = g.o('Concat', [flat(q3), flat(k3), flat(v)], { axis: 2 }); // [B,T,3D]: GQA's packed QKV
+  const inPlace = ctx.opts.kvInPlace ?? false;
+  if (!inPlace) {
+    const toBHTd = (t: string) => g.o('Transpose', [g.o('Reshape', [t, ctx.shapeBTHd])], { perm: [0, 2, 1, 3] });
+    g.output(toBHTd(k3), SLOT_IO.newKey(layer), ACT, ['batch', H, 'seq', HD]);
+    g.output(toBHTd(v), SLOT_IO.newValue(layer), ACT, ['batch', H, 'seq', HD]);
+  }
   const outs: string[] = [];
   for (let r = 0; r < rows; r++) {
     const p = plan.rows[r];
@@ -109,8 +118,10 @@ export function slotAttention(ctx: BlockContext, q: string, k: string, v: string
     const pk = g.input(SLOT_IO.pastKey(layer, r), ACT, [1, H, `slot_len_r${r}`, HD]);
     const pv = g.input(SLOT_IO.pastValue(layer, r), ACT, [1, H, `slot_len_r${r}`, HD]);
     const [out, presentK, presentV] = g.op('GroupQueryAttention', [x, '', '', pk, pv, p.seqlens, p.total], { num_heads: H, kv_num_heads: H, scale: { float: scale } }, 3, 'com.microsoft');
-    g.output(presentK, SLOT_IO.presentKey(layer, r), ACT, [1, H, `slot_len_r${r}`, HD]);
-    g.output(presentV, SLOT_IO.presentValue(layer, r), ACT, [1, H, `slot_len_r${r}`, HD]);
+    if (inPlace) {
+      g.output(presentK, SLOT_IO.presentKey(layer, r), ACT, [1, H, `slot_len_r${r}`, HD]);
+      g.output(presentV, SLOT_IO.presentValue(layer, r), ACT, [1, H, `slot_len_r${r}`, HD]);
+    }
     outs.push(g.o('Expand', [out, plan.outShape])); // an idle row's one token → T, then dropped below
   }
   const all = outs.length === 1 ? outs[0] : g.o('Concat', outs, { axis: 0 }); // [ROWS, T, D]
