@@ -20,6 +20,10 @@ export interface RecoveryReport {
   pipelineRecoveredMs: number;
   /** Requests whose output equals the fault-free run's. */
   identical: number;
+  /** Requests that differ: the first generated index where they do, and both tokens there. */
+  diverged: { request: number; at: number; faultFree: number; withFault: number }[];
+  /** A second fault-free run: requests equal to the first (batching differs between runs; this is the noise floor). */
+  faultFreeRepeatIdentical: number;
   /** Wall time of the fault-free run and of the run with the fault. */
   faultFreeMs: number;
   withFaultMs: number;
@@ -33,6 +37,9 @@ export async function runRecovery(o: { pipeline: RemotePipeline; cluster: LoadCl
   let t0 = performance.now();
   const base = await run();
   const faultFreeMs = performance.now() - t0;
+  const same = (a: number[][]) => a.map((ids, r) => ids.length === base[r].length && ids.every((x, j) => x === base[r][j]));
+  o.progress.phase('recovery: fault-free again (how deterministic is a run at all)');
+  const repeat = same(await run()).filter(Boolean).length;
 
   const victim = o.cluster.addresses.length - 1;
   const afterTokens = Math.max(1, Math.floor((n * o.newTokens) / 3));
@@ -51,10 +58,14 @@ export async function runRecovery(o: { pipeline: RemotePipeline; cluster: LoadCl
     }
   });
   const withFaultMs = performance.now() - t0;
-  const identical = withFault.filter((ids, r) => ids.length === base[r].length && ids.every((x, j) => x === base[r][j])).length;
+  const identical = same(withFault).filter(Boolean).length;
+  const diverged = withFault.flatMap((ids, r) => {
+    const at = ids.findIndex((x, j) => x !== base[r][j]);
+    return at < 0 ? [] : [{ request: r, at, faultFree: base[r][at], withFault: ids[at] }];
+  });
   const report: RecoveryReport = {
     requests: n, newTokens: o.newTokens, killed: victim, killedAfterTokens: afterTokens,
-    toServingMs: servingAt ? servingAt - killedAt : NaN, pipelineRecoveredMs: o.recoveries.at(-1) ?? NaN, identical, faultFreeMs, withFaultMs,
+    toServingMs: servingAt ? servingAt - killedAt : NaN, pipelineRecoveredMs: o.recoveries.at(-1) ?? NaN, identical, diverged, faultFreeRepeatIdentical: repeat, faultFreeMs, withFaultMs,
   };
   o.progress.phase(`recovery: serving again ${(report.toServingMs / 1000).toFixed(1)} s after the kill; ${identical}/${n} outputs identical`);
   return report;

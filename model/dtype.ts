@@ -49,8 +49,9 @@ export function toFloat32(src: Uint8Array, dtype: 'F32' | 'F16' | 'BF16'): Float
     return new Float32Array(copy.buffer);
   }
   const n = src.byteLength / 2;
-  const halves = new Uint16Array(n);
-  new Uint8Array(halves.buffer).set(src);
+  // A view when the bytes are 2-aligned (a checkpoint read always is), else an aligned copy.
+  const halves = src.byteOffset % 2 === 0 ? new Uint16Array(src.buffer, src.byteOffset, n) : new Uint16Array(n);
+  if (halves.buffer !== src.buffer) new Uint8Array(halves.buffer).set(src);
   const out = new Float32Array(n);
   if (dtype === 'BF16') {
     const bits = new Uint32Array(out.buffer);

@@ -123,9 +123,10 @@ function quantizeRowsInt8(w: Float32Array, n: number, k: number, blockSize: numb
       const inv = scale ? Math.fround(1 / scale) : 0;
       scales[r * kBlocks + b] = scale;
       let o = (r * kBlocks + b) * blockSize;
+      // roundAway(x) as a truncation of x ± 0.5: exact here (x is a float32 within ±127.5, so the sum is exact in a double).
       for (let i = start; i < end; i++, o++) {
         const x = Math.fround(w[i] * inv);
-        data[o] = (x < 0 ? -Math.round(-x) : Math.round(x)) + 128; // roundAway, inlined
+        data[o] = ((x < 0 ? x - 0.5 : x + 0.5) | 0) + 128;
       }
       for (let i = end - start; i < blockSize; i++, o++) data[o] = 128; // a partial block's padding: code 0
     }
