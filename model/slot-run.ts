@@ -32,6 +32,7 @@ export async function runInSlots(session: StageSession, slots: KvSlots, graphRow
   // The graph ignores the mask of a decoder (GQA reads lengths from seqlens_k); it still declares the input.
   feeds[IO.attentionMask] = { dtype: 'int64', dims: [B, 1], data: new BigInt64Array(B).fill(1n) };
   feeds[SLOT_IO.seqlens] = { dtype: 'int32', dims: [B], data: Int32Array.from(rows, (r) => r.past + seq - 1) } as unknown as TensorData;
+  for (const row of rows) slots.reserve(row.slot, row.past + seq);
   for (const l of slots.geometry.layers) {
     for (let r = 0; r < graphRows; r++) {
       const kv = r < B ? slots.slot(l, rows[r].slot) : slots.idle(l, r);
@@ -47,7 +48,7 @@ export async function runInSlots(session: StageSession, slots: KvSlots, graphRow
 
 /** Host slots: the run read each row's past in place (a view, no copy); its new K/V [B, H, T, hd] go into the slots. */
 function writeNewKv(slots: KvSlots, rows: SlotRow[], seq: number, out: RunOutputs): void {
-  const { heads: H, headDim: hd, maxLen } = slots.geometry;
+  const { heads: H, headDim: hd } = slots.geometry;
   const run = seq * hd; // one row's one head: T positions × hd, contiguous in the output and in the slot
   for (const l of slots.geometry.layers) {
     const newK = out[SLOT_IO.newKey(l)] as TensorData;
@@ -56,9 +57,10 @@ function writeNewKv(slots: KvSlots, rows: SlotRow[], seq: number, out: RunOutput
     delete out[SLOT_IO.newValue(l)];
     rows.forEach((row, b) => {
       const slot = slots.slot(l, row.slot) as { key: TensorData; value: TensorData };
+      const cap = slot.key.dims[2]; // the slot's layout: [1, H, cap, hd]
       for (let h = 0; h < H; h++) {
         const from = (b * H + h) * run;
-        const to = (h * maxLen + row.past) * hd;
+        const to = (h * cap + row.past) * hd;
         slot.key.data.set(newK.data.subarray(from, from + run) as never, to);
         slot.value.data.set(newV.data.subarray(from, from + run) as never, to);
       }
