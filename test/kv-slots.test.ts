@@ -5,7 +5,12 @@ import { Checkpoint } from '../model/safetensors.ts';
 import { StrataError } from '../model/errors.ts';
 import { LocalPipeline } from '../model/local-pipeline.ts';
 import { forwardLogits, generate, type Stepper } from '../model/generation.ts';
-import { slotBytes } from '../model/kv-slots.ts';
+import { CAP_STEP, KvSlots, slotBytes } from '../model/kv-slots.ts';
+import { writeSyntheticModel } from '../model/synthetic.ts';
+import type { TensorData } from '../model/tensor.ts';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { KvStore } from '../worker/kv-store.ts';
 import { StageClient } from '../transport/grpc/client.ts';
 import { stepToWire } from '../proto/step-codec.ts';
@@ -139,5 +144,58 @@ describe('slots over gRPC', () => {
     const got = await generate(interrupting, a, { maxNewTokens: 8, eosTokenId: null });
     assert.deepEqual(got.outputIds, await solo(a, 8));
     p.close();
+  });
+});
+
+describe('host slots grow with their session', () => {
+  test('reserve lays a slot out for more positions and keeps every head\'s rows; a released slot starts small again', () => {
+    const g = { layers: [3], heads: 3, headDim: 2, maxLen: 4 * CAP_STEP, dtype: 'float32' as const };
+    const slots = new KvSlots(g, 2 * slotBytes(g), false);
+    const s = slots.acquire()!;
+    const before = slots.slot(3, s).key as TensorData;
+    assert.deepEqual(before.dims, [1, 3, CAP_STEP, 2]);
+    const at = (cap: number, h: number, pos: number, d: number) => (h * cap + pos) * 2 + d;
+    for (let h = 0; h < 3; h++) for (let pos = 0; pos < CAP_STEP; pos++) for (let d = 0; d < 2; d++) before.data[at(CAP_STEP, h, pos, d)] = 1000 * h + 10 * pos + d;
+    slots.reserve(s, CAP_STEP + 1);
+    const after = slots.slot(3, s).key as TensorData;
+    assert.deepEqual(after.dims, [1, 3, 2 * CAP_STEP, 2]);
+    for (let h = 0; h < 3; h++) for (let pos = 0; pos < CAP_STEP; pos++) for (let d = 0; d < 2; d++) assert.equal(after.data[at(2 * CAP_STEP, h, pos, d)], 1000 * h + 10 * pos + d);
+    slots.reserve(s, 10 * CAP_STEP);
+    assert.equal(slots.slot(3, s).key.dims[2], 4 * CAP_STEP, 'never past max_len');
+    slots.release(s);
+    assert.equal(slots.slot(3, slots.acquire()!).key.dims[2], CAP_STEP);
+  });
+
+  test(`a session decoding across several ${CAP_STEP}-position steps matches a full recompute, alone and beside a short one`, async () => {
+    const root = mkdtempSync(join(tmpdir(), 'strata-slot-growth-'));
+    try {
+      const model = join(root, 'model');
+      writeSyntheticModel(model, { family: 'gpt2', blocks: 2, dModel: 64, heads: 4, vocab: 300, maxPositions: 4 * CAP_STEP });
+      const p = await LocalPipeline.load(model, 1, { maxBatch: 2 });
+      const long = Array.from({ length: 20 }, (_, i) => (i * 13 + 5) % 300);
+      const short = [7, 8, 9];
+      await p.step('long', prefill(long));
+      await p.step('short', prefill(short));
+      let maxDiff = 0;
+      for (let t = 0; t < 2 * CAP_STEP + 10; t++) {
+        const next = (t * 31 + 11) % 300;
+        const ids = { long: [...long, next], short: [...short, next] };
+        const run = (name: 'long' | 'short') => p.step(name, { inputIds: i64([[next]]), positionIds: i64([[ids[name].length - 1]]), attentionMask: i64([ids[name].map(() => 1)]) });
+        const [a] = await Promise.all([run('long'), run('short')]);
+        long.push(next);
+        short.push(next);
+        if (t % 16 !== 15) continue; // recompute every 16th step (each is a full prefill)
+        const want = (await forwardLogits(p, long)).at(-1)!;
+        const got = a.logits!.data as Float32Array;
+        for (let i = 0; i < want.length; i++) maxDiff = Math.max(maxDiff, Math.abs(got[got.length - want.length + i] - want[i]));
+      }
+      assert.ok(long.length > 2 * CAP_STEP, 'the slot grew at least twice');
+      assert.ok(maxDiff < 1e-4, `decode logits vs full recompute: max |diff| ${maxDiff}`);
+      await p.end('long');
+      await p.end('short');
+      await p.close();
+    } finally {
+      rmSync(root, { recursive: true, force: true });
+    }
   });
 });
