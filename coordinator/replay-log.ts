@@ -42,7 +42,7 @@ export class ReplayLog {
    */
   record(log: SessionLog, input: PipelineStep): void {
     if (!this.causal) return;
-    if (input.logprobs) log.exact = true;
+    if (input.logprobs || EXACT_REPLAY) log.exact = true;
     const prev = log.steps.at(-1);
     if (prev && prev.positionIds.dims[0] === 1 && input.positionIds.dims[0] === 1) prev.attentionMask = SUBSUMED_MASK;
     log.steps.push({ inputIds: input.inputIds, positionIds: input.positionIds, attentionMask: input.attentionMask });
@@ -74,6 +74,14 @@ export class ReplayLog {
     return log?.wireId ?? sessionId;
   }
 }
+
+/**
+ * STRATA_REPLAY=exact: every session is replayed step by step, as sessions with logprobs are. One prefill of the same
+ * tokens computes each row along other kernel paths; with int8 weights (MatMulNBits, int8 activations) a GPT-J-sized
+ * random-weight model's greedy pick flipped on a near-tie after the replay (1 of 3 requests, from its 8th token).
+ * Exact costs one pipeline step per token generated so far instead of one prefill.
+ */
+const EXACT_REPLAY = process.env.STRATA_REPLAY === 'exact';
 
 /** Stands in for a recorded single-row mask that a later step's mask covers (see ReplayLog.record). */
 const SUBSUMED_MASK: TensorData = { dtype: 'int64', dims: [1, 0], data: new BigInt64Array(0) };
