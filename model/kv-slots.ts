@@ -16,9 +16,10 @@ export interface SlotGeometry {
 type KvTensor = TensorData | DeviceTensor;
 
 /**
- * Host slots grow their layout in steps of this many positions. GroupQueryAttention's cost grows with the past
- * buffer it is handed, not with the session's length (measured: 0.09 ms per node for a 32-position buffer, 0.24-0.48
- * for 1024, at length 16), so a slot is bound as [1, H, cap, hd] with cap just above the session's length.
+ * Host slots grow their layout in steps of this many positions. Attention's cost follows the past buffer it is
+ * handed, not the session's length (its masked tail is computed too; GroupQueryAttention measured 0.09 ms per node
+ * for a 32-position buffer, 0.24-0.48 for 1024, at length 16), so a slot is bound as [1, H, cap, hd] with cap just
+ * above the session's length.
  */
 export const CAP_STEP = 64;
 

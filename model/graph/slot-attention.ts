@@ -3,26 +3,26 @@ import type { BlockContext } from './context.ts';
 import { applyRotary } from './rotary.ts';
 
 /**
- * Causal attention over a KV cache in fixed slots, written in place (runtime v2).
+ * Causal attention over a KV cache in fixed slots (runtime v2).
  *
  * Each stage keeps, per layer, key/value slots [1, H, max_len, head_dim] (model/kv-slots.ts); a session holds one
- * slot per row from its first prefill chunk to its end. ORT's com.microsoft GroupQueryAttention takes a fixed-size
- * past buffer plus `seqlens_k` (each row's length after this step, minus one) and writes only the new tokens' K/V
- * at that row's own offset: handed the SAME tensor as `past_*` input and as preallocated `present_*` fetch, the CPU
- * EP updates the slot in place (nothing copied); on WebGPU the present tensor stays in GPU memory and is fed back.
+ * slot per row from its first prefill chunk to its end. A batch's sessions sit in any slots, so the graph has ROWS
+ * independent attentions per layer, one per batch row, each with its own past I/O `[1, H, *, hd]`: the runtime binds
+ * row b to its session's slot and every idle row r >= B to a one-position scratch buffer, its query clamped to one
+ * token, so it costs ~nothing. Linear layers stay batched over all B rows; the rows' outputs are concatenated and cut
+ * back to B. (One attention over contiguous slot ranges would need compaction, copying whole caches, whenever
+ * membership changes, or would compute idle slots' rows.)
  *
- * A batch's sessions sit in any slots, and GQA's past batch must equal the query batch. So the graph has ROWS
- * independent GQA nodes per layer, one per batch row, each with its own past/present I/O `[1, H, *, hd]`: the runtime
- * binds row b to its session's slot (on the CPU a view into the layer's buffer, zero copies for any slot set) and
- * every idle row r >= B to a one-position scratch buffer, its query clamped to one token, so it costs ~nothing.
- * Linear layers stay batched over all B rows; the rows' outputs are concatenated and cut back to B.
- * Alternatives considered: one GQA over contiguous slot ranges needs compaction (copying whole caches) whenever
- * membership changes, or computes idle slots' rows; per-row nodes need neither, and their cost is a handful of
- * tiny nodes per layer and row (GQA itself is per-row work anyway).
+ * Two ways to reach the slots, by where they live:
+ * - Device slots (WebGPU): ORT's com.microsoft GroupQueryAttention takes the past buffer plus `seqlens_k` and writes
+ *   only the new tokens' K/V at the row's own offset; its present output stays in GPU memory and is fed back as the
+ *   next run's past, so the cache never leaves the device.
+ * - Host slots (CPU, CUDA): plain ops (hostSlotAttention below) read the slot in place and the new K/V leave as
+ *   outputs that the runtime writes into the slot.
  *
  * Prefill chunks: GQA treats T > 1 with past as a "subsequent prompt" (batch 1 only — one row per session's step,
- * which is what the runtime sends) and T == total as a first prompt. Checked against a JS reference on CPU and
- * WebGPU (lavapipe) at 3e-8 for chunks 5, 3, 1, 1, 4, 1 into one slot at a non-zero byte offset.
+ * which is what the runtime sends) and T == total as a first prompt; the host path masks the new block causally.
+ * Checked against a JS reference on CPU and WebGPU (lavapipe) at 3e-8 for chunks 5, 3, 1, 1, 4, 1 into one slot.
  */
 export const SLOT_IO = {
   /** int32 [B]: each row's total length after this step, minus one (GQA's seqlens_k). */
@@ -44,6 +44,12 @@ interface RowPlan {
   ends: string;
   seqlens: string;
   total: string;
+  /** Host attention: this row's cached positions before the step (int64 scalar) and its new-token count (int64 [1]). */
+  past: string;
+  len: string;
+  /** Host attention, built with the first layer: which slot positions hold this row's past, and the causal block of its new tokens. */
+  pastAllowed?: string;
+  newAllowed?: string;
 }
 
 interface Rows {
@@ -75,11 +81,14 @@ function rowPlan(ctx: BlockContext, rows: number): Rows {
     const len = g.o('Where', [active, T, one]);
     const idleSeqlens = g.o('Cast', [zero], { to: I32 });
     const rowSeqlens = g.o('Where', [active, g.o('Gather', [seqlens, row], { axis: 0 }), idleSeqlens]); // int32 [1]
+    const total = g.o('Squeeze', [g.o('Add', [rowSeqlens, g.o('Cast', [one], { to: I32 })]), zero]); // int32 scalar
     plan.push({
       starts: g.o('Concat', [row, zero], { axis: 0 }),
       ends: g.o('Concat', [g.o('Add', [row, one]), len], { axis: 0 }),
       seqlens: rowSeqlens,
-      total: g.o('Squeeze', [g.o('Add', [rowSeqlens, g.o('Cast', [one], { to: I32 })]), zero]), // int32 scalar
+      total,
+      past: g.o('Sub', [g.o('Cast', [total], { to: ElemType.INT64 }), g.o('Squeeze', [len, zero])]),
+      len,
     });
   }
   const rowsOut = { rows: plan, batch: B, outShape: g.o('Concat', [one, T, g.constInt64([spec.dModel])], { axis: 0 }) };
@@ -104,13 +113,8 @@ export function slotAttention(ctx: BlockContext, q: string, k: string, v: string
     q3 = applyRotary(ctx, heads(q), ctx.rotary);
     k3 = applyRotary(ctx, heads(k), ctx.rotary);
   }
+  if (!(ctx.opts.kvInPlace ?? false)) return hostSlotAttention(ctx, plan, q3, k3, v, layer, scale);
   const packed = g.o('Concat', [flat(q3), flat(k3), flat(v)], { axis: 2 }); // [B,T,3D]: GQA's packed QKV
-  const inPlace = ctx.opts.kvInPlace ?? false;
-  if (!inPlace) {
-    const toBHTd = (t: string) => g.o('Transpose', [g.o('Reshape', [t, ctx.shapeBTHd])], { perm: [0, 2, 1, 3] });
-    g.output(toBHTd(k3), SLOT_IO.newKey(layer), ACT, ['batch', H, 'seq', HD]);
-    g.output(toBHTd(v), SLOT_IO.newValue(layer), ACT, ['batch', H, 'seq', HD]);
-  }
   const outs: string[] = [];
   for (let r = 0; r < rows; r++) {
     const p = plan.rows[r];
@@ -118,12 +122,62 @@ export function slotAttention(ctx: BlockContext, q: string, k: string, v: string
     const pk = g.input(SLOT_IO.pastKey(layer, r), ACT, [1, H, `slot_len_r${r}`, HD]);
     const pv = g.input(SLOT_IO.pastValue(layer, r), ACT, [1, H, `slot_len_r${r}`, HD]);
     const [out, presentK, presentV] = g.op('GroupQueryAttention', [x, '', '', pk, pv, p.seqlens, p.total], { num_heads: H, kv_num_heads: H, scale: { float: scale } }, 3, 'com.microsoft');
-    if (inPlace) {
-      g.output(presentK, SLOT_IO.presentKey(layer, r), ACT, [1, H, `slot_len_r${r}`, HD]);
-      g.output(presentV, SLOT_IO.presentValue(layer, r), ACT, [1, H, `slot_len_r${r}`, HD]);
-    }
+    g.output(presentK, SLOT_IO.presentKey(layer, r), ACT, [1, H, `slot_len_r${r}`, HD]);
+    g.output(presentV, SLOT_IO.presentValue(layer, r), ACT, [1, H, `slot_len_r${r}`, HD]);
     outs.push(g.o('Expand', [out, plan.outShape])); // an idle row's one token → T, then dropped below
   }
+  const all = outs.length === 1 ? outs[0] : g.o('Concat', outs, { axis: 0 }); // [ROWS, T, D]
+  const used = g.o('Slice', [all, g.constInt64([0]), plan.batch, g.constInt64([0])]);
+  return g.o('Reshape', [used, g.constInt64([-1, D])]);
+}
+
+/**
+ * Host slots (CPU, CUDA): attention in plain ops that read each row's slot where it lies. GroupQueryAttention
+ * without a shared past/present buffer copies the past into a fresh present every run (and its cost follows the
+ * buffer, not the session), and a shared buffer would have to be a run output, which onnxruntime-node copies back
+ * whole. Here each row's past K/V is a zero-copy input read once by two matrix products; the new tokens' K/V are
+ * outputs [B, H, T, hd] that the runtime writes into the slots. Per row: scores over [past | new] (past positions
+ * beyond the row's length and later new tokens masked), one softmax, and the two value products summed.
+ */
+function hostSlotAttention(ctx: BlockContext, plan: Rows, q3: string, k3: string, v: string, layer: number, scale: number): string {
+  const { g, spec, ACT, F32, half } = ctx;
+  const { heads: H, headDim: HD, dModel: D } = spec;
+  const toBHTd = (t: string) => g.o('Transpose', [g.o('Reshape', [t, ctx.shapeBTHd])], { perm: [0, 2, 1, 3] }); // [B,H,T,hd]
+  const [qh, kh, vh] = [toBHTd(q3), toBHTd(k3), toBHTd(v)];
+  g.output(kh, SLOT_IO.newKey(layer), ACT, ['batch', H, 'seq', HD]);
+  g.output(vh, SLOT_IO.newValue(layer), ACT, ['batch', H, 'seq', HD]);
+  const masked = g.constScalar(-3.4028234663852886e38, F32);
+  const zero = g.constInt64([0]);
+  const outs: string[] = [];
+  plan.rows.forEach((p, r) => {
+    const pk = g.input(SLOT_IO.pastKey(layer, r), ACT, [1, H, `slot_len_r${r}`, HD]);
+    const pv = g.input(SLOT_IO.pastValue(layer, r), ACT, [1, H, `slot_len_r${r}`, HD]);
+    if (!p.pastAllowed || !p.newAllowed) {
+      const scalar = (t: string) => g.o('Squeeze', [t, zero]);
+      const cap = g.o('Shape', [pk], { start: 2, end: 3 });
+      p.pastAllowed = g.o('Less', [g.o('Range', [g.constInt64([0], []), scalar(cap), g.constInt64([1], [])]), p.past]); // [cap]
+      const pos = g.o('Range', [g.constInt64([0], []), scalar(p.len), g.constInt64([1], [])]);
+      p.newAllowed = g.o('LessOrEqual', [g.o('Unsqueeze', [pos, zero]), g.o('Unsqueeze', [pos, g.constInt64([1])])]); // [T,T]: key <= query
+    }
+    // This row's q, k, v [1,H,T,hd] (an idle row reads a real row, clamped to one token).
+    const axes = g.constInt64([0, 2]);
+    const rowOf = (t: string) => g.o('Slice', [t, p.starts, p.ends, axes]);
+    const [q, k, vv] = [rowOf(qh), rowOf(kh), rowOf(vh)];
+    const scores = (b: string) => {
+      const sc = g.o('FusedMatMul', [q, b], { transB: 1, alpha: { float: scale } }, 'com.microsoft'); // [1,H,T,S]
+      return half ? g.o('Cast', [sc], { to: F32 }) : sc;
+    };
+    const all = g.o('Concat', [g.o('Where', [p.pastAllowed, scores(pk), masked]), g.o('Where', [p.newAllowed, scores(k), masked])], { axis: 3 });
+    let probs = g.o('Softmax', [all], { axis: -1 });
+    if (half) probs = g.o('Cast', [probs], { to: ACT });
+    const cap = g.o('Shape', [pk], { start: 2, end: 3 });
+    const three = g.constInt64([3]);
+    const pPast = g.o('Slice', [probs, zero, cap, three]);
+    const pNew = g.o('Slice', [probs, cap, g.constInt64([2 ** 62]), three]);
+    const out = g.o('Add', [g.o('MatMul', [pPast, pv]), g.o('MatMul', [pNew, vv])]); // [1,H,T,hd]
+    const rowOut = g.o('Reshape', [g.o('Transpose', [out], { perm: [0, 2, 1, 3] }), g.constInt64([1, -1, D])]); // [1,T,D]
+    outs.push(g.o('Expand', [rowOut, plan.outShape])); // an idle row's one token → T, then dropped below
+  });
   const all = outs.length === 1 ? outs[0] : g.o('Concat', outs, { axis: 0 }); // [ROWS, T, D]
   const used = g.o('Slice', [all, g.constInt64([0]), plan.batch, g.constInt64([0])]);
   return g.o('Reshape', [used, g.constInt64([-1, D])]);
