@@ -38,11 +38,6 @@ export interface QuantDTypeRow {
   dtype: StageDType;
   weightBytes: number;
   rssBytes: number;
-  /**
-   * The KV slots the worker preallocates (--max-batch rows × max positions, float32, every layer): the same in every
-   * dtype, and most of a small model's RSS, so RSS − kvBytes is what the weights and runtime take.
-   */
-  kvBytes: number;
   batch1MsPerToken: number;
   aggregateDecodeTokS: number;
   samples: { batch1MsPerToken: number[]; aggregateDecodeTokS: number[] };
@@ -127,7 +122,6 @@ export async function runQuantBench(o: QuantBenchOptions, launch: ClusterLaunche
     }
     const rows: QuantDTypeRow[] = open.map((s) => ({
       dtype: s.dtype, weightBytes: s.weightBytes, rssBytes: vmRss(s.cluster.workers[0].pid),
-      kvBytes: 2 * model.spec.blocks * o.maxBatch * model.spec.maxPositions * model.spec.dModel * 4,
       batch1MsPerToken: median(s.b1), aggregateDecodeTokS: median(s.agg), samples: { batch1MsPerToken: s.b1, aggregateDecodeTokS: s.agg },
     }));
     const llamaRows: LlamaRow[] = llama.map((l) => ({
@@ -140,7 +134,6 @@ export async function runQuantBench(o: QuantBenchOptions, launch: ClusterLaunche
       if (f32 && r !== f32) {
         ratios[`${r.dtype}.weightBytesVsFloat32`] = ratio(r.weightBytes, f32.weightBytes);
         ratios[`${r.dtype}.rssVsFloat32`] = ratio(r.rssBytes, f32.rssBytes);
-        ratios[`${r.dtype}.rssLessKvVsFloat32`] = ratio(r.rssBytes - r.kvBytes, f32.rssBytes - f32.kvBytes);
         ratios[`${r.dtype}.batch1SpeedupVsFloat32`] = ratio(f32.batch1MsPerToken, r.batch1MsPerToken);
         ratios[`${r.dtype}.aggregateVsFloat32`] = ratio(r.aggregateDecodeTokS, f32.aggregateDecodeTokS);
       }
@@ -171,8 +164,8 @@ const mib = (b: number) => `${(b / 2 ** 20).toFixed(1)} MiB`;
 export function renderQuantReport(r: QuantBenchReport, outDir: string): string {
   const lines = [
     `strata bench --suite quant: ${r.model.dir}, 1 worker × ${r.workload.threads} threads, ${r.workload.rounds} interleaved rounds (medians), ${r.workload.promptTokens}-token prompts, ${r.workload.newTokens} new tokens`,
-    'dtype     weights     RSS − KV slots  batch-1 ms/token  ×' + r.workload.concurrency + ' decode tok/s',
-    ...r.rows.map((x) => `${x.dtype.padEnd(9)} ${mib(x.weightBytes).padEnd(11)} ${mib(x.rssBytes - x.kvBytes).padEnd(15)} ${x.batch1MsPerToken.toFixed(2).padStart(16)}  ${x.aggregateDecodeTokS.toFixed(1).padStart(14)}`),
+    'dtype     weights     RSS             batch-1 ms/token  ×' + r.workload.concurrency + ' decode tok/s',
+    ...r.rows.map((x) => `${x.dtype.padEnd(9)} ${mib(x.weightBytes).padEnd(11)} ${mib(x.rssBytes).padEnd(15)} ${x.batch1MsPerToken.toFixed(2).padStart(16)}  ${x.aggregateDecodeTokS.toFixed(1).padStart(14)}`),
     ...r.llama.map((x) => `${('llama ' + x.weights).padEnd(9)} ${mib(x.fileBytes).padEnd(11)} ${'(file)'.padEnd(15)} ${x.batch1MsPerToken.toFixed(2).padStart(16)}  ${x.aggregateDecodeTokS.toFixed(1).padStart(14)}`),
     'ratios: ' + Object.entries(r.ratios).map(([k, v]) => `${k} ×${v.toFixed(2)}`).join(', '),
   ];
