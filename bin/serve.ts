@@ -94,6 +94,7 @@ async function serve(o: ServeOptions, addresses: string[], onStop: () => Promise
     }
   }
   pipeline.startHealthMonitor();
+  await board.poll(); // every stage has answered Configure: its state says serving before /health says 200
   pending.set(pipeline);
   display.stop();
   return { service, pipeline, tokenizer, hasChat: !!(chatTemplate ?? tokenizer?.chatTemplate) };

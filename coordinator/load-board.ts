@@ -32,18 +32,23 @@ export class LoadBoard {
   }
 
   /** Polls every `intervalMs` (and once now). */
-  start(intervalMs = 1_000): this {
-    const poll = () =>
-      this.links.forEach((link, i) =>
-        link.info(Math.min(intervalMs, 2_000)).then(
+  start(intervalMs = 500): this {
+    this.poll(Math.min(intervalMs, 2_000));
+    this.timer = setInterval(() => this.poll(Math.min(intervalMs, 2_000)), intervalMs);
+    this.timer.unref();
+    return this;
+  }
+
+  /** Asks every worker now (e.g. the moment the pipeline is configured, so no stale "loading" outlives it). */
+  poll(timeoutMs = 2_000): Promise<void> {
+    return Promise.all(
+      this.links.map((link, i) =>
+        link.info(timeoutMs).then(
           (info) => this.seen(i, loadFromWire(info.load)),
           () => this.seen(i, null),
         ),
-      );
-    poll();
-    this.timer = setInterval(poll, intervalMs);
-    this.timer.unref();
-    return this;
+      ),
+    ).then(() => {});
   }
 
   private seen(i: number, load: LoadProgress | null): void {
