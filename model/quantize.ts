@@ -184,19 +184,6 @@ export function transpose(w: Float32Array, rows: number, cols: number): Float32A
   return out;
 }
 
-/**
- * Per-output-channel int8 (one scale per column of a [K, N] matrix, symmetric, codes −127…127), the layout of
- * `DynamicQuantizeMatMul`. Kept for the kernel comparison in bench/quant-kernels.ts (see the choice in the linear op).
- */
-export function quantizeColumnsInt8(w: Float32Array, k: number, n: number): { data: Int8Array; scales: Float32Array } {
-  const scales = new Float32Array(n);
-  for (let r = 0; r < k; r++) for (let c = 0; c < n; c++) scales[c] = Math.max(scales[c], Math.abs(w[r * n + c]));
-  for (let c = 0; c < n; c++) scales[c] = Math.fround(scales[c] / 127);
-  const data = new Int8Array(k * n);
-  for (let r = 0; r < k; r++) for (let c = 0; c < n; c++) data[r * n + c] = scales[c] ? roundAway(w[r * n + c] / scales[c]) : 0;
-  return { data, scales };
-}
-
 /** Bytes of a quantized [n, k] matrix: codes plus float32 scales. */
 export function quantizedBytes(n: number, k: number, scheme: QuantScheme): number {
   const kBlocks = Math.ceil(k / scheme.blockSize);
