@@ -76,7 +76,7 @@ async function handle(req: ThreadRequest): Promise<unknown> {
       // The stage's weights read once, in order, 16 MiB at a time, before ORT opens them: ORT then loads (and prepacks)
       // from the page cache. A cold BioMedLM stage (5 GB) took 29.9 s to create, 7.0 + 10.7 s read first. Without
       // prepacking ORT only maps the weights, and this read makes serving mean they are in memory.
-      readSpans(stageWeightSpans(prepared.path));
+      if (process.env.STRATA_PREFETCH !== '0') readSpans(stageWeightSpans(prepared.path));
       const session = await StageSession.create(prepared.path, { threads: req.threads, device: req.device, prepack: stagePrepack(req.dtype) });
       if (stage) await stage.close();
       stage = new Stage(prepared.spec, prepared.range, session, activationDType(req.dtype), { kvBudgetBytes: req.kvBudgetBytes, rows: maxBatch });
