@@ -5,7 +5,7 @@ import type { BlockRange } from '../model/range.ts';
 import type { WireTiming } from '../proto/messages.ts';
 import { HealthMonitor } from './health-monitor.ts';
 import { Recovery, type RecoveryOptions } from './recovery.ts';
-import { ReplayLog, type SessionLog } from './replay-log.ts';
+import { ReplayLog, replayExactly, type SessionLog } from './replay-log.ts';
 import { ResultsRoute } from './results-subscription.ts';
 import { configureStages, NO_STAGES, type ConfigureOptions, type StageSet } from './stage-set.ts';
 import { StepRouter } from './step-router.ts';
@@ -57,7 +57,7 @@ export class RemotePipeline implements Stepper {
     addresses: string[],
     private readonly opts: RemotePipelineOptions,
   ) {
-    this.sessions = new ReplayLog(opts.spec.causal);
+    this.sessions = new ReplayLog(opts.spec.causal, replayExactly(opts.dtype));
     this.recovery = new Recovery(
       {
         generation: () => this.generation,

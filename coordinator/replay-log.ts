@@ -23,7 +23,11 @@ export interface SessionLog {
 export class ReplayLog {
   private readonly sessions = new Map<string, SessionLog>();
 
-  constructor(private readonly causal: boolean) {}
+  /** `exact`: replay every session step by step (replayMode), not only those that asked for logprobs. */
+  constructor(
+    private readonly causal: boolean,
+    private readonly exact = false,
+  ) {}
 
   /** The session's log; a new session's starts empty under its own id. */
   open(sessionId: string): SessionLog {
@@ -42,7 +46,7 @@ export class ReplayLog {
    */
   record(log: SessionLog, input: PipelineStep): void {
     if (!this.causal) return;
-    if (input.logprobs || EXACT_REPLAY) log.exact = true;
+    if (input.logprobs || this.exact) log.exact = true;
     const prev = log.steps.at(-1);
     if (prev && prev.positionIds.dims[0] === 1 && input.positionIds.dims[0] === 1) prev.attentionMask = SUBSUMED_MASK;
     log.steps.push({ inputIds: input.inputIds, positionIds: input.positionIds, attentionMask: input.attentionMask });
@@ -76,12 +80,17 @@ export class ReplayLog {
 }
 
 /**
- * STRATA_REPLAY=exact: every session is replayed step by step, as sessions with logprobs are. One prefill of the same
- * tokens computes each row along other kernel paths; with int8 weights (MatMulNBits, int8 activations) a GPT-J-sized
- * random-weight model's greedy pick flipped on a near-tie after the replay (1 of 3 requests, from its 8th token).
- * Exact costs one pipeline step per token generated so far instead of one prefill.
+ * Whether sessions are replayed step by step after a fault. One prefill of the same tokens computes each row along
+ * other kernel paths: in float32 it rounds ~1e-6 differently (a greedy pick could flip only on an exact near-tie);
+ * with int8 weights (MatMulNBits, int8 activations) a GPT-J-sized random-weight model's greedy pick flipped after the
+ * replay (1 of 3 requests, from its 8th token, in two runs) and step-by-step replay kept 3/3 identical. So quantized
+ * stages replay exactly by default; STRATA_REPLAY=exact|prefill chooses for every dtype. Exact costs one pipeline
+ * step per token generated so far instead of one prefill.
  */
-const EXACT_REPLAY = process.env.STRATA_REPLAY === 'exact';
+export function replayExactly(dtype: string | undefined, env = process.env.STRATA_REPLAY): boolean {
+  if (env === 'exact' || env === 'prefill') return env === 'exact';
+  return dtype === 'int8' || dtype === 'int4';
+}
 
 /** Stands in for a recorded single-row mask that a later step's mask covers (see ReplayLog.record). */
 const SUBSUMED_MASK: TensorData = { dtype: 'int64', dims: [1, 0], data: new BigInt64Array(0) };
