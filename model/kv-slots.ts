@@ -39,10 +39,11 @@ export function slotsForBudget(g: SlotGeometry, budgetBytes: number): number {
 
 /**
  * A stage's KV cache: per layer, key and value buffers [slots, H, max_len, head_dim], allocated once at configure
- * time; a session holds a slot and attention writes each new token's K/V into it in place.
+ * time; a session holds a slot, and each step's new K/V are written into it in place.
  *
  * On the host (CPU EP; CUDA, whose onnxruntime-node binding has no device tensors) each layer is one ArrayBuffer and
- * a slot is a view at its offset (the OS maps the pages on first touch). On WebGPU each (slot, layer) is a device
+ * a slot is a view at its offset (the OS maps the pages on first touch), laid out for the session's length (reserve);
+ * runs read it as a zero-copy input and the runtime writes the new K/V (model/slot-run.ts). On WebGPU each (slot, layer) is a device
  * tensor: created from zeros the first time the slot is used, then replaced by each run's present output, which
  * never leaves GPU memory. Idle batch rows bind one-position scratch buffers.
  */
@@ -132,7 +133,7 @@ export class KvSlots {
     return { dtype, dims: [1, heads, positions, headDim], data: dtype === 'float16' ? new Uint16Array(n) : new Float32Array(n) };
   }
 
-  /** What a run reads as past (and, on the host, writes as present) for `slot` at `layer`. */
+  /** What a run reads as past for `slot` at `layer` (on WebGPU also what the run's present replaces). */
   slot(layer: number, slot: number): { key: KvTensor; value: KvTensor } {
     if (this.host) {
       // The same view objects every run while the slot's layout holds: the executor keeps one ORT tensor per view.
