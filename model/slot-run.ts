@@ -35,7 +35,10 @@ export async function runInSlots(session: StageSession, slots: KvSlots, graphRow
   for (const row of rows) slots.reserve(row.slot, row.past + seq);
   for (const l of slots.geometry.layers) {
     for (let r = 0; r < graphRows; r++) {
-      const kv = r < B ? slots.slot(l, rows[r].slot) : slots.idle(l, r);
+      // A host row's first prompt has no past: it reads the one-position scratch (masked) rather than a slot laid out
+      // for the whole prompt, whose every position the graph would score and mask. Its K/V still go to its slot.
+      const fresh = r < B && rows[r].past === 0 && !slots.resident;
+      const kv = r < B && !fresh ? slots.slot(l, rows[r].slot) : slots.idle(l, r);
       feeds[SLOT_IO.pastKey(l, r)] = kv.key;
       feeds[SLOT_IO.pastValue(l, r)] = kv.value;
     }
