@@ -166,7 +166,7 @@ describe('host slots grow with their session', () => {
     assert.equal(slots.slot(3, slots.acquire()!).key.dims[2], CAP_STEP);
   });
 
-  test(`a session decoding across several ${CAP_STEP}-position steps matches a full recompute, alone and beside a short one`, async () => {
+  test(`a session decoding across several ${CAP_STEP}-position steps matches a full recompute (beside a short one), and so does a prompt fed in chunks across them`, async () => {
     const root = mkdtempSync(join(tmpdir(), 'strata-slot-growth-'));
     try {
       const model = join(root, 'model');
@@ -190,6 +190,18 @@ describe('host slots grow with their session', () => {
         for (let i = 0; i < want.length; i++) maxDiff = Math.max(maxDiff, Math.abs(got[got.length - want.length + i] - want[i]));
       }
       assert.ok(long.length > 2 * CAP_STEP, 'the slot grew at least twice');
+      // A prompt fed in chunks that cross several growths (the first chunk has no past) ends where a full pass does.
+      const prompt = Array.from({ length: 3 * CAP_STEP - 10 }, (_, i) => (i * 17 + 3) % 300);
+      let last: Float32Array | null = null;
+      for (let at = 0; at < prompt.length; at += 40) {
+        const chunk = prompt.slice(at, at + 40);
+        const r = await p.step('chunked', { inputIds: i64([chunk]), positionIds: i64([chunk.map((_, i) => at + i)]), attentionMask: i64([Array.from({ length: at + chunk.length }, () => 1)]) });
+        last = r.logits!.data as Float32Array;
+      }
+      const full = (await forwardLogits(p, prompt)).at(-1)!;
+      const tail = last!.subarray(last!.length - full.length);
+      assert.ok(full.every((x, i) => Math.abs(x - tail[i]) < 1e-4), 'chunked prefill across growths matches one pass');
+      await p.end('chunked');
       assert.ok(maxDiff < 1e-4, `decode logits vs full recompute: max |diff| ${maxDiff}`);
       await p.end('long');
       await p.end('short');
