@@ -22,8 +22,8 @@ export interface SessionOptions {
   threads?: number;
   device?: Device | string;
   /**
-   * Whether ORT prepacks weights when the session is created (default true). Float graphs pass false (see
-   * stagePrepack): ORT then maps the external weights instead of copying them into packed buffers.
+   * Whether ORT prepacks weights when the session is created (default true; see stagePrepack). Without it ORT maps
+   * the external weights instead of copying them into packed buffers.
    */
   prepack?: boolean;
 }
@@ -61,8 +61,8 @@ export interface Transfer {
 
 /**
  * ORT tensors of long-lived buffers (KV slot views, scratch), made once: a run binds hundreds of them (layers × rows ×
- * past/present), and wrapping each anew every run cost milliseconds per step. Keyed by the TensorData object, whose
- * data and dims must then not change (KvSlots hands out the same objects every run).
+ * key/value), and wrapping each anew every run cost milliseconds per step. Keyed by the TensorData object, whose
+ * data and dims must then not change (KvSlots hands out the same objects while a slot's layout holds).
  */
 const wrapped = new WeakMap<TensorData, ort.Tensor>();
 const toOrt = (t: TensorData, keep = false): ort.Tensor => {
@@ -151,11 +151,8 @@ export class StageSession {
     return this.executionProvider !== 'cpu';
   }
 
-  /**
-   * Runs the graph. `preallocated` outputs (KV slots, whose shapes the caller knows) are written by ORT straight into
-   * those buffers (on the CPU EP: in place, nothing copied). Resident outputs come back as DeviceTensors.
-   */
-  async run(feeds: Record<string, Feed>, preallocated: Record<string, TensorData> = {}): Promise<Record<string, TensorData | DeviceTensor>> {
+  /** Runs the graph. Resident outputs come back as DeviceTensors, the rest as host tensors. */
+  async run(feeds: Record<string, Feed>): Promise<Record<string, TensorData | DeviceTensor>> {
     const t: Transfer = { hostToDevice: 0, deviceToHost: 0, kvBytes: 0 };
     const ortFeeds: Record<string, ort.Tensor> = {};
     for (const [k, v] of Object.entries(feeds)) {
@@ -169,16 +166,14 @@ export class StageSession {
         if (isKv(k)) t.kvBytes += v.data.byteLength;
       }
     }
-    const fetches: Record<string, ort.Tensor | null> = {};
-    for (const name of this.session.outputNames) fetches[name] = preallocated[name] ? toOrt(preallocated[name], isKv(name)) : null;
-    const out = await this.session.run(ortFeeds, fetches as ort.InferenceSession.FetchesType);
+    const out = await this.session.run(ortFeeds);
     const result: Record<string, TensorData | DeviceTensor> = {};
     for (const [k, v] of Object.entries(out)) {
       if (this.resident.has(k) && v.location === 'gpu-buffer') {
         result[k] = { device: true, dims: [...v.dims], ort: v };
         continue;
       }
-      const host = preallocated[k] ?? fromOrt(v);
+      const host = fromOrt(v);
       result[k] = host;
       if (this.onDevice) {
         t.deviceToHost += host.data.byteLength;
