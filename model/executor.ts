@@ -72,7 +72,8 @@ const toOrt = (t: TensorData, keep = false): ort.Tensor => {
   return o;
 };
 const fromOrt = (t: ort.Tensor): TensorData => ({ dtype: t.type as TensorData['dtype'], dims: [...t.dims], data: t.data as TensorData['data'] });
-const isKv = (name: string) => name.startsWith('past_') || name.startsWith('present_');
+/** KV tensors by name: slot inputs (past_*), in-place outputs (present_*, WebGPU) and host slots' new K/V (new_*). */
+const isKv = (name: string) => name.startsWith('past_') || name.startsWith('present_') || name.startsWith('new_key_') || name.startsWith('new_value_');
 
 /**
  * One ORT session over one stage graph. `run` is a synchronous native call under the hood: callers that serve
