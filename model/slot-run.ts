@@ -29,7 +29,7 @@ type RunOutputs = Record<string, TensorData | DeviceTensor>;
  */
 export async function runInSlots(session: StageSession, slots: KvSlots, graphRows: number, feeds: Record<string, Feed>, rows: SlotRow[], seq: number): Promise<RunOutputs> {
   const B = rows.length;
-  // The graph ignores the mask of a decoder (GQA reads lengths from seqlens_k); it still declares the input.
+  // The graph ignores the mask of a decoder (its attention reads lengths from seqlens_k); it still declares the input.
   feeds[IO.attentionMask] = { dtype: 'int64', dims: [B, 1], data: new BigInt64Array(B).fill(1n) };
   feeds[SLOT_IO.seqlens] = { dtype: 'int32', dims: [B], data: Int32Array.from(rows, (r) => r.past + seq - 1) } as unknown as TensorData;
   for (const row of rows) slots.reserve(row.slot, row.past + seq);
@@ -37,8 +37,8 @@ export async function runInSlots(session: StageSession, slots: KvSlots, graphRow
     for (let r = 0; r < graphRows; r++) {
       // A host row's first prompt has no past: it reads the one-position scratch (masked) rather than a slot laid out
       // for the whole prompt, whose every position the graph would score and mask. Its K/V still go to its slot.
-      const fresh = r < B && rows[r].past === 0 && !slots.resident;
-      const kv = r < B && !fresh ? slots.slot(l, rows[r].slot) : slots.idle(l, r);
+      const bound = r < B && (slots.resident || rows[r].past > 0);
+      const kv = bound ? slots.slot(l, rows[r].slot) : slots.idle(l, r);
       feeds[SLOT_IO.pastKey(l, r)] = kv.key;
       feeds[SLOT_IO.pastValue(l, r)] = kv.value;
     }

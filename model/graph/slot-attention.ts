@@ -148,20 +148,23 @@ function hostSlotAttention(ctx: BlockContext, plan: Rows, q3: string, k3: string
   g.output(vh, SLOT_IO.newValue(layer), ACT, ['batch', H, 'seq', HD]);
   const masked = g.constScalar(-3.4028234663852886e38, F32);
   const zero = g.constInt64([0]);
+  const three = g.constInt64([3]);
+  const end = g.constInt64([2 ** 62]);
+  const rowAxes = g.constInt64([0, 2]);
+  const rowShape = g.constInt64([1, -1, D]);
   const outs: string[] = [];
   plan.rows.forEach((p, r) => {
     const pk = g.input(SLOT_IO.pastKey(layer, r), ACT, [1, H, `slot_len_r${r}`, HD]);
     const pv = g.input(SLOT_IO.pastValue(layer, r), ACT, [1, H, `slot_len_r${r}`, HD]);
+    const cap = g.o('Shape', [pk], { start: 2, end: 3 });
     if (!p.pastAllowed || !p.newAllowed) {
       const scalar = (t: string) => g.o('Squeeze', [t, zero]);
-      const cap = g.o('Shape', [pk], { start: 2, end: 3 });
       p.pastAllowed = g.o('Less', [g.o('Range', [g.constInt64([0], []), scalar(cap), g.constInt64([1], [])]), p.past]); // [cap]
       const pos = g.o('Range', [g.constInt64([0], []), scalar(p.len), g.constInt64([1], [])]);
       p.newAllowed = g.o('LessOrEqual', [g.o('Unsqueeze', [pos, zero]), g.o('Unsqueeze', [pos, g.constInt64([1])])]); // [T,T]: key <= query
     }
     // This row's q, k, v [1,H,T,hd] (an idle row reads a real row, clamped to one token).
-    const axes = g.constInt64([0, 2]);
-    const rowOf = (t: string) => g.o('Slice', [t, p.starts, p.ends, axes]);
+    const rowOf = (t: string) => g.o('Slice', [t, p.starts, p.ends, rowAxes]);
     const [q, k, vv] = [rowOf(qh), rowOf(kh), rowOf(vh)];
     const scores = (b: string) => {
       const sc = g.o('FusedMatMul', [q, b], { transB: 1, alpha: { float: scale } }, 'com.microsoft'); // [1,H,T,S]
@@ -170,12 +173,10 @@ function hostSlotAttention(ctx: BlockContext, plan: Rows, q3: string, k3: string
     const all = g.o('Concat', [g.o('Where', [p.pastAllowed, scores(pk), masked]), g.o('Where', [p.newAllowed, scores(k), masked])], { axis: 3 });
     let probs = g.o('Softmax', [all], { axis: -1 });
     if (half) probs = g.o('Cast', [probs], { to: ACT });
-    const cap = g.o('Shape', [pk], { start: 2, end: 3 });
-    const three = g.constInt64([3]);
     const pPast = g.o('Slice', [probs, zero, cap, three]);
-    const pNew = g.o('Slice', [probs, cap, g.constInt64([2 ** 62]), three]);
+    const pNew = g.o('Slice', [probs, cap, end, three]);
     const out = g.o('Add', [g.o('MatMul', [pPast, pv]), g.o('MatMul', [pNew, vv])]); // [1,H,T,hd]
-    const rowOut = g.o('Reshape', [g.o('Transpose', [out], { perm: [0, 2, 1, 3] }), g.constInt64([1, -1, D])]); // [1,T,D]
+    const rowOut = g.o('Reshape', [g.o('Transpose', [out], { perm: [0, 2, 1, 3] }), rowShape]); // [1,T,D]
     outs.push(g.o('Expand', [rowOut, plan.outShape])); // an idle row's one token → T, then dropped below
   });
   const all = outs.length === 1 ? outs[0] : g.o('Concat', outs, { axis: 0 }); // [ROWS, T, D]
