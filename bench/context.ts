@@ -3,6 +3,8 @@ import { copyFileSync, existsSync, mkdirSync, symlinkSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { StrataError } from '../model/errors.ts';
+import { runLlamaBench } from './llama.ts';
+import { median } from './stats.ts';
 
 /**
  * `strata bench --suite context`: decode ms per step, tok/s and host↔device bytes per step of one stage holding the
@@ -51,7 +53,6 @@ export interface ContextBenchReport {
  */
 export const DEFAULT_BASELINE = 'ca6de10';
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..');
-const median = (v: number[]) => [...v].sort((a, b) => a - b)[Math.floor(v.length / 2)];
 
 /** A worktree of `ref` sharing this checkout's node_modules, with the child script copied in. */
 function baselineTree(ref: string): string {
@@ -77,11 +78,7 @@ function runChild(root: string, args: object): { prompt: number; batch: number; 
 
 function llama(anchors: string, threads: number, prompt: number, batch: number): number {
   const ids = Array.from({ length: prompt }, (_, i) => 1 + ((i * 7919) % 50000)).join(',');
-  const args = [join(anchors, 'llama_bench.mjs'), join(anchors, 'gpt2-small-f32.gguf'), String(threads), '1', '--new', '16', '--ids', ids, ...(batch > 1 ? ['--mode', 'multi', '--seqs', String(batch)] : [])];
-  const r = spawnSync(process.execPath, args, { cwd: anchors, encoding: 'utf8', maxBuffer: 64 << 20 });
-  const line = r.stdout.trim().split('\n').at(-1) ?? '';
-  if (r.status !== 0 || !line.startsWith('{')) throw new StrataError('bench_flag_invalid', `llama_bench.mjs failed: ${r.stderr.slice(-2000)}`);
-  const j = JSON.parse(line);
+  const j = runLlamaBench(anchors, 'gpt2-small-f32.gguf', [String(threads), '1', '--new', '16', '--ids', ids, ...(batch > 1 ? ['--mode', 'multi', '--seqs', String(batch)] : [])]);
   return batch > 1 ? 1000 / (j.aggregate_decode_tok_s / batch) : j.decode_ms_per_token; // ms per (batched) step
 }
 

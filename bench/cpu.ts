@@ -50,3 +50,13 @@ export function cpuWindow(pids: number[]): { done(): (CpuSplit | null)[] } {
   const before = pids.map(threadCpu);
   return { done: () => pids.map((pid, i) => cpuBetween(pid, before[i], threadCpu(pid))) };
 }
+
+/** A byte figure of /proc/PID/status (VmRSS now, VmHWM the peak); NaN where /proc or the process is gone. */
+export function procStatusBytes(pid: number, field: 'VmRSS' | 'VmHWM'): number {
+  try {
+    const m = new RegExp(`${field}:\\s+(\\d+) kB`).exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
+    return m ? Number(m[1]) * 1024 : NaN;
+  } catch {
+    return NaN;
+  }
+}

@@ -1,5 +1,5 @@
 import { spawnSync } from 'node:child_process';
-import { mkdtempSync, readdirSync, readFileSync, rmSync, statSync } from 'node:fs';
+import { mkdtempSync, readdirSync, rmSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { loadModelSpec, type ModelSpec } from '../model/config.ts';
 import { parseStageDType, type StageDType } from '../model/dtype.ts';
@@ -17,6 +17,7 @@ import { resolveShape, type ShapeFlags } from './model.ts';
 import { machineInfo } from './pipeline.ts';
 import type { Progress } from './progress.ts';
 import { runRecovery, type RecoveryReport } from './load-recover.ts';
+import { procStatusBytes } from './cpu.ts';
 
 /**
  * `strata bench --suite load`: how long a full-size checkpoint takes to serve, and what it holds in memory.
@@ -133,14 +134,7 @@ export function timedRead(files: string[], cold: boolean): ReadTiming {
   return { ms, bytes, mbPerSec: bytes / 2 ** 20 / (ms / 1000), cold: dropped };
 }
 
-export const vmHwm = (pid: number): number => {
-  try {
-    const m = /VmHWM:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
-    return m ? Number(m[1]) * 1024 : NaN;
-  } catch {
-    return NaN;
-  }
-};
+export const vmHwm = (pid: number): number => procStatusBytes(pid, 'VmHWM');
 
 /** Per worker: when its stage's load began, when the build ended (weightBytes known), when it served. */
 class LoadWatch {

@@ -1,7 +1,7 @@
-import { spawnSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { LocalPipeline } from '../model/local-pipeline.ts';
+import { runLlamaBench } from './llama.ts';
 import { forwardLogits, generate } from '../model/generation.ts';
 import type { StageDType } from '../model/dtype.ts';
 
@@ -54,12 +54,7 @@ const argmax = (r: number[]): number => r.indexOf(Math.max(...r));
 interface LlamaProbe { top: { token: number; logprob: number }[]; tokens: number[] }
 interface LlamaForce { steps_agreeing: number; steps: number; picks: number[] }
 
-function llama<T>(anchors: string, gguf: string, args: string[]): T {
-  const r = spawnSync(process.execPath, [join(anchors, 'llama_bench.mjs'), join(anchors, gguf), '2', '1', '--kv', 'f32', '--fa', 'off', ...args], { cwd: anchors, encoding: 'utf8', maxBuffer: 64 << 20 });
-  const line = r.stdout.trim().split('\n').pop() ?? '';
-  if (r.status !== 0 || !line.startsWith('{')) throw new Error(`llama_bench.mjs ${gguf} ${args.join(' ')} failed: ${r.stderr.slice(-2000)}`);
-  return JSON.parse(line) as T;
-}
+const llama = <T>(anchors: string, gguf: string, args: string[]): T => runLlamaBench<T>(anchors, gguf, ['2', '1', '--kv', 'f32', '--fa', 'off', ...args]);
 
 /** strata's rows: fp32 reference logits, then each quantized dtype teacher-forced over the same tokens in one pass. */
 async function strataRows(modelDir: string, dtypes: StageDType[], threads: number, log: (m: string) => void): Promise<{ continuation: number[]; rows: AccuracyRow[] }> {

@@ -1,5 +1,4 @@
-import { spawnSync } from 'node:child_process';
-import { existsSync, readFileSync, statSync } from 'node:fs';
+import { existsSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { loadModelSpec } from '../model/config.ts';
 import { Checkpoint } from '../model/safetensors.ts';
@@ -11,6 +10,8 @@ import type { Progress } from './progress.ts';
 import { machineInfo } from './pipeline.ts';
 import { measure, prepareModel, TimingCollector, type BenchCluster, type BenchModel, type ClusterLauncher } from './runner.ts';
 import { median, ratio } from './stats.ts';
+import { procStatusBytes } from './cpu.ts';
+import { runLlamaBench } from './llama.ts';
 import { renderAccuracy, runQuantAccuracy, type AccuracyReport } from './quant-accuracy.ts';
 
 /**
@@ -65,17 +66,9 @@ export interface QuantBenchReport {
 
 const LLAMA_FOR: Partial<Record<StageDType, string>> = { float32: 'f32', int8: 'q8_0', int4: 'q4_0' };
 
-function vmRss(pid: number): number {
-  const m = /VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
-  return m ? Number(m[1]) * 1024 : NaN;
-}
 
-function llamaBench(anchors: string, weights: string, threads: number, args: string[]): Record<string, number> {
-  const r = spawnSync(process.execPath, [join(anchors, 'llama_bench.mjs'), join(anchors, `gpt2-small-${weights}.gguf`), String(threads), '3', '--new', '32', ...args], { cwd: anchors, encoding: 'utf8', maxBuffer: 64 << 20 });
-  const line = r.stdout.trim().split('\n').pop() ?? '';
-  if (r.status !== 0 || !line.startsWith('{')) throw new Error(`llama_bench.mjs ${weights} failed: ${r.stderr.slice(-2000)}`);
-  return JSON.parse(line);
-}
+const llamaBench = (anchors: string, weights: string, threads: number, args: string[]): Record<string, number> =>
+  runLlamaBench(anchors, `gpt2-small-${weights}.gguf`, [String(threads), '3', '--new', '32', ...args]);
 
 function modelFrom(dir: string): BenchModel {
   const spec = loadModelSpec(dir);
@@ -121,7 +114,7 @@ export async function runQuantBench(o: QuantBenchOptions, launch: ClusterLaunche
       }
     }
     const rows: QuantDTypeRow[] = open.map((s) => ({
-      dtype: s.dtype, weightBytes: s.weightBytes, rssBytes: vmRss(s.cluster.workers[0].pid),
+      dtype: s.dtype, weightBytes: s.weightBytes, rssBytes: procStatusBytes(s.cluster.workers[0].pid, 'VmRSS'),
       batch1MsPerToken: median(s.b1), aggregateDecodeTokS: median(s.agg), samples: { batch1MsPerToken: s.b1, aggregateDecodeTokS: s.agg },
     }));
     const llamaRows: LlamaRow[] = llama.map((l) => ({

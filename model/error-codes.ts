@@ -181,6 +181,7 @@ export const ERROR_CATALOGUE = {
   bench_shape_invalid: entry('invalid_argument'),
   bench_suite_unknown: entry('invalid_argument'),
   bench_read_failed: entry('internal'),
+  bench_anchor_failed: entry('internal'),
   bench_cache_missing: entry('internal'),
 
   // ---- raised only by tests (a stand-in transient failure) ----
