@@ -1,5 +1,6 @@
 import type { PipelineStep } from '../model/generation.ts';
 import type { TensorData } from '../model/tensor.ts';
+import { isQuantized } from '../model/dtype.ts';
 
 /** One session as the coordinator remembers it, to rebuild its KV caches after a stage is lost. */
 export interface SessionLog {
@@ -23,7 +24,7 @@ export interface SessionLog {
 export class ReplayLog {
   private readonly sessions = new Map<string, SessionLog>();
 
-  /** `exact`: replay every session step by step (replayMode), not only those that asked for logprobs. */
+  /** `exact`: replay every session step by step (replayExactly), not only those that asked for logprobs. */
   constructor(
     private readonly causal: boolean,
     private readonly exact = false,
@@ -89,7 +90,7 @@ export class ReplayLog {
  */
 export function replayExactly(dtype: string | undefined, env = process.env.STRATA_REPLAY): boolean {
   if (env === 'exact' || env === 'prefill') return env === 'exact';
-  return dtype === 'int8' || dtype === 'int4';
+  return dtype !== undefined && isQuantized(dtype);
 }
 
 /** Stands in for a recorded single-row mask that a later step's mask covers (see ReplayLog.record). */

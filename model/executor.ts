@@ -1,6 +1,7 @@
 import * as ort from 'onnxruntime-node';
 import type { TensorData } from './tensor.ts';
 import { StrataError } from './errors.ts';
+import { isQuantized } from './dtype.ts';
 
 /** `cpu`, `cuda:N` (CUDA EP, device N) or `webgpu[:N]` (ORT's bundled WebGPU EP, Dawn; device context N). */
 export type Device = 'cpu' | `cuda:${number}` | 'webgpu' | `webgpu:${number}`;
@@ -36,7 +37,7 @@ export interface SessionOptions {
  * MatMulNBits without its packed layout decoded 28× slower. STRATA_ORT_PREPACK=0 trades the identity for the start
  * time of a float stage, for an operator who wants that.
  */
-export const stagePrepack = (dtype: string): boolean => dtype === 'int8' || dtype === 'int4' || process.env.STRATA_ORT_PREPACK !== '0';
+export const stagePrepack = (dtype: string): boolean => isQuantized(dtype) || process.env.STRATA_ORT_PREPACK !== '0';
 
 /**
  * A tensor that lives in device memory (a WebGPU buffer). Never read on the host: onnxruntime-node's getData() on a
