@@ -5,6 +5,7 @@ import { f32ToF16 } from '../model/dtype.ts';
 import { allRefs, keyPrefix, stageWeights, type WeightRef } from '../model/layout.ts';
 import { syntheticSupport, type SyntheticShape } from '../model/synthetic.ts';
 import { defaultCacheDir } from '../model/stage-cache.ts';
+import { safetensorsHeader } from '../model/safetensors.ts';
 import { shapeKey } from './model.ts';
 
 /**
@@ -80,23 +81,11 @@ export function writeShardedCheckpoint(dir: string, shape: SyntheticShape, dtype
   let written = 0;
   plan.forEach((tensors, s) => {
     const name = `model-${String(s + 1).padStart(5, '0')}-of-${String(plan.length).padStart(5, '0')}.safetensors`;
-    const header: Record<string, unknown> = { __metadata__: { format: 'pt' } };
-    let offset = 0;
-    for (const r of tensors) {
-      const bytes = r.shape.reduce((a, b) => a * b, ELEM[dtype]);
-      header[r.key] = { dtype, shape: r.shape, data_offsets: [offset, offset + bytes] };
-      offset += bytes;
-      weightMap[r.key] = name;
-    }
-    let json = JSON.stringify(header);
-    json += ' '.repeat((8 - (json.length % 8)) % 8);
+    for (const r of tensors) weightMap[r.key] = name;
     const path = join(dir, name);
     const fd = openSync(path, 'w');
     try {
-      const len = Buffer.alloc(8);
-      len.writeBigUInt64LE(BigInt(json.length));
-      writeSync(fd, len);
-      writeSync(fd, Buffer.from(json));
+      writeSync(fd, safetensorsHeader(tensors.map((r) => ({ key: r.key, dtype, shape: r.shape, bytes: r.shape.reduce((a, b) => a * b, ELEM[dtype]) })), { format: 'pt' }));
       for (const [t, r] of tensors.entries()) {
         const n = r.shape.reduce((a, b) => a * b, 1);
         const src = support.isNormWeight(r.key) ? ones : r.key.endsWith('.bias') ? null : pool;

@@ -5,6 +5,24 @@ import { StrataError } from './errors.ts';
 import { toFloat32 } from './dtype.ts';
 
 export type StDType = 'F32' | 'F16' | 'BF16';
+
+/**
+ * The bytes that open a safetensors file holding `tensors` back to back in this order: the header's length (u64 LE),
+ * then the JSON header (`__metadata__` first when given) padded with spaces to a multiple of 8.
+ */
+export function safetensorsHeader(tensors: { key: string; dtype: string; shape: number[]; bytes: number }[], metadata?: Record<string, string>): Buffer {
+  const header: Record<string, unknown> = metadata ? { __metadata__: metadata } : {};
+  let offset = 0;
+  for (const t of tensors) {
+    header[t.key] = { dtype: t.dtype, shape: t.shape, data_offsets: [offset, offset + t.bytes] };
+    offset += t.bytes;
+  }
+  let json = JSON.stringify(header);
+  json += ' '.repeat((8 - (json.length % 8)) % 8);
+  const len = Buffer.alloc(8);
+  len.writeBigUInt64LE(BigInt(json.length));
+  return Buffer.concat([len, Buffer.from(json)]);
+}
 const SUPPORTED: Record<string, number> = { F32: 4, F16: 2, BF16: 2 };
 
 export interface TensorInfo {

@@ -3,6 +3,7 @@ import { join } from 'node:path';
 import { normalizeConfig } from './config.ts';
 import { StrataError } from './errors.ts';
 import { allRefs, keyPrefix, stageWeights } from './layout.ts';
+import { safetensorsHeader } from './safetensors.ts';
 import { familyNamed } from './families/index.ts';
 import type { SyntheticShape, SyntheticSupport } from './families/family.ts';
 
@@ -31,20 +32,10 @@ export function writeSyntheticModel(dir: string, shape: SyntheticShape, onProgre
   writeFileSync(join(dir, 'config.json'), JSON.stringify(config, null, 2));
   const spec = normalizeConfig(config);
   const refs = allRefs(stageWeights(spec, { first: 0, last: spec.blocks }, keyPrefix(spec, () => true)));
-  const header: Record<string, unknown> = {};
-  let offset = 0;
-  for (const r of refs) {
-    const bytes = r.shape.reduce((a, b) => a * b, 4);
-    header[r.key] = { dtype: 'F32', shape: r.shape, data_offsets: [offset, offset + bytes] };
-    offset += bytes;
-  }
-  let json = JSON.stringify(header);
-  json += ' '.repeat((8 - (json.length % 8)) % 8);
+  const tensors = refs.map((r) => ({ key: r.key, dtype: 'F32', shape: r.shape, bytes: r.shape.reduce((a, b) => a * b, 4) }));
+  const total = tensors.reduce((n, t) => n + t.bytes, 0);
   const fd = openSync(join(dir, 'model.safetensors'), 'w');
-  const len = Buffer.alloc(8);
-  len.writeBigUInt64LE(BigInt(json.length));
-  writeSync(fd, len);
-  writeSync(fd, Buffer.from(json));
+  writeSync(fd, safetensorsHeader(tensors));
   let state = (shape.seed ?? 1234) >>> 0 || 1;
   let written = 0;
   for (const r of refs) {
@@ -64,7 +55,7 @@ export function writeSyntheticModel(dir: string, shape: SyntheticShape, onProgre
       writeSync(fd, new Uint8Array(chunk.buffer, 0, m * 4));
     }
     written += n * 4;
-    onProgress?.(written, offset);
+    onProgress?.(written, total);
   }
   closeSync(fd);
 }

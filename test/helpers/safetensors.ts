@@ -1,4 +1,5 @@
 import { readFileSync, writeFileSync } from 'node:fs';
+import { safetensorsHeader } from '../../model/safetensors.ts';
 
 export interface RawTensor {
   dtype: string;
@@ -21,15 +22,6 @@ export function readSafetensors(path: string): Map<string, RawTensor> {
 
 /** Writes tensors in the safetensors layout (header JSON padded to 8 bytes, then the data). */
 export function writeSafetensors(path: string, tensors: Map<string, RawTensor>): void {
-  const header: Record<string, unknown> = { __metadata__: { format: 'pt' } };
-  let offset = 0;
-  for (const [k, t] of tensors) {
-    header[k] = { dtype: t.dtype, shape: t.shape, data_offsets: [offset, offset + t.data.byteLength] };
-    offset += t.data.byteLength;
-  }
-  let json = JSON.stringify(header);
-  json += ' '.repeat((8 - (json.length % 8)) % 8);
-  const len = Buffer.alloc(8);
-  len.writeBigUInt64LE(BigInt(json.length));
-  writeFileSync(path, Buffer.concat([len, Buffer.from(json), ...[...tensors.values()].map((t) => Buffer.from(t.data))]));
+  const header = safetensorsHeader([...tensors].map(([key, t]) => ({ key, dtype: t.dtype, shape: t.shape, bytes: t.data.byteLength })), { format: 'pt' });
+  writeFileSync(path, Buffer.concat([header, ...[...tensors.values()].map((t) => Buffer.from(t.data))]));
 }
