@@ -81,7 +81,7 @@ export function float16ToFloat32(src: Uint16Array): Float32Array {
  * Exact (float32 holds every float16), and what made an F16 checkpoint's conversion cheap next to reading it.
  */
 let F16_TABLE: Float32Array | null = null;
-function f16Table(): Float32Array {
+export function f16Table(): Float32Array {
   if (!F16_TABLE) {
     F16_TABLE = new Float32Array(65536);
     for (let h = 0; h < 65536; h++) F16_TABLE[h] = f16ToF32(h);

@@ -14,6 +14,7 @@
  * Pure functions over typed arrays: the stage-graph builder calls them one tensor at a time.
  */
 import { StrataError } from './errors.ts';
+import { f16Table, float16ToFloat32 } from './dtype.ts';
 
 export type QuantBits = 4 | 8;
 
@@ -105,9 +106,54 @@ export function quantizeRows(w: Float32Array, n: number, k: number, scheme: Quan
 }
 
 /**
- * int8 blocks written straight into `data` (no per-block code buffer and copy): the same codes and scales as the
- * general loop, 2-3× faster, which is most of an int8 build of a big checkpoint (GPT-J: 6 G weights).
+ * A checkpoint's F16 matrix (raw binary16 bits, row-major [n, k]) quantized without first widening it to float32:
+ * the block's amax is found on the bits (|x| orders like its bits with the sign cleared) and each value is read
+ * through the binary16 → float32 table. The same codes and scales as quantizeRows over the widened matrix, at about a
+ * third of the time and without a float32 copy twice the tensor's size: an int8 build of GPT-J's F16 checkpoint is
+ * this loop over 6 G weights.
  */
+export function quantizeRowsF16(halves: Uint16Array, n: number, k: number, scheme: QuantScheme): QuantizedMatrix {
+  if (scheme.bits !== 8) return quantizeRows(float16ToFloat32(halves), n, k, scheme);
+  checkScheme(scheme);
+  if (halves.length !== n * k) throw new Error(`quantizeRowsF16: ${halves.length} values is not ${n} × ${k}`);
+  const { blockSize } = scheme;
+  const kBlocks = Math.ceil(k / blockSize);
+  const data = new Uint8Array(n * kBlocks * blockSize);
+  const scales = new Float32Array(n * kBlocks);
+  const table = f16Table();
+  for (let r = 0; r < n; r++) {
+    for (let b = 0; b < kBlocks; b++) {
+      const start = r * k + b * blockSize;
+      const end = Math.min(r * k + k, start + blockSize);
+      let amaxBits = 0;
+      for (let i = start; i < end; i++) {
+        const a = halves[i] & 0x7fff;
+        amaxBits = a > amaxBits ? a : amaxBits;
+      }
+      const scale = Math.fround(table[amaxBits] / 127);
+      const inv = scale ? Math.fround(1 / scale) : 0;
+      scales[r * kBlocks + b] = scale;
+      let o = (r * kBlocks + b) * blockSize;
+      for (let i = start; i < end; i++, o++) data[o] = int8Code(Math.fround(table[halves[i]] * inv));
+      for (let i = end - start; i < blockSize; i++, o++) data[o] = 128; // a partial block's padding: code 0
+    }
+  }
+  return { data, scales, n, k, kBlocks, blob: blockSize };
+}
+
+/**
+ * The stored 8-bit code of x = value / scale (|x| ≤ 127.5): roundAway(x) + 128, without a branch on x's sign, which
+ * is a coin flip per weight and cost most of the loop. y = x + 128.5 is exact in a double (x is a float32 of
+ * magnitude < 2^7) and positive, so truncating it rounds half up; half away from zero differs only on an exact
+ * negative tie (y integral below 128.5), a branch that is almost never taken.
+ */
+const int8Code = (x: number): number => {
+  const y = x + 128.5;
+  const c = y | 0;
+  return c === y && y < 128.5 ? c - 1 : c;
+};
+
+/** int8 blocks written straight into `data` (no per-block code buffer and copy). */
 function quantizeRowsInt8(w: Float32Array, n: number, k: number, blockSize: number, kBlocks: number, data: Uint8Array, scales: Float32Array): void {
   for (let r = 0; r < n; r++) {
     const row = r * k;
@@ -117,17 +163,13 @@ function quantizeRowsInt8(w: Float32Array, n: number, k: number, blockSize: numb
       let amax = 0;
       for (let i = start; i < end; i++) {
         const a = Math.abs(w[i]);
-        if (a > amax) amax = a;
+        amax = a > amax ? a : amax;
       }
       const scale = Math.fround(amax / 127);
       const inv = scale ? Math.fround(1 / scale) : 0;
       scales[r * kBlocks + b] = scale;
       let o = (r * kBlocks + b) * blockSize;
-      // roundAway(x) as a truncation of x ± 0.5: exact here (x is a float32 within ±127.5, so the sum is exact in a double).
-      for (let i = start; i < end; i++, o++) {
-        const x = Math.fround(w[i] * inv);
-        data[o] = ((x < 0 ? x - 0.5 : x + 0.5) | 0) + 128;
-      }
+      for (let i = start; i < end; i++, o++) data[o] = int8Code(Math.fround(w[i] * inv));
       for (let i = end - start; i < blockSize; i++, o++) data[o] = 128; // a partial block's padding: code 0
     }
   }

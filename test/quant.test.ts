@@ -1,7 +1,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { checkQuantKernels, dequantizeRows, quantizedBytes, quantizeRows, QUANT_SCHEMES, schemeKey, transpose } from '../model/quantize.ts';
-import { bytesPerWeight, parseStageDType } from '../model/dtype.ts';
+import { checkQuantKernels, dequantizeRows, quantizedBytes, quantizeRows, quantizeRowsF16, QUANT_SCHEMES, schemeKey, transpose } from '../model/quantize.ts';
+import { bytesPerWeight, f32ToF16, float16ToFloat32, parseStageDType } from '../model/dtype.ts';
 import { isStrataError } from '../model/errors.ts';
 
 // The quantizer itself: ggml's q8_0 / q4_0 rounding, MatMulNBits's packing, error bounds.
@@ -18,6 +18,30 @@ test('int8: scale = amax/127, codes round half away from zero, stored with zero 
   assert.equal(q.data[5], 128 + 2);
   assert.equal(q.data[6], 128 - 2);
   assert.equal(q.data[16], 128);
+});
+
+test('int8: exact half-step ties round away from zero on both sides of it', () => {
+  // amax 127/16 makes the scale exactly 1/16, so these values sit exactly on ±0.5 and ±2.5 steps.
+  const row = new Float32Array(32);
+  row.set([127 / 16, -2.5 / 16, 2.5 / 16, -0.5 / 16, 0.5 / 16, -126.5 / 16]);
+  const q = quantizeRows(row, 1, 32, QUANT_SCHEMES.int8);
+  assert.equal(q.scales[0], 1 / 16);
+  assert.deepEqual([...q.data.subarray(0, 7)], [255, 125, 131, 127, 129, 1, 128]);
+});
+
+test('int8 from F16 bits: the same codes and scales as quantizing the widened matrix, partial and zero blocks included', () => {
+  const r = rng(5);
+  for (const [n, k] of [[3, 96], [4, 80], [2, 17]]) {
+    const halves = Uint16Array.from({ length: n * k }, (_, i) => f32ToF16(i % 7 === 0 ? 0 : r() * (i % 5 ? 0.05 : 3)));
+    halves.fill(0, 32, 64); // an all-zero block
+    halves[1] = f32ToF16(127 / 16); halves[2] = f32ToF16(-2.5 / 16); // a tie
+    for (const s of Object.values(QUANT_SCHEMES)) {
+      const want = quantizeRows(float16ToFloat32(halves), n, k, s);
+      const got = quantizeRowsF16(halves, n, k, s);
+      assert.deepEqual(got.scales, want.scales, `${n}×${k} q${s.bits}: scales`);
+      assert.deepEqual(got.data, want.data, `${n}×${k} q${s.bits}: codes`);
+    }
+  }
 });
 
 /** ggml's quantize_row_q4_0_ref on one block: scale = max / −8, code = min(15, trunc(x / scale + 8.5)). */

@@ -56,6 +56,8 @@ export interface StageContext {
   W32(ref: WeightRef): string;
   /** A checkpoint weight's values as float32, read when called (the quantizer reads one tensor at a time). */
   read(ref: WeightRef): Float32Array;
+  /** A checkpoint weight's stored bytes, when the source has them (the int8 quantizer reads F16 without widening it). */
+  readRaw(ref: WeightRef): { dtype: string; bytes: Uint8Array } | undefined;
   readonly positionIds: string;
   readonly attentionMask: string;
   /** [B, T, D] and [B, T, H, head_dim] as shape tensors. */
@@ -94,6 +96,7 @@ export function stageContext(g: GraphBuilder, spec: ModelSpec, source: WeightSou
     W: (ref) => g.weight(ref.key, ACT, ref.shape, () => readBytes(ref), at(ref)),
     W32: (ref) => g.weight(ref.key, F32, ref.shape, () => readBytes(ref, true), at(ref, true)),
     read: (ref) => source.readFloat32(ref.key, ref.shape),
+    readRaw: (ref) => source.readRaw?.(ref.key, ref.shape),
     shapeBTD: g.o('Concat', [bt, g.constInt64([spec.dModel])], { axis: 0 }),
     shapeBTHd: g.o('Concat', [bt, g.constInt64([spec.heads, spec.headDim])], { axis: 0 }),
   };

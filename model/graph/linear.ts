@@ -1,7 +1,7 @@
 import type { WeightRef } from '../families/family.ts';
-import { isQuantized, type QuantizedDType } from '../dtype.ts';
+import { isQuantized, toFloat32, type QuantizedDType } from '../dtype.ts';
 import { ElemType } from '../onnx-builder.ts';
-import { quantizeRows, quantScheme, transpose, type QuantizedMatrix } from '../quantize.ts';
+import { quantizeRows, quantizeRowsF16, quantScheme, transpose, type QuantizedMatrix, type QuantScheme } from '../quantize.ts';
 import type { StageContext } from './context.ts';
 
 /**
@@ -65,7 +65,7 @@ function quantizedWeight(ctx: StageContext, w: WeightRef, conv1d: boolean, dtype
   const kBlocks = Math.ceil(k / scheme.blockSize);
   const blob = (scheme.blockSize * scheme.bits) / 8;
   let q: QuantizedMatrix | null = null;
-  const get = (): QuantizedMatrix => (q ??= quantizeRows(conv1d ? transpose(ctx.read(w), rows, cols) : ctx.read(w), n, k, scheme));
+  const get = (): QuantizedMatrix => (q ??= quantizeWeight(ctx, w, conv1d, scheme));
   const data = ctx.g.weight(`${w.key}.q${scheme.bits}`, ElemType.UINT8, [n, kBlocks, blob], () => get().data);
   const scales = ctx.g.weight(`${w.key}.q${scheme.bits}.scales`, ElemType.FLOAT, [n, kBlocks], () => {
     const s = get().scales;
@@ -73,4 +73,13 @@ function quantizedWeight(ctx: StageContext, w: WeightRef, conv1d: boolean, dtype
     return new Uint8Array(s.buffer, s.byteOffset, s.byteLength);
   });
   return { data, scales, n, k, kBlocks, blob };
+}
+
+/** Reads and quantizes one matrix: an F16 checkpoint's [out, in] weight straight from its bits, anything else through float32. */
+function quantizeWeight(ctx: StageContext, w: WeightRef, conv1d: boolean, scheme: QuantScheme): QuantizedMatrix {
+  const [rows, cols] = w.shape;
+  const raw = ctx.readRaw(w);
+  if (raw?.dtype === 'F16' && !conv1d) return quantizeRowsF16(new Uint16Array(raw.bytes.buffer, raw.bytes.byteOffset, raw.bytes.byteLength / 2), rows, cols, scheme);
+  const f = raw ? toFloat32(raw.bytes, raw.dtype as 'F32' | 'F16' | 'BF16') : ctx.read(w);
+  return conv1d ? quantizeRows(transpose(f, rows, cols), cols, rows, scheme) : quantizeRows(f, rows, cols, scheme);
 }
