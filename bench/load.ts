@@ -4,12 +4,12 @@ import { join } from 'node:path';
 import { loadModelSpec, type ModelSpec } from '../model/config.ts';
 import { parseStageDType, type StageDType } from '../model/dtype.ts';
 import { StrataError } from '../model/errors.ts';
-import { stageMemory } from '../model/memory.ts';
+import { stageKvSlots, stageMemory } from '../model/memory.ts';
 import type { LoadProgress } from '../model/progress.ts';
 import { rangeLabel, type BlockRange } from '../model/range.ts';
 import { Checkpoint } from '../model/safetensors.ts';
 import { defaultCacheDir } from '../model/stage-cache.ts';
-import { generate } from '../model/generation.ts';
+import { embed, generate } from '../model/generation.ts';
 import { readSpans, stageWeightSpans, type WeightSpan } from '../model/stage-prefetch.ts';
 import { RemotePipeline } from '../coordinator/remote-pipeline.ts';
 import { ensureShardedCheckpoint, type CkptDType } from './load-checkpoint.ts';
@@ -41,6 +41,8 @@ export interface LoadBenchOptions extends ShapeFlags {
   maxBatch: number;
   kvBudgetMb?: number;
   recover?: boolean;
+  /** Fill every KV slot and run a full-context forward after the cache-hit start: the planner's worst case, measured. */
+  fullLoad?: boolean;
   /** Keep the written checkpoint (default: kept; --delete-checkpoint removes it at the end). */
   deleteCheckpoint?: boolean;
   cacheDir?: string;
@@ -113,6 +115,7 @@ export interface LoadBenchReport {
   cacheHit: { ms: number; stageMs: number; vsAllCachedReads: number; stages: (StageLoad & { cachedRead: ReadTiming; vsCachedRead: number })[] };
   decode: { promptTokens: number; newTokens: number; tokPerSec: number; ttftMs: number };
   recover: RecoveryReport | null;
+  fullLoad: FullLoadReport | null;
   /** The issue's bounds: first start ≤ ×2 raw read, cache hit ≤ ×1.5 its stage's read, planner within 10 %. */
   bounds: { firstStartX: number; cacheHitX: number; plannerTolerance: number };
 }
@@ -268,8 +271,11 @@ export async function runLoadBench(o: LoadBenchOptions, launch: LoadLauncher, pr
     const recoveries: number[] = [];
     const hit = await start(model, dtype, args, o.workers, launch, progress, kvBudgetBytes, () => ({
       recoveryTimeoutMs: 600_000, replaceGraceMs: 600_000, onRecovery: (ms: number) => void recoveries.push(ms),
+      // A full-context forward of a big stage on one thread takes minutes: not a hung worker.
+      ...(o.fullLoad ? { stepTimeoutMs: 3_600_000 } : {}),
     }));
     let recover: RecoveryReport | null = null;
+    let full: FullLoadReport | null = null;
     try {
       // One short request, so the peak RSS below is a serving worker's (a float stage's weights are mapped on first use).
       await decodeRate(hit.pipeline, spec.vocab, o.promptTokens, 4, o.seed);
@@ -278,6 +284,7 @@ export async function runLoadBench(o: LoadBenchOptions, launch: LoadLauncher, pr
         s.plannedVsPeakRss = s.plannedBytes / s.peakRssBytes;
         s.peakRssVsWeights = s.peakRssBytes / s.weightBytes;
       });
+      if (o.fullLoad) full = await fullLoad(hit.pipeline, hit.cluster, hit.report.stages, spec, dtype, kvBudgetBytes, o.seed, progress);
       if (o.recover) recover = await runRecovery({ pipeline: hit.pipeline, cluster: hit.cluster, vocab: spec.vocab, recoveries, progress, newTokens: o.newTokens, seed: o.seed });
     } finally {
       hit.pipeline.close();
@@ -290,7 +297,7 @@ export async function runLoadBench(o: LoadBenchOptions, launch: LoadLauncher, pr
       firstStart: { ...first.report, vsRawRead: first.report.stageMs / rawRead.ms },
       cacheHit: { ms: hit.report.ms, stageMs: hit.report.stageMs, vsAllCachedReads: hit.report.stageMs / reads.reduce((n, x) => n + x.ms, 0), stages: hit.report.stages.map((s, i) => ({ ...s, cachedRead: reads[i], vsCachedRead: s.totalMs / reads[i].ms })) },
       decode: { promptTokens: o.promptTokens, newTokens: o.newTokens, ...decode },
-      recover, bounds: { firstStartX: 2, cacheHitX: 1.5, plannerTolerance: 0.1 },
+      recover, fullLoad: full, bounds: { firstStartX: 2, cacheHitX: 1.5, plannerTolerance: 0.1 },
     };
   } finally {
     rmSync(stageCache, { recursive: true, force: true });
@@ -304,6 +311,41 @@ function cachedSpans(cache: string, fingerprint: string, blocks: [number, number
   const entry = readdirSync(dir).find((d) => d.startsWith(`${blocks[0]}-${blocks[1]}-`) && !d.includes('.tmp-'));
   if (!entry) throw new StrataError('bench_cache_missing', `no cached stage ${rangeLabel({ first: blocks[0], last: blocks[1] })} under ${dir}`);
   return stageWeightSpans(join(dir, entry, 'stage.onnx'));
+}
+
+export interface FullLoadReport {
+  /** Concurrent sessions: every KV slot of the stage with the fewest. */
+  sessions: number;
+  promptTokens: number;
+  ms: number;
+  stages: { blocks: [number, number]; kvSlots: number; peakRssBytes: number; plannedBytes: number; plannedVsPeakRss: number }[];
+}
+
+/**
+ * The planner's worst case (model/memory.ts), made real: as many concurrent sessions as the stages have KV slots,
+ * each with a prompt one short of the model's context (every slot's pages written), then a one-shot forward over the
+ * whole context (the widest activations: every block at T = n_positions, as /v1/embeddings runs it). Each worker's
+ * VmHWM after that is what the planner's estimate must match; a short request's RSS (the starts above) leaves most
+ * of what it reserves untouched.
+ */
+async function fullLoad(pipeline: RemotePipeline, cluster: LoadCluster, stages: StageLoad[], spec: ModelSpec, dtype: StageDType, kvBudgetBytes: number, seed: number, progress: Progress): Promise<FullLoadReport> {
+  const slots = stages.map((x) => stageKvSlots(spec, { first: x.blocks[0], last: x.blocks[1] }, dtype, kvBudgetBytes).slots);
+  const sessions = Math.max(1, Math.min(...slots));
+  const promptTokens = spec.maxPositions - 1;
+  const ids = (k: number, n: number) => Array.from({ length: n }, (_, i) => ((seed + k) * 7919 + i * 104729) % spec.vocab);
+  const t0 = performance.now();
+  progress.phase(`full load: ${sessions} concurrent sessions of ${promptTokens} prompt tokens (every KV slot filled), then a ${spec.maxPositions}-token one-shot forward`);
+  await Promise.all(Array.from({ length: sessions }, (_, k) => generate(pipeline, ids(k, promptTokens), { maxNewTokens: 1, eosTokenId: null })));
+  await embed(pipeline, ids(sessions, spec.maxPositions));
+  const ms = performance.now() - t0;
+  progress.phase(`full load done in ${(ms / 1000).toFixed(1)} s`);
+  return {
+    sessions, promptTokens, ms,
+    stages: stages.map((x, i) => {
+      const peakRssBytes = vmHwm(cluster.pid(i));
+      return { blocks: x.blocks, kvSlots: slots[i], peakRssBytes, plannedBytes: x.plannedBytes, plannedVsPeakRss: x.plannedBytes / peakRssBytes };
+    }),
+  };
 }
 
 /** Reads the spans once (the page cache dropped first when `cold`). */
@@ -329,6 +371,11 @@ export function renderLoadReport(r: LoadBenchReport, outDir: string): string {
     ...r.cacheHit.stages.map((x) => `  stage [${x.blocks.join(', ')}): ${s(x.totalMs)} vs reading its cached graph ${s(x.cachedRead.ms)} (${gib(x.cachedRead.bytes)}, ${x.cachedRead.cold ? 'cold' : 'warm'}) = ×${x.vsCachedRead.toFixed(2)} (bound ×${r.bounds.cacheHitX}); peak RSS ${gib(x.peakRssBytes)}, planner ×${x.plannedVsPeakRss.toFixed(2)}`),
     `first request after the first start: first token after ${s(r.decode.ttftMs)}, then ${r.decode.tokPerSec.toFixed(2)} tok/s decode (1 request, ${r.decode.promptTokens}-token prompt, ${r.decode.newTokens} new tokens)`,
   ];
+  if (r.fullLoad) {
+    const f = r.fullLoad;
+    lines.push(`full load (${f.sessions} sessions × ${f.promptTokens} prompt tokens filling the KV slots, then a full-context forward; ${s(f.ms)}): each worker's peak RSS against the planner (bound ±${r.bounds.plannerTolerance * 100} %)`);
+    lines.push(...f.stages.map((x) => `  stage [${x.blocks.join(', ')}): ${x.kvSlots} KV slots; peak RSS ${gib(x.peakRssBytes)}, planner ${gib(x.plannedBytes)} = ×${x.plannedVsPeakRss.toFixed(2)}`));
+  }
   if (r.recover) {
     const x = r.recover;
     lines.push(`recovery: worker ${x.killed} killed (SIGKILL) after ${x.killedAfterTokens} tokens; serving again after ${s(x.toServingMs)} (restart + cache-hit load; pipeline broken ${s(x.pipelineRecoveredMs)}); ${x.identical}/${x.requests} requests identical to the fault-free run${x.diverged.length ? ` (differ: ${x.diverged.map((d) => `request ${d.request} from token ${d.at}`).join(', ')})` : ''}; a second fault-free run: ${x.faultFreeRepeatIdentical}/${x.requests} identical to the first`);

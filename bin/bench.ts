@@ -32,6 +32,7 @@ export interface BenchCliOptions extends PipelineBenchOptions {
   shardMb?: number;
   kvBudgetMb?: number;
   recover?: boolean;
+  fullLoad?: boolean;
   deleteCheckpoint?: boolean;
   dropCaches?: boolean;
   out: string;
@@ -127,7 +128,7 @@ export function registerBenchCommand(program: Command): void {
     .option('--max-batch <b>', 'worker --max-batch (decode steps batched per ORT run)', int('--max-batch'), BENCH_DEFAULTS.maxBatch)
     .option('--repeats <r>', '--suite all: repeats of each one-request run (median)', int('--repeats'), BENCH_DEFAULTS.repeats)
     .option('--seed <s>', 'prompt RNG seed', int('--seed', 0), BENCH_DEFAULTS.seed)
-    .option('--suite <name>', 'pipeline (this configuration vs its baselines) | all (every figure the issues ask for) | block (one block of --preset, default gpt-j, timed alone vs memory bandwidth) | quant (float32 vs int8 vs int4 stages on one worker: weight bytes, RSS, decode speed; llama.cpp with --anchors) | context (decode ms/step, tok/s, host↔device bytes/step at prompts 16-1024, batch 1 and 8, vs the previous runtime and llama.cpp with --anchors) | load (a full-size sharded checkpoint of --preset, --blocks to scale it: raw read, first start, cache-hit start, peak RSS, decode; --recover)', BENCH_DEFAULTS.suite)
+    .option('--suite <name>', 'pipeline (this configuration vs its baselines) | all (every figure the issues ask for) | block (one block of --preset, default gpt-j, timed alone vs memory bandwidth) | quant (float32 vs int8 vs int4 stages on one worker: weight bytes, RSS, decode speed; llama.cpp with --anchors) | context (decode ms/step, tok/s, host↔device bytes/step at prompts 16-1024, batch 1 and 8, vs the previous runtime and llama.cpp with --anchors) | load (a full-size sharded checkpoint of --preset, --blocks to scale it: raw read, first start, cache-hit start, peak RSS, decode; --recover, --full-load)', BENCH_DEFAULTS.suite)
     .option('--model <dir>', '--suite quant/context: a Hugging Face checkpoint (default: the synthetic --preset)')
     .option('--baseline <ref>', '--suite context: git ref of the previous stage runtime, run from a worktree in the same rounds (\'\' = none)')
     .option('--device <device>', '--suite context: cpu | cuda:N | webgpu', process.env.STRATA_DEVICE ?? 'cpu')
@@ -137,6 +138,7 @@ export function registerBenchCommand(program: Command): void {
     .option('--shard-mb <mb>', '--suite load: largest checkpoint shard', int('--shard-mb'), 3500)
     .option('--kv-budget-mb <mb>', '--suite load: each worker\'s --kv-budget-mb', int('--kv-budget-mb'), 1024)
     .option('--recover', '--suite load: also kill -9 the last worker mid-generation and time its restart (warm cache), checking the outputs')
+    .option('--full-load', '--suite load: also fill every KV slot to the model\'s context with concurrent sessions, then run a full-context forward, and compare each worker\'s peak RSS with the planner\'s estimate (its worst case)')
     .option('--no-drop-caches', '--suite load: never drop the page cache before timed reads and starts (they are then warm)')
     .option('--delete-checkpoint', '--suite load: remove the written checkpoint at the end (it is kept for the next run otherwise)')
     .option('--out <dir>', 'where bench.json and timeline.html go', BENCH_DEFAULTS.out)

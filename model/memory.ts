@@ -6,12 +6,15 @@ import { StrataError } from './errors.ts';
 import { MAX_SLOTS, slotBytes } from './kv-slots.ts';
 import { stageParamCount, stageWeights, keyPrefix } from './layout.ts';
 import { rangeLabel, type BlockRange } from './range.ts';
+import { DEFAULT_PREFILL_CHUNK } from './generation.ts';
 
 /**
  * What a worker process holds for one stage, by part. Measured on this project's CPU workers (onnxruntime-node
  * 1.30): an idle worker (Node, the stage thread, ORT's library) is ≈175 MB; a loaded float32 stage adds 1.11× its
  * weight bytes (ORT keeps the external weights plus small prepacked/arena extras); KV slots are allocated once at
- * configure time up to the KV budget; activations peak in a full-context prefill.
+ * configure time up to the KV budget (pages touched as sessions grow: a full worker holds all of it); activations peak
+ * in a full-context prefill, with every session's next step queued. `strata bench --suite load --full-load` measures
+ * that worst case against this estimate.
  */
 export interface StageMemory {
   weights: number;
@@ -22,6 +25,12 @@ export interface StageMemory {
 }
 
 export const RUNTIME_BASE_BYTES = 200 * 2 ** 20;
+/**
+ * ORT's CPU arena over the activations' peak: it extends in regions that double (its default power-of-two strategy),
+ * so it can hold twice what a run needs. With this factor the estimate came within ±10 % of every worker's peak RSS
+ * at the planner's worst case (`strata bench --suite load --full-load`, 2026-12-02; README "Loading at size").
+ */
+export const ARENA_GROWTH = 2;
 /** ORT's extra over the weight bytes of a loaded stage (arena, prepacked copies of small tensors). */
 export const WEIGHT_OVERHEAD = 0.1;
 
@@ -30,20 +39,33 @@ export interface StageMemoryOptions {
   kvBudgetBytes: number;
 }
 
+/** The KV slots a decoder stage allocates for a budget (each holds one session at the model's full context); 0 for encoders. */
+export function stageKvSlots(spec: ModelSpec, range: BlockRange, dtype: StageDType, kvBudgetBytes: number): { slots: number; slotBytes: number } {
+  if (!spec.causal) return { slots: 0, slotBytes: 0 };
+  const layers = Array.from({ length: range.last - range.first }, (_, i) => range.first + i);
+  const one = slotBytes({ layers, heads: spec.heads, headDim: spec.headDim, maxLen: spec.maxPositions, dtype: dtype === 'float16' ? 'float16' : 'float32' });
+  return { slots: Math.min(MAX_SLOTS, Math.max(1, Math.floor(kvBudgetBytes / one))), slotBytes: one };
+}
+
 export function stageMemory(spec: ModelSpec, range: BlockRange, dtype: StageDType, o: StageMemoryOptions): StageMemory {
   const params = stageParamCount(stageWeights(spec, range, keyPrefix(spec, () => true)));
   const weights = params * bytesPerWeight(dtype);
   const act = dtype === 'float16' ? 2 : 4;
-  let kv = 0;
-  if (spec.causal) {
-    const layers = Array.from({ length: range.last - range.first }, (_, i) => range.first + i);
-    const one = slotBytes({ layers, heads: spec.heads, headDim: spec.headDim, maxLen: spec.maxPositions, dtype: act === 2 ? 'float16' : 'float32' });
-    kv = Math.min(MAX_SLOTS, Math.max(1, Math.floor(o.kvBudgetBytes / one))) * one;
-  }
-  // A full-context prefill of one sequence: the block's widest intermediates (q, k, v, MLP inner, residual) twice
-  // (inputs and outputs alive together) and the attention scores of one layer.
+  const { slots, slotBytes: one } = stageKvSlots(spec, range, dtype, o.kvBudgetBytes);
+  const kv = slots * one;
+  // A full-context forward of one sequence (T = n_positions in one run, as /v1/embeddings or a scoring request runs):
+  // - a block's widest intermediates (q, k, v, MLP inner, residual) twice (inputs and outputs alive together) and the
+  //   attention scores of one layer;
+  // - decoders: every layer's new key and value for all T positions, graph outputs alive together until the run ends
+  //   (the runtime writes them into the slot afterwards, model/slot-run.ts): 2 × layers × T × H × hd;
+  // both held in ORT's arena, which grows in powers of two (ARENA_GROWTH).
+  // Plus the steps waiting for the stage thread: one per session at most (a slot each), a prefill chunk's hidden
+  // states each, on the wire and decoded (51 sessions filling a 1-block BioMedLM stage's slots held 0.3 GiB of them).
   const T = spec.maxPositions, D = spec.dModel;
-  const activations = T * (4 * D + spec.inner) * act * 2 + spec.heads * T * T * 4;
+  const blockPeak = T * (4 * D + spec.inner) * act * 2 + spec.heads * T * T * 4;
+  const newKv = spec.causal ? 2 * (range.last - range.first) * T * spec.heads * spec.headDim * act : 0;
+  const queued = slots * Math.min(DEFAULT_PREFILL_CHUNK, T) * D * act * 2;
+  const activations = ARENA_GROWTH * (blockPeak + newKv) + queued;
   const runtime = RUNTIME_BASE_BYTES + weights * WEIGHT_OVERHEAD;
   return { weights, kv, activations, runtime, total: weights + kv + activations + runtime };
 }
