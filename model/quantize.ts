@@ -128,7 +128,7 @@ export function quantizeRowsF16(halves: Uint16Array, n: number, k: number, schem
       let amaxBits = 0;
       for (let i = start; i < end; i++) {
         const a = halves[i] & 0x7fff;
-        amaxBits = a > amaxBits ? a : amaxBits;
+        amaxBits = a > amaxBits && a <= 0x7c00 ? a : amaxBits; // NaNs (above infinity's bits) skipped, as the float compare does
       }
       const scale = Math.fround(table[amaxBits] / 127);
       const inv = scale ? Math.fround(1 / scale) : 0;
@@ -149,6 +149,7 @@ export function quantizeRowsF16(halves: Uint16Array, n: number, k: number, schem
  */
 const int8Code = (x: number): number => {
   const y = x + 128.5;
+  if (y !== y) return 128; // NaN (a non-finite weight): code 0, as before
   const c = y | 0;
   return c === y && y < 128.5 ? c - 1 : c;
 };
