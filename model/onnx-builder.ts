@@ -155,6 +155,37 @@ export class GraphBuilder {
     return outs;
   }
 
+  /**
+   * An `If` whose then-branch is the nodes `build` adds (they read this graph's values from the outer scope) and whose
+   * else-branch returns `orElse` unchanged; returns the If's outputs, typed `types`. Values made inside the branch are
+   * visible only there: whatever later nodes share must be made before.
+   */
+  ifThen(cond: string, build: () => string[], orElse: string[], types: ElemTypeId[]): string[] {
+    const outer = this.nodes;
+    this.nodes = [];
+    let thenOuts: string[];
+    let thenNodes: object[];
+    try {
+      thenOuts = build().map((o) => this.alias.get(o) ?? o);
+    } finally {
+      thenNodes = this.nodes;
+      this.nodes = outer;
+    }
+    const typed = (names: string[]) => names.map((name, i) => ({ name, type: { tensorType: { elemType: types[i] } } }));
+    const elseOuts = orElse.map(() => `else_${this.counter++}`);
+    const elseNodes = orElse.map((v, i) => ({ opType: 'Identity', input: [this.alias.get(v) ?? v], output: [elseOuts[i]], attribute: [], domain: '', name: `Identity_else_${this.counter++}` }));
+    const A = onnx.AttributeProto.AttributeType;
+    const outs = orElse.map(() => `if_${this.counter++}`);
+    this.nodes.push({
+      opType: 'If', input: [cond], output: outs, domain: '', name: `If_${this.nodes.length}`,
+      attribute: [
+        { name: 'then_branch', type: A.GRAPH, g: { name: `then_${this.counter++}`, node: thenNodes, output: typed(thenOuts) } },
+        { name: 'else_branch', type: A.GRAPH, g: { name: `else_${this.counter++}`, node: elseNodes, output: typed(elseOuts) } },
+      ],
+    });
+    return outs;
+  }
+
   /** Single-output shorthand. */
   o(opType: string, inputs: string[], attrs: Record<string, Attr> = {}, domain = ''): string {
     return this.op(opType, inputs, attrs, 1, domain)[0];
