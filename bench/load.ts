@@ -193,12 +193,15 @@ async function start(model: { dir: string; spec: ModelSpec; fingerprint: string 
 }
 type RemoteOptsHook = () => Partial<Parameters<typeof RemotePipeline.connect>[1]>;
 
+/** A synthetic prompt of `n` token ids, the same for the same seed. */
+const promptIds = (seed: number, n: number, vocab: number): number[] => Array.from({ length: n }, (_, i) => (seed * 7919 + i * 104729) % vocab);
+
 /**
  * The first request after a start: its time to first token (a stage whose weights were not in memory would page them
  * in here), then batch-1 decode as tokens after the first over the time since the first.
  */
 async function decodeRate(pipeline: RemotePipeline, vocab: number, promptTokens: number, newTokens: number, seed: number): Promise<{ tokPerSec: number; ttftMs: number }> {
-  const prompt = Array.from({ length: promptTokens }, (_, i) => (seed * 7919 + i * 104729) % vocab);
+  const prompt = promptIds(seed, promptTokens, vocab);
   const t0 = performance.now();
   let first = 0;
   let last = 0;
@@ -332,11 +335,10 @@ async function fullLoad(pipeline: RemotePipeline, cluster: LoadCluster, stages: 
   const slots = stages.map((x) => stageKvSlots(spec, { first: x.blocks[0], last: x.blocks[1] }, dtype, kvBudgetBytes).slots);
   const sessions = Math.max(1, Math.min(...slots));
   const promptTokens = spec.maxPositions - 1;
-  const ids = (k: number, n: number) => Array.from({ length: n }, (_, i) => ((seed + k) * 7919 + i * 104729) % spec.vocab);
   const t0 = performance.now();
   progress.phase(`full load: ${sessions} concurrent sessions of ${promptTokens} prompt tokens (every KV slot filled), then a ${spec.maxPositions}-token one-shot forward`);
-  await Promise.all(Array.from({ length: sessions }, (_, k) => generate(pipeline, ids(k, promptTokens), { maxNewTokens: 1, eosTokenId: null })));
-  await embed(pipeline, ids(sessions, spec.maxPositions));
+  await Promise.all(Array.from({ length: sessions }, (_, k) => generate(pipeline, promptIds(seed + k, promptTokens, spec.vocab), { maxNewTokens: 1, eosTokenId: null })));
+  await embed(pipeline, promptIds(seed + sessions, spec.maxPositions, spec.vocab));
   const ms = performance.now() - t0;
   progress.phase(`full load done in ${(ms / 1000).toFixed(1)} s`);
   return {

@@ -63,6 +63,14 @@ export function toFloat32(src: Uint8Array, dtype: 'F32' | 'F16' | 'BF16'): Float
   return out;
 }
 
+/**
+ * A checkpoint tensor's stored bytes as float32 values, for reading only: F32 bytes in an aligned buffer (as
+ * Checkpoint.readRaw returns them) are viewed, not copied; F16 and BF16 are widened.
+ */
+export function storedAsFloat32(bytes: Uint8Array, dtype: 'F32' | 'F16' | 'BF16'): Float32Array {
+  return dtype === 'F32' && bytes.byteOffset % 4 === 0 ? new Float32Array(bytes.buffer, bytes.byteOffset, bytes.byteLength / 4) : toFloat32(bytes, dtype);
+}
+
 export function float32ToFloat16(src: Float32Array): Uint16Array {
   const out = new Uint16Array(src.length);
   for (let i = 0; i < src.length; i++) out[i] = f32ToF16(src[i]);

@@ -2,7 +2,7 @@ import { closeSync, existsSync, fstatSync, openSync, readFileSync, readSync, rea
 import { createHash } from 'node:crypto';
 import { join } from 'node:path';
 import { StrataError } from './errors.ts';
-import { toFloat32 } from './dtype.ts';
+import { storedAsFloat32 } from './dtype.ts';
 
 export type StDType = 'F32' | 'F16' | 'BF16';
 
@@ -129,7 +129,7 @@ export class Checkpoint {
   readFloat32(key: string, expectedShape: number[]): Float32Array {
     const { dtype, bytes } = this.readRaw(key, expectedShape);
     // F32 bytes already are the result (read into a fresh buffer: no second copy).
-    return dtype === 'F32' ? new Float32Array(bytes.buffer, bytes.byteOffset, bytes.byteLength / 4) : toFloat32(bytes, dtype);
+    return storedAsFloat32(bytes, dtype);
   }
 
   /**

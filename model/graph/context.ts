@@ -1,5 +1,5 @@
 import type { ModelSpec } from '../config.ts';
-import { float32ToFloat16, toFloat32, type StageDType } from '../dtype.ts';
+import { float32ToFloat16, storedAsFloat32, type StageDType } from '../dtype.ts';
 import { ElemType, GraphBuilder, type ElemTypeId, type WeightFileSpan } from '../onnx-builder.ts';
 import type { WeightRef } from '../families/family.ts';
 import { IO } from './io.ts';
@@ -79,7 +79,7 @@ export function stageContext(g: GraphBuilder, spec: ModelSpec, source: WeightSou
   const readBytes = (ref: WeightRef, keepF32 = false): Uint8Array => {
     const raw = source.readRaw?.(ref.key, ref.shape);
     if (raw && raw.dtype === (half && !keepF32 ? 'F16' : 'F32')) return raw.bytes;
-    const w = raw ? toFloat32(raw.bytes, raw.dtype as 'F32' | 'F16' | 'BF16') : source.readFloat32(ref.key, ref.shape);
+    const w = raw ? storedAsFloat32(raw.bytes, raw.dtype as 'F32' | 'F16' | 'BF16') : source.readFloat32(ref.key, ref.shape);
     const out = half && !keepF32 ? float32ToFloat16(w) : w;
     return new Uint8Array(out.buffer, out.byteOffset, out.byteLength);
   };

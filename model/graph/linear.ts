@@ -1,5 +1,5 @@
 import type { WeightRef } from '../families/family.ts';
-import { isQuantized, toFloat32, type QuantizedDType } from '../dtype.ts';
+import { isQuantized, storedAsFloat32, type QuantizedDType } from '../dtype.ts';
 import { ElemType } from '../onnx-builder.ts';
 import { quantizeRows, quantizeRowsF16, quantScheme, transpose, type QuantizedMatrix, type QuantScheme } from '../quantize.ts';
 import type { StageContext } from './context.ts';
@@ -80,7 +80,6 @@ function quantizeWeight(ctx: StageContext, w: WeightRef, conv1d: boolean, scheme
   const [rows, cols] = w.shape;
   const raw = ctx.readRaw(w);
   if (raw?.dtype === 'F16' && !conv1d) return quantizeRowsF16(new Uint16Array(raw.bytes.buffer, raw.bytes.byteOffset, raw.bytes.byteLength / 2), rows, cols, scheme);
-  // F32 bytes are already the values (a fresh, aligned buffer: viewed, not copied).
-  const f = !raw ? ctx.read(w) : raw.dtype === 'F32' && raw.bytes.byteOffset % 4 === 0 ? new Float32Array(raw.bytes.buffer, raw.bytes.byteOffset, raw.bytes.byteLength / 4) : toFloat32(raw.bytes, raw.dtype as 'F32' | 'F16' | 'BF16');
+  const f = raw ? storedAsFloat32(raw.bytes, raw.dtype as 'F32' | 'F16' | 'BF16') : ctx.read(w);
   return conv1d ? quantizeRows(transpose(f, rows, cols), cols, rows, scheme) : quantizeRows(f, rows, cols, scheme);
 }
