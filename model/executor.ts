@@ -111,6 +111,8 @@ export class StageSession {
     const providers: ort.InferenceSession.ExecutionProviderConfig[] = device.kind === 'cuda' ? [{ name: 'cuda', deviceId: device.id }] : device.kind === 'webgpu' ? ['webgpu'] : ['cpu'];
     // Warnings (unused initializers, shape ops kept on the CPU by the WebGPU EP) are expected: log errors only.
     const sessionOpts: ort.InferenceSession.SessionOptions = { ...base, executionProviders: providers, logSeverityLevel: 3 };
+    // STRATA_ORT_PROFILE=PREFIX: ORT's per-node profile (JSON, chrome://tracing) of every run, written when the session ends.
+    if (process.env.STRATA_ORT_PROFILE) Object.assign(sessionOpts, { enableProfiling: true, profileFilePrefix: process.env.STRATA_ORT_PROFILE });
     if (device.kind === 'webgpu') {
       // Resident outputs stay in GPU memory; everything the host reads comes back as CPU data in the same run.
       sessionOpts.preferredOutputLocation = 'cpu';

@@ -16,6 +16,8 @@ export interface LocalPipelineOptions extends SessionOptions {
   maxBatch?: number;
   fused?: boolean;
   cacheDir?: string;
+  /** int8/int4: weights per quantization block (default 32, q8_0's and q4_0's). */
+  quantBlockSize?: number;
   onProgress?: (msg: string) => void;
 }
 
@@ -37,7 +39,7 @@ export class LocalPipeline implements Stepper {
     const ranges = typeof split === 'number' ? evenSplit(spec.blocks, split) : split;
     const dtype = opts.dtype ?? 'float32';
     const rows = opts.maxBatch ?? DEFAULT_SLOT_ROWS;
-    const prepared = ranges.map((r) => prepareStage(modelDir, r, { dtype, fused: opts.fused, device: opts.device, cacheDir: opts.cacheDir, rows, onProgress: opts.onProgress }));
+    const prepared = ranges.map((r) => prepareStage(modelDir, r, { dtype, fused: opts.fused, device: opts.device, cacheDir: opts.cacheDir, rows, quantBlockSize: opts.quantBlockSize, onProgress: opts.onProgress }));
     const stages: Stage[] = [];
     for (const p of prepared) stages.push(new Stage(spec, p.range, await StageSession.create(p.path, { prepack: stagePrepack(dtype), ...opts }), activationDType(dtype), { kvBudgetBytes: opts.kvBudgetBytes, rows }));
     return new LocalPipeline(spec, stages, prepared);

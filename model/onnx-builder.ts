@@ -121,6 +121,11 @@ export class GraphBuilder {
     return name;
   }
 
+  /** `input`, unless an input of that name is already declared: then that one. */
+  inputOnce(name: string, elemType: ElemTypeId, dims: (number | string)[]): string {
+    return (this.inputs as { name: string }[]).some((i) => i.name === name) ? name : this.input(name, elemType, dims);
+  }
+
   /**
    * Declares `value` a graph output called `name`. A value some node here produces is renamed in place (later uses
    * follow the alias) rather than copied through an Identity: for KV caches that copy was a tenth of a decode step.
@@ -157,30 +162,34 @@ export class GraphBuilder {
 
   /**
    * An `If` whose then-branch is the nodes `build` adds (they read this graph's values from the outer scope) and whose
-   * else-branch returns `orElse` unchanged; returns the If's outputs, typed `types`. Values made inside the branch are
-   * visible only there: whatever later nodes share must be made before.
+   * else-branch returns `orElse`: outer values passed through unchanged, or what `orElse()` builds, its constants
+   * kept inside the branch (so an else-branch of constants runs no node at all). Returns the If's outputs, typed
+   * `types`. Values made inside a branch are visible only there: whatever later nodes share must be made before.
    */
-  ifThen(cond: string, build: () => string[], orElse: string[], types: ElemTypeId[]): string[] {
-    const outer = this.nodes;
-    this.nodes = [];
-    let thenOuts: string[];
-    let thenNodes: object[];
-    try {
-      thenOuts = build().map((o) => this.alias.get(o) ?? o);
-    } finally {
-      thenNodes = this.nodes;
-      this.nodes = outer;
-    }
+  ifThen(cond: string, build: () => string[], orElse: string[] | (() => string[]), types: ElemTypeId[]): string[] {
     const typed = (names: string[]) => names.map((name, i) => ({ name, type: { tensorType: { elemType: types[i] } } }));
-    const elseOuts = orElse.map(() => `else_${this.counter++}`);
-    const elseNodes = orElse.map((v, i) => ({ opType: 'Identity', input: [this.alias.get(v) ?? v], output: [elseOuts[i]], attribute: [], domain: '', name: `Identity_else_${this.counter++}` }));
+    const branch = (make: () => string[], ownConstants: boolean) => {
+      const [outerNodes, outerInits] = [this.nodes, this.inits];
+      this.nodes = [];
+      if (ownConstants) this.inits = [];
+      try {
+        const outs = make().map((o) => this.alias.get(o) ?? o);
+        return { name: `branch_${this.counter++}`, node: this.nodes, initializer: ownConstants ? this.inits : [], output: typed(outs) };
+      } finally {
+        [this.nodes, this.inits] = [outerNodes, outerInits];
+      }
+    };
+    const thenBranch = branch(build, false);
+    const elseBranch = typeof orElse === 'function'
+      ? branch(orElse, true)
+      : branch(() => orElse.map((v) => this.o('Identity', [v])), false);
     const A = onnx.AttributeProto.AttributeType;
-    const outs = orElse.map(() => `if_${this.counter++}`);
+    const outs = types.map(() => `if_${this.counter++}`);
     this.nodes.push({
       opType: 'If', input: [cond], output: outs, domain: '', name: `If_${this.nodes.length}`,
       attribute: [
-        { name: 'then_branch', type: A.GRAPH, g: { name: `then_${this.counter++}`, node: thenNodes, output: typed(thenOuts) } },
-        { name: 'else_branch', type: A.GRAPH, g: { name: `else_${this.counter++}`, node: elseNodes, output: typed(elseOuts) } },
+        { name: 'then_branch', type: A.GRAPH, g: thenBranch },
+        { name: 'else_branch', type: A.GRAPH, g: elseBranch },
       ],
     });
     return outs;
@@ -195,6 +204,13 @@ export class GraphBuilder {
   constInt64(values: number[], dims: number[] = [values.length]): string {
     const name = `const_${this.counter++}`;
     this.inits.push({ name, dims, dataType: ElemType.INT64, int64Data: values });
+    return name;
+  }
+
+  /** Small inline int32 or bool constant. */
+  constInt32(values: number[], dims: number[] = [values.length], elemType: ElemTypeId = ElemType.INT32): string {
+    const name = `const_${this.counter++}`;
+    this.inits.push({ name, dims, dataType: elemType, int32Data: values });
     return name;
   }
 

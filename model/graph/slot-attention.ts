@@ -44,12 +44,9 @@ interface RowPlan {
   ends: string;
   seqlens: string;
   total: string;
-  /** Host attention: this row's cached positions before the step (int64 scalar) and its new-token count (int64 [1]). */
-  past: string;
-  len: string;
-  /** Host attention, built with the first layer: which slot positions hold this row's past, and the causal block of its new tokens. */
-  pastAllowed?: string;
-  newAllowed?: string;
+  /** Host attention: which slot positions hold this row's past, and the causal block of its new tokens. */
+  pastAllowed: string;
+  newAllowed: string;
 }
 
 interface Rows {
@@ -60,14 +57,17 @@ interface Rows {
   outShape: string;
 }
 
-/** Per-graph row bookkeeping (built once, shared by every layer). */
+/** Per-graph row bookkeeping (built once, with the first layer, and shared by every layer). */
 const plans = new WeakMap<object, Rows>();
 
-function rowPlan(ctx: BlockContext, rows: number): Rows {
+const PLAN_FIELDS = 6; // RowPlan's fields, in its order
+
+function rowPlan(ctx: BlockContext, rows: number, firstLayer: number): Rows {
   const known = plans.get(ctx.g);
   if (known) return known;
-  const { g, spec } = ctx;
-  const I32 = ElemType.INT32;
+  const { g, spec, ACT } = ctx;
+  const { I32, I64, BOOL } = { I32: ElemType.INT32, I64: ElemType.INT64, BOOL: ElemType.BOOL };
+  const host = !(ctx.opts.kvInPlace ?? false);
   const seqlens = g.input(SLOT_IO.seqlens, I32, ['batch']);
   const bt = g.o('Shape', [ctx.positionIds]); // [B, T]
   const B = g.o('Slice', [bt, g.constInt64([0]), g.constInt64([1])]);
@@ -75,25 +75,40 @@ function rowPlan(ctx: BlockContext, rows: number): Rows {
   const lastRow = g.o('Sub', [B, g.constInt64([1])]);
   const one = g.constInt64([1]);
   const zero = g.constInt64([0]);
-  const plan: RowPlan[] = [];
-  for (let r = 0; r < rows; r++) {
+  const scalar = (t: string) => g.o('Squeeze', [t, zero]);
+  const planRow = (r: number): string[] => {
     const rc = g.constInt64([r]);
     const active = g.o('Less', [rc, B]);
     const row = g.o('Min', [rc, lastRow]); // idle rows read a real row's query, clamped to one token
     const len = g.o('Where', [active, T, one]);
-    const idleSeqlens = g.o('Cast', [zero], { to: I32 });
-    const rowSeqlens = g.o('Where', [active, g.o('Gather', [seqlens, row], { axis: 0 }), idleSeqlens]); // int32 [1]
-    const total = g.o('Squeeze', [g.o('Add', [rowSeqlens, g.o('Cast', [one], { to: I32 })]), zero]); // int32 scalar
-    plan.push({
-      starts: g.o('Concat', [row, zero], { axis: 0 }),
-      ends: g.o('Concat', [g.o('Add', [row, one]), len], { axis: 0 }),
-      seqlens: rowSeqlens,
-      total,
-      past: g.o('Sub', [g.o('Cast', [total], { to: ElemType.INT64 }), g.o('Squeeze', [len, zero])]),
-      len,
-    });
-  }
-  const rowsOut = { rows: plan, batch: B, many: g.o('Greater', [B, one]), outShape: g.o('Concat', [one, T, g.constInt64([spec.dModel])], { axis: 0 }) };
+    const rowSeqlens = g.o('Where', [active, g.o('Gather', [seqlens, row], { axis: 0 }), g.constInt32([0])]); // int32 [1]
+    const total = scalar(g.o('Add', [rowSeqlens, g.constInt32([1])])); // int32 scalar
+    const starts = g.o('Concat', [row, zero], { axis: 0 });
+    const ends = g.o('Concat', [g.o('Add', [row, one]), len], { axis: 0 });
+    if (!host) return [starts, ends, rowSeqlens, total, '', ''];
+    const past = g.o('Sub', [g.o('Cast', [total], { to: I64 }), scalar(len)]); // cached positions before the step
+    // The slot's capacity is the same in every layer: the first layer's past input tells it.
+    const cap = g.o('Shape', [g.inputOnce(SLOT_IO.pastKey(firstLayer, r), ACT, [1, spec.heads, `slot_len_r${r}`, spec.headDim])], { start: 2, end: 3 });
+    const range = (n: string) => g.o('Range', [g.constInt64([0], []), scalar(n), g.constInt64([1], [])]);
+    const pastAllowed = g.o('Less', [range(cap), past]); // [cap]
+    const pos = range(len);
+    const newAllowed = g.o('LessOrEqual', [g.o('Unsqueeze', [pos, zero]), g.o('Unsqueeze', [pos, one])]); // [T,T]: key <= query
+    return [starts, ends, rowSeqlens, total, pastAllowed, newAllowed];
+  };
+  // At batch 1 every row r >= 1 is idle and its plan is a constant (it reads row 0's one token against its one-position
+  // scratch slot): an If hands those constants out rather than running ~20 nodes per row that batch 1 never needs.
+  const idleRow = (): string[] => [
+    g.constInt64([0, 0]), g.constInt64([1, 1]), g.constInt32([0]), g.constInt32([1], []),
+    ...(host ? [g.constInt32([0], [1], BOOL), g.constInt32([1], [1, 1], BOOL)] : []),
+  ];
+  const many = g.o('Greater', [B, one]);
+  const types = [I64, I64, I32, I32, BOOL, BOOL].slice(0, host ? PLAN_FIELDS : 4);
+  const rest = rows > 1
+    ? g.ifThen(many, () => Array.from({ length: rows - 1 }, (_, i) => planRow(i + 1).slice(0, types.length)).flat(), () => Array.from({ length: rows - 1 }, idleRow).flat(), Array.from({ length: rows - 1 }, () => types).flat())
+    : [];
+  const fields = [planRow(0).slice(0, types.length), ...Array.from({ length: rows - 1 }, (_, i) => rest.slice(i * types.length, (i + 1) * types.length))];
+  const plan = fields.map(([starts, ends, rowSeqlens, total, pastAllowed, newAllowed]) => ({ starts, ends, seqlens: rowSeqlens, total, pastAllowed, newAllowed }));
+  const rowsOut = { rows: plan, batch: B, many, outShape: g.o('Concat', [one, T, g.constInt64([spec.dModel])], { axis: 0 }) };
   plans.set(ctx.g, rowsOut);
   return rowsOut;
 }
@@ -107,7 +122,7 @@ function rowPlan(ctx: BlockContext, rows: number): Rows {
 export function slotAttention(ctx: BlockContext, q: string, k: string, v: string, layer: number, scale: number, rows = DEFAULT_SLOT_ROWS): string {
   const { g, spec, ACT } = ctx;
   const { heads: H, headDim: HD, dModel: D } = spec;
-  const plan = rowPlan(ctx, rows);
+  const plan = rowPlan(ctx, rows, layer);
   const flat = (t: string) => g.o('Reshape', [t, ctx.shapeBTD]); // [B,T,D]
   let [q3, k3] = [q, k];
   if (ctx.rotary) {
@@ -121,7 +136,7 @@ export function slotAttention(ctx: BlockContext, q: string, k: string, v: string
   for (let r = 0; r < rows; r++) {
     const p = plan.rows[r];
     const x = g.o('Slice', [packed, p.starts, p.ends, g.constInt64([0, 1])]); // [1, T or 1, 3D]
-    const pk = g.input(SLOT_IO.pastKey(layer, r), ACT, [1, H, `slot_len_r${r}`, HD]);
+    const pk = g.inputOnce(SLOT_IO.pastKey(layer, r), ACT, [1, H, `slot_len_r${r}`, HD]);
     const pv = g.input(SLOT_IO.pastValue(layer, r), ACT, [1, H, `slot_len_r${r}`, HD]);
     const [out, presentK, presentV] = g.op('GroupQueryAttention', [x, '', '', pk, pv, p.seqlens, p.total], { num_heads: H, kv_num_heads: H, scale: { float: scale } }, 3, 'com.microsoft');
     g.output(presentK, SLOT_IO.presentKey(layer, r), ACT, [1, H, `slot_len_r${r}`, HD]);
@@ -154,22 +169,15 @@ function hostSlotAttention(ctx: BlockContext, plan: Rows, q3: string, k3: string
   const end = g.constInt64([2 ** 62]);
   const rowAxes = g.constInt64([0, 2]);
   const rowShape = g.constInt64([1, -1, D]);
-  // Every row's inputs and masks are made here, outside the If below (values made in a branch stay in it).
-  const past = plan.rows.map((p, r) => {
-    const pk = g.input(SLOT_IO.pastKey(layer, r), ACT, [1, H, `slot_len_r${r}`, HD]);
-    const pv = g.input(SLOT_IO.pastValue(layer, r), ACT, [1, H, `slot_len_r${r}`, HD]);
-    const cap = g.o('Shape', [pk], { start: 2, end: 3 });
-    if (!p.pastAllowed || !p.newAllowed) {
-      const scalar = (t: string) => g.o('Squeeze', [t, zero]);
-      p.pastAllowed = g.o('Less', [g.o('Range', [g.constInt64([0], []), scalar(cap), g.constInt64([1], [])]), p.past]); // [cap]
-      const pos = g.o('Range', [g.constInt64([0], []), scalar(p.len), g.constInt64([1], [])]);
-      p.newAllowed = g.o('LessOrEqual', [g.o('Unsqueeze', [pos, zero]), g.o('Unsqueeze', [pos, g.constInt64([1])])]); // [T,T]: key <= query
-    }
-    return { pk, pv, cap };
-  });
+  // Every row's inputs are declared here, outside the If below: an If's branches cannot declare graph inputs.
+  const past = plan.rows.map((_, r) => ({
+    pk: g.inputOnce(SLOT_IO.pastKey(layer, r), ACT, [1, H, `slot_len_r${r}`, HD]),
+    pv: g.input(SLOT_IO.pastValue(layer, r), ACT, [1, H, `slot_len_r${r}`, HD]),
+  }));
   const attendRow = (r: number): string => {
     const p = plan.rows[r];
-    const { pk, pv, cap } = past[r];
+    const { pk, pv } = past[r];
+    const cap = g.o('Shape', [pk], { start: 2, end: 3 }); // rows >= 1: inside the If, skipped at batch 1
     // This row's q, k, v [1,H,T,hd] (an idle row reads a real row, clamped to one token).
     const rowOf = (t: string) => g.o('Slice', [t, p.starts, p.ends, rowAxes]);
     const [q, k, vv] = [rowOf(qh), rowOf(kh), rowOf(vh)];
@@ -177,7 +185,7 @@ function hostSlotAttention(ctx: BlockContext, plan: Rows, q3: string, k3: string
       const sc = g.o('FusedMatMul', [q, b], { transB: 1, alpha: { float: scale } }, 'com.microsoft'); // [1,H,T,S]
       return half ? g.o('Cast', [sc], { to: F32 }) : sc;
     };
-    const all = g.o('Concat', [g.o('Where', [p.pastAllowed!, scores(pk), masked]), g.o('Where', [p.newAllowed!, scores(k), masked])], { axis: 3 });
+    const all = g.o('Concat', [g.o('Where', [p.pastAllowed, scores(pk), masked]), g.o('Where', [p.newAllowed, scores(k), masked])], { axis: 3 });
     let probs = g.o('Softmax', [all], { axis: -1 });
     if (half) probs = g.o('Cast', [probs], { to: ACT });
     const pPast = g.o('Slice', [probs, zero, cap, three]);
@@ -186,7 +194,7 @@ function hostSlotAttention(ctx: BlockContext, plan: Rows, q3: string, k3: string
     const rowOut = g.o('Reshape', [g.o('Transpose', [out], { perm: [0, 2, 1, 3] }), rowShape]); // [1,T,D]
     return g.o('Expand', [rowOut, plan.outShape]); // an idle row's one token → T, then dropped below
   };
-  // Rows 1… run only when the batch has more than one row: at batch 1 their ~17 nodes per row and layer, each a
+  // Rows 1… run only when the batch has more than one row: at batch 1 their ~18 nodes per row and layer, each a
   // dispatch of a few µs, were 4-6 ms of a GPT-2-small step (a graph of 1 row: 14 ms, of 8 rows: 20 ms).
   const first = attendRow(0);
   let all = first;
