@@ -200,6 +200,8 @@ export function registerServeCommands(program: Command): void {
       const tls = tlsFromEnv(o);
       // Each worker gets an equal share of the cores unless --threads says otherwise.
       const threads = o.threads ? [] : ['--threads', String(Math.max(1, Math.floor(availableParallelism() / k)))];
+      // More threads than cores in all: ORT's threads must not spin waiting for work (model/executor.ts, ortSpin).
+      if (o.threads && k * Number(o.threads) > availableParallelism()) process.env.STRATA_ORT_SPIN ??= '0';
       threads.push('--memory-limit-mb', String(Math.floor(memoryLimit / 2 ** 20)));
       const display = createLoadDisplay((obj, msg) => log.info(obj, msg));
       cluster = new WorkerSupervisor({

@@ -1,3 +1,4 @@
+import { availableParallelism } from 'node:os';
 import * as ort from 'onnxruntime-node';
 import type { TensorData } from './tensor.ts';
 import { StrataError } from './errors.ts';
@@ -77,6 +78,20 @@ const fromOrt = (t: ort.Tensor): TensorData => ({ dtype: t.type as TensorData['d
 const isKv = (name: string) => name.startsWith('past_') || name.startsWith('present_') || name.startsWith('new_key_') || name.startsWith('new_value_');
 
 /**
+ * Whether a stage's ORT intra-op threads spin between a run's parallel sections rather than sleep and be woken for
+ * each of its ~500 nodes. A/B in one process (GPT-2-small, 2 threads, 2026-12-02, ms per decode step): int8 batch 1
+ * 12.1 → 10.0 and 11.2 → 9.6, fp32 batch 1 20.2 → 18.4, int8 batch 8 22.4 → 19.9, fp32 batch 8 39.1 → 36.7. The spin ends with the run (force_spinning_stop): left
+ * spinning, an idle stage held a core the next stage needed (2 stages in one process: 9 → 16 ms per token; it was
+ * 18-33 → 60-166 ms at 4 stages × 2 threads, which is why spinning was off before). Spinning assumes the run's
+ * threads have their cores: by default a stage spins when its threads fit the host's; STRATA_ORT_SPIN=0|1 decides
+ * (strata up sets 0 when its workers' threads together exceed the cores).
+ */
+export function ortSpin(threads: number | undefined, env = process.env.STRATA_ORT_SPIN): boolean {
+  if (env === '0' || env === '1') return env === '1';
+  return (threads || availableParallelism()) <= availableParallelism();
+}
+
+/**
  * One ORT session over one stage graph. `run` is a synchronous native call under the hood: callers that serve
  * sockets must host this in a worker thread (worker/), the CLI's in-process path may call it directly.
  */
@@ -98,9 +113,8 @@ export class StageSession {
       intraOpNumThreads: opts.threads ?? 0,
       interOpNumThreads: 1,
       executionMode: 'sequential',
-      // Idle intra-op threads must not spin: K stages share the host's cores, and a spinning idle stage steals them
-      // from the stage that has work (measured: K=4 × 2 threads went from 60-166 to 18-33 ms/token).
-      extra: { session: { intra_op: { allow_spinning: '0' }, inter_op: { allow_spinning: '0' }, ...(opts.prepack === false ? { disable_prepacking: '1' } : {}) } },
+      // force_spinning_stop: threads that spun during a run stop when it ends, so an idle stage never holds a core.
+      extra: { session: { force_spinning_stop: '1', intra_op: { allow_spinning: ortSpin(opts.threads) ? '1' : '0' }, inter_op: { allow_spinning: '0' }, ...(opts.prepack === false ? { disable_prepacking: '1' } : {}) } },
     };
     const device = parseDevice(opts.device);
     if (device.kind === 'webgpu' && device.id !== 0) {

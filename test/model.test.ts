@@ -1,13 +1,14 @@
 import { describe, test, before } from 'node:test';
 import assert from 'node:assert/strict';
 import { copyFileSync, mkdtempSync, readFileSync, writeFileSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { availableParallelism, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { loadModelSpec, normalizeConfig, type ModelSpec } from '../model/config.ts';
 import { Checkpoint } from '../model/safetensors.ts';
 import { StrataError } from '../model/errors.ts';
 import { evenSplit } from '../model/range.ts';
 import { LocalPipeline } from '../model/local-pipeline.ts';
+import { ortSpin } from '../model/executor.ts';
 import { forwardLogits, generate } from '../model/generation.ts';
 import { buildStageGraph } from '../model/stage-graph.ts';
 import { CountingSink } from '../model/onnx-builder.ts';
@@ -266,4 +267,15 @@ describe('full-size stage graphs (built, not run) from the real configs', () => 
       assert.ok(half.paramBytes < full.paramBytes * 0.51 && half.paramBytes > full.paramBytes * 0.5);
     });
   }
+});
+
+describe('ORT thread spinning', () => {
+  test('spins only when the stage threads fit the cores, unless STRATA_ORT_SPIN decides', () => {
+    const cores = availableParallelism();
+    assert.equal(ortSpin(cores, undefined), true);
+    assert.equal(ortSpin(undefined, undefined), true); // ORT's default thread count: the cores
+    assert.equal(ortSpin(cores + 1, undefined), false);
+    assert.equal(ortSpin(1, '0'), false);
+    assert.equal(ortSpin(cores + 1, '1'), true);
+  });
 });
