@@ -12,7 +12,7 @@ import { logprobsOf, type LogprobRequest, type RowLogprobs } from './logprobs.ts
  */
 export interface SelectSpec {
   sampling: SamplingParams;
-  /** Per batch row: every id so far (prompt + generated), for the repetition penalty. */
+  /** Per batch row: every id so far (prompt + generated), for the repetition penalty; empty when there is none. */
   history: number[][];
   step: number;
 }
@@ -161,6 +161,9 @@ export async function generate(stepper: Stepper, promptIds: number[], opts: Gene
   const sampling = { ...opts.sampling, seed: opts.sampling?.seed ?? Math.floor(Math.random() * 2 ** 31) };
   const sessionId = randomUUID();
   const history = [...promptIds];
+  // Only the repetition penalty reads the ids so far: without one a step does not carry them (they grow with the
+  // context, and every hop encodes and decodes them).
+  const penalized = (sampling.repetitionPenalty ?? 1) !== 1;
   const outputIds: number[] = [];
   let finishReason: GenerateResult['finishReason'] = 'length';
   try {
@@ -183,7 +186,7 @@ export async function generate(stepper: Stepper, promptIds: number[], opts: Gene
     if (opts.maxNewTokens === 0 && scorePrompt) keepPrompt(await stepper.step(sessionId, input), start, promptIds.length);
     for (let i = 0; i < opts.maxNewTokens; i++) {
       if (top !== undefined && !input.logprobs) input.logprobs = { top, targets: [[-1]] };
-      const r = await stepper.step(sessionId, { ...input, select: { sampling, history: [history], step: i } });
+      const r = await stepper.step(sessionId, { ...input, select: { sampling, history: penalized ? [history] : [], step: i } });
       const next = r.tokens![0];
       let lp: RowLogprobs | undefined;
       if (i === 0 && scorePrompt) lp = keepPrompt(r, start, promptIds.length);
