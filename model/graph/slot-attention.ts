@@ -174,13 +174,11 @@ function hostSlotAttention(ctx: BlockContext, plan: Rows, q3: string, k3: string
     pk: g.inputOnce(SLOT_IO.pastKey(layer, r), ACT, [1, H, `slot_len_r${r}`, HD]),
     pv: g.input(SLOT_IO.pastValue(layer, r), ACT, [1, H, `slot_len_r${r}`, HD]),
   }));
-  const attendRow = (r: number): string => {
+  // Row r's attention over its slot and its new tokens: q, k, vv [1,H,T,hd] → context [1,T,H,hd].
+  const attend = (r: number, q: string, k: string, vv: string): string => {
     const p = plan.rows[r];
     const { pk, pv } = past[r];
-    const cap = g.o('Shape', [pk], { start: 2, end: 3 }); // rows >= 1: inside the If, skipped at batch 1
-    // This row's q, k, v [1,H,T,hd] (an idle row reads a real row, clamped to one token).
-    const rowOf = (t: string) => g.o('Slice', [t, p.starts, p.ends, rowAxes]);
-    const [q, k, vv] = [rowOf(qh), rowOf(kh), rowOf(vh)];
+    const cap = g.o('Shape', [pk], { start: 2, end: 3 });
     const scores = (b: string) => {
       const sc = g.o('FusedMatMul', [q, b], { transB: 1, alpha: { float: scale } }, 'com.microsoft'); // [1,H,T,S]
       return half ? g.o('Cast', [sc], { to: F32 }) : sc;
@@ -191,18 +189,23 @@ function hostSlotAttention(ctx: BlockContext, plan: Rows, q3: string, k3: string
     const pPast = g.o('Slice', [probs, zero, cap, three]);
     const pNew = g.o('Slice', [probs, cap, end, three]);
     const out = g.o('Add', [g.o('MatMul', [pPast, pv]), g.o('MatMul', [pNew, vv])]); // [1,H,T,hd]
-    const rowOut = g.o('Reshape', [g.o('Transpose', [out], { perm: [0, 2, 1, 3] }), rowShape]); // [1,T,D]
-    return g.o('Expand', [rowOut, plan.outShape]); // an idle row's one token → T, then dropped below
+    return g.o('Transpose', [out], { perm: [0, 2, 1, 3] });
   };
-  // Rows 1… run only when the batch has more than one row: at batch 1 their ~18 nodes per row and layer, each a
-  // dispatch of a few µs, were 4-6 ms of a GPT-2-small step (a graph of 1 row: 14 ms, of 8 rows: 20 ms).
-  const first = attendRow(0);
-  let all = first;
-  if (plan.rows.length > 1) {
-    const none = g.o('Slice', [first, zero, zero, zero]); // [0, T, D]
-    const [rest] = g.ifThen(plan.many, () => [g.o('Concat', plan.rows.slice(1).map((_, i) => attendRow(i + 1)), { axis: 0 })], [none], [ACT]);
-    all = g.o('Concat', [first, rest], { axis: 0 }); // [1 or ROWS, T, D]
-  }
-  const used = g.o('Slice', [all, g.constInt64([0]), plan.batch, g.constInt64([0])]);
-  return g.o('Reshape', [used, g.constInt64([-1, D])]);
+  const flatRows = (t: string) => g.o('Reshape', [t, g.constInt64([-1, D])]); // [B·T, D]
+  // Every row of the graph: each reads its own row of q, k, v (an idle row reads a real row, clamped to one token),
+  // is padded back to T tokens, and the idle rows are cut off again.
+  const everyRow = (): string => {
+    const rows = plan.rows.map((p, r) => {
+      const rowOf = (t: string) => g.o('Slice', [t, p.starts, p.ends, rowAxes]);
+      const rowOut = g.o('Reshape', [attend(r, rowOf(qh), rowOf(kh), rowOf(vh)), rowShape]); // [1,T,D]
+      return g.o('Expand', [rowOut, plan.outShape]);
+    });
+    const all = rows.length === 1 ? rows[0] : g.o('Concat', rows, { axis: 0 }); // [ROWS, T, D]
+    return flatRows(g.o('Slice', [all, g.constInt64([0]), plan.batch, g.constInt64([0])]));
+  };
+  if (plan.rows.length === 1) return everyRow();
+  // A batch of one row is row 0 as it is: no row slicing, padding or cutting, and rows 1… not run at all. At batch 1
+  // the idle rows' ~18 nodes per row and layer, each a dispatch of a few µs, were 4-6 ms of a GPT-2-small step (a
+  // graph of 1 row: 14 ms, of 8 rows: 20 ms); the row plumbing another ~10 nodes per layer.
+  return g.ifThen(plan.many, () => [everyRow()], () => [flatRows(attend(0, qh, kh, vh))], [ACT])[0];
 }
