@@ -79,12 +79,12 @@ const isKv = (name: string) => name.startsWith('past_') || name.startsWith('pres
 
 /**
  * Whether a stage's ORT intra-op threads spin between a run's parallel sections rather than sleep and be woken for
- * each of its ~500 nodes. A/B in one process (GPT-2-small, 2 threads, 2026-12-02, ms per decode step): int8 batch 1
- * 12.1 → 10.0 and 11.2 → 9.6, fp32 batch 1 20.2 → 18.4, int8 batch 8 22.4 → 19.9, fp32 batch 8 39.1 → 36.7. The spin ends with the run (force_spinning_stop): left
- * spinning, an idle stage held a core the next stage needed (2 stages in one process: 9 → 16 ms per token; it was
- * 18-33 → 60-166 ms at 4 stages × 2 threads, which is why spinning was off before). Spinning assumes the run's
- * threads have their cores: by default a stage spins when its threads fit the host's; STRATA_ORT_SPIN=0|1 decides
- * (strata up sets 0 when its workers' threads together exceed the cores).
+ * each of its hundreds of nodes. A/B in one process (GPT-2-small, 2 threads, 2026-12-02, ms per decode step): int8
+ * batch 1 12.1 → 10.0 and 11.2 → 9.6, fp32 batch 1 20.2 → 18.4, int8 batch 8 22.4 → 19.9, fp32 batch 8 39.1 → 36.7.
+ * The spin ends with the run (force_spinning_stop): left spinning, an idle stage held a core the next stage needed
+ * (2 stages in one process: 9 → 16 ms per token; it was 18-33 → 60-166 ms at 4 stages × 2 threads, which is why
+ * spinning was off before). Spinning assumes the run's threads have their cores: by default a stage spins when its
+ * threads fit the host's; STRATA_ORT_SPIN=0|1 decides (strata up sets 0 when its workers' threads exceed the cores).
  */
 export function ortSpin(threads: number | undefined, env = process.env.STRATA_ORT_SPIN): boolean {
   if (env === '0' || env === '1') return env === '1';

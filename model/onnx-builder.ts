@@ -162,11 +162,11 @@ export class GraphBuilder {
 
   /**
    * An `If` whose then-branch is the nodes `build` adds (they read this graph's values from the outer scope) and whose
-   * else-branch returns `orElse`: outer values passed through unchanged, or what `orElse()` builds, its constants
-   * kept inside the branch (so an else-branch of constants runs no node at all). Returns the If's outputs, typed
-   * `types`. Values made inside a branch are visible only there: whatever later nodes share must be made before.
+   * else-branch is what `orElse` builds, its constants kept inside the branch (so an else-branch of constants runs no
+   * node at all). Returns the If's outputs, typed `types`. Values made inside a branch are visible only there:
+   * whatever later nodes share must be made before.
    */
-  ifThen(cond: string, build: () => string[], orElse: string[] | (() => string[]), types: ElemTypeId[]): string[] {
+  ifThen(cond: string, build: () => string[], orElse: () => string[], types: ElemTypeId[]): string[] {
     const typed = (names: string[]) => names.map((name, i) => ({ name, type: { tensorType: { elemType: types[i] } } }));
     const branch = (make: () => string[], ownConstants: boolean) => {
       const [outerNodes, outerInits] = [this.nodes, this.inits];
@@ -180,9 +180,7 @@ export class GraphBuilder {
       }
     };
     const thenBranch = branch(build, false);
-    const elseBranch = typeof orElse === 'function'
-      ? branch(orElse, true)
-      : branch(() => orElse.map((v) => this.o('Identity', [v])), false);
+    const elseBranch = branch(orElse, true);
     const A = onnx.AttributeProto.AttributeType;
     const outs = types.map(() => `if_${this.counter++}`);
     this.nodes.push({

@@ -44,7 +44,7 @@ interface RowPlan {
   ends: string;
   seqlens: string;
   total: string;
-  /** Host attention: which slot positions hold this row's past, and the causal block of its new tokens. */
+  /** Host attention: which slot positions hold this row's past, and the causal block of its new tokens ('' with device slots). */
   pastAllowed: string;
   newAllowed: string;
 }
@@ -107,7 +107,7 @@ function rowPlan(ctx: BlockContext, rows: number, firstLayer: number): Rows {
     ? g.ifThen(many, () => Array.from({ length: rows - 1 }, (_, i) => planRow(i + 1).slice(0, types.length)).flat(), () => Array.from({ length: rows - 1 }, idleRow).flat(), Array.from({ length: rows - 1 }, () => types).flat())
     : [];
   const fields = [planRow(0).slice(0, types.length), ...Array.from({ length: rows - 1 }, (_, i) => rest.slice(i * types.length, (i + 1) * types.length))];
-  const plan = fields.map(([starts, ends, rowSeqlens, total, pastAllowed, newAllowed]) => ({ starts, ends, seqlens: rowSeqlens, total, pastAllowed, newAllowed }));
+  const plan = fields.map(([starts, ends, rowSeqlens, total, pastAllowed = '', newAllowed = '']) => ({ starts, ends, seqlens: rowSeqlens, total, pastAllowed, newAllowed }));
   const rowsOut = { rows: plan, batch: B, many, outShape: g.o('Concat', [one, T, g.constInt64([spec.dModel])], { axis: 0 }) };
   plans.set(ctx.g, rowsOut);
   return rowsOut;
