@@ -8,6 +8,7 @@ import { fileURLToPath } from 'node:url';
 import { writeSyntheticModel } from '../model/synthetic.ts';
 import { prepareStage } from '../model/stage-cache.ts';
 import type { LoadProgress } from '../model/progress.ts';
+import { StageLoadState } from '../worker/load-state.ts';
 import { freePort, startPrivateRedis, type PrivateRedis } from './helpers/redis.ts';
 
 // Loading a stage: progress events, the disk cache (hits, corrupt entries), and the loading states the API shows.
@@ -49,6 +50,22 @@ test('build progress events arrive in order, bytes never go back, and the last i
   assert.equal(last.etaMs, 0);
   assert.equal(last.weightBytes, stage.paramBytes);
   assert.equal(events.filter((e) => e.weightBytes !== undefined).length, 1, 'only the last event marks the build done');
+});
+
+test("the ORT load's estimate never goes back when the process's memory falls, and only serving says 100 %", async () => {
+  // Resident memory as a load sees it: rising while ORT reads the weights, falling when it frees what it packed from.
+  const rss = [1000, 1400, 1800, 1500, 1300, 1900, 2600];
+  let i = 0;
+  const events: LoadProgress[] = [];
+  const state = new StageLoadState((p) => events.push(p), 5, () => rss[Math.min(i++, rss.length - 1)]);
+  state.building({ phase: 'building', range: '[0, 2)', doneBytes: 10, totalBytes: 10, tensors: 1, tensorsTotal: 1, elapsedMs: 1, bytesPerSec: 1, etaMs: 0, weightBytes: 1000 });
+  await new Promise((r) => setTimeout(r, 80));
+  state.serving('[0, 2)');
+  const loading = events.filter((e) => e.phase === 'loading').map((e) => e.doneBytes);
+  assert.ok(loading.length >= 4, `loading events: ${loading}`);
+  assert.deepEqual(loading, [...loading].sort((a, b) => a - b), `loading went back: ${loading}`);
+  assert.ok(Math.max(...loading) < 1000, 'an estimate never claims 100 %');
+  assert.deepEqual(events.at(-1), { ...events.at(-1), phase: 'serving', doneBytes: 1000, totalBytes: 1000 });
 });
 
 test('a cache hit does not rebuild: no build, the files untouched, one cached event at 100 %', () => {

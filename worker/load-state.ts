@@ -16,6 +16,7 @@ export class StageLoadState {
   constructor(
     private readonly onChange: (p: LoadProgress) => void,
     private readonly sampleMs = 500,
+    private readonly rss = () => process.memoryUsage.rss(),
   ) {}
 
   private set(p: LoadProgress): void {
@@ -32,13 +33,14 @@ export class StageLoadState {
   }
 
   private startLoading(range: string, weightBytes: number): void {
-    const rss0 = process.memoryUsage.rss();
+    const rss0 = this.rss();
     const meter = new ProgressMeter('loading', range, weightBytes, 0, (p) => this.set(p), 0);
     this.loadMeter = meter;
     this.sampler = setInterval(() => {
       // Never 100 % from an estimate: only the load's completion says so.
-      const grown = Math.min(weightBytes * 0.99, Math.max(0, process.memoryUsage.rss() - rss0));
-      meter.advance(grown - meter.doneBytes);
+      const grown = Math.min(weightBytes * 0.99, Math.max(0, this.rss() - rss0));
+      // Memory falls when ORT frees what it packed a weight from: the estimate keeps its highest point.
+      meter.advance(Math.max(0, grown - meter.doneBytes));
       this.set(meter.snapshot());
     }, this.sampleMs);
     this.sampler.unref();
