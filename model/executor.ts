@@ -75,7 +75,12 @@ const toOrt = (t: TensorData, keep = false): ort.Tensor => {
 };
 const fromOrt = (t: ort.Tensor): TensorData => ({ dtype: t.type as TensorData['dtype'], dims: [...t.dims], data: t.data as TensorData['data'] });
 /** KV tensors by name: slot inputs (past_*), in-place outputs (present_*, WebGPU) and host slots' new K/V (new_*). */
-const isKv = (name: string) => name.startsWith('past_') || name.startsWith('present_') || name.startsWith('new_key_') || name.startsWith('new_value_');
+const kvNames = new Map<string, boolean>(); // the answer per name: a run asks for ~200 names, the same every run
+const isKv = (name: string): boolean => {
+  let kv = kvNames.get(name);
+  if (kv === undefined) kvNames.set(name, (kv = name.startsWith('past_') || name.startsWith('present_') || name.startsWith('new_key_') || name.startsWith('new_value_')));
+  return kv;
+};
 
 /**
  * Whether a stage's ORT intra-op threads spin between a run's parallel sections rather than sleep and be woken for

@@ -2,6 +2,17 @@ import { ElemType } from '../onnx-builder.ts';
 import type { BlockContext } from './context.ts';
 import { applyRotary } from './rotary.ts';
 
+/** A name per (layer, row), made once: every step binds layers × rows × 2 of them (~200 at 12 layers and 8 rows). */
+function named(make: (layer: number, row: number) => string): (layer: number, row?: number) => string {
+  const made = new Map<number, string>();
+  return (layer, row = 0) => {
+    const key = layer * 65536 + row;
+    let name = made.get(key);
+    if (name === undefined) made.set(key, (name = make(layer, row)));
+    return name;
+  };
+}
+
 /**
  * Causal attention over a KV cache in fixed slots (runtime v2).
  *
@@ -27,13 +38,13 @@ import { applyRotary } from './rotary.ts';
 export const SLOT_IO = {
   /** int32 [B]: each row's total length after this step, minus one (GQA's seqlens_k). */
   seqlens: 'seqlens_k',
-  pastKey: (layer: number, row: number) => `past_key_${layer}_r${row}`,
-  pastValue: (layer: number, row: number) => `past_value_${layer}_r${row}`,
-  presentKey: (layer: number, row: number) => `present_key_${layer}_r${row}`,
-  presentValue: (layer: number, row: number) => `present_value_${layer}_r${row}`,
+  pastKey: named((layer, row) => `past_key_${layer}_r${row}`),
+  pastValue: named((layer, row) => `past_value_${layer}_r${row}`),
+  presentKey: named((layer, row) => `present_key_${layer}_r${row}`),
+  presentValue: named((layer, row) => `present_value_${layer}_r${row}`),
   /** Host slots: the step's new K/V of every row, [B, H, T, head_dim], which the runtime writes into the slots. */
-  newKey: (layer: number) => `new_key_${layer}`,
-  newValue: (layer: number) => `new_value_${layer}`,
+  newKey: named((layer) => `new_key_${layer}`),
+  newValue: named((layer) => `new_value_${layer}`),
 } as const;
 
 /** Batch rows a stage graph serves at once (its decode batch limit, --max-batch). */
