@@ -88,6 +88,8 @@ export function pickTokens(logits: TensorData, sel: SelectSpec): number[] {
 }
 
 const i64 = (rows: number[][]): TensorData => ({ dtype: 'int64', dims: [rows.length, rows[0].length], data: BigInt64Array.from(rows.flat(), BigInt) });
+/** One row's attention mask over n positions, all attended (no padding): made every decode step, so no BigInt per position. */
+const attendAll = (n: number): TensorData => ({ dtype: 'int64', dims: [1, n], data: new BigInt64Array(n).fill(1n) });
 const range = (from: number, to: number) => Array.from({ length: to - from }, (_, i) => from + i);
 
 export interface GenerateOptions {
@@ -173,13 +175,13 @@ export async function generate(stepper: Stepper, promptIds: number[], opts: Gene
     let start = 0;
     for (; promptIds.length - start > chunk; start += chunk) {
       const r = await stepper.step(sessionId, {
-        inputIds: i64([promptIds.slice(start, start + chunk)]), positionIds: i64([range(start, start + chunk)]), attentionMask: i64([range(0, start + chunk).map(() => 1)]),
+        inputIds: i64([promptIds.slice(start, start + chunk)]), positionIds: i64([range(start, start + chunk)]), attentionMask: attendAll(start + chunk),
         ...prefillRows(start, start + chunk),
       });
       keepPrompt(r, start, start + chunk);
     }
     let input: PipelineStep = {
-      inputIds: i64([promptIds.slice(start)]), positionIds: i64([range(start, promptIds.length)]), attentionMask: i64([promptIds.map(() => 1)]),
+      inputIds: i64([promptIds.slice(start)]), positionIds: i64([range(start, promptIds.length)]), attentionMask: attendAll(promptIds.length),
       ...prefillRows(start, promptIds.length),
     };
     // Scoring only: the last prefill piece still runs, for its logprobs.
@@ -199,7 +201,7 @@ export async function generate(stepper: Stepper, promptIds: number[], opts: Gene
         break;
       }
       const pos = history.length - 1;
-      input = { inputIds: i64([[next]]), positionIds: i64([[pos]]), attentionMask: i64([history.map(() => 1)]) };
+      input = { inputIds: i64([[next]]), positionIds: i64([[pos]]), attentionMask: attendAll(history.length) };
     }
   } finally {
     await stepper.end(sessionId);
