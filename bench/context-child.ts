@@ -1,7 +1,7 @@
 // One process of `strata bench --suite context`: decode steps of one stage holding the whole model, at several
 // context lengths and batch sizes. It uses only the Stage API both stage runtimes share (LocalPipeline.load,
 // emptyCache, step, stepBatch), so the same file also runs inside a git worktree of the previous runtime.
-// Prints one JSON line: { rows: [{ prompt, batch, stepMs[], hostDeviceBytes, kvBytes }] }.
+// Prints one JSON line: { rows: [{ prompt, batch, stepMs[], hostDeviceBytes, kvBytes }], weightBytes }.
 import { performance } from 'node:perf_hooks';
 import { LocalPipeline } from '../model/local-pipeline.ts';
 
@@ -12,11 +12,12 @@ interface Args {
   batches: number[];
   steps: number;
   device?: string;
+  dtype?: string;
 }
 
 const args: Args = JSON.parse(process.argv[2]);
 const i64 = (rows: number[][]) => ({ dtype: 'int64' as const, dims: [rows.length, rows[0].length], data: BigInt64Array.from(rows.flat(), BigInt) });
-const p = await LocalPipeline.load(args.model, 1, { threads: args.threads, ...(args.device && args.device !== 'cpu' ? { device: args.device } : {}) } as never);
+const p = await LocalPipeline.load(args.model, 1, { threads: args.threads, ...(args.dtype && args.dtype !== 'float32' ? { dtype: args.dtype } : {}), ...(args.device && args.device !== 'cpu' ? { device: args.device } : {}) } as never);
 const stage = p.stages[0] as any;
 const spec = p.spec;
 let seed = 12345;
@@ -51,4 +52,6 @@ for (const P of args.prompts) {
   }
 }
 await p.close();
-process.stdout.write(JSON.stringify({ rows }) + '\n');
+// The stage's weight bytes as built (absent from the previous runtime): what dtype actually ran.
+const weightBytes = (p as unknown as { prepared?: { paramBytes: number }[] }).prepared?.[0]?.paramBytes ?? null;
+process.stdout.write(JSON.stringify({ rows, weightBytes }) + '\n');

@@ -5,13 +5,18 @@ import { fileURLToPath } from 'node:url';
 import { StrataError } from '../model/errors.ts';
 import { runLlamaBench } from './llama.ts';
 import { median } from './stats.ts';
+import type { StageDType } from '../model/dtype.ts';
+
+/** llama.cpp's weights at a stage dtype's width (the anchors' GGUF files). */
+const LLAMA_WEIGHTS: Partial<Record<StageDType, string>> = { float32: 'f32', int8: 'q8_0', int4: 'q4_0' };
 
 /**
  * `strata bench --suite context`: decode ms per step, tok/s and host↔device bytes per step of one stage holding the
  * whole model, at prompts of 16/128/512/1024 tokens and batch 1 and 8. Next to it, in the same run and rounds
  * interleaved, the previous stage runtime (JS-array KV fed as past_* and returned as present_*, batches repacked
  * with left padding): the same child script run in a git worktree of `baseline` (default: the commit before the
- * slot runtime). With `anchors`, llama.cpp f32 on the same weights (its defaults: f16 KV, flash attention auto).
+ * slot runtime). With `anchors`, llama.cpp on the same weights at the same width (f32, q8_0, q4_0 for float32, int8,
+ * int4; its defaults: f16 KV, flash attention auto). The previous runtime has float32 stages only.
  */
 export interface ContextBenchOptions {
   model: string;
@@ -21,6 +26,8 @@ export interface ContextBenchOptions {
   steps?: number;
   rounds?: number;
   device?: string;
+  /** The stage's dtype (default float32). */
+  dtype?: StageDType;
   /** A git ref of the previous runtime; '' = none. */
   baseline?: string;
   anchors?: string;
@@ -42,6 +49,9 @@ export interface ContextBenchReport {
   model: string;
   threads: number;
   device: string;
+  dtype: StageDType;
+  /** The current runtime's stage weight bytes as built. */
+  weightBytes: number | null;
   baseline: string | null;
   rounds: number;
   rows: ContextRow[];
@@ -69,16 +79,21 @@ function baselineTree(ref: string): string {
   return dir;
 }
 
-function runChild(root: string, args: object): { prompt: number; batch: number; stepMs: number[]; hostDeviceBytes: number; kvBytes: number }[] {
+interface ChildReport {
+  rows: { prompt: number; batch: number; stepMs: number[]; hostDeviceBytes: number; kvBytes: number }[];
+  weightBytes: number | null;
+}
+
+function runChild(root: string, args: object): ChildReport {
   const r = spawnSync(process.execPath, ['--import', 'tsx', join(root, 'bench', 'context-child.ts'), JSON.stringify(args)], { cwd: root, encoding: 'utf8', maxBuffer: 64 << 20 });
   const line = r.stdout.trim().split('\n').at(-1) ?? '';
   if (r.status !== 0 || !line.startsWith('{')) throw new StrataError('bench_flag_invalid', `context bench child in ${root} failed: ${r.stderr.slice(-2000)}`);
-  return JSON.parse(line).rows;
+  return JSON.parse(line);
 }
 
-function llama(anchors: string, threads: number, prompt: number, batch: number): number {
+function llama(anchors: string, weights: string, threads: number, prompt: number, batch: number): number {
   const ids = Array.from({ length: prompt }, (_, i) => 1 + ((i * 7919) % 50000)).join(',');
-  const j = runLlamaBench(anchors, 'gpt2-small-f32.gguf', [String(threads), '1', '--new', '16', '--ids', ids, ...(batch > 1 ? ['--mode', 'multi', '--seqs', String(batch)] : [])]);
+  const j = runLlamaBench(anchors, `gpt2-small-${weights}.gguf`, [String(threads), '1', '--new', '16', '--ids', ids, ...(batch > 1 ? ['--mode', 'multi', '--seqs', String(batch)] : [])]);
   return batch > 1 ? 1000 / (j.aggregate_decode_tok_s / batch) : j.decode_ms_per_token; // ms per (batched) step
 }
 
@@ -86,8 +101,11 @@ export async function runContextBench(o: ContextBenchOptions): Promise<ContextBe
   const prompts = o.prompts ?? [16, 128, 512, 1024];
   const batches = o.batches ?? [1, 8];
   const rounds = o.rounds ?? 2;
-  const args = { model: resolve(o.model), threads: o.threads, prompts, batches, steps: o.steps ?? 8, device: o.device ?? 'cpu' };
-  const baseline = o.baseline === '' ? null : (o.baseline ?? DEFAULT_BASELINE);
+  const dtype = o.dtype ?? 'float32';
+  const args = { model: resolve(o.model), threads: o.threads, prompts, batches, steps: o.steps ?? 8, device: o.device ?? 'cpu', dtype };
+  const baseline = o.baseline === '' || dtype !== 'float32' ? null : (o.baseline ?? DEFAULT_BASELINE);
+  const weights = LLAMA_WEIGHTS[dtype];
+  let weightBytes: number | null = null;
   const trees: [string, string][] = [['current', ROOT]];
   if (baseline) trees.push([`previous (${baseline})`, baselineTree(baseline)]);
   const samples = new Map<string, { ms: number[]; bytes: number | null; kv: number | null }>();
@@ -101,11 +119,13 @@ export async function runContextBench(o: ContextBenchOptions): Promise<ContextBe
     for (const [runtime, root] of trees) {
       if (runtime !== 'current' && args.device !== 'cpu') continue; // the previous runtime has no WebGPU path
       o.log?.(`round ${r + 1}/${rounds}: ${runtime}`);
-      for (const row of runChild(root, args)) add(runtime, row.prompt, row.batch, row.stepMs, runtime === 'current' ? row.hostDeviceBytes : null, runtime === 'current' ? row.kvBytes : null);
+      const child = runChild(root, args);
+      if (runtime === 'current') weightBytes = child.weightBytes;
+      for (const row of child.rows) add(runtime, row.prompt, row.batch, row.stepMs, runtime === 'current' ? row.hostDeviceBytes : null, runtime === 'current' ? row.kvBytes : null);
     }
-    if (o.anchors) {
-      o.log?.(`round ${r + 1}/${rounds}: llama.cpp f32`);
-      for (const P of prompts.filter((p) => p <= 512)) for (const B of batches) add('llama.cpp f32', P, B, [llama(o.anchors, o.threads, P, B)], null, null);
+    if (o.anchors && weights) {
+      o.log?.(`round ${r + 1}/${rounds}: llama.cpp ${weights}`);
+      for (const P of prompts.filter((p) => p <= 512)) for (const B of batches) add(`llama.cpp ${weights}`, P, B, [llama(o.anchors, weights, o.threads, P, B)], null, null);
     }
   }
   const rows: ContextRow[] = [...samples].map(([k, s]) => {
@@ -113,11 +133,11 @@ export async function runContextBench(o: ContextBenchOptions): Promise<ContextBe
     const ms = median(s.ms);
     return { runtime, prompt: Number(prompt), batch: Number(batch), decodeMsPerStep: ms, tokPerSec: (1000 * Number(batch)) / ms, hostDeviceBytesPerStep: s.bytes, kvBytesPerStep: s.kv };
   });
-  return { suite: 'context', model: args.model, threads: o.threads, device: args.device, baseline, rounds, rows };
+  return { suite: 'context', model: args.model, threads: o.threads, device: args.device, dtype, weightBytes, baseline, rounds, rows };
 }
 
 export function renderContextReport(r: ContextBenchReport): string {
-  const lines = [`strata bench --suite context — ${r.model}, 1 stage × ${r.threads} threads on ${r.device}, ${r.rounds} interleaved rounds (medians)`, ''];
+  const lines = [`strata bench --suite context — ${r.model}, ${r.dtype} (${r.weightBytes === null ? '?' : (r.weightBytes / 2 ** 20).toFixed(1)} MiB of weights), 1 stage × ${r.threads} threads on ${r.device}, ${r.rounds} interleaved rounds (medians)`, ''];
   lines.push('| runtime | prompt | batch | decode ms/step | tok/s | host↔device B/step | of it KV |', '|---|---|---|---|---|---|---|');
   for (const x of [...r.rows].sort((a, b) => a.batch - b.batch || a.prompt - b.prompt || a.runtime.localeCompare(b.runtime))) {
     lines.push(`| ${x.runtime} | ${x.prompt} | ${x.batch} | ${x.decodeMsPerStep.toFixed(1)} | ${x.tokPerSec.toFixed(1)} | ${x.hostDeviceBytesPerStep ?? '—'} | ${x.kvBytesPerStep ?? '—'} |`);

@@ -13,6 +13,7 @@ import { renderContextReport, runContextBench, type ContextBenchReport } from '.
 import { ensureSyntheticModel, resolveShape } from '../bench/model.ts';
 import { renderLoadReport, runLoadBench, type LoadBenchReport } from '../bench/load.ts';
 import { supervisedLauncher } from './bench-load.ts';
+import { parseStageDType } from '../model/dtype.ts';
 import { availableParallelism } from 'node:os';
 import { startLocalCluster } from './local-cluster.ts';
 
@@ -26,7 +27,7 @@ export interface BenchCliOptions extends PipelineBenchOptions {
   /** --suite quant: a Hugging Face checkpoint instead of the synthetic preset, and the llama.cpp anchors folder. */
   model?: string;
   anchors?: string;
-  /** --suite load: the stage dtype, the checkpoint's dtype, shard size, KV budget, the kill-and-restart run, removing the checkpoint. */
+  /** --suite load (and context: the stage dtype): the stage dtype, the checkpoint's dtype, shard size, KV budget, the kill-and-restart run, removing the checkpoint. */
   dtype?: string;
   ckptDtype?: string;
   shardMb?: number;
@@ -88,7 +89,7 @@ export async function runBench(opts: Partial<BenchCliOptions>, deps: { launcher?
     html = renderTimeline('strata bench --suite quant (float32 vs int8 vs int4, llama.cpp on the same weights)', []);
   } else if (o.suite === 'context') {
     const model = o.model ?? ensureSyntheticModel(resolveShape(o)).dir;
-    const r = await runContextBench({ model, threads: o.threadsPerWorker ?? availableParallelism(), rounds: o.repeats, device: o.device, baseline: o.baseline, anchors: o.anchors, log: (m) => progress.phase(m) });
+    const r = await runContextBench({ model, threads: o.threadsPerWorker ?? availableParallelism(), rounds: o.repeats, device: o.device, dtype: parseStageDType(o.dtype ?? 'float32', '--dtype'), baseline: o.baseline, anchors: o.anchors, log: (m) => progress.phase(m) });
     report = r;
     text = renderContextReport(r);
     html = renderTimeline('strata bench --suite context (one stage, decode steps by context length and batch)', []);
@@ -133,7 +134,7 @@ export function registerBenchCommand(program: Command): void {
     .option('--baseline <ref>', '--suite context: git ref of the previous stage runtime, run from a worktree in the same rounds (\'\' = none)')
     .option('--device <device>', '--suite context: cpu | cuda:N | webgpu', process.env.STRATA_DEVICE ?? 'cpu')
     .option('--anchors <dir>', '--suite quant/context: the llama.cpp anchors folder (../shared/anchors set up in e.g. /tmp/anchors) holding GGUF files of --model')
-    .option('--dtype <dtype>', '--suite load: the stage dtype (float32 | int8 | int4; float16 is refused on a CPU)', 'float32')
+    .option('--dtype <dtype>', '--suite load and context: the stage dtype (float32 | int8 | int4; float16 is refused on a CPU)', 'float32')
     .option('--ckpt-dtype <dtype>', '--suite load: the written checkpoint\'s dtype, f32 | f16', 'f32')
     .option('--shard-mb <mb>', '--suite load: largest checkpoint shard', int('--shard-mb'), 3500)
     .option('--kv-budget-mb <mb>', '--suite load: each worker\'s --kv-budget-mb', int('--kv-budget-mb'), 1024)

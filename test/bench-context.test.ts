@@ -17,3 +17,16 @@ test('--suite context: decode ms/step and hostâ†”device bytes for every prompt Ã
   }
   assert.match(renderContextReport(r), /batch-8 step growth|\| current \| 32 \| 2 \|/);
 });
+
+test('--suite context --dtype int8: int8 stages, and no previous runtime (it had float32 stages only)', { timeout: 120_000 }, async () => {
+  testCacheDir();
+  const common = { model: fixtureDir('gpt2-tiny'), threads: 1, prompts: [4], batches: [1, 2], steps: 2, rounds: 1 };
+  const r = await runContextBench({ ...common, dtype: 'int8' });
+  const f32 = await runContextBench({ ...common, baseline: '' });
+  assert.equal(r.dtype, 'int8');
+  assert.ok(r.weightBytes! > 0 && r.weightBytes! < 0.5 * f32.weightBytes!, `int8 ${r.weightBytes} B of weights against float32's ${f32.weightBytes}`);
+  assert.equal(r.baseline, null, 'the default baseline is skipped for a quantized stage');
+  assert.deepEqual(r.rows.map((x) => [x.runtime, x.prompt, x.batch]).sort(), [['current', 4, 1], ['current', 4, 2]]);
+  assert.ok(r.rows.every((x) => x.decodeMsPerStep > 0));
+  assert.match(renderContextReport(r), /gpt2-tiny, int8 \([\d.]+ MiB of weights\), 1 stage/);
+});
