@@ -3,12 +3,9 @@ import { copyFileSync, existsSync, mkdirSync, symlinkSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { StrataError } from '../model/errors.ts';
-import { runLlamaBench } from './llama.ts';
+import { LLAMA_WEIGHTS, runLlamaBench } from './llama.ts';
 import { median } from './stats.ts';
 import type { StageDType } from '../model/dtype.ts';
-
-/** llama.cpp's weights at a stage dtype's width (the anchors' GGUF files). */
-const LLAMA_WEIGHTS: Partial<Record<StageDType, string>> = { float32: 'f32', int8: 'q8_0', int4: 'q4_0' };
 
 /**
  * `strata bench --suite context`: decode ms per step, tok/s and host↔device bytes per step of one stage holding the

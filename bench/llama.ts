@@ -1,6 +1,10 @@
 import { spawnSync } from 'node:child_process';
 import { join } from 'node:path';
 import { StrataError } from '../model/errors.ts';
+import type { StageDType } from '../model/dtype.ts';
+
+/** llama.cpp's weights at a stage dtype's width: the anchors' gpt2-small-<weights>.gguf files. */
+export const LLAMA_WEIGHTS: Partial<Record<StageDType, string>> = { float32: 'f32', int8: 'q8_0', int4: 'q4_0' };
 
 /**
  * One run of the anchors' `llama_bench.mjs` (llama.cpp through node-llama-cpp, ../shared/anchors set up in a scratch

@@ -11,7 +11,7 @@ import { machineInfo } from './pipeline.ts';
 import { measure, prepareModel, TimingCollector, type BenchCluster, type BenchModel, type ClusterLauncher } from './runner.ts';
 import { median, ratio } from './stats.ts';
 import { procStatusBytes } from './cpu.ts';
-import { runLlamaBench } from './llama.ts';
+import { LLAMA_WEIGHTS, runLlamaBench } from './llama.ts';
 import { renderAccuracy, runQuantAccuracy, type AccuracyReport } from './quant-accuracy.ts';
 
 /**
@@ -64,7 +64,6 @@ export interface QuantBenchReport {
   accuracy: AccuracyReport | null;
 }
 
-const LLAMA_FOR: Partial<Record<StageDType, string>> = { float32: 'f32', int8: 'q8_0', int4: 'q4_0' };
 
 
 const llamaBench = (anchors: string, weights: string, threads: number, args: string[]): Record<string, number> =>
@@ -97,7 +96,7 @@ export async function runQuantBench(o: QuantBenchOptions, launch: ClusterLaunche
       const pipeline = await RemotePipeline.connect(cluster.workers.map((w) => w.address), { spec: model.spec, fingerprint: model.fingerprint, dtype, ranges: [range], onTiming: collector.onTiming });
       open.push({ dtype, weightBytes: prepared.paramBytes, cluster, pipeline, collector, b1: [], agg: [] });
     }
-    const llama = anchors ? dtypes.flatMap((d) => (LLAMA_FOR[d] ? [{ weights: LLAMA_FOR[d]!, b1: [] as number[], agg: [] as number[] }] : [])) : [];
+    const llama = anchors ? dtypes.flatMap((d) => (LLAMA_WEIGHTS[d] ? [{ weights: LLAMA_WEIGHTS[d]!, b1: [] as number[], agg: [] as number[] }] : [])) : [];
     const w = { promptTokens: o.promptTokens, newTokens: o.newTokens, seed: o.seed };
     for (let round = 0; round < o.repeats; round++) {
       progress.phase(`round ${round + 1}/${o.repeats}`);
@@ -130,7 +129,7 @@ export async function runQuantBench(o: QuantBenchOptions, launch: ClusterLaunche
         ratios[`${r.dtype}.batch1SpeedupVsFloat32`] = ratio(f32.batch1MsPerToken, r.batch1MsPerToken);
         ratios[`${r.dtype}.aggregateVsFloat32`] = ratio(r.aggregateDecodeTokS, f32.aggregateDecodeTokS);
       }
-      const l = llamaRows.find((x) => x.weights === LLAMA_FOR[r.dtype]);
+      const l = llamaRows.find((x) => x.weights === LLAMA_WEIGHTS[r.dtype]);
       if (l) {
         // ≥ 1 means strata is at least as fast as llama.cpp on the same weights at the same bit width.
         ratios[`${r.dtype}.batch1VsLlama.${l.weights}`] = ratio(l.batch1MsPerToken, r.batch1MsPerToken);
