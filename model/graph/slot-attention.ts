@@ -71,13 +71,11 @@ interface Rows {
 /** Per-graph row bookkeeping (built once, with the first layer, and shared by every layer). */
 const plans = new WeakMap<object, Rows>();
 
-const PLAN_FIELDS = 6; // RowPlan's fields, in its order
-
 function rowPlan(ctx: BlockContext, rows: number, firstLayer: number): Rows {
   const known = plans.get(ctx.g);
   if (known) return known;
   const { g, spec, ACT } = ctx;
-  const { I32, I64, BOOL } = { I32: ElemType.INT32, I64: ElemType.INT64, BOOL: ElemType.BOOL };
+  const [I32, I64, BOOL] = [ElemType.INT32, ElemType.INT64, ElemType.BOOL];
   const host = !(ctx.opts.kvInPlace ?? false);
   const seqlens = g.input(SLOT_IO.seqlens, I32, ['batch']);
   const bt = g.o('Shape', [ctx.positionIds]); // [B, T]
@@ -87,6 +85,7 @@ function rowPlan(ctx: BlockContext, rows: number, firstLayer: number): Rows {
   const one = g.constInt64([1]);
   const zero = g.constInt64([0]);
   const scalar = (t: string) => g.o('Squeeze', [t, zero]);
+  // A row's RowPlan fields, in its order (the host masks only with host slots).
   const planRow = (r: number): string[] => {
     const rc = g.constInt64([r]);
     const active = g.o('Less', [rc, B]);
@@ -96,7 +95,7 @@ function rowPlan(ctx: BlockContext, rows: number, firstLayer: number): Rows {
     const total = scalar(g.o('Add', [rowSeqlens, g.constInt32([1])])); // int32 scalar
     const starts = g.o('Concat', [row, zero], { axis: 0 });
     const ends = g.o('Concat', [g.o('Add', [row, one]), len], { axis: 0 });
-    if (!host) return [starts, ends, rowSeqlens, total, '', ''];
+    if (!host) return [starts, ends, rowSeqlens, total];
     const past = g.o('Sub', [g.o('Cast', [total], { to: I64 }), scalar(len)]); // cached positions before the step
     // The slot's capacity is the same in every layer: the first layer's past input tells it.
     const cap = g.o('Shape', [g.inputOnce(SLOT_IO.pastKey(firstLayer, r), ACT, [1, spec.heads, `slot_len_r${r}`, spec.headDim])], { start: 2, end: 3 });
@@ -113,11 +112,11 @@ function rowPlan(ctx: BlockContext, rows: number, firstLayer: number): Rows {
     ...(host ? [g.constInt32([0], [1], BOOL), g.constInt32([1], [1, 1], BOOL)] : []),
   ];
   const many = g.o('Greater', [B, one]);
-  const types = [I64, I64, I32, I32, BOOL, BOOL].slice(0, host ? PLAN_FIELDS : 4);
+  const types = host ? [I64, I64, I32, I32, BOOL, BOOL] : [I64, I64, I32, I32];
   const rest = rows > 1
-    ? g.ifThen(many, () => Array.from({ length: rows - 1 }, (_, i) => planRow(i + 1).slice(0, types.length)).flat(), () => Array.from({ length: rows - 1 }, idleRow).flat(), Array.from({ length: rows - 1 }, () => types).flat())
+    ? g.ifThen(many, () => Array.from({ length: rows - 1 }, (_, i) => planRow(i + 1)).flat(), () => Array.from({ length: rows - 1 }, idleRow).flat(), Array.from({ length: rows - 1 }, () => types).flat())
     : [];
-  const fields = [planRow(0).slice(0, types.length), ...Array.from({ length: rows - 1 }, (_, i) => rest.slice(i * types.length, (i + 1) * types.length))];
+  const fields = [planRow(0), ...Array.from({ length: rows - 1 }, (_, i) => rest.slice(i * types.length, (i + 1) * types.length))];
   const plan = fields.map(([starts, ends, rowSeqlens, total, pastAllowed = '', newAllowed = '']) => ({ starts, ends, seqlens: rowSeqlens, total, pastAllowed, newAllowed }));
   const rowsOut = { rows: plan, batch: B, many, outShape: g.o('Concat', [one, T, g.constInt64([spec.dModel])], { axis: 0 }) };
   plans.set(ctx.g, rowsOut);
