@@ -19,7 +19,8 @@ import { renderAccuracy, runQuantAccuracy, type AccuracyReport } from './quant-a
  * measured in the same run, and llama.cpp on the same weights when `--anchors` points at ../shared/anchors' scratch
  * folder (GGUF f32/q8_0/q4_0 of the checkpoint given by --model). Rounds interleave every engine and dtype; figures
  * are medians and ratios. Per dtype: the stage's weight bytes, the worker's RSS after the runs, batch-1 decode ms
- * per token, and the decode tokens/s of `--concurrency` sessions at once.
+ * per token, and the decode tokens/s of `--concurrency` sessions at once. The int8 worker runs once more with
+ * `--run-ahead off` (worker/run-ahead.ts), in the same rounds: what running ahead of the coordinator's requests gains.
  */
 export interface QuantBenchOptions extends ShapeFlags {
   model?: string;
@@ -37,6 +38,8 @@ export interface QuantBenchOptions extends ShapeFlags {
 
 export interface QuantDTypeRow {
   dtype: StageDType;
+  /** The worker ran each session's next decode step ahead of its request (the default). */
+  runAhead: boolean;
   weightBytes: number;
   rssBytes: number;
   batch1MsPerToken: number;
@@ -85,25 +88,27 @@ export async function runQuantBench(o: QuantBenchOptions, launch: ClusterLaunche
   const range = { first: 0, last: model.spec.blocks };
   const anchors = o.anchors && existsSync(join(o.anchors, 'llama_bench.mjs')) ? o.anchors : null;
   // One worker per dtype, all started up front (idle ones cost no CPU), so rounds can interleave them.
-  const open: { dtype: StageDType; weightBytes: number; cluster: BenchCluster; pipeline: RemotePipeline; collector: TimingCollector; b1: number[]; agg: number[] }[] = [];
+  const open: { dtype: StageDType; runAhead: boolean; weightBytes: number; cluster: BenchCluster; pipeline: RemotePipeline; collector: TimingCollector; b1: number[]; agg: number[] }[] = [];
+  const workers = [...dtypes.map((dtype) => ({ dtype, runAhead: true })), ...(dtypes.includes('int8') ? [{ dtype: 'int8' as const, runAhead: false }] : [])];
   try {
-    for (const dtype of dtypes) {
+    for (const { dtype, runAhead } of workers) {
       const t0 = Date.now();
       const prepared = prepareStage(model.dir, range, { dtype, cacheDir: o.cacheDir, rows: o.maxBatch, onProgress: (m) => progress.phase(m) });
       if (prepared.built) progress.phase(`  ${dtype} stage built in ${((Date.now() - t0) / 1000).toFixed(1)} s`);
-      const cluster = await launch(model.dir, 1, ['--threads', String(threads), '--max-batch', String(o.maxBatch)]);
+      const cluster = await launch(model.dir, 1, ['--threads', String(threads), '--max-batch', String(o.maxBatch), '--run-ahead', runAhead ? 'on' : 'off']);
       const collector = new TimingCollector();
       const pipeline = await RemotePipeline.connect(cluster.workers.map((w) => w.address), { spec: model.spec, fingerprint: model.fingerprint, dtype, ranges: [range], onTiming: collector.onTiming });
-      open.push({ dtype, weightBytes: prepared.paramBytes, cluster, pipeline, collector, b1: [], agg: [] });
+      open.push({ dtype, runAhead, weightBytes: prepared.paramBytes, cluster, pipeline, collector, b1: [], agg: [] });
     }
     const llama = anchors ? dtypes.flatMap((d) => (LLAMA_WEIGHTS[d] ? [{ weights: LLAMA_WEIGHTS[d]!, b1: [] as number[], agg: [] as number[] }] : [])) : [];
     const w = { promptTokens: o.promptTokens, newTokens: o.newTokens, seed: o.seed };
     for (let round = 0; round < o.repeats; round++) {
       progress.phase(`round ${round + 1}/${o.repeats}`);
       for (const s of open) {
+        const name = s.runAhead ? s.dtype : `${s.dtype} run-ahead off`;
         const cfg = (label: string) => ({ label, mode: 'workers' as const, workers: 1, threadsPerWorker: threads, maxBatch: o.maxBatch, ranges: [range] });
-        const one = await measure(s.pipeline, cfg(`${s.dtype} batch 1`), model, { ...w, concurrency: 1 }, progress);
-        const many = await measure(s.pipeline, cfg(`${s.dtype} × ${o.concurrency}`), model, { ...w, concurrency: o.concurrency }, progress);
+        const one = await measure(s.pipeline, cfg(`${name} batch 1`), model, { ...w, concurrency: 1 }, progress);
+        const many = await measure(s.pipeline, cfg(`${name} × ${o.concurrency}`), model, { ...w, concurrency: o.concurrency }, progress);
         s.b1.push(one.result.msPerToken);
         s.agg.push(many.result.decodeTokensPerSec);
       }
@@ -112,8 +117,8 @@ export async function runQuantBench(o: QuantBenchOptions, launch: ClusterLaunche
         l.agg.push(llamaBench(anchors!, l.weights, threads, ['--mode', 'multi', '--seqs', String(o.concurrency)]).aggregate_decode_tok_s);
       }
     }
-    const rows: QuantDTypeRow[] = open.map((s) => ({
-      dtype: s.dtype, weightBytes: s.weightBytes, rssBytes: procStatusBytes(s.cluster.workers[0].pid, 'VmRSS'),
+    const all: QuantDTypeRow[] = open.map((s) => ({
+      dtype: s.dtype, runAhead: s.runAhead, weightBytes: s.weightBytes, rssBytes: procStatusBytes(s.cluster.workers[0].pid, 'VmRSS'),
       batch1MsPerToken: median(s.b1), aggregateDecodeTokS: median(s.agg), samples: { batch1MsPerToken: s.b1, aggregateDecodeTokS: s.agg },
     }));
     const llamaRows: LlamaRow[] = llama.map((l) => ({
@@ -121,6 +126,12 @@ export async function runQuantBench(o: QuantBenchOptions, launch: ClusterLaunche
       batch1MsPerToken: median(l.b1), aggregateDecodeTokS: median(l.agg), samples: { batch1MsPerToken: l.b1, aggregateDecodeTokS: l.agg },
     }));
     const ratios: Record<string, number> = {};
+    const rows = all.filter((r) => r.runAhead);
+    for (const off of all.filter((r) => !r.runAhead)) {
+      const on = rows.find((r) => r.dtype === off.dtype)!;
+      ratios[`${off.dtype}.batch1RunAheadSpeedup`] = ratio(off.batch1MsPerToken, on.batch1MsPerToken);
+      ratios[`${off.dtype}.aggregateRunAheadSpeedup`] = ratio(on.aggregateDecodeTokS, off.aggregateDecodeTokS);
+    }
     const f32 = rows.find((r) => r.dtype === 'float32');
     for (const r of rows) {
       if (f32 && r !== f32) {
@@ -141,7 +152,7 @@ export async function runQuantBench(o: QuantBenchOptions, launch: ClusterLaunche
       suite: 'quant', startedAt, machine: machineInfo(),
       model: { dir: model.dir, fingerprint: model.fingerprint, float32WeightBytes: model.weights.held },
       workload: { threads, concurrency: o.concurrency, promptTokens: o.promptTokens, newTokens: o.newTokens, rounds: o.repeats },
-      rows, llama: llamaRows, ratios, accuracy,
+      rows: all, llama: llamaRows, ratios, accuracy,
     };
   } finally {
     for (const s of open) {
@@ -157,7 +168,7 @@ export function renderQuantReport(r: QuantBenchReport, outDir: string): string {
   const lines = [
     `strata bench --suite quant: ${r.model.dir}, 1 worker × ${r.workload.threads} threads, ${r.workload.rounds} interleaved rounds (medians), ${r.workload.promptTokens}-token prompts, ${r.workload.newTokens} new tokens`,
     'dtype     weights     RSS             batch-1 ms/token  ×' + r.workload.concurrency + ' decode tok/s',
-    ...r.rows.map((x) => `${x.dtype.padEnd(9)} ${mib(x.weightBytes).padEnd(11)} ${mib(x.rssBytes).padEnd(15)} ${x.batch1MsPerToken.toFixed(2).padStart(16)}  ${x.aggregateDecodeTokS.toFixed(1).padStart(14)}`),
+    ...r.rows.map((x) => `${(x.runAhead ? x.dtype : `${x.dtype} (run-ahead off)`).padEnd(9)} ${mib(x.weightBytes).padEnd(11)} ${mib(x.rssBytes).padEnd(15)} ${x.batch1MsPerToken.toFixed(2).padStart(16)}  ${x.aggregateDecodeTokS.toFixed(1).padStart(14)}`),
     ...r.llama.map((x) => `${('llama ' + x.weights).padEnd(9)} ${mib(x.fileBytes).padEnd(11)} ${'(file)'.padEnd(15)} ${x.batch1MsPerToken.toFixed(2).padStart(16)}  ${x.aggregateDecodeTokS.toFixed(1).padStart(14)}`),
     'ratios: ' + Object.entries(r.ratios).map(([k, v]) => `${k} ×${v.toFixed(2)}`).join(', '),
   ];

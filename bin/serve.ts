@@ -152,7 +152,7 @@ const addServeOptions = (cmd: Command) =>
     .option('--chat-template <file>', 'Jinja chat template for /v1/chat/completions, overriding tokenizer_config.json\'s (STRATA_CHAT_TEMPLATE)', process.env.STRATA_CHAT_TEMPLATE);
 
 /** The worker options `strata up` passes on to each worker it starts (each with its STRATA_* fallback, as `strata worker`). */
-const WORKER_OPTIONS: [flag: string, option: string][] = [['--threads', 'threads'], ['--max-batch', 'maxBatch'], ['--kv-budget-mb', 'kvBudgetMb'], ['--device', 'device']];
+const WORKER_OPTIONS: [flag: string, option: string][] = [['--threads', 'threads'], ['--max-batch', 'maxBatch'], ['--kv-budget-mb', 'kvBudgetMb'], ['--device', 'device'], ['--run-ahead', 'runAhead']];
 const workerArgs = (o: Record<string, unknown>): string[] => WORKER_OPTIONS.flatMap(([flag, key]) => (o[key] === undefined ? [] : [flag, String(o[key])]));
 
 const fail = (e: unknown) => {
@@ -186,6 +186,7 @@ export function registerServeCommands(program: Command): void {
       .option('--threads <n>', 'ORT intra-op threads per worker (STRATA_THREADS; default: the cores shared equally)', process.env.STRATA_THREADS)
       .option('--max-batch <n>', 'decode steps batched into one ORT run per worker (STRATA_MAX_BATCH)', process.env.STRATA_MAX_BATCH)
       .option('--kv-budget-mb <mb>', 'KV-cache memory budget per worker (STRATA_KV_BUDGET_MB)', process.env.STRATA_KV_BUDGET_MB)
+      .option('--run-ahead <on|off>', 'one worker: run each session\'s next decode step before it is asked (STRATA_RUN_AHEAD; default on)', process.env.STRATA_RUN_AHEAD)
       .option('--memory-limit-mb <mb>', 'memory each worker may use; a plan that needs more is refused before loading (STRATA_MEMORY_LIMIT_MB; default: the host\'s available memory shared by the workers)', process.env.STRATA_MEMORY_LIMIT_MB)
       .option('--device <device>', 'cpu | cuda:N | webgpu for every worker (STRATA_DEVICE); a device that cannot start fails the worker, never a silent fallback', process.env.STRATA_DEVICE),
   ).action(async (o) => {

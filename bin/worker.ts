@@ -1,11 +1,19 @@
 import type { Command } from 'commander';
 import pino from 'pino';
 import { StageWorker } from '../worker/server.ts';
-import { isStrataError } from '../model/errors.ts';
+import { isStrataError, StrataError } from '../model/errors.ts';
 import { parseSize } from './plan.ts';
 import { loadCredentials, tlsFromEnv } from '../transport/grpc/tls.ts';
 import { createLoadDisplay } from './progress-bar.ts';
 import { memoryLimitFromFlag } from '../model/memory.ts';
+
+/** An on/off flag's value (also 1/0, true/false), or a typed error naming the flag. */
+export function onOff(value: string, flag: string): boolean {
+  const v = value.trim().toLowerCase();
+  if (['on', '1', 'true'].includes(v)) return true;
+  if (['off', '0', 'false'].includes(v)) return false;
+  throw new StrataError('flag_invalid', `${flag} must be on or off, got '${value}'`);
+}
 
 export function registerWorkerCommand(program: Command): void {
   program
@@ -19,6 +27,7 @@ export function registerWorkerCommand(program: Command): void {
     .option('--kv-budget-mb <mb>', 'memory for KV slots (each holds one session up to the model context); when all are held, a new session takes the slot of one idle >= STRATA_KV_EVICT_IDLE_MS (10 s) or gets kv_slots_exhausted (429)', process.env.STRATA_KV_BUDGET_MB ?? '2048')
     .option('--session-ttl-s <s>', 'drop sessions idle longer than this', process.env.STRATA_SESSION_TTL_S ?? '600')
     .option('--max-batch <n>', 'decode steps of different sessions batched into one ORT run (1 = no batching)', process.env.STRATA_MAX_BATCH ?? '8')
+    .option('--run-ahead <on|off>', 'when this worker is the whole pipeline (one stage): run each session\'s next decode step while its token travels to the coordinator and back, answering from it when the step arrives as predicted (STRATA_RUN_AHEAD)', process.env.STRATA_RUN_AHEAD ?? 'on')
     .option('--tls-cert <pem>', 'mutual TLS: this node\'s certificate (STRATA_TLS_CERT)')
     .option('--tls-key <pem>', 'mutual TLS: its private key (STRATA_TLS_KEY)')
     .option('--tls-ca <pem>', 'mutual TLS: CA that signs every peer (STRATA_TLS_CA); peers without such a certificate are refused')
@@ -36,6 +45,7 @@ export function registerWorkerCommand(program: Command): void {
           listen: o.listen, modelDir: o.model, device: o.device, threads: o.threads ? Number(o.threads) : undefined, cacheDir: o.cacheDir,
           kvBudgetBytes: Number(o.kvBudgetMb) * 2 ** 20, sessionTtlMs: Number(o.sessionTtlS) * 1000,
           memoryBytes: o.memory ? parseSize(o.memory) : undefined, memoryLimitBytes: memoryLimitFromFlag(o.memoryLimitMb), speed: Number(o.speed), maxBatch: Number(o.maxBatch),
+          runAhead: onOff(o.runAhead, '--run-ahead'),
           credentials: loadCredentials(tlsFromEnv(o)),
           log: (obj, msg) => log.info(obj, msg),
           onLoad: (p) => {

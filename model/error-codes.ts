@@ -176,6 +176,7 @@ export const ERROR_CATALOGUE = {
   worker_exited: entry('unavailable'),
   worker_start_timeout: entry('unavailable'),
   worker_failed: entry('unavailable'),                 // strata up: a worker died more often than it may be restarted
+  flag_invalid: entry('invalid_argument'),
   bench_flag_invalid: entry('invalid_argument'),
   bench_preset_unknown: entry('invalid_argument'),
   bench_shape_invalid: entry('invalid_argument'),

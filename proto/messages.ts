@@ -77,6 +77,8 @@ export interface WireTiming {
   host_to_device_bytes?: number;
   device_to_host_bytes?: number;
   kv_host_bytes?: number;
+  /** The run was made before the step arrived (a one-stage pipeline's run-ahead; absent from older workers). */
+  ahead?: boolean;
 }
 
 export interface WireInfo {

@@ -89,6 +89,17 @@ export class KvStore {
     return null;
   }
 
+  /** How many positions the session's cache holds (undefined: this stage does not hold it). */
+  lengthOf(sessionId: string): number | undefined {
+    return this.entries.get(sessionId)?.cache.length;
+  }
+
+  /** Undoes a step run ahead (worker/lookahead.ts): the cache goes back from `past + 1` to `past` positions. */
+  rewind(sessionId: string, past: number): void {
+    const e = this.entries.get(sessionId);
+    if (e && e.cache.length === past + 1) e.cache.length = past;
+  }
+
   /** Marks a step done: the session stays most recent. */
   commit(sessionId: string): void {
     const e = this.entries.get(sessionId);

@@ -8,6 +8,7 @@ import { finishStep, type PipelineStep } from '../model/generation.ts';
 import { StrataError, toErrorRecord } from '../model/errors.ts';
 import type { TensorData } from '../model/tensor.ts';
 import { KvStore } from './kv-store.ts';
+import { RunAhead } from './run-ahead.ts';
 import type { LoadedInfo, StepDone, StepOutcome, ThreadReply, ThreadRequest } from './thread-protocol.ts';
 import { activationDType } from '../model/dtype.ts';
 
@@ -16,6 +17,8 @@ import { activationDType } from '../model/dtype.ts';
 let stage: Stage | null = null;
 let kv: KvStore | null = null;
 let maxBatch = 1;
+/** A one-stage pipeline runs each session's next decode step ahead of its request (worker/run-ahead.ts). */
+let ahead: RunAhead<StepDone> | null = null;
 
 /** A 'steps' message: its items run as one batch (the coordinator formed it) and are answered together. */
 interface Group {
@@ -68,7 +71,9 @@ function batchable(p: Pending): boolean {
   return input.positionIds.dims[0] === 1 && input.positionIds.dims[1] === 1 && input.output !== 'hidden_mean' && pastLength(input) > 0 && kv.has(p.req.sessionId);
 }
 
-async function handle(req: ThreadRequest): Promise<unknown> {
+type StepRequest = { sessionId: string; input: PipelineStep };
+
+async function handle(req: Exclude<ThreadRequest, StepRequest & { type: 'step' }>): Promise<unknown> {
   switch (req.type) {
     case 'load': {
       maxBatch = Math.max(1, req.maxBatch ?? 1);
@@ -81,25 +86,28 @@ async function handle(req: ThreadRequest): Promise<unknown> {
       if (stage) await stage.close();
       stage = new Stage(prepared.spec, prepared.range, session, activationDType(req.dtype), { kvBudgetBytes: req.kvBudgetBytes, rows: maxBatch });
       kv = new KvStore(stage, req.sessionTtlMs);
+      const store = kv;
+      ahead = req.runAhead !== false && stage.isFirst && stage.isLast && stage.spec.causal ? new RunAhead((id, past) => store.rewind(id, past), stage.spec.maxPositions) : null;
       const info: LoadedInfo = { fingerprint: prepared.fingerprint, paramBytes: prepared.paramBytes, provider: session.executionProvider, built: prepared.built, kvSlots: stage.slots?.capacity ?? 0 };
       return info;
     }
-    case 'step':
-      return (await runSteps([{ sessionId: req.sessionId, input: req.input }]))[0];
     case 'steps':
       throw new StrataError('stage_internal', 'a steps message is split into its items on arrival', 'internal');
     case 'end':
       kv?.drop(req.sessionId);
+      ahead?.forget(req.sessionId);
       return null;
     case 'stats': {
       const expired = kv?.sweep() ?? [];
-      return { sessions: kv?.sessions ?? 0, kvBytes: kv?.bytes ?? 0, expired, kvSlots: kv?.capacity ?? 0, transferred: stage?.session.transferred };
+      for (const id of expired) ahead?.forget(id);
+      const lookahead = ahead && { hits: ahead.hits, misses: ahead.misses };
+      return { sessions: kv?.sessions ?? 0, kvBytes: kv?.bytes ?? 0, expired, kvSlots: kv?.capacity ?? 0, transferred: stage?.session.transferred, lookahead };
     }
   }
 }
 
 /** Runs one step alone, or several sessions' decode steps as one batched run. */
-async function runSteps(steps: { sessionId: string; input: PipelineStep }[]): Promise<StepDone[]> {
+async function runSteps(steps: StepRequest[]): Promise<StepDone[]> {
   const { stage, kv } = configured();
   const caches = steps.map(({ sessionId, input }) => (stage.spec.causal ? kv.take(sessionId, pastLength(input), input.positionIds.dims[0]) : null));
   const startUnixMs = performance.timeOrigin + performance.now();
@@ -108,7 +116,8 @@ async function runSteps(steps: { sessionId: string; input: PipelineStep }[]): Pr
   try {
     outs = steps.length === 1 ? [await stage.step(steps[0].input, caches[0])] : await stage.stepBatch(steps.map((s) => s.input), caches as KvCache[]);
   } catch (e) {
-    steps.forEach((s) => kv.drop(s.sessionId)); // a failed step leaves the caches in an unknown state
+    // A failed step leaves the caches in an unknown state.
+    steps.forEach((s) => (kv.drop(s.sessionId), ahead?.forget(s.sessionId)));
     throw e;
   }
   const { hostToDevice, deviceToHost, kvBytes } = stage.lastTransfer;
@@ -135,7 +144,8 @@ const sessionOf = (p: Pending) => (p.req as { sessionId?: string }).sessionId ??
  * that the stages of a pipeline work on different groups at once, and merging here would undo that.
  */
 async function pump(): Promise<void> {
-  if (busy || pending.length === 0) return;
+  if (busy) return;
+  if (pending.length === 0) return runAhead();
   busy = true;
   const head = pending.shift()!;
   const group = [head];
@@ -149,20 +159,59 @@ async function pump(): Promise<void> {
       } else i++;
     }
   }
-  try {
-    if (group.length === 1) {
+  if (head.req.type !== 'step') {
+    try {
       settle(head, { ok: true, value: await handle(head.req) });
-    } else {
-      const done = await runSteps(group.map((p) => p.req as { sessionId: string; input: PipelineStep }));
-      group.forEach((p, i) => settle(p, { ok: true, value: done[i] }));
+    } catch (e) {
+      settle(head, { ok: false, error: e });
+    }
+    return idle();
+  }
+  // Steps already run ahead are answered now; the rest run as one batch.
+  const toRun = group.filter((p) => !answerAhead(p));
+  try {
+    if (toRun.length > 0) {
+      const done = await runSteps(toRun.map((p) => p.req as StepRequest));
+      toRun.forEach((p, i) => answer(p, done[i]));
     }
   } catch (e) {
-    group.forEach((p) => settle(p, { ok: false, error: e }));
-  } finally {
-    busy = false;
-    // Let messages that arrived during the run land in `pending` before choosing the next batch.
-    setImmediate(() => void pump());
+    toRun.forEach((p) => settle(p, { ok: false, error: e }));
   }
+  idle();
+}
+
+/** The run is over: let messages that arrived during it land in `pending` before choosing the next batch. */
+function idle(): void {
+  busy = false;
+  setImmediate(() => void pump());
+}
+
+function answer(p: Pending, done: StepDone): void {
+  const { sessionId, input } = p.req as StepRequest;
+  ahead?.answered(sessionId, input, done.result);
+  settle(p, { ok: true, value: done });
+}
+
+/** Answers a step from the run made ahead of it, when that run had exactly its inputs. */
+function answerAhead(p: Pending): boolean {
+  const { sessionId, input } = p.req as StepRequest;
+  const done = ahead?.claim(sessionId, input, (length) => kv?.lengthOf(sessionId) === length);
+  if (!done) return false;
+  answer(p, { ...done, ahead: true });
+  return true;
+}
+
+/** Nothing waits: run the predicted next steps (one batch), to be claimed when their requests arrive. */
+async function runAhead(): Promise<void> {
+  const steps = ahead && kv ? ahead.take(maxBatch, (id) => kv!.lengthOf(id)) : [];
+  if (steps.length === 0) return;
+  busy = true;
+  try {
+    ahead!.store(steps, await runSteps(steps));
+  } catch {
+    // runSteps dropped those sessions' caches: their steps, when they come, get session_unknown and are replayed.
+  }
+  idle();
 }
 
 port.on('message', (msg: { id: number; req: ThreadRequest }) => {

@@ -17,6 +17,8 @@ export interface LoadRequest {
   kvBudgetBytes: number;
   sessionTtlMs: number;
   maxBatch?: number;
+  /** A one-stage pipeline runs each session's next decode step before it is asked (worker/run-ahead.ts; default on). */
+  runAhead?: boolean;
 }
 
 export interface LoadedInfo {
@@ -45,6 +47,8 @@ export interface StepDone {
   batch: number;
   /** Bytes that run moved between host and device memory (0 on the CPU EP), and how many of them were KV cache. */
   transfer?: Transfer;
+  /** The run was made ahead of the request, from the stage's prediction of it (worker/run-ahead.ts). */
+  ahead?: boolean;
 }
 
 export type ThreadReply = { id: number; ok: true; value: unknown } | { id: number; ok: false; error: ThreadError } | { id: -1; progress: string; load?: LoadProgress };
