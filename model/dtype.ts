@@ -121,11 +121,11 @@ export const activationDType = (d: StageDType): 'float32' | 'float16' => (d === 
 
 /**
  * Bytes one weight of a linear matrix takes in a stage of dtype `d`: the codes plus one float32 scale per block.
- * int8: 1 + 4/32 = 1.125; int4: 0.5 + 4/32 = 0.625. Norms, biases and position tables stay float32 (<1 % of a GPT).
+ * int8: 1 + 4/32 = 1.125; int4: 0.5 + 4/32 + 0.5/32 = 0.640625 (codes, scale, zero point). Norms, biases and position tables stay float32 (<1 % of a GPT).
  */
 export function bytesPerWeight(d: StageDType): number {
   if (d === 'float32') return 4;
   if (d === 'float16') return 2;
   const s = QUANT_SCHEMES[d];
-  return s.bits / 8 + 4 / s.blockSize;
+  return s.bits / 8 + 4 / s.blockSize + (s.bits === 4 ? 0.5 / s.blockSize : 0); // codes, scales, 4-bit zero points
 }

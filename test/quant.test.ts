@@ -4,7 +4,7 @@ import { checkQuantKernels, dequantizeRows, quantizedBytes, quantizeRows, quanti
 import { bytesPerWeight, f32ToF16, float16ToFloat32, parseStageDType } from '../model/dtype.ts';
 import { isStrataError } from '../model/errors.ts';
 
-// The quantizer itself: ggml's q8_0 / q4_0 rounding, MatMulNBits's packing, error bounds.
+// The quantizer itself: ggml's q8_0 rounding, int4's zero points, MatMulNBits's packing, error bounds.
 
 const rng = (seed: number) => () => ((seed = (seed * 1103515245 + 12345) >>> 0) / 2 ** 32 - 0.5);
 
@@ -41,6 +41,7 @@ test('int8 from F16 bits: the same codes and scales as quantizing the widened ma
       const got = quantizeRowsF16(halves, n, k, s);
       assert.deepEqual(got.scales, want.scales, `${n}×${k} q${s.bits}: scales`);
       assert.deepEqual(got.data, want.data, `${n}×${k} q${s.bits}: codes`);
+      assert.deepEqual(got.zeroPoints, want.zeroPoints, `${n}×${k} q${s.bits}: zero points`);
     }
   }
 });
@@ -54,16 +55,22 @@ function q4Reference(x: Float32Array): Float32Array {
 }
 const sqErr = (a: Float32Array, b: Float32Array) => a.reduce((s, v, i) => s + (v - b[i]) ** 2, 0);
 
-test('int4: codes pack low nibble first around zero point 8; each block fits at least as well as ggml\'s q4_0', () => {
-  const row = new Float32Array(32);
+test('int4: codes pack low nibble first around each block\'s own zero point; each block fits at least as well as ggml\'s q4_0', () => {
+  const row = new Float32Array(64);
   row[0] = 0.8; row[1] = -0.1; row[2] = -0.3; row[3] = 0.35;
-  const q = quantizeRows(row, 1, 32, QUANT_SCHEMES.int4);
+  row.fill(0.25, 32); row[40] = -0.05; // block 1: all but one positive, so its zero point sits near code 0
+  const q = quantizeRows(row, 1, 64, QUANT_SCHEMES.int4);
+  const [z0, z1] = [q.zeroPoints![0] & 15, q.zeroPoints![0] >> 4];
+  assert.equal(q.zeroPoints!.length, 1);
+  assert.ok(z1 <= 2 && z0 > z1, `zero points ${z0}, ${z1}`);
   const s = q.scales[0];
-  const code = (x: number) => Math.max(0, Math.min(15, Math.round(x / s) + 8));
+  const code = (x: number) => Math.max(0, Math.min(15, Math.round(x / s) + z0));
   assert.equal(q.data[0], code(0.8) | (code(-0.1) << 4));
   assert.equal(q.data[1], code(-0.3) | (code(0.35) << 4));
-  assert.equal(q.data[2], 8 | (8 << 4));
+  assert.equal(q.data[2], z0 | (z0 << 4)); // zeros are exactly the zero point
   assert.equal(q.blob, 16);
+  const back = dequantizeRows(q, 4);
+  assert.ok(Math.abs(back[32] - 0.25) < 0.01 && back[33] === back[32], 'a nearly one-sided block keeps its resolution');
   const r = rng(11);
   let ours = 0, ggml = 0;
   for (let b = 0; b < 200; b++) {
@@ -73,10 +80,10 @@ test('int4: codes pack low nibble first around zero point 8; each block fits at 
     assert.ok(e <= e0 * (1 + 1e-6), `block ${b}: squared error ${e} > q4_0's ${e0}`);
     ours += e; ggml += e0;
   }
-  assert.ok(ours < 0.95 * ggml, `least-squares scales should beat q4_0 overall: ${ours} vs ${ggml}`);
+  assert.ok(ours < 0.9 * ggml, `zero points and least-squares scales should beat q4_0 overall: ${ours} vs ${ggml}`);
 });
 
-test('dequantized matrices stay within half a step of the original (int4: one step where code 7 clips); all-zero blocks stay zero', () => {
+test('dequantized matrices stay within half a step of the original (int4: unless clipped to code 0 or 15); all-zero blocks stay zero', () => {
   const r = rng(3);
   const [n, k] = [5, 96];
   const w = Float32Array.from({ length: n * k }, () => r() * 0.1);
@@ -86,11 +93,13 @@ test('dequantized matrices stay within half a step of the original (int4: one st
     const back = dequantizeRows(q, s.bits);
     for (let i = 0; i < w.length; i++) {
       const scale = Math.abs(q.scales[Math.floor(i / k) * q.kBlocks + Math.floor((i % k) / s.blockSize)]);
-      const bound = s.bits === 8 ? scale / 2 : scale;
-      assert.ok(Math.abs(back[i] - w[i]) <= bound + 1e-9, `${name}: element ${i} off by ${Math.abs(back[i] - w[i])}, step ${scale}`);
+      const j = i % k % s.blockSize;
+      const byte = q.data[(Math.floor(i / k) * q.kBlocks + Math.floor((i % k) / s.blockSize)) * q.blob + (s.bits === 8 ? j : j >> 1)];
+      const clipped = s.bits === 4 && [0, 15].includes(j & 1 ? byte >> 4 : byte & 15);
+      assert.ok(clipped || Math.abs(back[i] - w[i]) <= scale / 2 + 1e-9, `${name}: element ${i} off by ${Math.abs(back[i] - w[i])}, step ${scale}`);
     }
     for (let i = 32; i < 64; i++) assert.ok(back[i] === 0, `${name}: zero block element ${i} = ${back[i]}`);
-    assert.equal(q.data.byteLength + q.scales.byteLength, quantizedBytes(n, k, s));
+    assert.equal(q.data.byteLength + q.scales.byteLength + (q.zeroPoints?.byteLength ?? 0), quantizedBytes(n, k, s));
   }
 });
 
@@ -105,9 +114,9 @@ test('a trailing partial block is padded, transpose turns Conv1D [in, out] into 
 
 test('scheme keys and bytes per weight', () => {
   assert.equal(schemeKey(QUANT_SCHEMES.int8), 'q8b32absmax');
-  assert.equal(schemeKey(QUANT_SCHEMES.int4), 'q4b32lsq');
+  assert.equal(schemeKey(QUANT_SCHEMES.int4), 'q4b32asym');
   assert.equal(bytesPerWeight('int8'), 1.125);
-  assert.equal(bytesPerWeight('int4'), 0.625);
+  assert.equal(bytesPerWeight('int4'), 0.640625); // codes, a float32 scale and a 4-bit zero point per 32
   assert.equal(bytesPerWeight('float16'), 2);
 });
 

@@ -24,8 +24,8 @@ export function linear(ctx: StageContext, x: string, w: WeightRef, b: WeightRef 
   if (!isQuantized(dtype)) return ctx.g.o('Gemm', b ? [x, ctx.W(w), ctx.W(b)] : [x, ctx.W(w)], conv1d ? {} : { transB: 1 });
   const q = quantizedWeight(ctx, w, conv1d, dtype);
   const { bits, blockSize } = quantScheme(dtype, ctx.opts.quantBlockSize);
-  // Inputs: A, B, scales, zero_points (none: implicit 2^(bits-1)), g_idx (deprecated), bias (stays float32).
-  const inputs = b ? [x, q.data, q.scales, '', '', ctx.W(b)] : [x, q.data, q.scales];
+  // Inputs: A, B, scales, zero_points (int4's own; int8: none, implicit 128), g_idx (deprecated), bias (stays float32).
+  const inputs = b ? [x, q.data, q.scales, q.zeroPoints, '', ctx.W(b)] : q.zeroPoints ? [x, q.data, q.scales, q.zeroPoints] : [x, q.data, q.scales];
   return ctx.g.o('MatMulNBits', inputs, { K: q.k, N: q.n, bits, block_size: blockSize, accuracy_level: 4 }, 'com.microsoft');
 }
 
@@ -41,12 +41,15 @@ export function gatherRows(ctx: StageContext, table: WeightRef, ids: string): st
   const { bits, blockSize } = quantScheme(dtype, ctx.opts.quantBlockSize);
   // GatherBlockQuantized wants the codes 2-D: the same bytes as MatMulNBits's [N, blocks, blob], viewed [N, blocks·blob].
   const rows = ctx.g.weightView(`${q.data}.rows`, q.data, [q.n, q.kBlocks * q.blob]);
-  return ctx.g.o('GatherBlockQuantized', [rows, ids, q.scales], { bits, block_size: blockSize, gather_axis: 0, quantize_axis: 1 }, 'com.microsoft');
+  const inputs = q.zeroPoints ? [rows, ids, q.scales, q.zeroPoints] : [rows, ids, q.scales];
+  return ctx.g.o('GatherBlockQuantized', inputs, { bits, block_size: blockSize, gather_axis: 0, quantize_axis: 1 }, 'com.microsoft');
 }
 
 interface QuantizedWeight {
   data: string;
   scales: string;
+  /** 4 bits: the packed zero points ('' for 8 bits). MatMulNBits and GatherBlockQuantized read the same layout. */
+  zeroPoints: string;
   n: number;
   k: number;
   kBlocks: number;
@@ -67,12 +70,18 @@ function quantizedWeight(ctx: StageContext, w: WeightRef, conv1d: boolean, dtype
   let q: QuantizedMatrix | null = null;
   const get = (): QuantizedMatrix => (q ??= quantizeWeight(ctx, w, conv1d, scheme));
   const data = ctx.g.weight(`${w.key}.q${scheme.bits}`, ElemType.UINT8, [n, kBlocks, blob], () => get().data);
+  // The sink reads each initializer's bytes as it is added, in this order: the matrix is dropped after the last one.
+  const last = scheme.bits === 4 ? 'zeroPoints' : 'scales';
+  const release = <T>(part: 'scales' | 'zeroPoints', bytes: T): T => {
+    if (part === last) q = null;
+    return bytes;
+  };
   const scales = ctx.g.weight(`${w.key}.q${scheme.bits}.scales`, ElemType.FLOAT, [n, kBlocks], () => {
     const s = get().scales;
-    q = null;
-    return new Uint8Array(s.buffer, s.byteOffset, s.byteLength);
+    return release('scales', new Uint8Array(s.buffer, s.byteOffset, s.byteLength));
   });
-  return { data, scales, n, k, kBlocks, blob };
+  const zeroPoints = scheme.bits === 4 ? ctx.g.weight(`${w.key}.q4.zp`, ElemType.UINT8, [n, Math.ceil(kBlocks / 2)], () => release('zeroPoints', get().zeroPoints!)) : '';
+  return { data, scales, zeroPoints, n, k, kBlocks, blob };
 }
 
 /** Reads and quantizes one matrix: an F16 checkpoint's [out, in] weight straight from its bits, anything else through float32. */
