@@ -182,9 +182,10 @@ const q4Code = (x: number, zero: number): number => Math.max(0, Math.min(15, rou
 /**
  * One 4-bit block's scale and zero point, for the least squared error: value ≈ scale · (code − zero), codes 0…15.
  * The range [min(lo, 0), max(hi, 0)] (zero stays representable, so the zero point is a code) over 15 steps is the
- * starting scale; 20 trial scales from ×1.1 down to ×0.7 of it each round the block with the zero point that puts
- * the range's low end on code 0, then refit the scale for those codes (Σx·d / Σd², d = code − zero) twice, rounding
- * again. Shrinking the range clips a few outliers to make every other step finer, the trade ggml's k-quant search
+ * starting scale; 6 trial scales from ×1.1 down to ×0.85 of it each round the block with the zero point that puts
+ * the range's low end on code 0, then refit the scale for those codes (Σx·d / Σd², d = code − zero) once, rounding
+ * again (20 trials down to ×0.7 with two refits fit 0.3 % better at a quarter of the speed: 4 against 15 MB/s of
+ * float32). Shrinking the range clips a few outliers to make every other step finer, the trade ggml's k-quant search
  * (make_qkx2_quants) makes too. One more trial is q4_0's own (zero point 8, scale max / −8), so no block fits worse
  * than q4_0's; the best fit of all is kept.
  */
@@ -200,12 +201,12 @@ function q4Block(w: Float32Array, start: number, end: number, out: { scale: numb
   out.zero = 8;
   if (!(hi > lo)) return; // an all-zero block (or NaNs): code 8 everywhere, value 0
   let best = sxx;
-  const TRIALS = 20;
+  const TRIALS = 6;
   for (let t = 0; t <= TRIALS; t++) {
     const q4_0 = t === TRIALS;
-    let scale = q4_0 ? (hi >= -lo ? hi : lo) / -8 : ((hi - lo) / 15) * (1.1 - (0.4 * t) / TRIALS);
+    let scale = q4_0 ? (hi >= -lo ? hi : lo) / -8 : ((hi - lo) / 15) * (1.1 - (0.3 * t) / TRIALS);
     const zero = q4_0 ? 8 : Math.max(0, Math.min(15, roundAway(-lo / scale)));
-    for (let refit = 0; refit < 3; refit++) {
+    for (let refit = 0; refit < 2; refit++) {
       const inv = 1 / scale;
       let sxd = 0, sdd = 0;
       for (let i = start; i < end; i++) {
