@@ -19,8 +19,6 @@ export class RunAhead<Done extends { result: StepResult }> {
   private readonly predicted = new Map<string, PipelineStep>();
   /** Per session: a step run ahead, and the result it waits to be claimed with. */
   private readonly ran = new Map<string, { input: PipelineStep; done: Done }>();
-  hits = 0;
-  misses = 0;
 
   constructor(
     /** Undoes a run ahead: the session's cache goes back to `past` positions. */
@@ -61,11 +59,7 @@ export class RunAhead<Done extends { result: StepResult }> {
     if (!r) return null;
     this.ran.delete(sessionId);
     const past = pastOf(r.input);
-    if (sameStep(r.input, input) && valid(past + 1)) {
-      this.hits++;
-      return r.done;
-    }
-    this.misses++;
+    if (sameStep(r.input, input) && valid(past + 1)) return r.done;
     this.rewind(sessionId, past);
     return null;
   }

@@ -54,7 +54,7 @@ export class StageHost {
     return this.call({ type: 'end', sessionId });
   }
 
-  stats(): Promise<{ sessions: number; kvBytes: number; expired: string[]; lookahead: { hits: number; misses: number } | null }> {
+  stats(): Promise<{ sessions: number; kvBytes: number; expired: string[] }> {
     return this.call({ type: 'stats' });
   }
 

@@ -73,7 +73,7 @@ function batchable(p: Pending): boolean {
 
 type StepRequest = { sessionId: string; input: PipelineStep };
 
-async function handle(req: Exclude<ThreadRequest, StepRequest & { type: 'step' }>): Promise<unknown> {
+async function handle(req: Exclude<ThreadRequest, { type: 'step' }>): Promise<unknown> {
   switch (req.type) {
     case 'load': {
       maxBatch = Math.max(1, req.maxBatch ?? 1);
@@ -100,8 +100,7 @@ async function handle(req: Exclude<ThreadRequest, StepRequest & { type: 'step' }
     case 'stats': {
       const expired = kv?.sweep() ?? [];
       for (const id of expired) ahead?.forget(id);
-      const lookahead = ahead && { hits: ahead.hits, misses: ahead.misses };
-      return { sessions: kv?.sessions ?? 0, kvBytes: kv?.bytes ?? 0, expired, kvSlots: kv?.capacity ?? 0, transferred: stage?.session.transferred, lookahead };
+      return { sessions: kv?.sessions ?? 0, kvBytes: kv?.bytes ?? 0, expired, kvSlots: kv?.capacity ?? 0, transferred: stage?.session.transferred };
     }
   }
 }
@@ -159,25 +158,20 @@ async function pump(): Promise<void> {
       } else i++;
     }
   }
-  if (head.req.type !== 'step') {
-    try {
-      settle(head, { ok: true, value: await handle(head.req) });
-    } catch (e) {
-      settle(head, { ok: false, error: e });
-    }
-    return idle();
-  }
   // Steps already run ahead are answered now; the rest run as one batch.
-  const toRun = group.filter((p) => !answerAhead(p));
+  const toRun = head.req.type === 'step' ? group.filter((p) => !answerAhead(p)) : group;
   try {
-    if (toRun.length > 0) {
+    if (head.req.type !== 'step') {
+      settle(head, { ok: true, value: await handle(head.req) });
+    } else if (toRun.length > 0) {
       const done = await runSteps(toRun.map((p) => p.req as StepRequest));
       toRun.forEach((p, i) => answer(p, done[i]));
     }
   } catch (e) {
     toRun.forEach((p) => settle(p, { ok: false, error: e }));
+  } finally {
+    idle();
   }
-  idle();
 }
 
 /** The run is over: let messages that arrived during it land in `pending` before choosing the next batch. */
