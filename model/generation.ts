@@ -87,9 +87,9 @@ export function pickTokens(logits: TensorData, sel: SelectSpec): number[] {
   return out;
 }
 
-const i64 = (rows: number[][]): TensorData => ({ dtype: 'int64', dims: [rows.length, rows[0].length], data: BigInt64Array.from(rows.flat(), BigInt) });
+export const i64 = (rows: number[][]): TensorData => ({ dtype: 'int64', dims: [rows.length, rows[0].length], data: BigInt64Array.from(rows.flat(), BigInt) });
 /** One row's attention mask over n positions, all attended (no padding): made every decode step, so no BigInt per position. */
-const attendAll = (n: number): TensorData => ({ dtype: 'int64', dims: [1, n], data: new BigInt64Array(n).fill(1n) });
+export const attendAll = (n: number): TensorData => ({ dtype: 'int64', dims: [1, n], data: new BigInt64Array(n).fill(1n) });
 const range = (from: number, to: number) => Array.from({ length: to - from }, (_, i) => from + i);
 
 export interface GenerateOptions {

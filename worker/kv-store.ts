@@ -94,7 +94,7 @@ export class KvStore {
     return this.entries.get(sessionId)?.cache.length;
   }
 
-  /** Undoes a step run ahead (worker/lookahead.ts): the cache goes back from `past + 1` to `past` positions. */
+  /** Undoes a step run ahead (worker/run-ahead.ts): the cache goes back from `past + 1` to `past` positions. */
   rewind(sessionId: string, past: number): void {
     const e = this.entries.get(sessionId);
     if (e && e.cache.length === past + 1) e.cache.length = past;

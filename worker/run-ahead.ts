@@ -1,4 +1,4 @@
-import type { PipelineStep, StepResult } from '../model/generation.ts';
+import { attendAll, i64, type PipelineStep, type StepResult } from '../model/generation.ts';
 import type { TensorData } from '../model/tensor.ts';
 
 /**
@@ -39,7 +39,7 @@ export class RunAhead<Done extends { result: StepResult }> {
     for (const [sessionId, input] of this.predicted) {
       if (steps.length === max) break;
       this.predicted.delete(sessionId);
-      if (cachedLength(sessionId) === pastOf(input)) steps.push({ sessionId, input });
+      if (cachedLength(sessionId) === pastLength(input)) steps.push({ sessionId, input });
     }
     return steps;
   }
@@ -58,7 +58,7 @@ export class RunAhead<Done extends { result: StepResult }> {
     const r = this.ran.get(sessionId);
     if (!r) return null;
     this.ran.delete(sessionId);
-    const past = pastOf(r.input);
+    const past = pastLength(r.input);
     if (sameStep(r.input, input) && valid(past + 1)) return r.done;
     this.rewind(sessionId, past);
     return null;
@@ -71,9 +71,8 @@ export class RunAhead<Done extends { result: StepResult }> {
   }
 }
 
-const pastOf = (input: PipelineStep) => input.attentionMask.dims[1] - input.positionIds.dims[1];
-
-const i64 = (values: number[], dims: number[]): TensorData => ({ dtype: 'int64', dims, data: BigInt64Array.from(values, BigInt) });
+/** Positions a step's session has cached before it: what its attention mask spans beyond the step's own tokens. */
+export const pastLength = (input: PipelineStep): number => input.attentionMask.dims[1] - input.positionIds.dims[1];
 
 /** The decode step generate() sends after `input` chose `token`, or null when there is none to predict. */
 export function predictNext(input: PipelineStep, token: number, maxPositions: number): PipelineStep | null {
@@ -84,9 +83,9 @@ export function predictNext(input: PipelineStep, token: number, maxPositions: nu
   const position = Number((input.positionIds.data as BigInt64Array)[seq - 1]) + 1;
   const { sampling, history, step } = input.select;
   return {
-    inputIds: i64([token], [1, 1]),
-    positionIds: i64([position], [1, 1]),
-    attentionMask: { dtype: 'int64', dims: [1, total + 1], data: new BigInt64Array(total + 1).fill(1n) },
+    inputIds: i64([[token]]),
+    positionIds: i64([[position]]),
+    attentionMask: attendAll(total + 1),
     output: 'tokens_or_logits',
     select: { sampling, history: history.length ? [[...history[0], token]] : [], step: step + 1 },
     logprobs: input.logprobs ? { top: input.logprobs.top, targets: [[-1]] } : undefined,

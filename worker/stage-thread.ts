@@ -8,7 +8,7 @@ import { finishStep, type PipelineStep } from '../model/generation.ts';
 import { StrataError, toErrorRecord } from '../model/errors.ts';
 import type { TensorData } from '../model/tensor.ts';
 import { KvStore } from './kv-store.ts';
-import { RunAhead } from './run-ahead.ts';
+import { pastLength, RunAhead } from './run-ahead.ts';
 import type { LoadedInfo, StepDone, StepOutcome, ThreadReply, ThreadRequest } from './thread-protocol.ts';
 import { activationDType } from '../model/dtype.ts';
 
@@ -61,8 +61,6 @@ function configured(): { stage: Stage; kv: KvStore } {
   if (!stage || !kv) throw new StrataError('stage_not_configured', 'this worker has no block range yet; the coordinator must Configure it first', 'failed_precondition');
   return { stage, kv };
 }
-
-const pastLength = (input: PipelineStep) => input.attentionMask.dims[1] - input.positionIds.dims[1];
 
 /** A decode step (one row, one token, KV cache already there) can share an ORT run with other sessions' steps. */
 function batchable(p: Pending): boolean {
