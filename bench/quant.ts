@@ -4,11 +4,11 @@ import { loadModelSpec } from '../model/config.ts';
 import { Checkpoint } from '../model/safetensors.ts';
 import { prepareStage } from '../model/stage-cache.ts';
 import type { StageDType } from '../model/dtype.ts';
-import { RemotePipeline } from '../coordinator/remote-pipeline.ts';
+import { DEFAULT_DECODE_STEPS, RemotePipeline } from '../coordinator/remote-pipeline.ts';
 import { resolveShape, weightBytes, type ShapeFlags } from './model.ts';
 import type { Progress } from './progress.ts';
 import { machineInfo } from './pipeline.ts';
-import { measure, prepareModel, TimingCollector, type BenchCluster, type BenchModel, type ClusterLauncher } from './runner.ts';
+import { measure, prepareModel, type BenchCluster, type BenchModel, type ClusterLauncher } from './runner.ts';
 import { median, ratio } from './stats.ts';
 import { procStatusBytes } from './cpu.ts';
 import { LLAMA_WEIGHTS, runLlamaBench } from './llama.ts';
@@ -19,8 +19,9 @@ import { renderAccuracy, runQuantAccuracy, type AccuracyReport } from './quant-a
  * measured in the same run, and llama.cpp on the same weights when `--anchors` points at ../shared/anchors' scratch
  * folder (GGUF f32/q8_0/q4_0 of the checkpoint given by --model). Rounds interleave every engine and dtype; figures
  * are medians and ratios. Per dtype: the stage's weight bytes, the worker's RSS after the runs, batch-1 decode ms
- * per token, and the decode tokens/s of `--concurrency` sessions at once. The int8 worker runs once more with
- * `--run-ahead off` (worker/run-ahead.ts), in the same rounds: what running ahead of the coordinator's requests gains.
+ * per token, and the decode tokens/s of `--concurrency` sessions at once. In the same rounds, int8 runs twice more:
+ * with one decode step per request instead of the coordinator's default chain (--decode-steps), and on a worker with
+ * `--run-ahead off` (worker/run-ahead.ts): what each of the two gains.
  */
 export interface QuantBenchOptions extends ShapeFlags {
   model?: string;
@@ -40,6 +41,8 @@ export interface QuantDTypeRow {
   dtype: StageDType;
   /** The worker ran each session's next decode step ahead of its request (the default). */
   runAhead: boolean;
+  /** Decode steps per request (RemotePipeline.chainSteps; DEFAULT_DECODE_STEPS unless this row says otherwise). */
+  decodeSteps: number;
   weightBytes: number;
   rssBytes: number;
   batch1MsPerToken: number;
@@ -88,7 +91,7 @@ export async function runQuantBench(o: QuantBenchOptions, launch: ClusterLaunche
   const range = { first: 0, last: model.spec.blocks };
   const anchors = o.anchors && existsSync(join(o.anchors, 'llama_bench.mjs')) ? o.anchors : null;
   // One worker per dtype, all started up front (idle ones cost no CPU), so rounds can interleave them.
-  const open: { dtype: StageDType; runAhead: boolean; weightBytes: number; cluster: BenchCluster; pipeline: RemotePipeline; collector: TimingCollector; b1: number[]; agg: number[] }[] = [];
+  const open: { dtype: StageDType; runAhead: boolean; weightBytes: number; cluster: BenchCluster; pipeline: RemotePipeline }[] = [];
   const workers = [...dtypes.map((dtype) => ({ dtype, runAhead: true })), ...(dtypes.includes('int8') ? [{ dtype: 'int8' as const, runAhead: false }] : [])];
   try {
     for (const { dtype, runAhead } of workers) {
@@ -96,19 +99,23 @@ export async function runQuantBench(o: QuantBenchOptions, launch: ClusterLaunche
       const prepared = prepareStage(model.dir, range, { dtype, cacheDir: o.cacheDir, rows: o.maxBatch, onProgress: (m) => progress.phase(m) });
       if (prepared.built) progress.phase(`  ${dtype} stage built in ${((Date.now() - t0) / 1000).toFixed(1)} s`);
       const cluster = await launch(model.dir, 1, ['--threads', String(threads), '--max-batch', String(o.maxBatch), '--run-ahead', runAhead ? 'on' : 'off']);
-      const collector = new TimingCollector();
-      const pipeline = await RemotePipeline.connect(cluster.workers.map((w) => w.address), { spec: model.spec, fingerprint: model.fingerprint, dtype, ranges: [range], onTiming: collector.onTiming });
-      open.push({ dtype, runAhead, weightBytes: prepared.paramBytes, cluster, pipeline, collector, b1: [], agg: [] });
+      const pipeline = await RemotePipeline.connect(cluster.workers.map((w) => w.address), { spec: model.spec, fingerprint: model.fingerprint, dtype, ranges: [range], decodeSteps: DEFAULT_DECODE_STEPS });
+      open.push({ dtype, runAhead, weightBytes: prepared.paramBytes, cluster, pipeline });
     }
+    // What is measured: every worker at the default chain, and the int8 worker (run-ahead on) at one step per request.
+    const variants = [...open.map((worker) => ({ worker, decodeSteps: DEFAULT_DECODE_STEPS })), ...open.filter((x) => x.dtype === 'int8' && x.runAhead).map((worker) => ({ worker, decodeSteps: 1 }))]
+      .map((v) => ({ ...v, b1: [] as number[], agg: [] as number[] }));
     const llama = anchors ? dtypes.flatMap((d) => (LLAMA_WEIGHTS[d] ? [{ weights: LLAMA_WEIGHTS[d]!, b1: [] as number[], agg: [] as number[] }] : [])) : [];
     const w = { promptTokens: o.promptTokens, newTokens: o.newTokens, seed: o.seed };
     for (let round = 0; round < o.repeats; round++) {
       progress.phase(`round ${round + 1}/${o.repeats}`);
-      for (const s of open) {
-        const name = s.runAhead ? s.dtype : `${s.dtype} run-ahead off`;
+      for (const s of variants) {
+        const { dtype, runAhead, pipeline } = s.worker;
+        const name = `${dtype}${runAhead ? '' : ' run-ahead off'}${s.decodeSteps === DEFAULT_DECODE_STEPS ? '' : `, ${s.decodeSteps} step${s.decodeSteps === 1 ? '' : 's'} per request`}`;
+        pipeline.chainSteps = s.decodeSteps;
         const cfg = (label: string) => ({ label, mode: 'workers' as const, workers: 1, threadsPerWorker: threads, maxBatch: o.maxBatch, ranges: [range] });
-        const one = await measure(s.pipeline, cfg(`${name} batch 1`), model, { ...w, concurrency: 1 }, progress);
-        const many = await measure(s.pipeline, cfg(`${name} × ${o.concurrency}`), model, { ...w, concurrency: o.concurrency }, progress);
+        const one = await measure(pipeline, cfg(`${name} batch 1`), model, { ...w, concurrency: 1 }, progress);
+        const many = await measure(pipeline, cfg(`${name} × ${o.concurrency}`), model, { ...w, concurrency: o.concurrency }, progress);
         s.b1.push(one.result.msPerToken);
         s.agg.push(many.result.decodeTokensPerSec);
       }
@@ -117,8 +124,8 @@ export async function runQuantBench(o: QuantBenchOptions, launch: ClusterLaunche
         l.agg.push(llamaBench(anchors!, l.weights, threads, ['--mode', 'multi', '--seqs', String(o.concurrency)]).aggregate_decode_tok_s);
       }
     }
-    const all: QuantDTypeRow[] = open.map((s) => ({
-      dtype: s.dtype, runAhead: s.runAhead, weightBytes: s.weightBytes, rssBytes: procStatusBytes(s.cluster.workers[0].pid, 'VmRSS'),
+    const all: QuantDTypeRow[] = variants.map((s) => ({
+      dtype: s.worker.dtype, runAhead: s.worker.runAhead, decodeSteps: s.decodeSteps, weightBytes: s.worker.weightBytes, rssBytes: procStatusBytes(s.worker.cluster.workers[0].pid, 'VmRSS'),
       batch1MsPerToken: median(s.b1), aggregateDecodeTokS: median(s.agg), samples: { batch1MsPerToken: s.b1, aggregateDecodeTokS: s.agg },
     }));
     const llamaRows: LlamaRow[] = llama.map((l) => ({
@@ -126,11 +133,16 @@ export async function runQuantBench(o: QuantBenchOptions, launch: ClusterLaunche
       batch1MsPerToken: median(l.b1), aggregateDecodeTokS: median(l.agg), samples: { batch1MsPerToken: l.b1, aggregateDecodeTokS: l.agg },
     }));
     const ratios: Record<string, number> = {};
-    const rows = all.filter((r) => r.runAhead);
+    const rows = all.filter((r) => r.runAhead && r.decodeSteps === DEFAULT_DECODE_STEPS);
     for (const off of all.filter((r) => !r.runAhead)) {
       const on = rows.find((r) => r.dtype === off.dtype)!;
       ratios[`${off.dtype}.batch1RunAheadSpeedup`] = ratio(off.batch1MsPerToken, on.batch1MsPerToken);
       ratios[`${off.dtype}.aggregateRunAheadSpeedup`] = ratio(on.aggregateDecodeTokS, off.aggregateDecodeTokS);
+    }
+    for (const one of all.filter((r) => r.decodeSteps !== DEFAULT_DECODE_STEPS)) {
+      const chained = rows.find((r) => r.dtype === one.dtype)!;
+      ratios[`${one.dtype}.batch1ChainSpeedup`] = ratio(one.batch1MsPerToken, chained.batch1MsPerToken);
+      ratios[`${one.dtype}.aggregateChainSpeedup`] = ratio(chained.aggregateDecodeTokS, one.aggregateDecodeTokS);
     }
     const f32 = rows.find((r) => r.dtype === 'float32');
     for (const r of rows) {
@@ -162,13 +174,14 @@ export async function runQuantBench(o: QuantBenchOptions, launch: ClusterLaunche
   }
 }
 
+const rowName = (x: QuantDTypeRow) => `${x.dtype}${x.runAhead ? '' : ' (run-ahead off)'}${x.decodeSteps === DEFAULT_DECODE_STEPS ? '' : ` (${x.decodeSteps} step/request)`}`;
 const mib = (b: number) => `${(b / 2 ** 20).toFixed(1)} MiB`;
 
 export function renderQuantReport(r: QuantBenchReport, outDir: string): string {
   const lines = [
     `strata bench --suite quant: ${r.model.dir}, 1 worker × ${r.workload.threads} threads, ${r.workload.rounds} interleaved rounds (medians), ${r.workload.promptTokens}-token prompts, ${r.workload.newTokens} new tokens`,
     'dtype     weights     RSS             batch-1 ms/token  ×' + r.workload.concurrency + ' decode tok/s',
-    ...r.rows.map((x) => `${(x.runAhead ? x.dtype : `${x.dtype} (run-ahead off)`).padEnd(9)} ${mib(x.weightBytes).padEnd(11)} ${mib(x.rssBytes).padEnd(15)} ${x.batch1MsPerToken.toFixed(2).padStart(16)}  ${x.aggregateDecodeTokS.toFixed(1).padStart(14)}`),
+    ...r.rows.map((x) => `${rowName(x).padEnd(9)} ${mib(x.weightBytes).padEnd(11)} ${mib(x.rssBytes).padEnd(15)} ${x.batch1MsPerToken.toFixed(2).padStart(16)}  ${x.aggregateDecodeTokS.toFixed(1).padStart(14)}`),
     ...r.llama.map((x) => `${('llama ' + x.weights).padEnd(9)} ${mib(x.fileBytes).padEnd(11)} ${'(file)'.padEnd(15)} ${x.batch1MsPerToken.toFixed(2).padStart(16)}  ${x.aggregateDecodeTokS.toFixed(1).padStart(14)}`),
     'ratios: ' + Object.entries(r.ratios).map(([k, v]) => `${k} ×${v.toFixed(2)}`).join(', '),
   ];

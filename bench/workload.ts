@@ -53,6 +53,9 @@ export interface WorkloadResult {
 export class RecordingStepper implements Stepper {
   readonly steps: StepShape[] = [];
   constructor(private readonly inner: Stepper) {}
+  get decodeSteps(): number | undefined {
+    return this.inner.decodeSteps;
+  }
   step(sessionId: string, input: PipelineStep): Promise<StepResult> {
     const [batch, seq] = input.positionIds.dims;
     this.steps.push({ batch, seq });

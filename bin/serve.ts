@@ -10,7 +10,8 @@ import { isStrataError, StrataError } from '../model/errors.ts';
 import { loadTokenizer } from '../model/tokenizer.ts';
 import type { WeightDType } from '../model/stage-graph.ts';
 import { parseStageDType } from '../model/dtype.ts';
-import { RemotePipeline } from '../coordinator/remote-pipeline.ts';
+import { decodeStepsOption, DEFAULT_DECODE_STEPS, RemotePipeline } from '../coordinator/remote-pipeline.ts';
+import { MAX_DECODE_STEPS } from '../model/generation.ts';
 import { startCoordinatorService } from '../coordinator/service.ts';
 import { observeStageForward, observeStageTransfer } from '../coordinator/metrics.ts';
 import { WorkerSupervisor } from './supervisor.ts';
@@ -36,6 +37,7 @@ interface ServeOptions {
   dtype: WeightDType;
   apiToken?: string;
   concurrency: string;
+  decodeSteps?: string;
   spares?: string;
   tlsCert?: string;
   tlsKey?: string;
@@ -50,6 +52,7 @@ interface ServeOptions {
  * supervisor shows its own).
  */
 async function serve(o: ServeOptions, addresses: string[], onStop: () => Promise<void> = async () => {}, showProgress = true) {
+  const decodeSteps = decodeStepsOption(o.decodeSteps);
   const spec = loadModelSpec(o.model);
   const ck = Checkpoint.open(o.model);
   const fingerprint = ck.fingerprint();
@@ -85,7 +88,9 @@ async function serve(o: ServeOptions, addresses: string[], onStop: () => Promise
         spec, fingerprint, dtype: parseStageDType(o.dtype), log: (obj, msg) => log.info(obj, msg),
         spares: o.spares ? o.spares.split(',').map((a) => a.trim()).filter(Boolean) : [],
         credentials,
-        onTiming: (stage, t) => (observeStageForward(stage, t.run_ms / 1000), observeStageTransfer(stage, t)),
+        decodeSteps,
+        // A chained request's timing covers several steps: the histogram is per step.
+        onTiming: (stage, t) => (observeStageForward(stage, t.run_ms / (t.steps || 1) / 1000), observeStageTransfer(stage, t)),
       });
     } catch (e) {
       if (isStrataError(e) && e.kind !== 'unavailable') throw e;
@@ -145,6 +150,7 @@ const addServeOptions = (cmd: Command) =>
     .option('--dtype <dtype>', 'weight dtype of the stage graphs: float32 | float16 | int8 | int4 (int8/int4: weight-only block-quantized, float32 activations)', process.env.STRATA_DTYPE ?? 'float32')
     .option('--api-token <token>', 'require "Authorization: Bearer <token>" on the API (STRATA_API_TOKEN)', process.env.STRATA_API_TOKEN)
     .option('--concurrency <n>', 'requests in flight through the pipeline at once', process.env.STRATA_CONCURRENCY ?? '8')
+    .option('--decode-steps <n>', `decode steps per request to a one-stage pipeline, chained by its worker (1-${MAX_DECODE_STEPS}; streamed tokens arrive in bursts of up to n) (STRATA_DECODE_STEPS; default ${DEFAULT_DECODE_STEPS})`, process.env.STRATA_DECODE_STEPS)
     .option('--spares <addresses>', 'standby workers that take over a dead stage, comma-separated host:port', process.env.STRATA_SPARES)
     .option('--tls-cert <pem>', 'mutual TLS to the workers: this node\'s certificate (STRATA_TLS_CERT)')
     .option('--tls-key <pem>', 'mutual TLS: its private key (STRATA_TLS_KEY)')
@@ -194,6 +200,7 @@ export function registerServeCommands(program: Command): void {
     let redis: ChildProcess | undefined;
     try {
       const redisUrl = await ensureRedis(o.redis, (child) => (redis = child));
+      decodeStepsOption(o.decodeSteps); // a bad value fails before any worker starts
       const spec = loadModelSpec(o.model);
       const k = Math.min(Number(o.workers), spec.blocks);
       const memoryLimit = checkLocalPlan(spec, k, o);

@@ -102,6 +102,10 @@ export class PendingPipeline<P extends ServingPipeline & { embed(ids: number[]):
     return this.current ?? this.ready;
   }
 
+  get decodeSteps(): number | undefined {
+    return this.current?.decodeSteps;
+  }
+
   async step(sessionId: string, input: PipelineStep): Promise<StepResult> {
     return (await this.get()).step(sessionId, input);
   }

@@ -1,6 +1,6 @@
 import { randomUUID } from 'node:crypto';
 import { isRecoverable, StrataError } from '../model/errors.ts';
-import { embed, type PipelineStep, type StepResult, type Stepper } from '../model/generation.ts';
+import { chainedSteps, embed, MAX_DECODE_STEPS, type PipelineStep, type StepResult, type Stepper } from '../model/generation.ts';
 import type { BlockRange } from '../model/range.ts';
 import type { WireTiming } from '../proto/messages.ts';
 import { HealthMonitor } from './health-monitor.ts';
@@ -27,6 +27,8 @@ export interface RemotePipelineOptions extends ConfigureOptions, Omit<RecoveryOp
   recoveryTimeoutMs?: number;
   /** Called with each stage's ORT run per step (metrics, bench timelines). */
   onTiming?: (stage: number, timing: WireTiming) => void;
+  /** Decode steps per request while the pipeline is one stage (default STRATA_DECODE_STEPS, else DEFAULT_DECODE_STEPS). */
+  decodeSteps?: number;
   /** Called after each recovery: how long the pipeline was broken, and the new plan. */
   onRecovery?: (ms: number, stages: StageView[]) => void;
   log?: (obj: object, msg: string) => void;
@@ -52,11 +54,18 @@ export class RemotePipeline implements Stepper {
   private readonly results = new ResultsRoute(`coordinator-${randomUUID()}`);
   /** Bumped by every (re)configuration; a failure seen under an older generation needs no new recovery. */
   private generation = 0;
+  /**
+   * Decode steps per request while the pipeline is one stage: that worker chains them (PipelineStep.steps), so the
+   * coordinator's and the worker's per-request work (gRPC each way, the thread hops) is paid once per chain. A longer
+   * pipeline takes one step per request: only the last stage knows the token the next step feeds.
+   */
+  chainSteps: number;
 
   private constructor(
     addresses: string[],
     private readonly opts: RemotePipelineOptions,
   ) {
+    this.chainSteps = decodeStepsOption(opts.decodeSteps ?? process.env.STRATA_DECODE_STEPS, 'STRATA_DECODE_STEPS');
     this.sessions = new ReplayLog(opts.spec.causal, replayExactly(opts.dtype));
     this.recovery = new Recovery(
       {
@@ -101,6 +110,10 @@ export class RemotePipeline implements Stepper {
     });
   }
 
+  get decodeSteps(): number {
+    return this.stages.links.length === 1 ? this.chainSteps : 1;
+  }
+
   get isHealthy(): boolean {
     return !this.recovery.inProgress && this.health.allHealthy;
   }
@@ -133,6 +146,8 @@ export class RemotePipeline implements Stepper {
         replayNeeded = false;
         const result = await this.router.send(log.wireId, input);
         this.sessions.record(log, input);
+        // A chained request ran more steps than it sent: a replay feeds them one by one.
+        if ((input.steps ?? 1) > 1) for (const s of chainedSteps(input, result.tokens ?? [])) this.sessions.record(log, s);
         return result;
       } catch (e) {
         if (!isRecoverable(e) || Date.now() > deadline) throw e;
@@ -171,4 +186,21 @@ export class RemotePipeline implements Stepper {
     this.results.close();
     this.stages.links.forEach((c) => c.close());
   }
+}
+
+/**
+ * Decode steps per request on a one-stage pipeline when nothing says otherwise. Measured with `strata bench --suite
+ * quant` (README, "Chained decode steps"): 4 takes most of the per-request cost off batch-1 decode while a streaming
+ * client still sees its tokens in bursts of at most 4 (about 40 ms at GPT-2-small's int8 speed on 2 cores).
+ */
+export const DEFAULT_DECODE_STEPS = 4;
+
+/** --decode-steps / STRATA_DECODE_STEPS: a whole number from 1 to MAX_DECODE_STEPS. */
+export function decodeStepsOption(value: string | number | undefined, flag = '--decode-steps'): number {
+  if (value === undefined || value === '') return DEFAULT_DECODE_STEPS;
+  const n = Number(value);
+  if (!Number.isInteger(n) || n < 1 || n > MAX_DECODE_STEPS) {
+    throw new StrataError('flag_invalid', `${flag} must be a whole number from 1 to ${MAX_DECODE_STEPS}, got ${JSON.stringify(value)}`);
+  }
+  return n;
 }

@@ -76,6 +76,7 @@ export const ERROR_CATALOGUE = {
   session_id_invalid: entry('invalid_argument'),
   logit_positions_invalid: entry('invalid_argument'),
   logprobs_invalid: entry('invalid_argument'),
+  steps_invalid: entry('invalid_argument'),
   logprobs_unsupported: entry('failed_precondition'),
   stage_graph_invalid: entry('internal'),
 

@@ -24,7 +24,17 @@ export interface PipelineStep extends StepInput {
   output?: 'tokens_or_logits' | 'hidden_mean';
   /** Log-probabilities of the requested logit rows (top-N and a target each), computed on the last stage. */
   logprobs?: LogprobRequest;
+  /**
+   * Decode steps to run in a row (a one-stage pipeline; other stages run one): each next step feeds the token the
+   * last one chose, as generate() would send it (nextDecodeStep). The result then holds one token (and logprob row)
+   * per step run, ending early after any of `stopTokens`.
+   */
+  steps?: number;
+  stopTokens?: number[];
 }
+
+/** The most decode steps one request may ask for (PipelineStep.steps). */
+export const MAX_DECODE_STEPS = 64;
 
 export interface StepResult {
   logits?: TensorData;
@@ -71,6 +81,8 @@ export interface Stepper {
   step(sessionId: string, input: PipelineStep): Promise<StepResult>;
   /** Frees the session's KV caches on every stage. */
   end(sessionId: string): Promise<void>;
+  /** Decode steps generate() asks for per request (PipelineStep.steps); absent: one. */
+  readonly decodeSteps?: number;
 }
 
 /** Applies `sel` to logits [B, R, V]: one token per batch row, from its last requested position. */
@@ -91,6 +103,41 @@ export const i64 = (rows: number[][]): TensorData => ({ dtype: 'int64', dims: [r
 /** One row's attention mask over n positions, all attended (no padding): made every decode step, so no BigInt per position. */
 export const attendAll = (n: number): TensorData => ({ dtype: 'int64', dims: [1, n], data: new BigInt64Array(n).fill(1n) });
 const range = (from: number, to: number) => Array.from({ length: to - from }, (_, i) => from + i);
+
+/**
+ * The decode step generate() sends after `input` chose `token`: that token, one position on, the same sampling at the
+ * next step index. A one-stage worker runs it ahead of its request (worker/run-ahead.ts) and chains it when a request
+ * asks for several steps (PipelineStep.steps). null when there is none to take (several rows, no selection, a padded
+ * mask, the context's end).
+ */
+export function nextDecodeStep(input: PipelineStep, token: number, maxPositions: number): PipelineStep | null {
+  const [rows, seq] = input.positionIds.dims;
+  const total = input.attentionMask.dims[1];
+  if (rows !== 1 || !input.select || input.output === 'hidden_mean' || total + 1 > maxPositions) return null;
+  if ((input.attentionMask.data as BigInt64Array).some((v) => v !== 1n)) return null;
+  const position = Number((input.positionIds.data as BigInt64Array)[seq - 1]) + 1;
+  const { sampling, history, step } = input.select;
+  return {
+    inputIds: i64([[token]]),
+    positionIds: i64([[position]]),
+    attentionMask: attendAll(total + 1),
+    output: 'tokens_or_logits',
+    select: { sampling, history: history.length ? [[...history[0], token]] : [], step: step + 1 },
+    logprobs: input.logprobs ? { top: input.logprobs.top, targets: [[-1]] } : undefined,
+  };
+}
+
+/** The steps a chained request ran after its first, given the tokens it chose (what replaying it must feed). */
+export function chainedSteps(input: PipelineStep, tokens: number[]): PipelineStep[] {
+  const steps: PipelineStep[] = [];
+  let at = input;
+  for (const token of tokens.slice(0, -1)) {
+    const next = nextDecodeStep(at, token, Infinity);
+    if (!next) break;
+    steps.push((at = next));
+  }
+  return steps;
+}
 
 export interface GenerateOptions {
   maxNewTokens: number;
@@ -186,22 +233,29 @@ export async function generate(stepper: Stepper, promptIds: number[], opts: Gene
     };
     // Scoring only: the last prefill piece still runs, for its logprobs.
     if (opts.maxNewTokens === 0 && scorePrompt) keepPrompt(await stepper.step(sessionId, input), start, promptIds.length);
-    for (let i = 0; i < opts.maxNewTokens; i++) {
+    // The first token comes alone (time to first token); later requests may ask for several decode steps each.
+    const chain = Math.max(1, Math.min(MAX_DECODE_STEPS, stepper.decodeSteps ?? 1));
+    const stopTokens = opts.eosTokenId != null ? [opts.eosTokenId] : [];
+    decode: for (let i = 0; i < opts.maxNewTokens; ) {
       if (top !== undefined && !input.logprobs) input.logprobs = { top, targets: [[-1]] };
-      const r = await stepper.step(sessionId, { ...input, select: { sampling, history: penalized ? [history] : [], step: i } });
-      const next = r.tokens![0];
-      let lp: RowLogprobs | undefined;
-      if (i === 0 && scorePrompt) lp = keepPrompt(r, start, promptIds.length);
-      else if (top !== undefined) lp = logprobsFrom(r, 1)[0];
-      if (lp) tokenLogprobs!.push(lp);
-      outputIds.push(next);
-      history.push(next);
-      if (opts.onToken?.(next, i, lp) === false || (opts.eosTokenId != null && next === opts.eosTokenId)) {
-        finishReason = 'stop';
-        break;
+      const steps = i === 0 ? 1 : Math.min(chain, opts.maxNewTokens - i);
+      const r = await stepper.step(sessionId, { ...input, select: { sampling, history: penalized ? [history] : [], step: i }, ...(steps > 1 ? { steps, stopTokens } : {}) });
+      const tokens = r.tokens ?? [];
+      // A stage may run fewer steps than asked (a stop token, the context's end, a worker from before chains): never more.
+      if (tokens.length < 1 || tokens.length > steps) throw new StrataError('stage_error', `the last stage chose ${tokens.length} tokens for a request of ${steps} steps`, 'internal');
+      const lps = i === 0 && scorePrompt ? [keepPrompt(r, start, promptIds.length)] : top !== undefined ? logprobsFrom(r, tokens.length) : [];
+      for (const [k, next] of tokens.entries()) {
+        const lp = lps[k];
+        if (lp) tokenLogprobs!.push(lp);
+        outputIds.push(next);
+        history.push(next);
+        if (opts.onToken?.(next, i + k, lp) === false || (opts.eosTokenId != null && next === opts.eosTokenId)) {
+          finishReason = 'stop';
+          break decode;
+        }
       }
-      const pos = history.length - 1;
-      input = { inputIds: i64([[next]]), positionIds: i64([[pos]]), attentionMask: attendAll(history.length) };
+      i += tokens.length;
+      input = { inputIds: i64([[history.at(-1)!]]), positionIds: i64([[history.length - 1]]), attentionMask: attendAll(history.length) };
     }
   } finally {
     await stepper.end(sessionId);

@@ -24,6 +24,9 @@ export interface WireStepRequest {
   logprobs?: { top: number; targets: number[] } | null;
   reply_to?: string;
   timings?: WireTiming[];
+  /** Decode steps to chain on a one-stage pipeline (absent or 0 from older coordinators: one), and where to stop. */
+  steps?: number;
+  stop_tokens?: number[];
 }
 
 export interface WireStepReply {
@@ -79,6 +82,8 @@ export interface WireTiming {
   kv_host_bytes?: number;
   /** The run was made before the step arrived (a one-stage pipeline's run-ahead; absent from older workers). */
   ahead?: boolean;
+  /** Decode steps the timing covers (a chained request; absent or 0: one), run_ms their sum. */
+  steps?: number;
 }
 
 export interface WireInfo {

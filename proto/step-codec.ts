@@ -1,9 +1,12 @@
-import type { PipelineStep, StepResult } from '../model/generation.ts';
+import { MAX_DECODE_STEPS, type PipelineStep, type StepResult } from '../model/generation.ts';
 import { StrataError } from '../model/errors.ts';
 import type { TensorData } from '../model/tensor.ts';
 import type { WireStepReply, WireStepRequest } from './messages.ts';
 import { fromWire, toWire } from './wire.ts';
 import { flattenLogprobs, MAX_TOP_LOGPROBS, unflattenLogprobs } from '../model/logprobs.ts';
+
+/** Stop tokens one chained step may name (an EOS id or a few). */
+const MAX_STOP_TOKENS = 16;
 
 /** PipelineStep → StepRequest. `hidden` replaces token ids on hops after stage 0. */
 export function stepToWire(sessionId: string, target: { fingerprint: string; first: number }, input: PipelineStep, hidden?: TensorData): WireStepRequest {
@@ -29,6 +32,8 @@ export function stepToWire(sessionId: string, target: { fingerprint: string; fir
       : null,
     output: input.output === 'hidden_mean' ? 'HIDDEN_MEAN' : 'TOKENS_OR_LOGITS',
     logprobs: input.logprobs ? { top: input.logprobs.top, targets: input.logprobs.targets.flat() } : null,
+    steps: input.steps ?? 0,
+    stop_tokens: input.stopTokens ?? [],
   };
 }
 
@@ -64,8 +69,15 @@ export function stepFromWire(req: WireStepRequest): { input: PipelineStep; hidde
   if (lp && (!Number.isInteger(lp.top) || lp.top > MAX_TOP_LOGPROBS || (lp.targets ?? []).length !== positionIds.dims[0] * rows)) {
     throw new StrataError('logprobs_invalid', `logprobs must ask for at most ${MAX_TOP_LOGPROBS} top tokens and name one target per batch row and logit row (${positionIds.dims[0]} × ${rows})`);
   }
+  const steps = req.steps ?? 0;
+  if (!Number.isInteger(steps) || steps < 0 || steps > MAX_DECODE_STEPS) {
+    throw new StrataError('steps_invalid', `a step may chain at most ${MAX_DECODE_STEPS} decode steps, got ${steps}`);
+  }
+  const stopTokens = (req.stop_tokens ?? []).map(Number);
+  if (stopTokens.length > MAX_STOP_TOKENS) throw new StrataError('steps_invalid', `a step may name at most ${MAX_STOP_TOKENS} stop tokens, got ${stopTokens.length}`);
   const input: PipelineStep = {
     inputIds, positionIds, attentionMask, logitPositions,
+    ...(steps > 1 ? { steps, stopTokens } : {}),
     output: req.output === 'HIDDEN_MEAN' ? 'hidden_mean' : 'tokens_or_logits',
     select: s
       ? {

@@ -3,11 +3,11 @@ import assert from 'node:assert/strict';
 import { loadModelSpec } from '../model/config.ts';
 import { Checkpoint } from '../model/safetensors.ts';
 import { LocalPipeline } from '../model/local-pipeline.ts';
-import { generate, type GenerateOptions, type PipelineStep, type Stepper } from '../model/generation.ts';
+import { generate, nextDecodeStep, type GenerateOptions, type PipelineStep, type Stepper } from '../model/generation.ts';
 import { RemotePipeline } from '../coordinator/remote-pipeline.ts';
 import { startLocalCluster } from '../bin/local-cluster.ts';
 import { stepFromWire, stepToWire } from '../proto/step-codec.ts';
-import { predictNext, sameStep } from '../worker/run-ahead.ts';
+import { sameStep } from '../worker/run-ahead.ts';
 import type { WireTiming } from '../proto/messages.ts';
 import { CAUSAL_FIXTURES, expected, fixtureDir, testCacheDir } from './helpers/fixtures.ts';
 import { i64 } from './helpers/tensors.ts';
@@ -56,13 +56,13 @@ describe('run-ahead: the predicted step is the one generate() sends next', () =>
       const decodes = steps.filter((s) => s.input.select);
       assert.equal(decodes.length, 6);
       for (let i = 0; i + 1 < decodes.length; i++) {
-        const next = predictNext(decodes[i].input, decodes[i].tokens![0], 1024);
+        const next = nextDecodeStep(decodes[i].input, decodes[i].tokens![0], 1024);
         assert.ok(next && sameStep(next, decodes[i + 1].input), `step ${i + 1} predicted`);
-        assert.ok(!sameStep(predictNext(decodes[i].input, decodes[i].tokens![0] + 1, 1024)!, decodes[i + 1].input), 'another token is another step');
+        assert.ok(!sameStep(nextDecodeStep(decodes[i].input, decodes[i].tokens![0] + 1, 1024)!, decodes[i + 1].input), 'another token is another step');
       }
       // Past the model's context there is nothing to predict; a prefill without select chooses no token.
-      assert.equal(predictNext(decodes[0].input, 1, decodes[0].input.attentionMask.dims[1]), null);
-      assert.equal(predictNext({ ...decodes[0].input, select: undefined }, 1, 1024), null);
+      assert.equal(nextDecodeStep(decodes[0].input, 1, decodes[0].input.attentionMask.dims[1]), null);
+      assert.equal(nextDecodeStep({ ...decodes[0].input, select: undefined }, 1, 1024), null);
     });
   }
 });
@@ -74,7 +74,7 @@ describe('run-ahead on a one-stage worker over gRPC', () => {
       const cluster = await startLocalCluster(dir, 1);
       try {
         const timings: WireTiming[] = [];
-        const p = await RemotePipeline.connect(cluster.workers.map((w) => w.address), { spec: loadModelSpec(dir), fingerprint: Checkpoint.open(dir).fingerprint(), onTiming: (_s, t) => timings.push(t) });
+        const p = await RemotePipeline.connect(cluster.workers.map((w) => w.address), { spec: loadModelSpec(dir), fingerprint: Checkpoint.open(dir).fingerprint(), onTiming: (_s, t) => timings.push(t), decodeSteps: 1 });
         const ex = expected(name).generate ?? [];
         assert.ok(ex.length > 0);
         // One at a time (run-ahead at batch 1), then all together (sessions of different lengths join and leave a batch).
@@ -97,7 +97,7 @@ describe('run-ahead on a one-stage worker over gRPC', () => {
     const cluster = await startLocalCluster(dir, 1);
     try {
       const timings: WireTiming[] = [];
-      const p = await RemotePipeline.connect(cluster.workers.map((w) => w.address), { spec: loadModelSpec(dir), fingerprint: Checkpoint.open(dir).fingerprint(), onTiming: (_s, t) => timings.push(t) });
+      const p = await RemotePipeline.connect(cluster.workers.map((w) => w.address), { spec: loadModelSpec(dir), fingerprint: Checkpoint.open(dir).fingerprint(), onTiming: (_s, t) => timings.push(t), decodeSteps: 1 });
       const prompt = [3, 1, 4, 1, 5, 9, 2, 6];
       const sampled: GenerateOptions = { maxNewTokens: 12, eosTokenId: null, sampling: { temperature: 0.8, topK: 30, repetitionPenalty: 1.2, seed: 3 }, logprobs: 2 };
       const want = await generate(ref, prompt, sampled);

@@ -71,7 +71,7 @@ export class StepRelay {
     return {
       first: a.range.first, last: a.range.last, run_ms: done.runMs, start_unix_ms: done.startUnixMs, batch: done.batch, pid: process.pid,
       host_to_device_bytes: t?.hostToDevice ?? 0, device_to_host_bytes: t?.deviceToHost ?? 0, kv_host_bytes: t?.kvBytes ?? 0,
-      ahead: done.ahead === true,
+      ahead: done.ahead === true, steps: done.steps ?? 1,
     };
   }
 

@@ -1,4 +1,4 @@
-import { attendAll, i64, type PipelineStep, type StepResult } from '../model/generation.ts';
+import { nextDecodeStep, type PipelineStep, type StepResult } from '../model/generation.ts';
 import type { TensorData } from '../model/tensor.ts';
 
 /**
@@ -28,7 +28,7 @@ export class RunAhead<Done extends { result: StepResult }> {
 
   /** A step was answered: predict the session's next one (when it chose one token for one row). */
   answered(sessionId: string, input: PipelineStep, result: StepResult): void {
-    const next = result.tokens?.length === 1 ? predictNext(input, result.tokens[0], this.maxPositions) : null;
+    const next = result.tokens?.length === 1 ? nextDecodeStep(input, result.tokens[0], this.maxPositions) : null;
     if (next) this.predicted.set(sessionId, next);
     else this.predicted.delete(sessionId);
   }
@@ -73,24 +73,6 @@ export class RunAhead<Done extends { result: StepResult }> {
 
 /** Positions a step's session has cached before it: what its attention mask spans beyond the step's own tokens. */
 export const pastLength = (input: PipelineStep): number => input.attentionMask.dims[1] - input.positionIds.dims[1];
-
-/** The decode step generate() sends after `input` chose `token`, or null when there is none to predict. */
-export function predictNext(input: PipelineStep, token: number, maxPositions: number): PipelineStep | null {
-  const [rows, seq] = input.positionIds.dims;
-  const total = input.attentionMask.dims[1];
-  if (rows !== 1 || !input.select || input.output === 'hidden_mean' || total + 1 > maxPositions) return null;
-  if ((input.attentionMask.data as BigInt64Array).some((v) => v !== 1n)) return null;
-  const position = Number((input.positionIds.data as BigInt64Array)[seq - 1]) + 1;
-  const { sampling, history, step } = input.select;
-  return {
-    inputIds: i64([[token]]),
-    positionIds: i64([[position]]),
-    attentionMask: attendAll(total + 1),
-    output: 'tokens_or_logits',
-    select: { sampling, history: history.length ? [[...history[0], token]] : [], step: step + 1 },
-    logprobs: input.logprobs ? { top: input.logprobs.top, targets: [[-1]] } : undefined,
-  };
-}
 
 const sameTensor = (a: TensorData | undefined, b: TensorData | undefined): boolean => {
   if (!a || !b) return !a && !b;

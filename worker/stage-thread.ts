@@ -4,7 +4,7 @@ import { prepareStage } from '../model/stage-cache.ts';
 import { StageSession, stagePrepack } from '../model/executor.ts';
 import { readSpans, stageWeightSpans } from '../model/stage-prefetch.ts';
 import { Stage, type KvCache } from '../model/stage.ts';
-import { finishStep, type PipelineStep } from '../model/generation.ts';
+import { finishStep, nextDecodeStep, type PipelineStep } from '../model/generation.ts';
 import { StrataError, toErrorRecord } from '../model/errors.ts';
 import type { TensorData } from '../model/tensor.ts';
 import { KvStore } from './kv-store.ts';
@@ -32,6 +32,19 @@ interface Pending {
   req: ThreadRequest;
   group?: Group;
   index?: number;
+  /** The request asked for several decode steps in a row (PipelineStep.steps): the steps run so far. */
+  chain?: Chain;
+}
+
+/**
+ * A chained request on a one-stage pipeline: after each step the next one (the chosen token, one position on) is
+ * queued like any step, so it batches with its group's other chains and a prefill that arrives meanwhile runs between
+ * them. One reply carries every token, so the coordinator's and this thread's per-request work is paid once per chain.
+ */
+interface Chain {
+  wanted: number;
+  stop: number[];
+  done: StepDone[];
 }
 const pending: Pending[] = [];
 let busy = false;
@@ -181,7 +194,29 @@ function idle(): void {
 function answer(p: Pending, done: StepDone): void {
   const { sessionId, input } = p.req as StepRequest;
   ahead?.answered(sessionId, input, done.result);
-  settle(p, { ok: true, value: done });
+  const wanted = p.chain?.wanted ?? input.steps ?? 1;
+  if (wanted <= 1 || !stage?.isFirst || !stage.isLast) return settle(p, { ok: true, value: done });
+  const chain = p.chain ?? { wanted, stop: input.stopTokens ?? [], done: [] };
+  chain.done.push(done);
+  const token = done.result.tokens?.length === 1 ? done.result.tokens[0] : undefined;
+  const next = token !== undefined && chain.done.length < wanted && !chain.stop.includes(token) ? nextDecodeStep(input, token, stage.spec.maxPositions) : null;
+  if (next) pending.push({ ...p, req: { type: 'step', sessionId, input: next }, chain });
+  else settle(p, { ok: true, value: chained(chain.done) });
+}
+
+/** A chain's steps as one answer: every token and logprob row in order, the runs' times and transfers summed. */
+function chained(done: StepDone[]): StepDone {
+  const sum = (f: (d: StepDone) => number) => done.reduce((n, d) => n + f(d), 0);
+  const [first] = done;
+  return {
+    result: { tokens: done.flatMap((d) => d.result.tokens ?? []), logprobs: first.result.logprobs && [done.flatMap((d) => d.result.logprobs?.[0] ?? [])] },
+    runMs: sum((d) => d.runMs),
+    startUnixMs: first.startUnixMs,
+    batch: first.batch,
+    transfer: first.transfer && { hostToDevice: sum((d) => d.transfer?.hostToDevice ?? 0), deviceToHost: sum((d) => d.transfer?.deviceToHost ?? 0), kvBytes: sum((d) => d.transfer?.kvBytes ?? 0) },
+    ahead: first.ahead,
+    steps: done.length,
+  };
 }
 
 /** Answers a step from the run made ahead of it, when that run had exactly its inputs. */

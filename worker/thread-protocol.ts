@@ -49,6 +49,8 @@ export interface StepDone {
   transfer?: Transfer;
   /** The run was made ahead of the request, from the stage's prediction of it (worker/run-ahead.ts). */
   ahead?: boolean;
+  /** Decode steps a chained request ran (PipelineStep.steps); runMs and transfer are their sums. Absent: one. */
+  steps?: number;
 }
 
 export type ThreadReply = { id: number; ok: true; value: unknown } | { id: number; ok: false; error: ThreadError } | { id: -1; progress: string; load?: LoadProgress };
