@@ -114,7 +114,8 @@ export async function runQuantBench(o: QuantBenchOptions, launch: ClusterLaunche
         const name = `${dtype}${runAhead ? '' : ' run-ahead off'}${s.decodeSteps === DEFAULT_DECODE_STEPS ? '' : `, ${s.decodeSteps} step${s.decodeSteps === 1 ? '' : 's'} per request`}`;
         pipeline.chainSteps = s.decodeSteps;
         const cfg = (label: string) => ({ label, mode: 'workers' as const, workers: 1, threadsPerWorker: threads, maxBatch: o.maxBatch, ranges: [range] });
-        const one = await measure(pipeline, cfg(`${name} batch 1`), model, { ...w, concurrency: 1 }, progress);
+        // A batch-1 sample is one 32-token request: the median of three per round steadies it on a noisy host.
+        const one = await measure(pipeline, cfg(`${name} batch 1`), model, { ...w, concurrency: 1, repeats: 3 }, progress);
         const many = await measure(pipeline, cfg(`${name} × ${o.concurrency}`), model, { ...w, concurrency: o.concurrency }, progress);
         s.b1.push(one.result.msPerToken);
         s.agg.push(many.result.decodeTokensPerSec);
