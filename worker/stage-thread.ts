@@ -201,7 +201,7 @@ function answer(p: Pending, done: StepDone): void {
   const token = done.result.tokens?.length === 1 ? done.result.tokens[0] : undefined;
   const next = token !== undefined && chain.done.length < wanted && !chain.stop.includes(token) ? nextDecodeStep(input, token, stage.spec.maxPositions) : null;
   if (next) pending.push({ ...p, req: { type: 'step', sessionId, input: next }, chain });
-  else settle(p, { ok: true, value: chained(chain.done) });
+  else settle(p, { ok: true, value: chain.done.length === 1 ? done : chained(chain.done) }); // one step: its reply as it is (logits too)
 }
 
 /** A chain's steps as one answer: every token and logprob row in order, the runs' times and transfers summed. */
