@@ -111,7 +111,7 @@ export async function runQuantBench(o: QuantBenchOptions, launch: ClusterLaunche
       progress.phase(`round ${round + 1}/${o.repeats}`);
       for (const s of variants) {
         const { dtype, runAhead, pipeline } = s.worker;
-        const name = `${dtype}${runAhead ? '' : ' run-ahead off'}${s.decodeSteps === DEFAULT_DECODE_STEPS ? '' : `, ${s.decodeSteps} step${s.decodeSteps === 1 ? '' : 's'} per request`}`;
+        const name = rowName({ dtype, runAhead, decodeSteps: s.decodeSteps });
         pipeline.chainSteps = s.decodeSteps;
         const cfg = (label: string) => ({ label, mode: 'workers' as const, workers: 1, threadsPerWorker: threads, maxBatch: o.maxBatch, ranges: [range] });
         // A batch-1 sample is one 32-token request: the median of three per round steadies it on a noisy host.
@@ -175,7 +175,8 @@ export async function runQuantBench(o: QuantBenchOptions, launch: ClusterLaunche
   }
 }
 
-const rowName = (x: QuantDTypeRow) => `${x.dtype}${x.runAhead ? '' : ' (run-ahead off)'}${x.decodeSteps === DEFAULT_DECODE_STEPS ? '' : ` (${x.decodeSteps} step/request)`}`;
+/** A measured variant as the progress lines and the report name it. */
+const rowName = (x: Pick<QuantDTypeRow, 'dtype' | 'runAhead' | 'decodeSteps'>) => `${x.dtype}${x.runAhead ? '' : ' (run-ahead off)'}${x.decodeSteps === DEFAULT_DECODE_STEPS ? '' : ` (${x.decodeSteps} step/request)`}`;
 const mib = (b: number) => `${(b / 2 ** 20).toFixed(1)} MiB`;
 
 export function renderQuantReport(r: QuantBenchReport, outDir: string): string {

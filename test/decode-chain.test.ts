@@ -20,40 +20,51 @@ const code = (c: string) => (e: unknown) => e instanceof StrataError && e.code =
 const connect = (dir: string, addresses: string[], decodeSteps: number, timings: WireTiming[] = []) =>
   RemotePipeline.connect(addresses, { spec: loadModelSpec(dir), fingerprint: Checkpoint.open(dir).fingerprint(), decodeSteps, onTiming: (_s, t) => timings.push(t) });
 
+/** Runs `fn` against k fresh worker processes of a fixture, stopping them afterwards. */
+async function withWorkers(name: string, k: number, fn: (dir: string, addresses: string[]) => Promise<void>): Promise<void> {
+  const dir = fixtureDir(name);
+  const cluster = await startLocalCluster(dir, k);
+  try {
+    await fn(dir, cluster.workers.map((w) => w.address));
+  } finally {
+    await cluster.stop();
+  }
+}
+
+/** gpt2-tiny's first fixture generation through `stepper`: the greedy ids HF's code produced. */
+async function assertFixtureGreedy(stepper: Stepper): Promise<void> {
+  const g = expected('gpt2-tiny').generate![0];
+  assert.deepEqual((await generate(stepper, g.input_ids, { maxNewTokens: g.max_new_tokens, eosTokenId: null })).outputIds, g.output_ids);
+}
+
 describe('chained decode steps on a one-stage worker over gRPC', () => {
   for (const name of CAUSAL_FIXTURES) {
-    test(`${name}: greedy ids identical at 3 and 4 steps per request, alone and concurrent`, async () => {
-      const dir = fixtureDir(name);
-      const cluster = await startLocalCluster(dir, 1);
-      try {
+    test(`${name}: greedy ids identical at 3 and 4 steps per request, alone and concurrent`, () =>
+      withWorkers(name, 1, async (dir, addresses) => {
         const ex = expected(name).generate ?? [];
         assert.ok(ex.length > 0);
         for (const n of [3, 4]) {
           const timings: WireTiming[] = [];
-          const p = await connect(dir, cluster.workers.map((w) => w.address), n, timings);
+          const p = await connect(dir, addresses, n, timings);
           assert.equal(p.decodeSteps, n);
           for (const g of ex) assert.deepEqual((await generate(p, g.input_ids, { maxNewTokens: g.max_new_tokens, eosTokenId: null })).outputIds, g.output_ids, `${n} steps`);
           const got = await Promise.all(ex.map((g) => generate(p, g.input_ids, { maxNewTokens: g.max_new_tokens, eosTokenId: null })));
           got.forEach((r, i) => assert.deepEqual(r.outputIds, ex[i].output_ids, `${n} steps, concurrent session ${i}`));
           // Every decode step ran, in requests of up to n steps each.
           const decodeSteps = 2 * ex.reduce((s, g) => s + g.max_new_tokens - 1, 0);
-          const chained = timings.filter((t) => (t.steps ?? 1) > 1);
-          assert.ok(chained.length > 0 && timings.every((t) => (t.steps ?? 1) <= n), `requests of ${timings.map((t) => t.steps).join(' ')} steps`);
+          const chained = timings.filter((t) => (t.steps || 1) > 1);
+          assert.ok(chained.length > 0 && timings.every((t) => (t.steps || 1) <= n), `requests of ${timings.map((t) => t.steps).join(' ')} steps`);
           assert.ok(timings.reduce((s, t) => s + (t.steps || 1), 0) >= decodeSteps);
           p.close();
         }
-      } finally {
-        await cluster.stop();
-      }
-    });
+      }),
+    );
   }
 
   test('gpt2-tiny: sampled with a repetition penalty, logprobs, a stop token inside a chain: as in process', async () => {
-    const dir = fixtureDir('gpt2-tiny');
-    const ref = await LocalPipeline.load(dir, 1);
-    const cluster = await startLocalCluster(dir, 1);
-    try {
-      const p = await connect(dir, cluster.workers.map((w) => w.address), 5);
+    const ref = await LocalPipeline.load(fixtureDir('gpt2-tiny'), 1);
+    await withWorkers('gpt2-tiny', 1, async (dir, addresses) => {
+      const p = await connect(dir, addresses, 5);
       const prompt = [3, 1, 4, 1, 5, 9, 2, 6];
       const sampled: GenerateOptions = { maxNewTokens: 13, eosTokenId: null, sampling: { temperature: 0.8, topK: 30, repetitionPenalty: 1.2, seed: 3 }, logprobs: 2, promptLogprobs: true };
       const want = await generate(ref, prompt, sampled);
@@ -77,59 +88,37 @@ describe('chained decode steps on a one-stage worker over gRPC', () => {
       assert.deepEqual(cut.outputIds, greedy.slice(0, 3));
       assert.deepEqual(seen, greedy.slice(0, 3));
       p.close();
-    } finally {
-      await cluster.stop();
-      await ref.close();
-    }
+    }).finally(() => ref.close());
   });
 
-  test('a worker that runs one step per request (one from before chains) still gives every token', async () => {
-    const dir = fixtureDir('gpt2-tiny');
-    const cluster = await startLocalCluster(dir, 1);
-    try {
-      const p = await connect(dir, cluster.workers.map((w) => w.address), 4);
+  test('a worker that runs one step per request (one from before chains) still gives every token', () =>
+    withWorkers('gpt2-tiny', 1, async (dir, addresses) => {
+      const p = await connect(dir, addresses, 4);
       // What an older worker does: it ignores `steps` and answers one token.
-      const old: Stepper = { decodeSteps: 4, step: (id, input) => p.step(id, { ...input, steps: undefined, stopTokens: undefined }), end: (id) => p.end(id) };
-      const g = expected('gpt2-tiny').generate![0];
-      assert.deepEqual((await generate(old, g.input_ids, { maxNewTokens: g.max_new_tokens, eosTokenId: null })).outputIds, g.output_ids);
+      await assertFixtureGreedy({ decodeSteps: 4, step: (id, input) => p.step(id, { ...input, steps: undefined, stopTokens: undefined }), end: (id) => p.end(id) });
       p.close();
-    } finally {
-      await cluster.stop();
-    }
-  });
+    }));
 
-  test('the coordinator service\'s pipeline (PendingPipeline) passes the chain on to generate()', async () => {
-    const dir = fixtureDir('gpt2-tiny');
-    const cluster = await startLocalCluster(dir, 1);
-    try {
+  test('the coordinator service\'s pipeline (PendingPipeline) passes the chain on to generate()', () =>
+    withWorkers('gpt2-tiny', 1, async (dir, addresses) => {
       const timings: WireTiming[] = [];
       const pending = new PendingPipeline<RemotePipeline>();
-      pending.set(await connect(dir, cluster.workers.map((w) => w.address), 4, timings));
+      pending.set(await connect(dir, addresses, 4, timings));
       assert.equal(pending.decodeSteps, 4);
-      const g = expected('gpt2-tiny').generate![0];
-      assert.deepEqual((await generate(pending, g.input_ids, { maxNewTokens: g.max_new_tokens, eosTokenId: null })).outputIds, g.output_ids);
-      assert.ok(timings.some((t) => (t.steps ?? 1) > 1));
+      await assertFixtureGreedy(pending);
+      assert.ok(timings.some((t) => (t.steps || 1) > 1));
       pending.pipeline!.close();
-    } finally {
-      await cluster.stop();
-    }
-  });
+    }));
 
-  test('a two-stage pipeline takes one step per request', async () => {
-    const dir = fixtureDir('gpt2-tiny');
-    const cluster = await startLocalCluster(dir, 2);
-    try {
+  test('a two-stage pipeline takes one step per request', () =>
+    withWorkers('gpt2-tiny', 2, async (dir, addresses) => {
       const timings: WireTiming[] = [];
-      const p = await connect(dir, cluster.workers.map((w) => w.address), 4, timings);
+      const p = await connect(dir, addresses, 4, timings);
       assert.equal(p.decodeSteps, 1);
-      const g = expected('gpt2-tiny').generate![0];
-      assert.deepEqual((await generate(p, g.input_ids, { maxNewTokens: g.max_new_tokens, eosTokenId: null })).outputIds, g.output_ids);
+      await assertFixtureGreedy(p);
       assert.ok(timings.every((t) => (t.steps || 1) === 1));
       p.close();
-    } finally {
-      await cluster.stop();
-    }
-  });
+    }));
 });
 
 describe('a chained session survives the loss of its worker', () => {
