@@ -90,7 +90,7 @@ async function serve(o: ServeOptions, addresses: string[], onStop: () => Promise
         credentials,
         decodeSteps,
         // A chained request's timing covers several steps: the histogram is per step.
-        onTiming: (stage, t) => (observeStageForward(stage, t.run_ms / (t.steps || 1) / 1000), observeStageTransfer(stage, t)),
+        onTiming: (stage, t) => (observeStageForward(stage, t.run_ms / 1000, t.steps || 1, t.ahead === true), observeStageTransfer(stage, t)),
       });
     } catch (e) {
       if (isStrataError(e) && e.kind !== 'unavailable') throw e;

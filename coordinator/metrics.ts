@@ -52,9 +52,21 @@ export function observeStageTransfer(stage: number | string, t: { host_to_device
   stageHostDeviceBytes.inc({ stage: s, direction: 'kv' }, t.kv_host_bytes ?? 0);
 }
 
-/** For the pipeline (local or remote) to call after each stage forward. */
-export function observeStageForward(stage: number | string, seconds: number): void {
-  stageForward.observe({ stage: String(stage) }, seconds);
+export const stageSteps = new Counter({
+  name: 'strata_stage_steps_total', help: 'Steps run by each pipeline stage; ahead="true": answered from a run the worker made before the request arrived (run-ahead).',
+  labelNames: ['stage', 'ahead'], registers: [registry],
+});
+
+/**
+ * For the pipeline (local or remote) to call after each stage forward: `seconds` for `steps` steps (a chained
+ * request's runs, summed), the first of them made ahead of its request when `ahead`. Each step is observed once, at
+ * their mean, so the histogram counts steps whether or not they were chained.
+ */
+export function observeStageForward(stage: number | string, seconds: number, steps = 1, ahead = false): void {
+  const s = String(stage);
+  for (let i = 0; i < steps; i++) stageForward.observe({ stage: s }, seconds / steps);
+  if (ahead) stageSteps.inc({ stage: s, ahead: 'true' });
+  if (steps > (ahead ? 1 : 0)) stageSteps.inc({ stage: s, ahead: 'false' }, steps - (ahead ? 1 : 0));
 }
 
 /** What `/metrics` reads from the queue at scrape time (all of it from Redis, so it can fail). */

@@ -31,6 +31,12 @@ export interface PipelineStep extends StepInput {
    */
   steps?: number;
   stopTokens?: number[];
+  /**
+   * No request of this session follows this one unless it stops early: generation ends with it by length. With
+   * `stopTokens` (sent on every decode request) a one-stage worker then knows not to run the session's next step
+   * ahead (worker/run-ahead.ts). A hint only: answers never depend on it.
+   */
+  finalRequest?: boolean;
 }
 
 /** The most decode steps one request may ask for (PipelineStep.steps). */
@@ -239,7 +245,10 @@ export async function generate(stepper: Stepper, promptIds: number[], opts: Gene
     decode: for (let i = 0; i < opts.maxNewTokens; ) {
       if (top !== undefined && !input.logprobs) input.logprobs = { top, targets: [[-1]] };
       const steps = i === 0 ? 1 : Math.min(chain, opts.maxNewTokens - i);
-      const r = await stepper.step(sessionId, { ...input, select: { sampling, history: penalized ? [history] : [], step: i }, ...(steps > 1 ? { steps, stopTokens } : {}) });
+      const r = await stepper.step(sessionId, {
+        ...input, select: { sampling, history: penalized ? [history] : [], step: i }, ...(steps > 1 ? { steps } : {}), ...(stopTokens.length ? { stopTokens } : {}),
+        ...(i + steps >= opts.maxNewTokens ? { finalRequest: true } : {}),
+      });
       const tokens = r.tokens ?? [];
       // A stage may run fewer steps than asked (a stop token, the context's end, a worker from before chains): never more.
       if (tokens.length < 1 || tokens.length > steps) throw new StrataError('stage_error', `the last stage chose ${tokens.length} tokens for a request of ${steps} steps`, 'internal');

@@ -27,6 +27,8 @@ export interface WireStepRequest {
   /** Decode steps to chain on a one-stage pipeline (absent or 0 from older coordinators: one), and where to stop. */
   steps?: number;
   stop_tokens?: number[];
+  /** The session's generation ends with this request unless it stops early (a hint for run-ahead). */
+  final_request?: boolean;
 }
 
 export interface WireStepReply {
@@ -98,6 +100,8 @@ export interface WireInfo {
   kv_bytes: number;
   /** Load progress (stage protocol field 10): null from a worker that predates it. */
   load?: WireLoadState | null;
+  /** Run-ahead's counts on a one-stage worker (stage protocol field 11; null when it does not run ahead). */
+  run_ahead?: { ran: number; claimed: number; undone: number; unclaimed: number } | null;
 }
 
 /** model/progress.ts's LoadProgress on the wire (eta_ms -1 = unknown). */

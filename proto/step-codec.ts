@@ -34,6 +34,7 @@ export function stepToWire(sessionId: string, target: { fingerprint: string; fir
     logprobs: input.logprobs ? { top: input.logprobs.top, targets: input.logprobs.targets.flat() } : null,
     steps: input.steps ?? 0,
     stop_tokens: input.stopTokens ?? [],
+    final_request: input.finalRequest === true,
   };
 }
 
@@ -77,7 +78,9 @@ export function stepFromWire(req: WireStepRequest): { input: PipelineStep; hidde
   if (stopTokens.length > MAX_STOP_TOKENS) throw new StrataError('steps_invalid', `a step may name at most ${MAX_STOP_TOKENS} stop tokens, got ${stopTokens.length}`);
   const input: PipelineStep = {
     inputIds, positionIds, attentionMask, logitPositions,
-    ...(steps > 1 ? { steps, stopTokens } : {}),
+    ...(steps > 1 ? { steps } : {}),
+    ...(stopTokens.length ? { stopTokens } : {}),
+    ...(req.final_request ? { finalRequest: true } : {}),
     output: req.output === 'HIDDEN_MEAN' ? 'hidden_mean' : 'tokens_or_logits',
     select: s
       ? {

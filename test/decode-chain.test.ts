@@ -11,6 +11,7 @@ import { stepFromWire, stepToWire } from '../proto/step-codec.ts';
 import type { WireTiming } from '../proto/messages.ts';
 import { CAUSAL_FIXTURES, expected, fixtureDir, testCacheDir } from './helpers/fixtures.ts';
 import { StrataError } from '../model/errors.ts';
+import { observeStageForward, stageForward, stageSteps } from '../coordinator/metrics.ts';
 
 // A one-stage pipeline's worker chains several decode steps per request (PipelineStep.steps): each next step feeds the
 // token the last one chose. The answers must be exactly those of one step per request, in process or not.
@@ -161,13 +162,24 @@ describe('chained steps: the pieces', () => {
     const first = stepFromWire(stepToWire('s', { fingerprint: '', first: 0 }, {
       inputIds: { dtype: 'int64', dims: [1, 1], data: BigInt64Array.of(7n) }, positionIds: { dtype: 'int64', dims: [1, 1], data: BigInt64Array.of(4n) },
       attentionMask: { dtype: 'int64', dims: [1, 5], data: new BigInt64Array(5).fill(1n) },
-      select: { sampling: { seed: 1 }, history: [], step: 1 }, steps: 4, stopTokens: [0],
+      select: { sampling: { seed: 1 }, history: [], step: 1 }, steps: 4, stopTokens: [0], finalRequest: true,
     })).input;
     assert.equal(first.steps, 4);
     assert.deepEqual(first.stopTokens, [0]);
+    assert.equal(first.finalRequest, true);
     const rest = chainedSteps(first, [11, 12, 13]);
     assert.deepEqual(rest.map((s) => [Number(s.inputIds!.data[0]), Number(s.positionIds.data[0]), s.attentionMask.dims[1], s.select!.step]), [[11, 5, 6, 2], [12, 6, 7, 3]]);
     assert.deepEqual(chainedSteps(first, [11]), []);
+  });
+
+  test('metrics count a chain\'s steps, each once, and the one answered from a run ahead', async () => {
+    const count = async (stage: string) => (await stageForward.get()).values.find((v) => v.metricName === 'strata_stage_forward_seconds_count' && v.labels.stage === stage)?.value ?? 0;
+    const steps = async (stage: string, ahead: string) => (await stageSteps.get()).values.find((v) => v.labels.stage === stage && v.labels.ahead === ahead)?.value ?? 0;
+    observeStageForward('chain-test', 0.04, 4, true);
+    observeStageForward('chain-test', 0.01);
+    assert.equal(await count('chain-test'), 5);
+    assert.equal(await steps('chain-test', 'true'), 1);
+    assert.equal(await steps('chain-test', 'false'), 4);
   });
 
   test('bad values get typed errors', () => {

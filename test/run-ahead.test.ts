@@ -9,6 +9,7 @@ import { startLocalCluster } from '../bin/local-cluster.ts';
 import { stepFromWire, stepToWire } from '../proto/step-codec.ts';
 import { sameStep } from '../worker/run-ahead.ts';
 import type { WireTiming } from '../proto/messages.ts';
+import { StageClient } from '../transport/grpc/client.ts';
 import { CAUSAL_FIXTURES, expected, fixtureDir, testCacheDir } from './helpers/fixtures.ts';
 import { i64 } from './helpers/tensors.ts';
 
@@ -90,6 +91,34 @@ describe('run-ahead on a one-stage worker over gRPC', () => {
       }
     });
   }
+
+  test('gpt2-tiny: no step is run ahead past a generation\'s end (its last request, a stop token); without the hints one is, per session', async () => {
+    const dir = fixtureDir('gpt2-tiny');
+    const cluster = await startLocalCluster(dir, 1);
+    try {
+      const p = await RemotePipeline.connect(cluster.workers.map((w) => w.address), { spec: loadModelSpec(dir), fingerprint: Checkpoint.open(dir).fingerprint(), decodeSteps: 1 });
+      const client = new StageClient(cluster.workers[0].address);
+      const counts = async () => (await client.info()).run_ahead!;
+      const [g] = expected('gpt2-tiny').generate!;
+      // By length, alone and with sessions together; then stopped by a stop token (the 3rd token chosen).
+      assert.deepEqual((await generate(p, g.input_ids, { maxNewTokens: g.max_new_tokens, eosTokenId: null })).outputIds, g.output_ids);
+      await Promise.all([1, 2, 3].map(() => generate(p, g.input_ids, { maxNewTokens: g.max_new_tokens, eosTokenId: null })));
+      const stop = g.output_ids[2];
+      assert.deepEqual((await generate(p, g.input_ids, { maxNewTokens: g.max_new_tokens, eosTokenId: stop })).outputIds, g.output_ids.slice(0, g.output_ids.indexOf(stop) + 1));
+      const hinted = await counts();
+      assert.ok(hinted.claimed > 0, `${JSON.stringify(hinted)}: steps were run ahead`);
+      assert.equal(hinted.unclaimed, 0, `${JSON.stringify(hinted)}: none thrown away`);
+      // A coordinator that sends no hints (one from before them): each session's last answer is run ahead for nothing.
+      const unhinted: Stepper = { step: (id, input) => p.step(id, { ...input, finalRequest: undefined, stopTokens: undefined }), end: (id) => p.end(id) };
+      assert.deepEqual((await generate(unhinted, g.input_ids, { maxNewTokens: g.max_new_tokens, eosTokenId: null })).outputIds, g.output_ids);
+      const after = await counts();
+      assert.equal(after.unclaimed, 1, `${JSON.stringify(after)}: the step after the last was run and thrown away`);
+      client.close();
+      p.close();
+    } finally {
+      await cluster.stop();
+    }
+  });
 
   test('gpt2-tiny: sampled runs and runs whose next token is not the chosen one (teacher forcing) match the in-process reference', async () => {
     const dir = fixtureDir('gpt2-tiny');

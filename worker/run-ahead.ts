@@ -14,7 +14,20 @@ import type { TensorData } from '../model/tensor.ts';
  * reads only a session's own length. Answers are the same either way: a run ahead is the same run on the same inputs.
  * The wire protocol does not change; `strata worker --run-ahead off` turns it off.
  */
+/** What run-ahead did since the stage was configured (InfoReply.run_ahead). */
+export interface RunAheadCounts {
+  /** Steps run ahead. */
+  ran: number;
+  /** Of those, answered when their requests arrived. */
+  claimed: number;
+  /** Undone: the request that arrived was another step (the cache rewound). */
+  undone: number;
+  /** Thrown away unclaimed: the session ended (or was dropped) first. Wasted runs. */
+  unclaimed: number;
+}
+
 export class RunAhead<Done extends { result: StepResult }> {
+  readonly counts: RunAheadCounts = { ran: 0, claimed: 0, undone: 0, unclaimed: 0 };
   /** Per session: the step predicted from its last answer, not yet run. */
   private readonly predicted = new Map<string, PipelineStep>();
   /** Per session: a step run ahead, and the result it waits to be claimed with. */
@@ -26,9 +39,12 @@ export class RunAhead<Done extends { result: StepResult }> {
     private readonly maxPositions: number,
   ) {}
 
-  /** A step was answered: predict the session's next one (when it chose one token for one row). */
-  answered(sessionId: string, input: PipelineStep, result: StepResult): void {
-    const next = result.tokens?.length === 1 ? nextDecodeStep(input, result.tokens[0], this.maxPositions) : null;
+  /**
+   * A step was answered: predict the session's next one (when it chose one token for one row), unless `more` says no
+   * request follows (the coordinator's hints: a stop token was chosen, or the request was the generation's last).
+   */
+  answered(sessionId: string, input: PipelineStep, result: StepResult, more = true): void {
+    const next = more && result.tokens?.length === 1 ? nextDecodeStep(input, result.tokens[0], this.maxPositions) : null;
     if (next) this.predicted.set(sessionId, next);
     else this.predicted.delete(sessionId);
   }
@@ -47,6 +63,7 @@ export class RunAhead<Done extends { result: StepResult }> {
   /** The runs ahead finished: their results wait for the steps they predicted. */
   store(steps: { sessionId: string; input: PipelineStep }[], done: Done[]): void {
     steps.forEach((s, i) => this.ran.set(s.sessionId, { input: s.input, done: done[i] }));
+    this.counts.ran += steps.length;
   }
 
   /**
@@ -59,7 +76,11 @@ export class RunAhead<Done extends { result: StepResult }> {
     if (!r) return null;
     this.ran.delete(sessionId);
     const past = pastLength(r.input);
-    if (sameStep(r.input, input) && valid(past + 1)) return r.done;
+    if (sameStep(r.input, input) && valid(past + 1)) {
+      this.counts.claimed++;
+      return r.done;
+    }
+    this.counts.undone++;
     this.rewind(sessionId, past);
     return null;
   }
@@ -67,7 +88,7 @@ export class RunAhead<Done extends { result: StepResult }> {
   /** The session ended (or its cache was dropped): nothing of it is kept. */
   forget(sessionId: string): void {
     this.predicted.delete(sessionId);
-    this.ran.delete(sessionId);
+    if (this.ran.delete(sessionId)) this.counts.unclaimed++;
   }
 }
 

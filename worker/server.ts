@@ -149,6 +149,7 @@ export class StageWorker {
       identity: this.identity(), configured: !!this.assignment.current, next_address: this.assignment.current?.next?.address ?? '', pid: process.pid,
       device: this.assignment.current?.device ?? this.opts.device ?? 'cpu', memory_bytes: this.opts.memoryBytes ?? this.opts.memoryLimitBytes ?? 0, speed: this.opts.speed ?? 1,
       sessions: stats.sessions, kv_bytes: stats.kvBytes, load: loadToWire(this.loadState.current),
+      run_ahead: 'runAhead' in stats ? stats.runAhead ?? null : null,
     };
   }
 

@@ -3,6 +3,7 @@ import { fromErrorRecord, StrataError } from '../model/errors.ts';
 import type { PipelineStep } from '../model/generation.ts';
 import type { LoadProgress } from '../model/progress.ts';
 import type { LoadedInfo, LoadRequest, StepDone, StepOutcome, ThreadReply, ThreadRequest } from './thread-protocol.ts';
+import type { RunAheadCounts } from './run-ahead.ts';
 
 /** Main-thread handle on the stage thread: promise-returning calls, one message each way. */
 export class StageHost {
@@ -54,7 +55,7 @@ export class StageHost {
     return this.call({ type: 'end', sessionId });
   }
 
-  stats(): Promise<{ sessions: number; kvBytes: number; expired: string[] }> {
+  stats(): Promise<{ sessions: number; kvBytes: number; expired: string[]; runAhead?: RunAheadCounts }> {
     return this.call({ type: 'stats' });
   }
 

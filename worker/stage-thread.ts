@@ -44,6 +44,8 @@ interface Pending {
 interface Chain {
   wanted: number;
   stop: number[];
+  /** The generation's last request (StepRequest.final_request). */
+  final: boolean;
   done: StepDone[];
 }
 const pending: Pending[] = [];
@@ -111,7 +113,7 @@ async function handle(req: Exclude<ThreadRequest, { type: 'step' }>): Promise<un
     case 'stats': {
       const expired = kv?.sweep() ?? [];
       for (const id of expired) ahead?.forget(id);
-      return { sessions: kv?.sessions ?? 0, kvBytes: kv?.bytes ?? 0, expired, kvSlots: kv?.capacity ?? 0, transferred: stage?.session.transferred };
+      return { sessions: kv?.sessions ?? 0, kvBytes: kv?.bytes ?? 0, expired, kvSlots: kv?.capacity ?? 0, transferred: stage?.session.transferred, runAhead: ahead?.counts };
     }
   }
 }
@@ -193,13 +195,18 @@ function idle(): void {
 
 function answer(p: Pending, done: StepDone): void {
   const { sessionId, input } = p.req as StepRequest;
-  ahead?.answered(sessionId, input, done.result);
   const wanted = p.chain?.wanted ?? input.steps ?? 1;
-  if (wanted <= 1 || !stage?.isFirst || !stage.isLast) return settle(p, { ok: true, value: done });
-  const chain = p.chain ?? { wanted, stop: input.stopTokens ?? [], done: [] };
-  chain.done.push(done);
+  const stop = p.chain?.stop ?? input.stopTokens ?? [];
   const token = done.result.tokens?.length === 1 ? done.result.tokens[0] : undefined;
-  const next = token !== undefined && chain.done.length < wanted && !chain.stop.includes(token) ? nextDecodeStep(input, token, stage.spec.maxPositions) : null;
+  const final = p.chain?.final ?? input.finalRequest === true;
+  const stopped = token !== undefined && stop.includes(token);
+  const last = stopped || (p.chain?.done.length ?? 0) + 1 >= wanted; // the request's steps end with this one
+  // No request follows a stop token or the generation's last request: nothing to run ahead.
+  ahead?.answered(sessionId, input, done.result, !(stopped || (last && final)));
+  if (wanted <= 1 || !stage?.isFirst || !stage.isLast) return settle(p, { ok: true, value: done });
+  const chain = p.chain ?? { wanted, stop, final, done: [] };
+  chain.done.push(done);
+  const next = token !== undefined && !last ? nextDecodeStep(input, token, stage.spec.maxPositions) : null;
   if (next) pending.push({ ...p, req: { type: 'step', sessionId, input: next }, chain });
   else settle(p, { ok: true, value: chain.done.length === 1 ? done : chained(chain.done) }); // one step: its reply as it is (logits too)
 }
