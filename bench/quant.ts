@@ -107,23 +107,27 @@ export async function runQuantBench(o: QuantBenchOptions, launch: ClusterLaunche
       .map((v) => ({ ...v, b1: [] as number[], agg: [] as number[] }));
     const llama = anchors ? dtypes.flatMap((d) => (LLAMA_WEIGHTS[d] ? [{ weights: LLAMA_WEIGHTS[d]!, b1: [] as number[], agg: [] as number[] }] : [])) : [];
     const w = { promptTokens: o.promptTokens, newTokens: o.newTokens, seed: o.seed };
+    const strata = variants.map((s) => async () => {
+      const { dtype, runAhead, pipeline } = s.worker;
+      const name = rowName({ dtype, runAhead, decodeSteps: s.decodeSteps });
+      pipeline.chainSteps = s.decodeSteps;
+      const cfg = (label: string) => ({ label, mode: 'workers' as const, workers: 1, threadsPerWorker: threads, maxBatch: o.maxBatch, ranges: [range] });
+      // A batch-1 sample is one 32-token request: the median of three per round steadies it on a noisy host.
+      const one = await measure(pipeline, cfg(`${name} batch 1`), model, { ...w, concurrency: 1, repeats: 3 }, progress);
+      const many = await measure(pipeline, cfg(`${name} × ${o.concurrency}`), model, { ...w, concurrency: o.concurrency }, progress);
+      s.b1.push(one.result.msPerToken);
+      s.agg.push(many.result.decodeTokensPerSec);
+    });
+    const anchorsRuns = llama.map((l) => async () => {
+      l.b1.push(llamaBench(anchors!, l.weights, threads, []).decode_ms_per_token);
+      l.agg.push(llamaBench(anchors!, l.weights, threads, ['--mode', 'multi', '--seqs', String(o.concurrency)]).aggregate_decode_tok_s);
+    });
+    // Odd rounds run the rows in reverse: a row measured right after the same worker's other row read ~4 % faster
+    // (2026-12-02), and this way each row of such a pair comes second in half the rounds.
+    const jobs = [...strata, ...anchorsRuns];
     for (let round = 0; round < o.repeats; round++) {
       progress.phase(`round ${round + 1}/${o.repeats}`);
-      for (const s of variants) {
-        const { dtype, runAhead, pipeline } = s.worker;
-        const name = rowName({ dtype, runAhead, decodeSteps: s.decodeSteps });
-        pipeline.chainSteps = s.decodeSteps;
-        const cfg = (label: string) => ({ label, mode: 'workers' as const, workers: 1, threadsPerWorker: threads, maxBatch: o.maxBatch, ranges: [range] });
-        // A batch-1 sample is one 32-token request: the median of three per round steadies it on a noisy host.
-        const one = await measure(pipeline, cfg(`${name} batch 1`), model, { ...w, concurrency: 1, repeats: 3 }, progress);
-        const many = await measure(pipeline, cfg(`${name} × ${o.concurrency}`), model, { ...w, concurrency: o.concurrency }, progress);
-        s.b1.push(one.result.msPerToken);
-        s.agg.push(many.result.decodeTokensPerSec);
-      }
-      for (const l of llama) {
-        l.b1.push(llamaBench(anchors!, l.weights, threads, []).decode_ms_per_token);
-        l.agg.push(llamaBench(anchors!, l.weights, threads, ['--mode', 'multi', '--seqs', String(o.concurrency)]).aggregate_decode_tok_s);
-      }
+      for (const job of round % 2 ? [...jobs].reverse() : jobs) await job();
     }
     const all: QuantDTypeRow[] = variants.map((s) => ({
       dtype: s.worker.dtype, runAhead: s.worker.runAhead, decodeSteps: s.decodeSteps, weightBytes: s.worker.weightBytes, rssBytes: procStatusBytes(s.worker.cluster.workers[0].pid, 'VmRSS'),
