@@ -23,9 +23,11 @@ export const ANCHOR_PROMPT = [464, 2068, 7586, 21831, 18045, 625, 262, 16931, 32
 export const CONTINUATION = 32;
 /**
  * One 32-token continuation decides top-1 agreement by one or two near-ties (random weights give flat logits), so the
- * verdict sums over several: the anchor prompt and PROMPTS − 1 more of 16 ids each from a fixed seed.
+ * verdict sums over several: the anchor prompt and PROMPTS − 1 more of 16 ids each from a fixed seed. At 8 prompts
+ * (256 steps) int8 and q8_0 traded places between two hosts (244 vs 238, then 244 vs 246): one standard error of
+ * the difference was ~4 steps. 32 prompts (1024 steps) halve the relative noise; the verdict line prints it.
  */
-export const PROMPTS = 8;
+export const PROMPTS = 32;
 
 export function accuracyPrompts(n = PROMPTS): number[][] {
   let seed = 20261202;
@@ -145,13 +147,23 @@ export async function runQuantAccuracy(o: { model: string; anchors?: string; thr
   return { model: o.model, prompts, continuations, f32Match: llamaSide.f32Match, rows: [...rows, ...llamaSide.rows], verdicts };
 }
 
+/** One standard error of the difference of two top-1 agreement counts (binomial, the two taken as independent). */
+function agreementNoise(r: AccuracyReport, v: AccuracyReport['verdicts'][number]): number {
+  const variance = (weights: string) => {
+    const row = r.rows.find((x) => x.weights === weights)!;
+    const p = row.top1Agree / row.steps;
+    return row.steps * p * (1 - p);
+  };
+  return Math.sqrt(variance(v.strata) + variance(v.llama));
+}
+
 export function renderAccuracy(r: AccuracyReport): string {
   const same = r.f32Match.filter(Boolean).length;
   const lines = [
     `accuracy vs fp32 on identical weights (${r.model}); ${r.prompts.length} prompts × ${CONTINUATION}-token teacher-forced continuations; llama.cpp f32 greedy equals strata fp32 on ${same}/${r.f32Match.length} prompts`,
     'engine     weights  top-1 agree  per prompt (of 32)                 mean first-token |Δlogp|  max over fp32 top-10',
     ...r.rows.map((x) => `${x.engine.padEnd(10)} ${x.weights.padEnd(8)} ${`${x.top1Agree}/${x.steps}`.padStart(11)}  ${x.perPrompt.join(' ').padEnd(33)}  ${x.firstLogprobErr.toExponential(2).padStart(24)}  ${x.firstTop10MaxErr.toExponential(2).padStart(20)}`),
-    ...r.verdicts.map((v) => `${v.strata} vs ${v.llama}: top-1 ${v.top1[0]} vs ${v.top1[1]}, |Δlogp| ${v.logprobErr[0].toExponential(2)} vs ${v.logprobErr[1].toExponential(2)}: ${v.atLeastAsClose ? 'at least as close' : 'NOT as close'}`),
+    ...r.verdicts.map((v) => `${v.strata} vs ${v.llama}: top-1 ${v.top1[0]} vs ${v.top1[1]} (difference ${v.top1[0] - v.top1[1]}, one standard error ${agreementNoise(r, v).toFixed(1)}), |Δlogp| ${v.logprobErr[0].toExponential(2)} vs ${v.logprobErr[1].toExponential(2)}: ${v.atLeastAsClose ? 'at least as close' : 'NOT as close'}`),
   ];
   return lines.join('\n');
 }
