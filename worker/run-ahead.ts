@@ -1,19 +1,6 @@
 import { nextDecodeStep, type PipelineStep, type StepResult } from '../model/generation.ts';
 import type { TensorData } from '../model/tensor.ts';
 
-/**
- * Run-ahead decoding for a stage that is both first and last (a one-stage pipeline). Once such a stage has chosen a
- * session's next token it knows that session's next decode step: the token, one position on, the same sampling at the
- * next step index, which is exactly what generate() (model/generation.ts) sends next. While nothing else waits, the
- * stage runs that step before it is asked, so the round trip to the coordinator and back (about 3 ms a token at
- * batch 1 on loopback: two gRPC hops and two thread hops) overlaps the next token's compute instead of adding to it.
- *
- * The step that then arrives is compared with the prediction, field by field. Equal, it is answered from the run
- * already done. Different (the session stopped, or its client changed something), that session's cache is rewound one
- * position, which is all a rewind takes: the K/V written there is overwritten by the next real step, and attention
- * reads only a session's own length. Answers are the same either way: a run ahead is the same run on the same inputs.
- * The wire protocol does not change; `strata worker --run-ahead off` turns it off.
- */
 /** What run-ahead did since the stage was configured (InfoReply.run_ahead). */
 export interface RunAheadCounts {
   /** Steps run ahead. */
@@ -26,6 +13,20 @@ export interface RunAheadCounts {
   unclaimed: number;
 }
 
+/**
+ * Run-ahead decoding for a stage that is both first and last (a one-stage pipeline). Once such a stage has chosen a
+ * session's next token it knows that session's next decode step: the token, one position on, the same sampling at the
+ * next step index, which is exactly what generate() (model/generation.ts) sends next. While nothing else waits, the
+ * stage runs that step before it is asked, so the round trip to the coordinator and back (about 3 ms a token at
+ * batch 1 on loopback: two gRPC hops and two thread hops) overlaps the next token's compute instead of adding to it.
+ *
+ * The step that then arrives is compared with the prediction, field by field. Equal, it is answered from the run
+ * already done. Different (the session stopped, or its client changed something), that session's cache is rewound one
+ * position, which is all a rewind takes: the K/V written there is overwritten by the next real step, and attention
+ * reads only a session's own length. Answers are the same either way: a run ahead is the same run on the same inputs.
+ * The coordinator's hints (StepRequest.stop_tokens, final_request) say where a generation ends, so nothing is run
+ * ahead past it; `strata worker --run-ahead off` turns it off.
+ */
 export class RunAhead<Done extends { result: StepResult }> {
   readonly counts: RunAheadCounts = { ran: 0, claimed: 0, undone: 0, unclaimed: 0 };
   /** Per session: the step predicted from its last answer, not yet run. */
