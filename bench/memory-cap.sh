@@ -33,15 +33,15 @@ if [ -d /sys/fs/cgroup/memory ]; then cg=/sys/fs/cgroup/memory limit_file=memory
 elif grep -qw memory /sys/fs/cgroup/cgroup.controllers 2>/dev/null; then cg=/sys/fs/cgroup limit_file=memory.max peak_file=memory.peak
 else fail "no memory cgroup controller under /sys/fs/cgroup"; fi
 redis=${REDIS_URL:-redis://127.0.0.1:6379}
-strata() { node bin/strata.js "$@"; }
-
-plan=$(strata plan --model "$model" --workers "$workers" --dtype "$dtype" --json)
+plan=$(node bin/strata.js plan --model "$model" --workers "$workers" --dtype "$dtype" --json)
 weights=($(node -e 'for (const s of JSON.parse(process.argv[1]).stages) console.log(s.paramBytes)' "$plan"))
-[ -n "$kvmb" ] || kvmb=$(node -e '
-  const c = require(process.argv[1] + "/config.json"), p = JSON.parse(process.argv[2]);
-  const d = c.n_embd ?? c.hidden_size ?? c.dim, n = c.n_positions ?? c.max_position_embeddings ?? 1024;
-  const blocks = Math.max(...p.stages.map((s) => s.range.last - s.range.first));
-  console.log(Math.ceil((blocks * 2 * n * d * 4) / 2 ** 20) + 1)' "$(realpath "$model")" "$plan")
+# The default KV budget: one slot of the largest stage, as the workers size it (model/memory.ts).
+[ -n "$kvmb" ] || kvmb=$(node --import tsx -e '
+  import("./model/config.ts").then(({ loadModelSpec }) => import("./model/memory.ts").then(({ stageKvSlots }) => {
+    const [dir, dtype, plan] = process.argv.slice(1), spec = loadModelSpec(dir);
+    const bytes = Math.max(...JSON.parse(plan).stages.map((s) => stageKvSlots(spec, s.range, dtype, 0).slotBytes));
+    console.log(Math.ceil(bytes / 2 ** 20));
+  }))' "$model" "$dtype" "$plan")
 cache=$(mktemp -d "${TMPDIR:-/tmp}/strata-memory-cap-XXXX")
 pids=() coord=''
 cleanup() {

@@ -65,8 +65,9 @@ export const stageSteps = new Counter({
 export function observeStageForward(stage: number | string, seconds: number, steps = 1, ahead = false): void {
   const s = String(stage);
   for (let i = 0; i < steps; i++) stageForward.observe({ stage: s }, seconds / steps);
-  if (ahead) stageSteps.inc({ stage: s, ahead: 'true' });
-  if (steps > (ahead ? 1 : 0)) stageSteps.inc({ stage: s, ahead: 'false' }, steps - (ahead ? 1 : 0));
+  const early = ahead ? 1 : 0;
+  if (early) stageSteps.inc({ stage: s, ahead: 'true' }, early);
+  if (steps > early) stageSteps.inc({ stage: s, ahead: 'false' }, steps - early);
 }
 
 /** What `/metrics` reads from the queue at scrape time (all of it from Redis, so it can fail). */
