@@ -12,13 +12,17 @@ type Attr = number | number[] | string | { float: number } | { floats: number[] 
 /** Where initializer bytes go: a side file (external data, no 2 GB protobuf limit) or nowhere (size accounting). */
 export interface WeightSink {
   /**
-   * Records a tensor of `length` bytes (produced by `bytes` only if the sink stores them); returns its place, in
-   * `location` when not the sink's own file. `at`: the same bytes already lie in this file at this offset.
+   * Records a tensor of `length` bytes (produced by `bytes` only if the sink stores them, whole or as consecutive
+   * pieces, each written before the next is asked for); returns its place, in `location` when not the sink's own file.
+   * `at`: the same bytes already lie in this file at this offset.
    */
-  append(length: number, bytes: () => Uint8Array, at?: WeightFileSpan): { offset: number; length: number; location?: string };
+  append(length: number, bytes: () => WeightBytes, at?: WeightFileSpan): { offset: number; length: number; location?: string };
   readonly location: string;
   close(): void;
 }
+
+/** A tensor's bytes, whole or streamed in pieces (a piece may be a view of a buffer the next piece reuses). */
+export type WeightBytes = Uint8Array | Iterable<Uint8Array>;
 
 /** Where a tensor's bytes already are, exactly as the graph needs them (a checkpoint shard, same dtype). */
 export interface WeightFileSpan {
@@ -67,18 +71,23 @@ export class FileSink implements WeightSink {
     return this.linked.get(file)!;
   }
 
-  append(length: number, produce: () => Uint8Array, at?: WeightFileSpan) {
+  append(length: number, produce: () => WeightBytes, at?: WeightFileSpan) {
     const link = at && this.linkFiles ? this.linkOf(at.file) : null;
     if (link) return { offset: at!.offset, length, location: link };
     const bytes = produce();
-    if (bytes.byteLength !== length) throw new Error(`weight produced ${bytes.byteLength} bytes, its shape needs ${length}`);
+    if (bytes instanceof Uint8Array && bytes.byteLength !== length) throw new Error(`weight produced ${bytes.byteLength} bytes, its shape needs ${length}`);
     // 64-byte alignment keeps each tensor friendly to mmap and SIMD loads.
     const pad = (64 - (this.offset % 64)) % 64;
     if (pad) writeSync(this.fd, new Uint8Array(pad));
     const offset = this.offset + pad;
-    writeSync(this.fd, bytes);
-    this.offset = offset + bytes.byteLength;
-    return { offset, length: bytes.byteLength };
+    let written = 0;
+    for (const piece of bytes instanceof Uint8Array ? [bytes] : bytes) {
+      writeSync(this.fd, piece);
+      written += piece.byteLength;
+    }
+    if (written !== length) throw new Error(`weight produced ${written} bytes, its shape needs ${length}`);
+    this.offset = offset + written;
+    return { offset, length: written };
   }
   close() {
     closeSync(this.fd);
@@ -89,7 +98,7 @@ export class FileSink implements WeightSink {
 export class CountingSink implements WeightSink {
   readonly location = 'weights.bin';
   total = 0;
-  append(length: number, _bytes?: () => Uint8Array, _at?: WeightFileSpan) {
+  append(length: number, _bytes?: () => WeightBytes, _at?: WeightFileSpan) {
     const offset = this.total;
     this.total += length;
     return { offset, length };
@@ -223,7 +232,7 @@ export class GraphBuilder {
   }
 
   /** A weight tensor, stored as external data. Reusing a name returns the existing initializer (tied weights). */
-  weight(name: string, elemType: ElemTypeId, dims: number[], bytes: () => Uint8Array, at?: () => WeightFileSpan | undefined): string {
+  weight(name: string, elemType: ElemTypeId, dims: number[], bytes: () => WeightBytes, at?: () => WeightFileSpan | undefined): string {
     if (this.weightNames.has(name)) return name;
     const size = elemType === ElemType.FLOAT16 ? 2 : elemType === ElemType.INT64 ? 8 : elemType === ElemType.UINT8 || elemType === ElemType.INT8 ? 1 : 4;
     const { offset, length, location } = this.sink.append(dims.reduce((a, b) => a * b, size), bytes, at?.());

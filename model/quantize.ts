@@ -15,6 +15,7 @@
  */
 import { StrataError } from './errors.ts';
 import { f16Table, float16ToFloat32 } from './dtype.ts';
+import { quantizeInt8Blocks } from './quant-kernels.ts';
 
 export type QuantBits = 4 | 8;
 
@@ -80,10 +81,10 @@ export function quantizeRows(w: Float32Array, n: number, k: number, scheme: Quan
   const data = new Uint8Array(n * kBlocks * blob);
   const scales = new Float32Array(n * kBlocks);
   if (bits === 8) {
-    quantizeRowsInt8(w, n, k, blockSize, kBlocks, data, scales);
+    if (!quantizeInt8Blocks(w, n, k, blockSize, data, scales)) int8BlocksF32(w, n, k, blockSize, data, scales);
     return { data, scales, n, k, kBlocks, blob };
   }
-  // 4 bits (8-bit blocks went to quantizeRowsInt8).
+  // 4 bits (8-bit blocks were done above).
   const zpBytes = Math.ceil(kBlocks / 2);
   const zeroPoints = new Uint8Array(n * zpBytes);
   const codes = new Uint8Array(blockSize);
@@ -109,9 +110,9 @@ export function quantizeRows(w: Float32Array, n: number, k: number, scheme: Quan
 /**
  * A checkpoint's F16 matrix (raw binary16 bits, row-major [n, k]) quantized without first widening it to float32:
  * the block's amax is found on the bits (|x| orders like its bits with the sign cleared) and each value is read
- * through the binary16 → float32 table. The same codes and scales as quantizeRows over the widened matrix, at about a
- * third of the time and without a float32 copy twice the tensor's size: an int8 build of GPT-J's F16 checkpoint is
- * this loop over 6 G weights.
+ * through the binary16 → float32 table. The same codes and scales as quantizeRows over the widened matrix, without a
+ * float32 copy twice the tensor's size: an int8 build of GPT-J's F16 checkpoint is this over 6 G weights, which the
+ * WebAssembly kernels (quant-kernels.ts) run where the blocks are whole and the JavaScript loop below otherwise.
  */
 export function quantizeRowsF16(halves: Uint16Array, n: number, k: number, scheme: QuantScheme): QuantizedMatrix {
   if (scheme.bits !== 8) return quantizeRows(float16ToFloat32(halves), n, k, scheme);
@@ -121,6 +122,13 @@ export function quantizeRowsF16(halves: Uint16Array, n: number, k: number, schem
   const kBlocks = Math.ceil(k / blockSize);
   const data = new Uint8Array(n * kBlocks * blockSize);
   const scales = new Float32Array(n * kBlocks);
+  if (!quantizeInt8Blocks(halves, n, k, blockSize, data, scales)) int8BlocksF16(halves, n, k, blockSize, data, scales);
+  return { data, scales, n, k, kBlocks, blob: blockSize };
+}
+
+/** quantizeRowsF16's loop in JavaScript: any k (a partial last block is padded with code 0); the kernels' reference. */
+export function int8BlocksF16(halves: Uint16Array, n: number, k: number, blockSize: number, data: Uint8Array, scales: Float32Array): void {
+  const kBlocks = Math.ceil(k / blockSize);
   const table = f16Table();
   for (let r = 0; r < n; r++) {
     for (let b = 0; b < kBlocks; b++) {
@@ -139,7 +147,6 @@ export function quantizeRowsF16(halves: Uint16Array, n: number, k: number, schem
       for (let i = end - start; i < blockSize; i++, o++) data[o] = 128; // a partial block's padding: code 0
     }
   }
-  return { data, scales, n, k, kBlocks, blob: blockSize };
 }
 
 /**
@@ -155,8 +162,12 @@ const int8Code = (x: number): number => {
   return c === y && y < 128.5 ? c - 1 : c;
 };
 
-/** int8 blocks written straight into `data` (no per-block code buffer and copy). */
-function quantizeRowsInt8(w: Float32Array, n: number, k: number, blockSize: number, kBlocks: number, data: Uint8Array, scales: Float32Array): void {
+/**
+ * int8 blocks of float32 weights written straight into `data` (no per-block code buffer and copy), in JavaScript: any
+ * k; the kernels' reference (quantizeRows runs the kernels where the blocks are whole).
+ */
+export function int8BlocksF32(w: Float32Array, n: number, k: number, blockSize: number, data: Uint8Array, scales: Float32Array): void {
+  const kBlocks = Math.ceil(k / blockSize);
   for (let r = 0; r < n; r++) {
     const row = r * k;
     for (let b = 0; b < kBlocks; b++) {

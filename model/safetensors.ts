@@ -149,6 +149,21 @@ export class Checkpoint {
     return { dtype: info.dtype, bytes };
   }
 
+  /**
+   * Stored bytes of one tensor from byte `from` on, as many as `into` holds (after readRaw's checks): a quantizer
+   * streams a large tensor through a small buffer this way instead of holding all of it.
+   */
+  readInto(key: string, expectedShape: number[], from: number, into: Uint8Array): void {
+    const info = this.checked(key, expectedShape);
+    if (from < 0 || from + into.byteLength > info.length) throw new RangeError(`readInto: bytes [${from}, ${from + into.byteLength}) of "${key}" are outside its ${info.length}`);
+    const shard = this.shards.find((s) => s.path === info.file)!;
+    for (let done = 0; done < into.byteLength; ) {
+      const n = readSync(shard.fd, into, done, into.byteLength - done, info.offset + from + done);
+      if (n <= 0) throw new StrataError('weights_invalid', `${info.file}: tensor "${key}" is cut short (truncated file?)`);
+      done += n;
+    }
+  }
+
   /** Where one tensor's bytes are on disk (after readRaw's checks), for a graph that points at them instead of copying. */
   locate(key: string, expectedShape: number[]): { dtype: StDType; file: string; offset: number } {
     const info = this.checked(key, expectedShape);

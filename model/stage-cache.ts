@@ -96,6 +96,7 @@ export function prepareStage(
         readFloat32: (k: string, s: number[]) => counted(k, ck.readFloat32(k, s)),
         readRaw: (k: string, s: number[]) => counted(k, ck.readRaw(k, s)),
         locate: (k: string, s: number[]) => counted(k, ck.locate(k, s)),
+        readInto: (k: string, s: number[], from: number, into: Uint8Array) => counted(k, ck.readInto(k, s, from, into)),
       };
       ({ model, paramBytes } = buildStageGraph(spec, range, source, sink, { dtype, fused, rows, kvInPlace, quantBlockSize: scheme?.blockSize }));
     } catch (e) {

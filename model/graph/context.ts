@@ -16,6 +16,8 @@ export interface WeightSource {
   readRaw?(key: string, shape: number[]): { dtype: string; bytes: Uint8Array };
   /** Where the stored bytes are (file, offset), when the source is files on disk: linked, not copied, when the dtype matches. */
   locate?(key: string, shape: number[]): { dtype: string; file: string; offset: number };
+  /** Part of the stored bytes, from byte `from`, into `into`: lets the quantizer stream a tensor (see locate for its dtype). */
+  readInto?(key: string, shape: number[], from: number, into: Uint8Array): void;
   /** Prefix of the HF keys (`transformer.`, `distilbert.`, or ''). */
   readonly prefix: string;
 }
@@ -58,6 +60,8 @@ export interface StageContext {
   read(ref: WeightRef): Float32Array;
   /** A checkpoint weight's stored bytes, when the source has them (the int8 quantizer reads F16 without widening it). */
   readRaw(ref: WeightRef): { dtype: string; bytes: Uint8Array } | undefined;
+  /** A weight's stored dtype and a reader of its bytes in pieces, when the source is files on disk (streamed quantization). */
+  stored(ref: WeightRef): { dtype: string; readInto: (from: number, into: Uint8Array) => void } | undefined;
   readonly positionIds: string;
   readonly attentionMask: string;
   /** [B, T, D] and [B, T, H, head_dim] as shape tensors. */
@@ -97,6 +101,10 @@ export function stageContext(g: GraphBuilder, spec: ModelSpec, source: WeightSou
     W32: (ref) => g.weight(ref.key, F32, ref.shape, () => readBytes(ref, true), at(ref, true)),
     read: (ref) => source.readFloat32(ref.key, ref.shape),
     readRaw: (ref) => source.readRaw?.(ref.key, ref.shape),
+    stored: (ref) => {
+      const l = source.readInto && source.locate?.(ref.key, ref.shape);
+      return l ? { dtype: l.dtype, readInto: (from, into) => source.readInto!(ref.key, ref.shape, from, into) } : undefined;
+    },
     shapeBTD: g.o('Concat', [bt, g.constInt64([spec.dModel])], { axis: 0 }),
     shapeBTHd: g.o('Concat', [bt, g.constInt64([spec.heads, spec.headDim])], { axis: 0 }),
   };

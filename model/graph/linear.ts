@@ -3,6 +3,7 @@ import { isQuantized, storedAsFloat32, type QuantizedDType } from '../dtype.ts';
 import { ElemType } from '../onnx-builder.ts';
 import { quantizeRows, quantizeRowsF16, quantScheme, transpose, type QuantizedMatrix, type QuantScheme } from '../quantize.ts';
 import type { StageContext } from './context.ts';
+import { int8Stream, type Int8Stream } from '../quant-kernels.ts';
 
 /**
  * One linear layer: x [N, in] → [N, out].
@@ -69,7 +70,10 @@ function quantizedWeight(ctx: StageContext, w: WeightRef, conv1d: boolean, dtype
   const blob = (scheme.blockSize * scheme.bits) / 8;
   let q: QuantizedMatrix | null = null;
   const get = (): QuantizedMatrix => (q ??= quantizeWeight(ctx, w, conv1d, scheme));
-  const data = ctx.g.weight(`${w.key}.q${scheme.bits}`, ElemType.UINT8, [n, kBlocks, blob], () => get().data);
+  // int8 of a checkpoint's F16/F32 [out, in] matrix streams from the file through the WebAssembly kernels, a few
+  // MiB at a time, into the sink: no tensor-sized buffers (GPT-J's token table alone is 412 MB of F16).
+  const stream = scheme.bits === 8 && !conv1d ? streamInt8(ctx, w, n, k, scheme.blockSize) : null;
+  const data = ctx.g.weight(`${w.key}.q${scheme.bits}`, ElemType.UINT8, [n, kBlocks, blob], () => stream?.codes() ?? get().data);
   // The sink reads each initializer's bytes as it is added, in this order: the matrix is dropped after the last one.
   const last = scheme.bits === 4 ? 'zeroPoints' : 'scales';
   const release = <T>(part: 'scales' | 'zeroPoints', bytes: T): T => {
@@ -77,11 +81,18 @@ function quantizedWeight(ctx: StageContext, w: WeightRef, conv1d: boolean, dtype
     return bytes;
   };
   const scales = ctx.g.weight(`${w.key}.q${scheme.bits}.scales`, ElemType.FLOAT, [n, kBlocks], () => {
-    const s = get().scales;
+    const s = stream?.scales() ?? get().scales;
     return release('scales', new Uint8Array(s.buffer, s.byteOffset, s.byteLength));
   });
   const zeroPoints = scheme.bits === 4 ? ctx.g.weight(`${w.key}.q4.zp`, ElemType.UINT8, [n, Math.ceil(kBlocks / 2)], () => release('zeroPoints', get().zeroPoints!)) : '';
   return { data, scales, zeroPoints, n, k, kBlocks, blob };
+}
+
+/** The int8 stream of a stored F16 or F32 matrix, when the source reads files in pieces and the kernels take its blocks. */
+function streamInt8(ctx: StageContext, w: WeightRef, n: number, k: number, blockSize: number): Int8Stream | null {
+  const stored = ctx.stored(w);
+  const width = stored?.dtype === 'F16' ? 2 : stored?.dtype === 'F32' ? 4 : 0;
+  return stored && width ? int8Stream(stored.readInto, width, n, k, blockSize) : null;
 }
 
 /** Reads and quantizes one matrix: an F16 checkpoint's [out, in] weight straight from its bits, anything else through float32. */

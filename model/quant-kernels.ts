@@ -1,0 +1,92 @@
+import { QUANT_KERNELS_WASM } from './quant-kernels.wasm.ts';
+
+/**
+ * The int8 quantizer's inner loops in WebAssembly SIMD (model/quant-kernels.wat): the same codes and scales as the
+ * JavaScript loops in quantize.ts, bit for bit (test/quant-kernels.test.ts), at several times their speed. An int8
+ * build of an F16 checkpoint was those loops at ~80 M weights/s on one core, most of a GPT-J stage's build; V8 has
+ * no SIMD for JavaScript, and a native addon would need a compiler on every install, so the loops are hand-written
+ * WebAssembly, 16 weights at a time. STRATA_QUANT_SIMD=0 runs the JavaScript loops instead.
+ */
+interface Kernels {
+  memory: WebAssembly.Memory;
+  q8f16(src: number, blocks: number, blockSize: number, codes: number, scales: number): void;
+  q8f32(src: number, blocks: number, blockSize: number, codes: number, scales: number): void;
+}
+
+let kernels: Kernels | null | undefined;
+
+/** The instance, made on first use; null where it cannot run (no WebAssembly SIMD), or when switched off. */
+function instance(): Kernels | null {
+  if (kernels === undefined) {
+    try {
+      kernels = process.env.STRATA_QUANT_SIMD === '0' ? null : (new WebAssembly.Instance(new WebAssembly.Module(Buffer.from(QUANT_KERNELS_WASM, 'base64'))).exports as unknown as Kernels);
+    } catch {
+      kernels = null;
+    }
+  }
+  return kernels;
+}
+
+/** Weights quantized per call: whole rows, about this many bytes of them. */
+const CHUNK_BYTES = 4 << 20;
+
+/** A matrix's int8 codes, produced a chunk of rows at a time, and its scales, complete once every chunk was taken. */
+export interface Int8Stream {
+  /**
+   * The codes [n·k] in row order, a few MiB at a time. Each piece is a view of the kernels' memory that the next
+   * piece overwrites: write or copy it before asking for the next. One stream at a time (the kernels are one instance).
+   */
+  codes(): Iterable<Uint8Array>;
+  /** [n·k / blockSize] float32 scales: asked for after the last piece of the codes. */
+  scales(): Float32Array;
+}
+
+/**
+ * int8 absmax quantization of a row-major [n, k] matrix of binary16 bits (width 2) or float32 (width 4), whose
+ * stored bytes `read(from, into)` fills `into` with from byte `from` on: from a file, only a few MiB of the matrix is
+ * ever in memory. Null where the kernels cannot take it: a partial block at a row's end (k not a multiple of the
+ * block), or no kernels; the caller's JavaScript loop does it then.
+ */
+export function int8Stream(read: (from: number, into: Uint8Array) => void, width: 2 | 4, n: number, k: number, blockSize: number, scalesOut?: Float32Array): Int8Stream | null {
+  const kern = instance();
+  if (!kern || k % blockSize !== 0 || blockSize % 16 !== 0) return null;
+  const scales = scalesOut ?? new Float32Array((n * k) / blockSize);
+  let done = false;
+  return {
+    *codes() {
+      const rows = Math.max(1, Math.floor(CHUNK_BYTES / (k * width)));
+      const codesAt = rows * k * width;
+      const scalesAt = codesAt + rows * k;
+      const need = scalesAt + ((rows * k) / blockSize) * 4;
+      if (kern.memory.buffer.byteLength < need) kern.memory.grow(Math.ceil((need - kern.memory.buffer.byteLength) / 65536));
+      const quantize = width === 2 ? kern.q8f16 : kern.q8f32;
+      const heap = new Uint8Array(kern.memory.buffer);
+      for (let r = 0; r < n; r += rows) {
+        const m = Math.min(rows, n - r);
+        const blocks = (m * k) / blockSize;
+        read(r * k * width, heap.subarray(0, m * k * width));
+        quantize(0, blocks, blockSize, codesAt, scalesAt);
+        scales.set(new Float32Array(kern.memory.buffer, scalesAt, blocks), (r * k) / blockSize);
+        yield heap.subarray(codesAt, codesAt + m * k);
+      }
+      done = true;
+    },
+    scales() {
+      if (!done) throw new Error('int8Stream: scales asked for before the last piece of the codes');
+      return scales;
+    },
+  };
+}
+
+/** int8Stream over a matrix in memory, into `data` [n·k] and `scales`; false where the kernels cannot take it. */
+export function quantizeInt8Blocks(w: Uint16Array | Float32Array, n: number, k: number, blockSize: number, data: Uint8Array, scales: Float32Array): boolean {
+  const bytes = new Uint8Array(w.buffer, w.byteOffset, w.byteLength);
+  const stream = int8Stream((from, into) => into.set(bytes.subarray(from, from + into.byteLength)), w.BYTES_PER_ELEMENT as 2 | 4, n, k, blockSize, scales);
+  if (!stream) return false;
+  let at = 0;
+  for (const piece of stream.codes()) {
+    data.set(piece, at);
+    at += piece.byteLength;
+  }
+  return true;
+}

@@ -1,0 +1,110 @@
+// The int8 quantizer's WebAssembly kernels (model/quant-kernels.wat) against the JavaScript loops they replace:
+// identical codes and scales on random weights, on every kind of binary16 and float32 value a checkpoint can hold
+// (subnormals, ±0, ±∞, NaN, values exactly halfway between two codes), and the embedded module is the source's.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { QUANT_KERNELS_WASM } from '../model/quant-kernels.wasm.ts';
+import { assembleQuantKernels } from '../model/quant-kernels-build.ts';
+import { quantizeInt8Blocks } from '../model/quant-kernels.ts';
+import { int8BlocksF16, int8BlocksF32 } from '../model/quantize.ts';
+import { float16ToFloat32 } from '../model/dtype.ts';
+import { prepareStage } from '../model/stage-cache.ts';
+import { Checkpoint } from '../model/safetensors.ts';
+import { onnx } from '../model/onnx-builder.ts';
+import { writeShardedCheckpoint } from '../bench/load-checkpoint.ts';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { dirname, join } from 'node:path';
+
+let seed = 20261203;
+const rnd = () => ((seed = (Math.imul(seed, 1664525) + 1013904223) >>> 0) / 2 ** 32);
+
+function both<T extends Uint16Array | Float32Array>(w: T, n: number, k: number, blockSize: number, reference: (w: T, n: number, k: number, b: number, d: Uint8Array, s: Float32Array) => void) {
+  const [d1, d2] = [new Uint8Array(n * k), new Uint8Array(n * k)];
+  const [s1, s2] = [new Float32Array((n * k) / blockSize), new Float32Array((n * k) / blockSize)];
+  assert.equal(quantizeInt8Blocks(w, n, k, blockSize, d1, s1), true, 'the kernels took whole blocks');
+  reference(w, n, k, blockSize, d2, s2);
+  return { kernel: { d: d1, s: s1 }, reference: { d: d2, s: s2 } };
+}
+
+function assertSame(r: ReturnType<typeof both>) {
+  const diff = r.kernel.d.findIndex((c, i) => c !== r.reference.d[i]);
+  assert.equal(diff, -1, `first differing code at ${diff}: kernel ${r.kernel.d[diff]}, reference ${r.reference.d[diff]}`);
+  assert.deepEqual(new Uint32Array(r.kernel.s.buffer), new Uint32Array(r.reference.s.buffer), 'scales bit for bit');
+}
+
+test('the embedded kernels are model/quant-kernels.wat as assembled now (else: npm run build:wasm)', async () => {
+  assert.equal(Buffer.from(await assembleQuantKernels()).toString('base64'), QUANT_KERNELS_WASM);
+});
+
+test('binary16 weights: every bit pattern, random rows, ties, non-finite values — codes and scales as the JS loop', () => {
+  // All 65536 patterns, in blocks of 32 (so NaNs and infinities land among finite values and rule whole blocks).
+  assertSame(both(Uint16Array.from({ length: 65536 }, (_, i) => i), 64, 1024, 32, int8BlocksF16));
+  // Gaussian-ish weights of several magnitudes, block sizes 16…128, more rows than one kernel call takes.
+  for (const blockSize of [16, 32, 64, 128]) {
+    const [n, k] = [300, 4096];
+    const w = new Uint16Array(n * k);
+    for (let i = 0; i < w.length; i++) w[i] = Math.floor(rnd() * 0x7800) | (rnd() < 0.5 ? 0x8000 : 0) & 0xffff;
+    assertSame(both(w, n, k, blockSize, int8BlocksF16));
+  }
+  // Exact ties: a block of amax 127 (scale 1) holding k + 0.5 and −(k + 0.5), which round away from zero.
+  const f16 = (x: number) => { const f = new Float32Array([x]); const u = new Uint32Array(f.buffer)[0]; return ((u >>> 16) & 0x8000) | ((((u >>> 23) & 0xff) - 112) << 10) | ((u >>> 13) & 0x3ff); };
+  const ties = Uint16Array.from({ length: 32 }, (_, i) => f16(i === 0 ? 127 : ((i % 2 ? 1 : -1) * (i + 0.5))));
+  const t = both(ties, 1, 32, 32, int8BlocksF16);
+  assertSame(t);
+  assert.equal(t.kernel.d[1], 128 + 2, '1.5 → 2');
+  assert.equal(t.kernel.d[2], 128 - 3, '−2.5 → −3');
+  assert.deepEqual(Array.from(float16ToFloat32(ties.subarray(0, 3))), [127, 1.5, -2.5]);
+});
+
+test('float32 weights: random, subnormal, ±0, ±∞, NaN, ties — codes and scales as the JS loop', () => {
+  for (const blockSize of [16, 32, 64]) {
+    const [n, k] = [200, 2560];
+    const w = new Float32Array(n * k);
+    for (let i = 0; i < w.length; i++) w[i] = (rnd() - 0.5) * 10 ** Math.floor(rnd() * 8 - 6);
+    const special = [0, -0, Infinity, -Infinity, NaN, 1e-45, -1e-40, 3.4e38, 0.5, -0.5, 126.5, -126.5];
+    for (let i = 0; i < 4000; i++) w[Math.floor(rnd() * w.length)] = special[i % special.length];
+    assertSame(both(w, n, k, blockSize, int8BlocksF32));
+  }
+  const ties = Float32Array.from({ length: 16 }, (_, i) => (i === 0 ? -127 : (i % 2 ? 1 : -1) * (i + 0.5)));
+  assertSame(both(ties, 1, 16, 16, int8BlocksF32));
+});
+
+test('a partial last block is left to the JavaScript loop', () => {
+  assert.equal(quantizeInt8Blocks(new Float32Array(40), 1, 40, 32, new Uint8Array(64), new Float32Array(2)), false);
+});
+
+test('an int8 stage built from F16 and F32 checkpoints streams every [out, in] matrix through the kernels: the codes and scales of the JS loop', () => {
+  const root = mkdtempSync(join(tmpdir(), 'strata-qk-'));
+  try {
+    for (const dtype of ['F16', 'F32'] as const) {
+      const dir = join(root, dtype);
+      writeShardedCheckpoint(dir, { family: 'gptj', blocks: 2, dModel: 64, heads: 4, vocab: 96, maxPositions: 32, rotaryDim: 8 }, dtype, 64 << 10);
+      const stage = prepareStage(dir, { first: 0, last: 2 }, { dtype: 'int8', cacheDir: join(root, `cache-${dtype}`) });
+      const model = onnx.ModelProto.decode(readFileSync(stage.path));
+      const weights = readFileSync(join(dirname(stage.path), 'weights.bin'));
+      const init = (name: string) => {
+        const t = model.graph!.initializer!.find((i) => i.name === name);
+        assert.ok(t, `initializer ${name}`);
+        const kv = Object.fromEntries(t.externalData!.map((e) => [e.key, e.value]));
+        return weights.subarray(Number(kv.offset), Number(kv.offset) + Number(kv.length));
+      };
+      const ck = Checkpoint.open(dir);
+      try {
+        // The token table (GatherBlockQuantized), a 64 → 256 and a 256 → 64 matrix, in several shards.
+        for (const [key, n, k] of [['transformer.wte.weight', 96, 64], ['transformer.h.0.mlp.fc_in.weight', 256, 64], ['transformer.h.1.mlp.fc_out.weight', 64, 256]] as const) {
+          const raw = ck.readRaw(key, [n, k]);
+          const [data, scales] = [new Uint8Array(n * k), new Float32Array((n * k) / 32)];
+          if (dtype === 'F16') int8BlocksF16(new Uint16Array(raw.bytes.buffer), n, k, 32, data, scales);
+          else int8BlocksF32(new Float32Array(raw.bytes.buffer), n, k, 32, data, scales);
+          assert.deepEqual(init(`${key}.q8`), Buffer.from(data), `${dtype} ${key}: codes`);
+          assert.deepEqual(init(`${key}.q8.scales`), Buffer.from(scales.buffer), `${dtype} ${key}: scales`);
+        }
+      } finally {
+        ck.close();
+      }
+    }
+  } finally {
+    rmSync(root, { recursive: true, force: true });
+  }
+});
