@@ -1,16 +1,17 @@
 import { QUANT_KERNELS_WASM } from './quant-kernels.wasm.ts';
 
 /**
- * The int8 quantizer's inner loops in WebAssembly SIMD (model/quant-kernels.wat): the same codes and scales as the
- * JavaScript loops in quantize.ts, bit for bit (test/quant-kernels.test.ts), at several times their speed. An int8
- * build of an F16 checkpoint was those loops at ~80 M weights/s on one core, most of a GPT-J stage's build; V8 has
- * no SIMD for JavaScript, and a native addon would need a compiler on every install, so the loops are hand-written
- * WebAssembly, 16 weights at a time. STRATA_QUANT_SIMD=0 runs the JavaScript loops instead.
+ * The quantizer's inner loops in WebAssembly SIMD (model/quant-kernels.wat): the same codes, scales and zero points as
+ * the JavaScript loops in quantize.ts, bit for bit (test/quant-kernels.test.ts), several times faster. An int8 build
+ * of GPT-J's F16 checkpoint was those loops at ~80 M weights/s on one core, most of a stage's build, and int4's
+ * search ran at ~3 M/s (16 minutes a stage); V8 has no SIMD for JavaScript, and a native addon would need a compiler
+ * on every install, so the loops are hand-written WebAssembly. STRATA_QUANT_SIMD=0 runs the JavaScript loops instead.
  */
 interface Kernels {
   memory: WebAssembly.Memory;
   q8f16(src: number, blocks: number, blockSize: number, codes: number, scales: number): void;
   q8f32(src: number, blocks: number, blockSize: number, codes: number, scales: number): void;
+  q4f32(src: number, blocks: number, blockSize: number, codes: number, scales: number, zeros: number, tmp: number): void;
 }
 
 let kernels: Kernels | null | undefined;
@@ -87,6 +88,44 @@ export function quantizeInt8Blocks(w: Uint16Array | Float32Array, n: number, k: 
   for (const piece of stream.codes()) {
     data.set(piece, at);
     at += piece.byteLength;
+  }
+  return true;
+}
+
+/**
+ * int4 (quantizeRows's asymmetric search, q4Block) of a row-major [n, k] float32 matrix into `data` (two codes a
+ * byte, low nibble first), `scales` and `zeroPoints` (two a byte): the kernels search two blocks at once, one per
+ * double lane, and JavaScript packs the nibbles. False, having written nothing, where they cannot take it (a partial
+ * block, no kernels).
+ */
+export function quantizeInt4Blocks(w: Float32Array, n: number, k: number, blockSize: number, data: Uint8Array, scales: Float32Array, zeroPoints: Uint8Array): boolean {
+  const kern = instance();
+  if (!kern || k % blockSize !== 0 || blockSize % 16 !== 0) return false;
+  const kBlocks = k / blockSize;
+  const blob = blockSize / 2;
+  const zpBytes = Math.ceil(kBlocks / 2);
+  const rows = Math.max(1, Math.floor(CHUNK_BYTES / (k * 4)));
+  const codesAt = rows * k * 4;
+  const scalesAt = codesAt + rows * k;
+  const zerosAt = scalesAt + rows * kBlocks * 4;
+  const tmpAt = zerosAt + rows * kBlocks + 16;
+  const need = tmpAt + blockSize * 16;
+  if (kern.memory.buffer.byteLength < need) kern.memory.grow(Math.ceil((need - kern.memory.buffer.byteLength) / 65536));
+  const heap = new Uint8Array(kern.memory.buffer);
+  const bytes = new Uint8Array(w.buffer, w.byteOffset, w.byteLength);
+  for (let r = 0; r < n; r += rows) {
+    const m = Math.min(rows, n - r);
+    heap.set(bytes.subarray(r * k * 4, (r + m) * k * 4), 0);
+    kern.q4f32(0, m * kBlocks, blockSize, codesAt, scalesAt, zerosAt, tmpAt - (tmpAt % 16));
+    scales.set(new Float32Array(kern.memory.buffer, scalesAt, m * kBlocks), r * kBlocks);
+    for (let j = 0; j < m * kBlocks; j++) {
+      const row = r + Math.floor(j / kBlocks);
+      const b = j % kBlocks;
+      zeroPoints[row * zpBytes + (b >> 1)] |= heap[zerosAt + j] << ((b & 1) * 4);
+      const out = (row * kBlocks + b) * blob;
+      const c = codesAt + j * blockSize;
+      for (let i = 0; i < blob; i++) data[out + i] = heap[c + 2 * i] | (heap[c + 2 * i + 1] << 4);
+    }
   }
   return true;
 }

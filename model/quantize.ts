@@ -15,7 +15,7 @@
  */
 import { StrataError } from './errors.ts';
 import { f16Table, float16ToFloat32 } from './dtype.ts';
-import { quantizeInt8Blocks } from './quant-kernels.ts';
+import { quantizeInt4Blocks, quantizeInt8Blocks } from './quant-kernels.ts';
 
 export type QuantBits = 4 | 8;
 
@@ -84,9 +84,19 @@ export function quantizeRows(w: Float32Array, n: number, k: number, scheme: Quan
     if (!quantizeInt8Blocks(w, n, k, blockSize, data, scales)) int8BlocksF32(w, n, k, blockSize, data, scales);
     return { data, scales, n, k, kBlocks, blob };
   }
-  // 4 bits (8-bit blocks were done above).
+  const zeroPoints = new Uint8Array(n * Math.ceil(kBlocks / 2));
+  if (!quantizeInt4Blocks(w, n, k, blockSize, data, scales, zeroPoints)) int4BlocksF32(w, n, k, blockSize, data, scales, zeroPoints);
+  return { data, scales, zeroPoints, n, k, kBlocks, blob };
+}
+
+/**
+ * quantizeRows's 4-bit blocks in JavaScript (q4Block's search, then the codes, low nibble first): any k; the
+ * kernels' reference.
+ */
+export function int4BlocksF32(w: Float32Array, n: number, k: number, blockSize: number, data: Uint8Array, scales: Float32Array, zeroPoints: Uint8Array): void {
+  const kBlocks = Math.ceil(k / blockSize);
+  const blob = blockSize / 2;
   const zpBytes = Math.ceil(kBlocks / 2);
-  const zeroPoints = new Uint8Array(n * zpBytes);
   const codes = new Uint8Array(blockSize);
   const fit = { scale: 0, zero: 8 };
   for (let r = 0; r < n; r++) {
@@ -104,7 +114,6 @@ export function quantizeRows(w: Float32Array, n: number, k: number, scheme: Quan
       for (let j = 0; j < blob; j++) data[out + j] = codes[2 * j] | (codes[2 * j + 1] << 4); // low nibble first
     }
   }
-  return { data, scales, zeroPoints, n, k, kBlocks, blob };
 }
 
 /**

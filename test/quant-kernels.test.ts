@@ -5,8 +5,8 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { QUANT_KERNELS_WASM } from '../model/quant-kernels.wasm.ts';
 import { assembleQuantKernels } from '../model/quant-kernels-build.ts';
-import { quantizeInt8Blocks } from '../model/quant-kernels.ts';
-import { int8BlocksF16, int8BlocksF32 } from '../model/quantize.ts';
+import { quantizeInt4Blocks, quantizeInt8Blocks } from '../model/quant-kernels.ts';
+import { int4BlocksF32, int8BlocksF16, int8BlocksF32 } from '../model/quantize.ts';
 import { float16ToFloat32 } from '../model/dtype.ts';
 import { prepareStage } from '../model/stage-cache.ts';
 import { Checkpoint } from '../model/safetensors.ts';
@@ -70,8 +70,34 @@ test('float32 weights: random, subnormal, ±0, ±∞, NaN, ties — codes and sc
   assertSame(both(ties, 1, 16, 16, int8BlocksF32));
 });
 
+test('int4: the kernels search each block as q4Block does: scales, zero points and codes as the JS loop, bit for bit', () => {
+  for (const [blockSize, n, k] of [[32, 150, 768], [16, 37, 48], [64, 20, 4096], [32, 3, 96]] as const) {
+    const w = new Float32Array(n * k);
+    for (let i = 0; i < w.length; i++) w[i] = (rnd() - 0.5) * 10 ** Math.floor(rnd() * 6 - 4) + (i % 97 === 0 ? 0.3 : 0);
+    // Blocks of every kind: all zero, constant, one-signed, one outlier, ±0, subnormals, halves, the smallest subnormal.
+    w.fill(0, 0, blockSize);
+    w.fill(0.25, blockSize, 2 * blockSize);
+    for (let i = 2 * blockSize; i < 3 * blockSize; i++) w[i] = -Math.abs(w[i]);
+    w[3 * blockSize + 5] = 40;
+    w[4 * blockSize] = -0;
+    w[4 * blockSize + 1] = 1e-42;
+    for (let i = 5 * blockSize; i < 6 * blockSize; i++) w[i] = (i % 16) - 7.5;
+    for (let i = 6 * blockSize; i < 7 * blockSize; i++) w[i] = i % 3 ? 1.4e-45 : 0; // its fitted scale rounds to float32 0
+    const kBlocks = k / blockSize;
+    const got = { d: new Uint8Array((n * k) / 2), s: new Float32Array(n * kBlocks), z: new Uint8Array(n * Math.ceil(kBlocks / 2)) };
+    const want = { d: new Uint8Array((n * k) / 2), s: new Float32Array(n * kBlocks), z: new Uint8Array(n * Math.ceil(kBlocks / 2)) };
+    assert.equal(quantizeInt4Blocks(w, n, k, blockSize, got.d, got.s, got.z), true);
+    int4BlocksF32(w, n, k, blockSize, want.d, want.s, want.z);
+    const diff = got.d.findIndex((c, i) => c !== want.d[i]);
+    assert.equal(diff, -1, `block ${blockSize}: first differing code byte at ${diff}: ${got.d[diff]} vs ${want.d[diff]}`);
+    assert.deepEqual(new Uint32Array(got.s.buffer), new Uint32Array(want.s.buffer), `block ${blockSize}: scales bit for bit`);
+    assert.deepEqual(got.z, want.z, `block ${blockSize}: zero points`);
+  }
+});
+
 test('a partial last block is left to the JavaScript loop', () => {
   assert.equal(quantizeInt8Blocks(new Float32Array(40), 1, 40, 32, new Uint8Array(64), new Float32Array(2)), false);
+  assert.equal(quantizeInt4Blocks(new Float32Array(40), 1, 40, 32, new Uint8Array(32), new Float32Array(2), new Uint8Array(1)), false);
 });
 
 test('an int8 stage built from F16 and F32 checkpoints streams every [out, in] matrix through the kernels: the codes and scales of the JS loop', () => {
