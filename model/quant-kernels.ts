@@ -1,4 +1,5 @@
 import { QUANT_KERNELS_WASM } from './quant-kernels.wasm.ts';
+import { f16Table } from './dtype.ts';
 
 /**
  * The quantizer's inner loops in WebAssembly SIMD (model/quant-kernels.wat): the same codes, scales and zero points as
@@ -92,40 +93,83 @@ export function quantizeInt8Blocks(w: Uint16Array | Float32Array, n: number, k: 
   return true;
 }
 
+/** A matrix's int4 codes, two a byte, produced a chunk of rows at a time; scales and zero points complete after the last. */
+export interface Int4Stream {
+  /** [n, kBlocks, blockSize / 2] bytes, low nibble first, in row order; each piece is overwritten by the next. */
+  codes(): Iterable<Uint8Array>;
+  /** [n·kBlocks] float32: asked for after the last piece of the codes. */
+  scales(): Float32Array;
+  /** [n, ceil(kBlocks / 2)] zero points, two a byte: asked for after the last piece of the codes. */
+  zeroPoints(): Uint8Array;
+}
+
 /**
- * int4 (quantizeRows's asymmetric search, q4Block) of a row-major [n, k] float32 matrix into `data` (two codes a
- * byte, low nibble first), `scales` and `zeroPoints` (two a byte): the kernels search two blocks at once, one per
- * double lane, and JavaScript packs the nibbles. False, having written nothing, where they cannot take it (a partial
- * block, no kernels).
+ * int4 (quantizeRows's asymmetric search, q4Block) of a row-major [n, k] matrix of binary16 bits (width 2, widened
+ * through the exact table a chunk at a time) or float32 (width 4), read in pieces as int8Stream reads it: the kernels
+ * search two blocks at once, one per double lane, and JavaScript packs the nibbles. Null where the kernels cannot
+ * take it (a partial block, no kernels).
  */
-export function quantizeInt4Blocks(w: Float32Array, n: number, k: number, blockSize: number, data: Uint8Array, scales: Float32Array, zeroPoints: Uint8Array): boolean {
+export function int4Stream(read: (from: number, into: Uint8Array) => void, width: 2 | 4, n: number, k: number, blockSize: number, out?: { scales: Float32Array; zeroPoints: Uint8Array }): Int4Stream | null {
   const kern = instance();
-  if (!kern || k % blockSize !== 0 || blockSize % 16 !== 0) return false;
+  if (!kern || k % blockSize !== 0 || blockSize % 16 !== 0) return null;
   const kBlocks = k / blockSize;
   const blob = blockSize / 2;
   const zpBytes = Math.ceil(kBlocks / 2);
-  const rows = Math.max(1, Math.floor(CHUNK_BYTES / (k * 4)));
-  const codesAt = rows * k * 4;
-  const scalesAt = codesAt + rows * k;
-  const zerosAt = scalesAt + rows * kBlocks * 4;
-  const tmpAt = zerosAt + rows * kBlocks + 16;
-  const need = tmpAt + blockSize * 16;
-  if (kern.memory.buffer.byteLength < need) kern.memory.grow(Math.ceil((need - kern.memory.buffer.byteLength) / 65536));
-  const heap = new Uint8Array(kern.memory.buffer);
+  const scales = out?.scales ?? new Float32Array(n * kBlocks);
+  const zeroPoints = out?.zeroPoints ?? new Uint8Array(n * zpBytes);
+  let done = false;
+  const finished = <T>(part: T): T => {
+    if (!done) throw new Error('int4Stream: scales and zero points asked for before the last piece of the codes');
+    return part;
+  };
+  return {
+    *codes() {
+      const rows = Math.max(1, Math.floor(CHUNK_BYTES / (k * 4)));
+      const srcAt = width === 2 ? rows * k * 2 : 0; // F16 is read at 0 and widened into float32 here
+      const codesAt = srcAt + rows * k * 4;
+      const scalesAt = codesAt + rows * k;
+      const zerosAt = scalesAt + rows * kBlocks * 4;
+      const tmpAt = Math.ceil((zerosAt + rows * kBlocks) / 16) * 16;
+      const need = tmpAt + blockSize * 16;
+      if (kern.memory.buffer.byteLength < need) kern.memory.grow(Math.ceil((need - kern.memory.buffer.byteLength) / 65536));
+      const heap = new Uint8Array(kern.memory.buffer);
+      const packed = new Uint8Array((rows * k) / 2);
+      const table = width === 2 ? f16Table() : null;
+      for (let r = 0; r < n; r += rows) {
+        const m = Math.min(rows, n - r);
+        read(r * k * width, heap.subarray(0, m * k * width));
+        if (table) {
+          const halves = new Uint16Array(kern.memory.buffer, 0, m * k);
+          const wide = new Float32Array(kern.memory.buffer, srcAt, m * k);
+          for (let i = 0; i < halves.length; i++) wide[i] = table[halves[i]];
+        }
+        kern.q4f32(srcAt, m * kBlocks, blockSize, codesAt, scalesAt, zerosAt, tmpAt);
+        scales.set(new Float32Array(kern.memory.buffer, scalesAt, m * kBlocks), r * kBlocks);
+        for (let j = 0; j < m * kBlocks; j++) {
+          const row = r + Math.floor(j / kBlocks);
+          const b = j % kBlocks;
+          zeroPoints[row * zpBytes + (b >> 1)] |= heap[zerosAt + j] << ((b & 1) * 4);
+          const c = codesAt + j * blockSize;
+          for (let i = 0; i < blob; i++) packed[j * blob + i] = heap[c + 2 * i] | (heap[c + 2 * i + 1] << 4);
+        }
+        yield packed.subarray(0, (m * k) / 2);
+      }
+      done = true;
+    },
+    scales: () => finished(scales),
+    zeroPoints: () => finished(zeroPoints),
+  };
+}
+
+/** int4Stream over a float32 matrix in memory, into `data`, `scales` and `zeroPoints`; false where the kernels cannot take it. */
+export function quantizeInt4Blocks(w: Float32Array, n: number, k: number, blockSize: number, data: Uint8Array, scales: Float32Array, zeroPoints: Uint8Array): boolean {
   const bytes = new Uint8Array(w.buffer, w.byteOffset, w.byteLength);
-  for (let r = 0; r < n; r += rows) {
-    const m = Math.min(rows, n - r);
-    heap.set(bytes.subarray(r * k * 4, (r + m) * k * 4), 0);
-    kern.q4f32(0, m * kBlocks, blockSize, codesAt, scalesAt, zerosAt, tmpAt - (tmpAt % 16));
-    scales.set(new Float32Array(kern.memory.buffer, scalesAt, m * kBlocks), r * kBlocks);
-    for (let j = 0; j < m * kBlocks; j++) {
-      const row = r + Math.floor(j / kBlocks);
-      const b = j % kBlocks;
-      zeroPoints[row * zpBytes + (b >> 1)] |= heap[zerosAt + j] << ((b & 1) * 4);
-      const out = (row * kBlocks + b) * blob;
-      const c = codesAt + j * blockSize;
-      for (let i = 0; i < blob; i++) data[out + i] = heap[c + 2 * i] | (heap[c + 2 * i + 1] << 4);
-    }
+  const stream = int4Stream((from, into) => into.set(bytes.subarray(from, from + into.byteLength)), 4, n, k, blockSize, { scales, zeroPoints });
+  if (!stream) return false;
+  let at = 0;
+  for (const piece of stream.codes()) {
+    data.set(piece, at);
+    at += piece.byteLength;
   }
   return true;
 }

@@ -100,21 +100,27 @@ test('a partial last block is left to the JavaScript loop', () => {
   assert.equal(quantizeInt4Blocks(new Float32Array(40), 1, 40, 32, new Uint8Array(32), new Float32Array(2), new Uint8Array(1)), false);
 });
 
-test('an int8 stage built from F16 and F32 checkpoints streams every [out, in] matrix through the kernels: the codes and scales of the JS loop', () => {
+/** A built stage's external initializers by name: their bytes in weights.bin. */
+function initializers(stagePath: string): (name: string) => Buffer {
+  const model = onnx.ModelProto.decode(readFileSync(stagePath));
+  const weights = readFileSync(join(dirname(stagePath), 'weights.bin'));
+  return (name) => {
+    const t = model.graph!.initializer!.find((i) => i.name === name);
+    assert.ok(t, `initializer ${name}`);
+    const kv = Object.fromEntries(t.externalData!.map((e) => [e.key, e.value]));
+    return weights.subarray(Number(kv.offset), Number(kv.offset) + Number(kv.length));
+  };
+}
+
+test('int8 and int4 stages built from F16 and F32 checkpoints stream every [out, in] matrix through the kernels: the codes, scales and zero points of the JS loops', () => {
   const root = mkdtempSync(join(tmpdir(), 'strata-qk-'));
   try {
     for (const dtype of ['F16', 'F32'] as const) {
       const dir = join(root, dtype);
       writeShardedCheckpoint(dir, { family: 'gptj', blocks: 2, dModel: 64, heads: 4, vocab: 96, maxPositions: 32, rotaryDim: 8 }, dtype, 64 << 10);
       const stage = prepareStage(dir, { first: 0, last: 2 }, { dtype: 'int8', cacheDir: join(root, `cache-${dtype}`) });
-      const model = onnx.ModelProto.decode(readFileSync(stage.path));
-      const weights = readFileSync(join(dirname(stage.path), 'weights.bin'));
-      const init = (name: string) => {
-        const t = model.graph!.initializer!.find((i) => i.name === name);
-        assert.ok(t, `initializer ${name}`);
-        const kv = Object.fromEntries(t.externalData!.map((e) => [e.key, e.value]));
-        return weights.subarray(Number(kv.offset), Number(kv.offset) + Number(kv.length));
-      };
+      const stage4 = prepareStage(dir, { first: 0, last: 2 }, { dtype: 'int4', cacheDir: join(root, `cache-${dtype}`) });
+      const [init, init4] = [initializers(stage.path), initializers(stage4.path)];
       const ck = Checkpoint.open(dir);
       try {
         // The token table (GatherBlockQuantized), a 64 → 256 and a 256 → 64 matrix, in several shards.
@@ -125,6 +131,12 @@ test('an int8 stage built from F16 and F32 checkpoints streams every [out, in] m
           else int8BlocksF32(new Float32Array(raw.bytes.buffer), n, k, 32, data, scales);
           assert.deepEqual(init(`${key}.q8`), Buffer.from(data), `${dtype} ${key}: codes`);
           assert.deepEqual(init(`${key}.q8.scales`), Buffer.from(scales.buffer), `${dtype} ${key}: scales`);
+          const wide = dtype === 'F16' ? float16ToFloat32(new Uint16Array(raw.bytes.buffer)) : new Float32Array(raw.bytes.buffer);
+          const [d4, s4, z4] = [new Uint8Array((n * k) / 2), new Float32Array((n * k) / 32), new Uint8Array(n * Math.ceil(k / 64))];
+          int4BlocksF32(wide, n, k, 32, d4, s4, z4);
+          assert.deepEqual(init4(`${key}.q4`), Buffer.from(d4), `${dtype} ${key}: int4 codes`);
+          assert.deepEqual(init4(`${key}.q4.scales`), Buffer.from(s4.buffer), `${dtype} ${key}: int4 scales`);
+          assert.deepEqual(init4(`${key}.q4.zp`), Buffer.from(z4), `${dtype} ${key}: int4 zero points`);
         }
       } finally {
         ck.close();

@@ -3,7 +3,7 @@ import { isQuantized, storedAsFloat32, type QuantizedDType } from '../dtype.ts';
 import { ElemType } from '../onnx-builder.ts';
 import { quantizeRows, quantizeRowsF16, quantScheme, transpose, type QuantizedMatrix, type QuantScheme } from '../quantize.ts';
 import type { StageContext } from './context.ts';
-import { int8Stream, type Int8Stream } from '../quant-kernels.ts';
+import { int4Stream, int8Stream, type Int4Stream, type Int8Stream } from '../quant-kernels.ts';
 
 /**
  * One linear layer: x [N, in] → [N, out].
@@ -70,9 +70,9 @@ function quantizedWeight(ctx: StageContext, w: WeightRef, conv1d: boolean, dtype
   const blob = (scheme.blockSize * scheme.bits) / 8;
   let q: QuantizedMatrix | null = null;
   const get = (): QuantizedMatrix => (q ??= quantizeWeight(ctx, w, conv1d, scheme));
-  // int8 of a checkpoint's F16/F32 [out, in] matrix streams from the file through the WebAssembly kernels, a few
-  // MiB at a time, into the sink: no tensor-sized buffers (GPT-J's token table alone is 412 MB of F16).
-  const stream = scheme.bits === 8 && !conv1d ? streamInt8(ctx, w, n, k, scheme.blockSize) : null;
+  // A checkpoint's F16/F32 [out, in] matrix streams from the file through the WebAssembly kernels, a few MiB at a
+  // time, into the sink: no tensor-sized buffers (GPT-J's token table alone is 412 MB of F16).
+  const stream = conv1d ? null : streamQuantized(ctx, w, n, k, scheme);
   const data = ctx.g.weight(`${w.key}.q${scheme.bits}`, ElemType.UINT8, [n, kBlocks, blob], () => stream?.codes() ?? get().data);
   // The sink reads each initializer's bytes as it is added, in this order: the matrix is dropped after the last one.
   const last = scheme.bits === 4 ? 'zeroPoints' : 'scales';
@@ -84,15 +84,16 @@ function quantizedWeight(ctx: StageContext, w: WeightRef, conv1d: boolean, dtype
     const s = stream?.scales() ?? get().scales;
     return release('scales', new Uint8Array(s.buffer, s.byteOffset, s.byteLength));
   });
-  const zeroPoints = scheme.bits === 4 ? ctx.g.weight(`${w.key}.q4.zp`, ElemType.UINT8, [n, Math.ceil(kBlocks / 2)], () => release('zeroPoints', get().zeroPoints!)) : '';
+  const zeroPoints = scheme.bits === 4 ? ctx.g.weight(`${w.key}.q4.zp`, ElemType.UINT8, [n, Math.ceil(kBlocks / 2)], () => release('zeroPoints', stream ? (stream as Int4Stream).zeroPoints() : get().zeroPoints!)) : '';
   return { data, scales, zeroPoints, n, k, kBlocks, blob };
 }
 
-/** The int8 stream of a stored F16 or F32 matrix, when the source reads files in pieces and the kernels take its blocks. */
-function streamInt8(ctx: StageContext, w: WeightRef, n: number, k: number, blockSize: number): Int8Stream | null {
+/** The quantized stream of a stored F16 or F32 matrix, when the source reads files in pieces and the kernels take its blocks. */
+function streamQuantized(ctx: StageContext, w: WeightRef, n: number, k: number, scheme: QuantScheme): Int8Stream | Int4Stream | null {
   const stored = ctx.stored(w);
   const width = stored?.dtype === 'F16' ? 2 : stored?.dtype === 'F32' ? 4 : 0;
-  return stored && width ? int8Stream(stored.readInto, width, n, k, blockSize) : null;
+  if (!stored || !width) return null;
+  return scheme.bits === 8 ? int8Stream(stored.readInto, width, n, k, scheme.blockSize) : int4Stream(stored.readInto, width, n, k, scheme.blockSize);
 }
 
 /** Reads and quantizes one matrix: an F16 checkpoint's [out, in] weight straight from its bits, anything else through float32. */
