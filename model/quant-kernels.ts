@@ -85,11 +85,7 @@ export function quantizeInt8Blocks(w: Uint16Array | Float32Array, n: number, k: 
   const bytes = new Uint8Array(w.buffer, w.byteOffset, w.byteLength);
   const stream = int8Stream((from, into) => into.set(bytes.subarray(from, from + into.byteLength)), w.BYTES_PER_ELEMENT as 2 | 4, n, k, blockSize, scales);
   if (!stream) return false;
-  let at = 0;
-  for (const piece of stream.codes()) {
-    data.set(piece, at);
-    at += piece.byteLength;
-  }
+  drain(stream.codes(), data);
   return true;
 }
 
@@ -166,10 +162,15 @@ export function quantizeInt4Blocks(w: Float32Array, n: number, k: number, blockS
   const bytes = new Uint8Array(w.buffer, w.byteOffset, w.byteLength);
   const stream = int4Stream((from, into) => into.set(bytes.subarray(from, from + into.byteLength)), 4, n, k, blockSize, { scales, zeroPoints });
   if (!stream) return false;
+  drain(stream.codes(), data);
+  return true;
+}
+
+/** A stream's pieces copied into `data`, one after another. */
+function drain(pieces: Iterable<Uint8Array>, data: Uint8Array): void {
   let at = 0;
-  for (const piece of stream.codes()) {
+  for (const piece of pieces) {
     data.set(piece, at);
     at += piece.byteLength;
   }
-  return true;
 }
