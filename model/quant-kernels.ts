@@ -29,6 +29,12 @@ function instance(): Kernels | null {
   return kernels;
 }
 
+/** Grows the kernels' memory to at least `bytes` (views of it made before are detached). */
+function reserve(kern: Kernels, bytes: number): void {
+  const have = kern.memory.buffer.byteLength;
+  if (have < bytes) kern.memory.grow(Math.ceil((bytes - have) / 65536));
+}
+
 /** Weights quantized per call: whole rows, about this many bytes of them. */
 const CHUNK_BYTES = 4 << 20;
 
@@ -60,7 +66,7 @@ export function int8Stream(read: (from: number, into: Uint8Array) => void, width
       const codesAt = rows * k * width;
       const scalesAt = codesAt + rows * k;
       const need = scalesAt + ((rows * k) / blockSize) * 4;
-      if (kern.memory.buffer.byteLength < need) kern.memory.grow(Math.ceil((need - kern.memory.buffer.byteLength) / 65536));
+      reserve(kern, need);
       const quantize = width === 2 ? kern.q8f16 : kern.q8f32;
       const heap = new Uint8Array(kern.memory.buffer);
       for (let r = 0; r < n; r += rows) {
@@ -127,7 +133,7 @@ export function int4Stream(read: (from: number, into: Uint8Array) => void, width
       const zerosAt = scalesAt + rows * kBlocks * 4;
       const tmpAt = Math.ceil((zerosAt + rows * kBlocks) / 16) * 16;
       const need = tmpAt + blockSize * 16;
-      if (kern.memory.buffer.byteLength < need) kern.memory.grow(Math.ceil((need - kern.memory.buffer.byteLength) / 65536));
+      reserve(kern, need);
       const heap = new Uint8Array(kern.memory.buffer);
       const packed = new Uint8Array((rows * k) / 2);
       const table = width === 2 ? f16Table() : null;
