@@ -178,3 +178,31 @@ describe('quantized stage cache and bad checkpoints', () => {
     assert.ok(!existsSync(join(cacheDir, 'x')));
   });
 });
+
+describe('a model narrower than one quantization block', () => {
+  // The built-in demo model (`npm start`) has d_model 16: each token-table row is half a block, and the quantized
+  // table's rows come back padded to the whole block. int8 and int4 must still load and compute the same function.
+  test('the demo model (d_model 16) at int8 and int4: loads, int8 keeps float32\'s greedy tokens, int4 stays bounded', async () => {
+    const dir = join(import.meta.dirname, '..', 'models', 'demo');
+    const ids = [464, 3290, 318, 257, 1332, 286];
+    const f32 = await LocalPipeline.load(dir, 1, {});
+    let want: number[][];
+    try {
+      want = await forwardLogits(f32, ids);
+    } finally {
+      await f32.close();
+    }
+    for (const dtype of DTYPES) {
+      const p = await LocalPipeline.load(dir, 2, { dtype });
+      try {
+        const got = await forwardLogits(p, ids);
+        assert.equal(got.length, want.length);
+        const kl = Math.max(...got.map((row, t) => klDivergence(want[t], row)));
+        if (dtype === 'int8') assert.deepEqual(got.map(argmax), want.map(argmax), `${dtype}: top-1 per position`);
+        assert.ok(kl <= BOUNDS[dtype].maxKl, `${dtype}: max KL ${kl} (bound ${BOUNDS[dtype].maxKl})`);
+      } finally {
+        await p.close();
+      }
+    }
+  });
+});

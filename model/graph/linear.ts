@@ -43,7 +43,9 @@ export function gatherRows(ctx: StageContext, table: WeightRef, ids: string): st
   // GatherBlockQuantized wants the codes 2-D: the same bytes as MatMulNBits's [N, blocks, blob], viewed [N, blocks·blob].
   const rows = ctx.g.weightView(`${q.data}.rows`, q.data, [q.n, q.kBlocks * q.blob]);
   const inputs = q.zeroPoints ? [rows, ids, q.scales, q.zeroPoints] : [rows, ids, q.scales];
-  return ctx.g.o('GatherBlockQuantized', inputs, { bits, block_size: blockSize, gather_axis: 0, quantize_axis: 1 }, 'com.microsoft');
+  const out = ctx.g.o('GatherBlockQuantized', inputs, { bits, block_size: blockSize, gather_axis: 0, quantize_axis: 1 }, 'com.microsoft');
+  // A row narrower than whole blocks (the demo model's 16 against 32) comes back padded to whole blocks: cut it to D.
+  return q.k % blockSize ? ctx.g.o('Slice', [out, ctx.g.constInt64([0]), ctx.g.constInt64([q.k]), ctx.g.constInt64([-1])]) : out;
 }
 
 interface QuantizedWeight {
