@@ -39,7 +39,7 @@ export class LocalPipeline implements Stepper {
     const ranges = typeof split === 'number' ? evenSplit(spec.blocks, split) : split;
     const dtype = opts.dtype ?? 'float32';
     const rows = opts.maxBatch ?? DEFAULT_SLOT_ROWS;
-    const prepared = ranges.map((r) => prepareStage(modelDir, r, { dtype, fused: opts.fused, device: opts.device, cacheDir: opts.cacheDir, rows, quantBlockSize: opts.quantBlockSize, onProgress: opts.onProgress }));
+    const prepared = ranges.map((r) => prepareStage(modelDir, r, { dtype, fused: opts.fused, device: opts.device, cacheDir: opts.cacheDir, rows, quantBlockSize: opts.quantBlockSize, threads: opts.threads, onProgress: opts.onProgress }));
     const stages: Stage[] = [];
     for (const p of prepared) stages.push(new Stage(spec, p.range, await StageSession.create(p.path, { prepack: stagePrepack(dtype), ...opts }), activationDType(dtype), { kvBudgetBytes: opts.kvBudgetBytes, rows }));
     return new LocalPipeline(spec, stages, prepared);

@@ -9,9 +9,11 @@ const target = new URL('./quant-kernels.wasm.ts', import.meta.url);
 
 export async function assembleQuantKernels(): Promise<Uint8Array> {
   const wabt = await (await import('wabt')).default();
-  const mod = wabt.parseWat('quant-kernels.wat', readFileSync(source, 'utf8'), { simd: true, sat_float_to_int: true });
+  const features = { simd: true, sat_float_to_int: true, threads: true };
+  const mod = wabt.parseWat('quant-kernels.wat', readFileSync(source, 'utf8'), features);
   try {
-    mod.validate();
+    // validate() checks against its own features (wabt's typings omit the argument): threads, for the shared memory.
+    (mod as unknown as { validate(f: object): void }).validate(features);
     return mod.toBinary({ log: false }).buffer;
   } finally {
     mod.destroy();

@@ -1,4 +1,5 @@
 import { QUANT_KERNELS_WASM } from './quant-kernels.wasm.ts';
+import { Worker } from 'node:worker_threads';
 import { f16Table } from './dtype.ts';
 
 /**
@@ -9,19 +10,28 @@ import { f16Table } from './dtype.ts';
  * on every install, so the loops are hand-written WebAssembly. STRATA_QUANT_SIMD=0 runs the JavaScript loops instead.
  */
 interface Kernels {
-  memory: WebAssembly.Memory;
   q8f16(src: number, blocks: number, blockSize: number, codes: number, scales: number): void;
   q8f32(src: number, blocks: number, blockSize: number, codes: number, scales: number): void;
   q4f32(src: number, blocks: number, blockSize: number, codes: number, scales: number, zeros: number, tmp: number): void;
 }
 
-let kernels: Kernels | null | undefined;
+interface Instance {
+  module: WebAssembly.Module;
+  /** Shared: QuantPool's helper threads run the same kernels over it. */
+  memory: WebAssembly.Memory;
+  kernels: Kernels;
+}
 
-/** The instance, made on first use; null where it cannot run (no WebAssembly SIMD), or when switched off. */
-function instance(): Kernels | null {
+let kernels: Instance | null | undefined;
+
+/** The instance, made on first use; null where it cannot run (no WebAssembly SIMD or threads), or when switched off. */
+function instance(): Instance | null {
   if (kernels === undefined) {
     try {
-      kernels = process.env.STRATA_QUANT_SIMD === '0' ? null : (new WebAssembly.Instance(new WebAssembly.Module(Buffer.from(QUANT_KERNELS_WASM, 'base64'))).exports as unknown as Kernels);
+      if (process.env.STRATA_QUANT_SIMD === '0') throw new Error('off');
+      const module = new WebAssembly.Module(Buffer.from(QUANT_KERNELS_WASM, 'base64'));
+      const memory = new WebAssembly.Memory({ initial: 1, maximum: MAX_PAGES, shared: true });
+      kernels = { module, memory, kernels: new WebAssembly.Instance(module, { env: { memory } }).exports as unknown as Kernels };
     } catch {
       kernels = null;
     }
@@ -29,10 +39,116 @@ function instance(): Kernels | null {
   return kernels;
 }
 
-/** Grows the kernels' memory to at least `bytes` (views of it made before are detached). */
-function reserve(kern: Kernels, bytes: number): void {
-  const have = kern.memory.buffer.byteLength;
-  if (have < bytes) kern.memory.grow(Math.ceil((bytes - have) / 65536));
+/** The memory's bound, as the .wat declares it (1 GiB; a chunk and its outputs take tens of MiB). */
+const MAX_PAGES = 16384;
+
+/** Grows the kernels' memory to at least `bytes` (take views of it after: a grown shared memory has a new buffer). */
+function reserve(inst: Instance, bytes: number): void {
+  const have = inst.memory.buffer.byteLength;
+  if (have < bytes) inst.memory.grow(Math.ceil((bytes - have) / 65536));
+}
+
+type KernelName = keyof Kernels;
+const KERNEL_IDS: Record<KernelName, number> = { q8f16: 0, q8f32: 1, q4f32: 2 };
+
+/**
+ * Helper threads that run the kernels on other blocks of the same chunk, over the same shared memory: a stage's build
+ * then quantizes on as many cores as the worker was given (int4's search runs at ~16 M weights/s per core, so a
+ * GPT-J stage was minutes on one). The builder is synchronous, so a call blocks in Atomics.wait until its helpers are
+ * done; each helper blocks the same way until it is given a part. Blocks are independent, so the codes, scales and
+ * zero points are the same whatever the number of threads. close() ends the helpers.
+ */
+export class QuantPool {
+  private readonly helpers: Worker[] = [];
+  /** Per helper, 16 int32: [job, done, kernel, 7 arguments, failed]. */
+  private readonly control: Int32Array;
+  private job = 0;
+
+  private constructor(private readonly inst: Instance, helpers: number) {
+    this.control = new Int32Array(new SharedArrayBuffer(helpers * 64));
+    for (let at = 0; at < helpers; at++) {
+      const w = new Worker(HELPER, { eval: true, workerData: { module: inst.module, memory: inst.memory, control: this.control.buffer, at } });
+      w.unref();
+      this.helpers.push(w);
+    }
+  }
+
+  /** A pool of `threads` threads in all (this one and threads − 1 helpers); null for one thread, or without the kernels. */
+  static create(threads: number): QuantPool | null {
+    const inst = instance();
+    return inst && threads > 1 ? new QuantPool(inst, Math.floor(threads) - 1) : null;
+  }
+
+  get threads(): number {
+    return this.helpers.length + 1;
+  }
+
+  /**
+   * `kernel` over `blocks` blocks, split into whole pairs of blocks across the threads: part p starts its block run
+   * at args + p's first block × `strides` (bytes per block of src, codes, scales, zeros) and uses tmp + p × tmpBytes.
+   */
+  run(kernel: KernelName, args: number[], strides: number[], tmpBytes = 0): void {
+    const blocks = args[1];
+    const share = Math.ceil(blocks / this.threads / 2) * 2;
+    const part = (p: number): number[] | null => {
+      const first = p * share;
+      if (first >= blocks) return null;
+      const a = [args[0] + first * strides[0], Math.min(share, blocks - first), args[2], args[3] + first * strides[1], args[4] + first * strides[2]];
+      return args.length > 5 ? [...a, args[5] + first * strides[3], args[6] + p * tmpBytes] : a;
+    };
+    const job = ++this.job;
+    const posted: number[] = [];
+    this.helpers.forEach((_, h) => {
+      const a = part(h + 1);
+      if (!a) return;
+      const c = this.control.subarray(h * 16, h * 16 + 16);
+      c[2] = KERNEL_IDS[kernel];
+      c.set(a, 3);
+      Atomics.store(c, 0, job);
+      Atomics.notify(c, 0);
+      posted.push(h);
+    });
+    const own = part(0)!;
+    (this.inst.kernels[kernel] as (...a: number[]) => void)(...own);
+    for (const h of posted) {
+      const c = this.control.subarray(h * 16, h * 16 + 16);
+      for (let done = Atomics.load(c, 1); done !== job; done = Atomics.load(c, 1)) {
+        // A part is a few MiB of weights (well under a second): a minute without an answer is a helper that died.
+        if (Atomics.wait(c, 1, done, 60_000) === 'timed-out') throw new Error(`quantizer helper thread ${h} did not answer in 60 s`);
+      }
+      if (c[10]) throw new Error(`quantizer helper thread ${h} failed on ${kernel}`);
+    }
+  }
+
+  async close(): Promise<void> {
+    await Promise.all(this.helpers.map((w) => w.terminate()));
+  }
+}
+
+/** A helper's loop (CommonJS, eval'd: it needs no loader): wait for a part, run it, say done. */
+const HELPER = `
+const { workerData } = require('node:worker_threads');
+const { module, memory, control, at } = workerData;
+const k = new WebAssembly.Instance(module, { env: { memory } }).exports;
+const kernels = [k.q8f16, k.q8f32, k.q4f32];
+const c = new Int32Array(control, at * 64, 16);
+for (let seen = 0; ; ) {
+  Atomics.wait(c, 0, seen);
+  seen = Atomics.load(c, 0);
+  try {
+    kernels[c[2]](c[3], c[4], c[5], c[6], c[7], c[8], c[9]);
+    c[10] = 0;
+  } catch {
+    c[10] = 1;
+  }
+  Atomics.store(c, 1, seen);
+  Atomics.notify(c, 1);
+}`;
+
+/** Runs `kernel` over its blocks on the pool's threads, or on this one. */
+function runKernel(inst: Instance, pool: QuantPool | null | undefined, kernel: KernelName, args: number[], strides: number[], tmpBytes = 0): void {
+  if (pool) pool.run(kernel, args, strides, tmpBytes);
+  else (inst.kernels[kernel] as (...a: number[]) => void)(...args);
 }
 
 /** Weights quantized per call: whole rows, about this many bytes of them. */
@@ -55,9 +171,9 @@ export interface Int8Stream {
  * ever in memory. Null where the kernels cannot take it: a partial block at a row's end (k not a multiple of the
  * block), or no kernels; the caller's JavaScript loop does it then.
  */
-export function int8Stream(read: (from: number, into: Uint8Array) => void, width: 2 | 4, n: number, k: number, blockSize: number, scalesOut?: Float32Array): Int8Stream | null {
-  const kern = instance();
-  if (!kern || k % blockSize !== 0 || blockSize % 16 !== 0) return null;
+export function int8Stream(read: (from: number, into: Uint8Array) => void, width: 2 | 4, n: number, k: number, blockSize: number, scalesOut?: Float32Array, pool?: QuantPool | null): Int8Stream | null {
+  const inst = instance();
+  if (!inst || k % blockSize !== 0 || blockSize % 16 !== 0) return null;
   const scales = scalesOut ?? new Float32Array((n * k) / blockSize);
   let done = false;
   return {
@@ -66,15 +182,14 @@ export function int8Stream(read: (from: number, into: Uint8Array) => void, width
       const codesAt = rows * k * width;
       const scalesAt = codesAt + rows * k;
       const need = scalesAt + ((rows * k) / blockSize) * 4;
-      reserve(kern, need);
-      const quantize = width === 2 ? kern.q8f16 : kern.q8f32;
-      const heap = new Uint8Array(kern.memory.buffer);
+      reserve(inst, need);
+      const heap = new Uint8Array(inst.memory.buffer);
       for (let r = 0; r < n; r += rows) {
         const m = Math.min(rows, n - r);
         const blocks = (m * k) / blockSize;
         read(r * k * width, heap.subarray(0, m * k * width));
-        quantize(0, blocks, blockSize, codesAt, scalesAt);
-        scales.set(new Float32Array(kern.memory.buffer, scalesAt, blocks), (r * k) / blockSize);
+        runKernel(inst, pool, width === 2 ? 'q8f16' : 'q8f32', [0, blocks, blockSize, codesAt, scalesAt], [blockSize * width, blockSize, 4]);
+        scales.set(new Float32Array(heap.buffer, scalesAt, blocks), (r * k) / blockSize);
         yield heap.subarray(codesAt, codesAt + m * k);
       }
       done = true;
@@ -87,9 +202,9 @@ export function int8Stream(read: (from: number, into: Uint8Array) => void, width
 }
 
 /** int8Stream over a matrix in memory, into `data` [n·k] and `scales`; false where the kernels cannot take it. */
-export function quantizeInt8Blocks(w: Uint16Array | Float32Array, n: number, k: number, blockSize: number, data: Uint8Array, scales: Float32Array): boolean {
+export function quantizeInt8Blocks(w: Uint16Array | Float32Array, n: number, k: number, blockSize: number, data: Uint8Array, scales: Float32Array, pool?: QuantPool | null): boolean {
   const bytes = new Uint8Array(w.buffer, w.byteOffset, w.byteLength);
-  const stream = int8Stream((from, into) => into.set(bytes.subarray(from, from + into.byteLength)), w.BYTES_PER_ELEMENT as 2 | 4, n, k, blockSize, scales);
+  const stream = int8Stream((from, into) => into.set(bytes.subarray(from, from + into.byteLength)), w.BYTES_PER_ELEMENT as 2 | 4, n, k, blockSize, scales, pool);
   if (!stream) return false;
   drain(stream.codes(), data);
   return true;
@@ -111,9 +226,9 @@ export interface Int4Stream {
  * search two blocks at once, one per double lane, and JavaScript packs the nibbles. Null where the kernels cannot
  * take it (a partial block, no kernels).
  */
-export function int4Stream(read: (from: number, into: Uint8Array) => void, width: 2 | 4, n: number, k: number, blockSize: number, out?: { scales: Float32Array; zeroPoints: Uint8Array }): Int4Stream | null {
-  const kern = instance();
-  if (!kern || k % blockSize !== 0 || blockSize % 16 !== 0) return null;
+export function int4Stream(read: (from: number, into: Uint8Array) => void, width: 2 | 4, n: number, k: number, blockSize: number, out?: { scales: Float32Array; zeroPoints: Uint8Array }, pool?: QuantPool | null): Int4Stream | null {
+  const inst = instance();
+  if (!inst || k % blockSize !== 0 || blockSize % 16 !== 0) return null;
   const kBlocks = k / blockSize;
   const blob = blockSize / 2;
   const zpBytes = Math.ceil(kBlocks / 2);
@@ -132,21 +247,21 @@ export function int4Stream(read: (from: number, into: Uint8Array) => void, width
       const scalesAt = codesAt + rows * k;
       const zerosAt = scalesAt + rows * kBlocks * 4;
       const tmpAt = Math.ceil((zerosAt + rows * kBlocks) / 16) * 16;
-      const need = tmpAt + blockSize * 16;
-      reserve(kern, need);
-      const heap = new Uint8Array(kern.memory.buffer);
+      const tmpBytes = blockSize * 16; // per thread
+      reserve(inst, tmpAt + tmpBytes * (pool?.threads ?? 1));
+      const heap = new Uint8Array(inst.memory.buffer);
       const packed = new Uint8Array((rows * k) / 2);
       const table = width === 2 ? f16Table() : null;
       for (let r = 0; r < n; r += rows) {
         const m = Math.min(rows, n - r);
         read(r * k * width, heap.subarray(0, m * k * width));
         if (table) {
-          const halves = new Uint16Array(kern.memory.buffer, 0, m * k);
-          const wide = new Float32Array(kern.memory.buffer, srcAt, m * k);
+          const halves = new Uint16Array(heap.buffer, 0, m * k);
+          const wide = new Float32Array(heap.buffer, srcAt, m * k);
           for (let i = 0; i < halves.length; i++) wide[i] = table[halves[i]];
         }
-        kern.q4f32(srcAt, m * kBlocks, blockSize, codesAt, scalesAt, zerosAt, tmpAt);
-        scales.set(new Float32Array(kern.memory.buffer, scalesAt, m * kBlocks), r * kBlocks);
+        runKernel(inst, pool, 'q4f32', [srcAt, m * kBlocks, blockSize, codesAt, scalesAt, zerosAt, tmpAt], [blockSize * 4, blockSize, 4, 1], tmpBytes);
+        scales.set(new Float32Array(heap.buffer, scalesAt, m * kBlocks), r * kBlocks);
         for (let j = 0; j < m * kBlocks; j++) {
           const row = r + Math.floor(j / kBlocks);
           const b = j % kBlocks;
@@ -164,9 +279,9 @@ export function int4Stream(read: (from: number, into: Uint8Array) => void, width
 }
 
 /** int4Stream over a float32 matrix in memory, into `data`, `scales` and `zeroPoints`; false where the kernels cannot take it. */
-export function quantizeInt4Blocks(w: Float32Array, n: number, k: number, blockSize: number, data: Uint8Array, scales: Float32Array, zeroPoints: Uint8Array): boolean {
+export function quantizeInt4Blocks(w: Float32Array, n: number, k: number, blockSize: number, data: Uint8Array, scales: Float32Array, zeroPoints: Uint8Array, pool?: QuantPool | null): boolean {
   const bytes = new Uint8Array(w.buffer, w.byteOffset, w.byteLength);
-  const stream = int4Stream((from, into) => into.set(bytes.subarray(from, from + into.byteLength)), 4, n, k, blockSize, { scales, zeroPoints });
+  const stream = int4Stream((from, into) => into.set(bytes.subarray(from, from + into.byteLength)), 4, n, k, blockSize, { scales, zeroPoints }, pool);
   if (!stream) return false;
   drain(stream.codes(), data);
   return true;

@@ -6,9 +6,11 @@
 ;; Math.fround of the double result is. Rounding: f32x4.nearest rounds half to even, so a lane exactly halfway (|y − r|
 ;; = 0.5, exact here) takes y + copysign(0.5, y) instead, exact for such y; a NaN lane truncates to 0, code 128.
 ;; Blocks are whole: blockSize a multiple of 16, rows a multiple of blockSize.
+;; The memory is shared and imported: helper threads (model/quant-kernels.ts, QuantPool) run the same kernels on
+;; other blocks of the same chunk, each with its own `tmp`. 16384 pages (1 GiB) bound it; a chunk needs tens of MiB.
 ;; Regenerate model/quant-kernels.wasm.ts after an edit: npm run build:wasm.
 (module
-  (memory (export "memory") 1)
+  (import "env" "memory" (memory 1 16384 shared))
 
   ;; A finite half's magnitude bits (≤ 0x7c00, infinity) as a float32.
   (func $half (param $a i32) (result f32)

@@ -15,7 +15,7 @@
  */
 import { StrataError } from './errors.ts';
 import { f16Table, float16ToFloat32 } from './dtype.ts';
-import { quantizeInt4Blocks, quantizeInt8Blocks } from './quant-kernels.ts';
+import { quantizeInt4Blocks, quantizeInt8Blocks, type QuantPool } from './quant-kernels.ts';
 
 export type QuantBits = 4 | 8;
 
@@ -72,7 +72,7 @@ const roundAway = (x: number): number => (x < 0 ? -Math.round(-x) : Math.round(x
  * Quantizes a row-major [n, k] float32 matrix block-wise along k. A trailing partial block is padded with zeros
  * (MatMulNBits's k_blocks = ceil(K / block)).
  */
-export function quantizeRows(w: Float32Array, n: number, k: number, scheme: QuantScheme): QuantizedMatrix {
+export function quantizeRows(w: Float32Array, n: number, k: number, scheme: QuantScheme, pool?: QuantPool | null): QuantizedMatrix {
   checkScheme(scheme);
   if (w.length !== n * k) throw new Error(`quantizeRows: ${w.length} values is not ${n} × ${k}`);
   const { bits, blockSize } = scheme;
@@ -81,11 +81,11 @@ export function quantizeRows(w: Float32Array, n: number, k: number, scheme: Quan
   const data = new Uint8Array(n * kBlocks * blob);
   const scales = new Float32Array(n * kBlocks);
   if (bits === 8) {
-    if (!quantizeInt8Blocks(w, n, k, blockSize, data, scales)) int8BlocksF32(w, n, k, blockSize, data, scales);
+    if (!quantizeInt8Blocks(w, n, k, blockSize, data, scales, pool)) int8BlocksF32(w, n, k, blockSize, data, scales);
     return { data, scales, n, k, kBlocks, blob };
   }
   const zeroPoints = new Uint8Array(n * Math.ceil(kBlocks / 2));
-  if (!quantizeInt4Blocks(w, n, k, blockSize, data, scales, zeroPoints)) int4BlocksF32(w, n, k, blockSize, data, scales, zeroPoints);
+  if (!quantizeInt4Blocks(w, n, k, blockSize, data, scales, zeroPoints, pool)) int4BlocksF32(w, n, k, blockSize, data, scales, zeroPoints);
   return { data, scales, zeroPoints, n, k, kBlocks, blob };
 }
 
@@ -123,15 +123,15 @@ export function int4BlocksF32(w: Float32Array, n: number, k: number, blockSize: 
  * float32 copy twice the tensor's size: an int8 build of GPT-J's F16 checkpoint is this over 6 G weights, which the
  * WebAssembly kernels (quant-kernels.ts) run where the blocks are whole and the JavaScript loop below otherwise.
  */
-export function quantizeRowsF16(halves: Uint16Array, n: number, k: number, scheme: QuantScheme): QuantizedMatrix {
-  if (scheme.bits !== 8) return quantizeRows(float16ToFloat32(halves), n, k, scheme);
+export function quantizeRowsF16(halves: Uint16Array, n: number, k: number, scheme: QuantScheme, pool?: QuantPool | null): QuantizedMatrix {
+  if (scheme.bits !== 8) return quantizeRows(float16ToFloat32(halves), n, k, scheme, pool);
   checkScheme(scheme);
   if (halves.length !== n * k) throw new Error(`quantizeRowsF16: ${halves.length} values is not ${n} × ${k}`);
   const { blockSize } = scheme;
   const kBlocks = Math.ceil(k / blockSize);
   const data = new Uint8Array(n * kBlocks * blockSize);
   const scales = new Float32Array(n * kBlocks);
-  if (!quantizeInt8Blocks(halves, n, k, blockSize, data, scales)) int8BlocksF16(halves, n, k, blockSize, data, scales);
+  if (!quantizeInt8Blocks(halves, n, k, blockSize, data, scales, pool)) int8BlocksF16(halves, n, k, blockSize, data, scales);
   return { data, scales, n, k, kBlocks, blob: blockSize };
 }
 

@@ -1,5 +1,5 @@
 import { existsSync, mkdirSync, renameSync, rmSync, statSync, writeFileSync, readFileSync } from 'node:fs';
-import { homedir } from 'node:os';
+import { availableParallelism, homedir } from 'node:os';
 import { join } from 'node:path';
 import { loadModelSpec, type ModelSpec } from './config.ts';
 import { Checkpoint } from './safetensors.ts';
@@ -12,6 +12,7 @@ import { isQuantized } from './dtype.ts';
 import { StrataError } from './errors.ts';
 import { parseDevice } from './executor.ts';
 import { checkQuantKernels, quantScheme, schemeKey } from './quantize.ts';
+import { QuantPool } from './quant-kernels.ts';
 import { ProgressMeter, formatProgress, type LoadProgress } from './progress.ts';
 
 export interface PreparedStage {
@@ -48,7 +49,12 @@ export const defaultCacheDir = (): string => process.env.STRATA_CACHE_DIR ?? joi
 export function prepareStage(
   modelDir: string,
   range: BlockRange,
-  opts: { dtype?: WeightDType; fused?: boolean; device?: string; cacheDir?: string; rows?: number; quantBlockSize?: number; onProgress?: (msg: string, load?: LoadProgress) => void } = {},
+  opts: {
+    dtype?: WeightDType; fused?: boolean; device?: string; cacheDir?: string; rows?: number; quantBlockSize?: number;
+    /** Threads an int8/int4 build quantizes on (default: this host's cores; STRATA_QUANT_THREADS overrides). */
+    threads?: number;
+    onProgress?: (msg: string, load?: LoadProgress) => void;
+  } = {},
 ): PreparedStage {
   const dtype = opts.dtype ?? 'float32';
   const fused = opts.fused ?? defaultFused(opts.device);
@@ -87,6 +93,7 @@ export function prepareStage(
     const total = refs.reduce((a, r) => a + (ck.info(r.key)?.length ?? 0), 0);
     const sink = new FileSink(join(tmp, 'weights.bin'), 'weights.bin', linkWeights(total));
     const meter = new ProgressMeter('building', rangeLabel(range), total, refs.length, (p) => opts.onProgress?.(formatProgress(p), p), 500);
+    const quantPool = scheme ? QuantPool.create(quantThreads(opts.threads)) : null;
     try {
       // Each tensor counts once, whether it was read, linked, or located and then read (a dtype that needs converting).
       const seen = new Set<string>();
@@ -98,11 +105,13 @@ export function prepareStage(
         locate: (k: string, s: number[]) => counted(k, ck.locate(k, s)),
         readInto: (k: string, s: number[], from: number, into: Uint8Array) => counted(k, ck.readInto(k, s, from, into)),
       };
-      ({ model, paramBytes } = buildStageGraph(spec, range, source, sink, { dtype, fused, rows, kvInPlace, quantBlockSize: scheme?.blockSize }));
+      ({ model, paramBytes } = buildStageGraph(spec, range, source, sink, { dtype, fused, rows, kvInPlace, quantBlockSize: scheme?.blockSize, quantPool }));
     } catch (e) {
       sink.close();
       rmSync(tmp, { recursive: true, force: true });
       throw e;
+    } finally {
+      void quantPool?.close();
     }
     sink.close();
     writeFileSync(join(tmp, 'stage.onnx'), model);
@@ -120,6 +129,15 @@ export function prepareStage(
 }
 
 const CACHE_FILES = ['stage.onnx', 'weights.bin'] as const;
+
+/**
+ * Threads a quantized build uses: STRATA_QUANT_THREADS, else the caller's (a worker's share of the host), else every
+ * core. The codes do not depend on it (model/quant-kernels.ts, QuantPool).
+ */
+export function quantThreads(threads?: number, env = process.env.STRATA_QUANT_THREADS): number {
+  const n = Number(env || threads || availableParallelism());
+  return Number.isInteger(n) && n >= 1 ? n : 1;
+}
 
 /**
  * Whether a stage of `bytes` checkpoint bytes hard-links the tensors it stores unchanged (onnx-builder.ts FileSink)

@@ -5,7 +5,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { QUANT_KERNELS_WASM } from '../model/quant-kernels.wasm.ts';
 import { assembleQuantKernels } from '../model/quant-kernels-build.ts';
-import { quantizeInt4Blocks, quantizeInt8Blocks } from '../model/quant-kernels.ts';
+import { QuantPool, quantizeInt4Blocks, quantizeInt8Blocks } from '../model/quant-kernels.ts';
 import { int4BlocksF32, int8BlocksF16, int8BlocksF32 } from '../model/quantize.ts';
 import { float16ToFloat32 } from '../model/dtype.ts';
 import { prepareStage } from '../model/stage-cache.ts';
@@ -118,8 +118,14 @@ test('int8 and int4 stages built from F16 and F32 checkpoints stream every [out,
     for (const dtype of ['F16', 'F32'] as const) {
       const dir = join(root, dtype);
       writeShardedCheckpoint(dir, { family: 'gptj', blocks: 2, dModel: 64, heads: 4, vocab: 96, maxPositions: 32, rotaryDim: 8 }, dtype, 64 << 10);
-      const stage = prepareStage(dir, { first: 0, last: 2 }, { dtype: 'int8', cacheDir: join(root, `cache-${dtype}`) });
-      const stage4 = prepareStage(dir, { first: 0, last: 2 }, { dtype: 'int4', cacheDir: join(root, `cache-${dtype}`) });
+      const stage = prepareStage(dir, { first: 0, last: 2 }, { dtype: 'int8', cacheDir: join(root, `cache-${dtype}`), threads: 1 });
+      const stage4 = prepareStage(dir, { first: 0, last: 2 }, { dtype: 'int4', cacheDir: join(root, `cache-${dtype}`), threads: 1 });
+      // The same stages quantized on 3 threads (QuantPool): the same bytes.
+      for (const [dt, one] of [['int8', stage], ['int4', stage4]] as const) {
+        const three = prepareStage(dir, { first: 0, last: 2 }, { dtype: dt, cacheDir: join(root, `cache-${dtype}-3`), threads: 3 });
+        assert.ok(three.built);
+        assert.deepEqual(readFileSync(join(dirname(three.path), 'weights.bin')), readFileSync(join(dirname(one.path), 'weights.bin')), `${dtype} → ${dt}: 3 threads, the same weights`);
+      }
       const [init, init4] = [initializers(stage.path), initializers(stage4.path)];
       const ck = Checkpoint.open(dir);
       try {
@@ -145,4 +151,34 @@ test('int8 and int4 stages built from F16 and F32 checkpoints stream every [out,
   } finally {
     rmSync(root, { recursive: true, force: true });
   }
+});
+
+test('QuantPool: the kernels split across 2–4 threads give the codes, scales and zero points of one thread', async () => {
+  for (const threads of [2, 3, 4]) {
+    const pool = QuantPool.create(threads)!;
+    assert.equal(pool.threads, threads);
+    try {
+      // Block counts per chunk: odd, fewer than the threads, and many.
+      for (const [n, k] of [[1, 32], [3, 96], [37, 160], [600, 768]] as const) {
+        const w = Float32Array.from({ length: n * k }, () => (rnd() - 0.5) * 10 ** Math.floor(rnd() * 4 - 3));
+        const h = Uint16Array.from({ length: n * k }, () => Math.floor(rnd() * 0x7c00) | (rnd() < 0.5 ? 0x8000 : 0));
+        const int8 = (x: Float32Array | Uint16Array, p: QuantPool | null) => {
+          const [d, sc] = [new Uint8Array(n * k), new Float32Array((n * k) / 32)];
+          assert.ok(quantizeInt8Blocks(x, n, k, 32, d, sc, p));
+          return [d, new Uint8Array(sc.buffer)];
+        };
+        const int4 = (p: QuantPool | null) => {
+          const [d, sc, z] = [new Uint8Array((n * k) / 2), new Float32Array((n * k) / 32), new Uint8Array(n * Math.ceil(k / 64))];
+          assert.ok(quantizeInt4Blocks(w, n, k, 32, d, sc, z, p));
+          return [d, new Uint8Array(sc.buffer), z];
+        };
+        assert.deepEqual(int8(w, pool), int8(w, null), `${threads} threads, int8 f32 ${n}×${k}`);
+        assert.deepEqual(int8(h, pool), int8(h, null), `${threads} threads, int8 f16 ${n}×${k}`);
+        assert.deepEqual(int4(pool), int4(null), `${threads} threads, int4 ${n}×${k}`);
+      }
+    } finally {
+      await pool.close();
+    }
+  }
+  assert.equal(QuantPool.create(1), null, 'one thread: no helpers');
 });

@@ -90,7 +90,8 @@ async function handle(req: Exclude<ThreadRequest, { type: 'step' }>): Promise<un
   switch (req.type) {
     case 'load': {
       maxBatch = Math.max(1, req.maxBatch ?? 1);
-      const prepared = prepareStage(req.modelDir, req.range, { dtype: req.dtype, device: req.device, cacheDir: req.cacheDir, rows: maxBatch, onProgress: (m, load) => reply({ id: -1, progress: m, load }) });
+      // The build quantizes on the threads this worker was given (its ORT threads), not on its neighbours' cores.
+      const prepared = prepareStage(req.modelDir, req.range, { dtype: req.dtype, device: req.device, cacheDir: req.cacheDir, rows: maxBatch, threads: req.threads, onProgress: (m, load) => reply({ id: -1, progress: m, load }) });
       // The stage's weights read once, in order, 16 MiB at a time, before ORT opens them: ORT then loads (and prepacks)
       // from the page cache. A cold BioMedLM stage (5 GB) took 29.9 s to create, 7.0 + 10.7 s read first. Without
       // prepacking ORT only maps the weights, and this read makes serving mean they are in memory.

@@ -5,6 +5,7 @@ import type { WeightRef } from '../families/family.ts';
 import { IO } from './io.ts';
 import type { AttentionMask } from './mask.ts';
 import type { RotaryInputs } from './rotary.ts';
+import type { QuantPool } from '../quant-kernels.ts';
 
 /** float32 | float16 | int8 | int4 (int8/int4: weight-only quantized linear layers and token table, float32 activations). */
 export type WeightDType = StageDType;
@@ -31,6 +32,8 @@ export interface StageGraphOptions {
   fused?: boolean;
   /** int8/int4 stages: quantization block size along the input features (default 32, model/quantize.ts). */
   quantBlockSize?: number;
+  /** int8/int4 stages: helper threads that quantize beside the builder (model/quant-kernels.ts); one thread without. */
+  quantPool?: QuantPool | null;
   /** Decoders: batch rows the graph serves at once, one KV-slot attention per row (graph/slot-attention.ts). */
   rows?: number;
   /**

@@ -95,14 +95,16 @@ function streamQuantized(ctx: StageContext, w: WeightRef, n: number, k: number, 
   const stored = ctx.stored(w);
   const width = stored?.dtype === 'F16' ? 2 : stored?.dtype === 'F32' ? 4 : 0;
   if (!stored || !width) return null;
-  return scheme.bits === 8 ? int8Stream(stored.readInto, width, n, k, scheme.blockSize) : int4Stream(stored.readInto, width, n, k, scheme.blockSize);
+  const pool = ctx.opts.quantPool;
+  return scheme.bits === 8 ? int8Stream(stored.readInto, width, n, k, scheme.blockSize, undefined, pool) : int4Stream(stored.readInto, width, n, k, scheme.blockSize, undefined, pool);
 }
 
 /** Reads and quantizes one matrix: an F16 checkpoint's [out, in] weight straight from its bits, anything else through float32. */
 function quantizeWeight(ctx: StageContext, w: WeightRef, conv1d: boolean, scheme: QuantScheme): QuantizedMatrix {
   const [rows, cols] = w.shape;
   const raw = ctx.readRaw(w);
-  if (raw?.dtype === 'F16' && !conv1d) return quantizeRowsF16(new Uint16Array(raw.bytes.buffer, raw.bytes.byteOffset, raw.bytes.byteLength / 2), rows, cols, scheme);
+  const pool = ctx.opts.quantPool;
+  if (raw?.dtype === 'F16' && !conv1d) return quantizeRowsF16(new Uint16Array(raw.bytes.buffer, raw.bytes.byteOffset, raw.bytes.byteLength / 2), rows, cols, scheme, pool);
   const f = raw ? storedAsFloat32(raw.bytes, raw.dtype as 'F32' | 'F16' | 'BF16') : ctx.read(w);
-  return conv1d ? quantizeRows(transpose(f, rows, cols), cols, rows, scheme) : quantizeRows(f, rows, cols, scheme);
+  return conv1d ? quantizeRows(transpose(f, rows, cols), cols, rows, scheme, pool) : quantizeRows(f, rows, cols, scheme, pool);
 }
