@@ -1,6 +1,5 @@
 import { QUANT_KERNELS_WASM } from './quant-kernels.wasm.ts';
 import { Worker } from 'node:worker_threads';
-import { f16Table } from './dtype.ts';
 
 /**
  * The quantizer's inner loops in WebAssembly SIMD (model/quant-kernels.wat): the same codes, scales and zero points as
@@ -12,7 +11,7 @@ import { f16Table } from './dtype.ts';
 interface Kernels {
   q8f16(src: number, blocks: number, blockSize: number, codes: number, scales: number): void;
   q8f32(src: number, blocks: number, blockSize: number, codes: number, scales: number): void;
-  q4f32(src: number, blocks: number, blockSize: number, codes: number, scales: number, zeros: number, tmp: number): void;
+  q4(src: number, width: number, blocks: number, blockSize: number, codes: number, scales: number, zeros: number, tmp: number): void;
 }
 
 interface Instance {
@@ -49,7 +48,7 @@ function reserve(inst: Instance, bytes: number): void {
 }
 
 type KernelName = keyof Kernels;
-const KERNEL_IDS: Record<KernelName, number> = { q8f16: 0, q8f32: 1, q4f32: 2 };
+const KERNEL_IDS: Record<KernelName, number> = { q8f16: 0, q8f32: 1, q4: 2 };
 
 /**
  * Helper threads that run the kernels on other blocks of the same chunk, over the same shared memory: a stage's build
@@ -60,7 +59,7 @@ const KERNEL_IDS: Record<KernelName, number> = { q8f16: 0, q8f32: 1, q4f32: 2 };
  */
 export class QuantPool {
   private readonly helpers: Worker[] = [];
-  /** Per helper, 16 int32: [job, done, kernel, 7 arguments, failed]. */
+  /** Per helper, 16 int32: [job, done, kernel, 8 arguments, failed]. */
   private readonly control: Int32Array;
   private job = 0;
 
@@ -84,17 +83,17 @@ export class QuantPool {
   }
 
   /**
-   * `kernel` over `blocks` blocks, split into whole pairs of blocks across the threads: part p starts its block run
-   * at args + p's first block × `strides` (bytes per block of src, codes, scales, zeros) and uses tmp + p × tmpBytes.
+   * `kernel` over its blocks (argument `blocksAt`), split into runs of whole quads of blocks across the threads: part p
+   * moves each argument on by its first block × `perBlock` (bytes per block of src, codes, scales, zeros; 0 for the
+   * rest) and its `tmp` (argument `tmpAt`) on by p × tmpBytes.
    */
-  run(kernel: KernelName, args: number[], strides: number[], tmpBytes = 0): void {
-    const blocks = args[1];
-    const share = Math.ceil(blocks / this.threads / 2) * 2;
+  run(kernel: KernelName, args: number[], perBlock: number[], blocksAt: number, tmpAt = -1, tmpBytes = 0): void {
+    const blocks = args[blocksAt];
+    const share = Math.ceil(blocks / this.threads / 4) * 4;
     const part = (p: number): number[] | null => {
       const first = p * share;
       if (first >= blocks) return null;
-      const a = [args[0] + first * strides[0], Math.min(share, blocks - first), args[2], args[3] + first * strides[1], args[4] + first * strides[2]];
-      return args.length > 5 ? [...a, args[5] + first * strides[3], args[6] + p * tmpBytes] : a;
+      return args.map((a, i) => (i === blocksAt ? Math.min(share, blocks - first) : i === tmpAt ? a + p * tmpBytes : a + first * perBlock[i]));
     };
     const job = ++this.job;
     const posted: number[] = [];
@@ -108,15 +107,14 @@ export class QuantPool {
       Atomics.notify(c, 0);
       posted.push(h);
     });
-    const own = part(0)!;
-    (this.inst.kernels[kernel] as (...a: number[]) => void)(...own);
+    (this.inst.kernels[kernel] as (...a: number[]) => void)(...part(0)!);
     for (const h of posted) {
       const c = this.control.subarray(h * 16, h * 16 + 16);
       for (let done = Atomics.load(c, 1); done !== job; done = Atomics.load(c, 1)) {
         // A part is a few MiB of weights (well under a second): a minute without an answer is a helper that died.
         if (Atomics.wait(c, 1, done, 60_000) === 'timed-out') throw new Error(`quantizer helper thread ${h} did not answer in 60 s`);
       }
-      if (c[10]) throw new Error(`quantizer helper thread ${h} failed on ${kernel}`);
+      if (c[11]) throw new Error(`quantizer helper thread ${h} failed on ${kernel}`);
     }
   }
 
@@ -130,24 +128,24 @@ const HELPER = `
 const { workerData } = require('node:worker_threads');
 const { module, memory, control, at } = workerData;
 const k = new WebAssembly.Instance(module, { env: { memory } }).exports;
-const kernels = [k.q8f16, k.q8f32, k.q4f32];
+const kernels = [k.q8f16, k.q8f32, k.q4];
 const c = new Int32Array(control, at * 64, 16);
 for (let seen = 0; ; ) {
   Atomics.wait(c, 0, seen);
   seen = Atomics.load(c, 0);
   try {
-    kernels[c[2]](c[3], c[4], c[5], c[6], c[7], c[8], c[9]);
-    c[10] = 0;
+    kernels[c[2]](c[3], c[4], c[5], c[6], c[7], c[8], c[9], c[10]);
+    c[11] = 0;
   } catch {
-    c[10] = 1;
+    c[11] = 1;
   }
   Atomics.store(c, 1, seen);
   Atomics.notify(c, 1);
 }`;
 
-/** Runs `kernel` over its blocks on the pool's threads, or on this one. */
-function runKernel(inst: Instance, pool: QuantPool | null | undefined, kernel: KernelName, args: number[], strides: number[], tmpBytes = 0): void {
-  if (pool) pool.run(kernel, args, strides, tmpBytes);
+/** Runs `kernel` over its blocks on the pool's threads, or on this one (QuantPool.run's arguments). */
+function runKernel(inst: Instance, pool: QuantPool | null | undefined, kernel: KernelName, args: number[], perBlock: number[], blocksAt: number, tmpAt = -1, tmpBytes = 0): void {
+  if (pool) pool.run(kernel, args, perBlock, blocksAt, tmpAt, tmpBytes);
   else (inst.kernels[kernel] as (...a: number[]) => void)(...args);
 }
 
@@ -188,7 +186,7 @@ export function int8Stream(read: (from: number, into: Uint8Array) => void, width
         const m = Math.min(rows, n - r);
         const blocks = (m * k) / blockSize;
         read(r * k * width, heap.subarray(0, m * k * width));
-        runKernel(inst, pool, width === 2 ? 'q8f16' : 'q8f32', [0, blocks, blockSize, codesAt, scalesAt], [blockSize * width, blockSize, 4]);
+        runKernel(inst, pool, width === 2 ? 'q8f16' : 'q8f32', [0, blocks, blockSize, codesAt, scalesAt], [blockSize * width, 0, 0, blockSize, 4], 1);
         scales.set(new Float32Array(heap.buffer, scalesAt, blocks), (r * k) / blockSize);
         yield heap.subarray(codesAt, codesAt + m * k);
       }
@@ -222,9 +220,9 @@ export interface Int4Stream {
 
 /**
  * int4 (quantizeRows's asymmetric search, q4Block) of a row-major [n, k] matrix of binary16 bits (width 2, widened
- * through the exact table a chunk at a time) or float32 (width 4), read in pieces as int8Stream reads it: the kernels
- * search two blocks at once, one per double lane, and JavaScript packs the nibbles. Null where the kernels cannot
- * take it (a partial block, no kernels).
+ * exactly as they are loaded) or float32 (width 4), read in pieces as int8Stream reads it: the kernel searches four
+ * blocks at once, one per float32 lane, and packs the codes; JavaScript packs the zero points. Null where the kernels
+ * cannot take it (a partial block, no kernels).
  */
 export function int4Stream(read: (from: number, into: Uint8Array) => void, width: 2 | 4, n: number, k: number, blockSize: number, out?: { scales: Float32Array; zeroPoints: Uint8Array }, pool?: QuantPool | null): Int4Stream | null {
   const inst = instance();
@@ -242,34 +240,23 @@ export function int4Stream(read: (from: number, into: Uint8Array) => void, width
   return {
     *codes() {
       const rows = Math.max(1, Math.floor(CHUNK_BYTES / (k * 4)));
-      const srcAt = width === 2 ? rows * k * 2 : 0; // F16 is read at 0 and widened into float32 here
-      const codesAt = srcAt + rows * k * 4;
-      const scalesAt = codesAt + rows * k;
+      const codesAt = rows * k * width;
+      const scalesAt = codesAt + (rows * k) / 2;
       const zerosAt = scalesAt + rows * kBlocks * 4;
       const tmpAt = Math.ceil((zerosAt + rows * kBlocks) / 16) * 16;
       const tmpBytes = blockSize * 16; // per thread
       reserve(inst, tmpAt + tmpBytes * (pool?.threads ?? 1));
       const heap = new Uint8Array(inst.memory.buffer);
-      const packed = new Uint8Array((rows * k) / 2);
-      const table = width === 2 ? f16Table() : null;
       for (let r = 0; r < n; r += rows) {
         const m = Math.min(rows, n - r);
         read(r * k * width, heap.subarray(0, m * k * width));
-        if (table) {
-          const halves = new Uint16Array(heap.buffer, 0, m * k);
-          const wide = new Float32Array(heap.buffer, srcAt, m * k);
-          for (let i = 0; i < halves.length; i++) wide[i] = table[halves[i]];
-        }
-        runKernel(inst, pool, 'q4f32', [srcAt, m * kBlocks, blockSize, codesAt, scalesAt, zerosAt, tmpAt], [blockSize * 4, blockSize, 4, 1], tmpBytes);
+        runKernel(inst, pool, 'q4', [0, width, m * kBlocks, blockSize, codesAt, scalesAt, zerosAt, tmpAt], [blockSize * width, 0, 0, 0, blob, 4, 1, 0], 2, 7, tmpBytes);
         scales.set(new Float32Array(heap.buffer, scalesAt, m * kBlocks), r * kBlocks);
         for (let j = 0; j < m * kBlocks; j++) {
-          const row = r + Math.floor(j / kBlocks);
           const b = j % kBlocks;
-          zeroPoints[row * zpBytes + (b >> 1)] |= heap[zerosAt + j] << ((b & 1) * 4);
-          const c = codesAt + j * blockSize;
-          for (let i = 0; i < blob; i++) packed[j * blob + i] = heap[c + 2 * i] | (heap[c + 2 * i + 1] << 4);
+          zeroPoints[(r + Math.floor(j / kBlocks)) * zpBytes + (b >> 1)] |= heap[zerosAt + j] << ((b & 1) * 4);
         }
-        yield packed.subarray(0, (m * k) / 2);
+        yield heap.subarray(codesAt, codesAt + (m * k) / 2);
       }
       done = true;
     },

@@ -115,127 +115,171 @@
         (local.set $scales (i32.add (local.get $scales) (i32.const 4)))
         (local.set $blocks (i32.sub (local.get $blocks) (i32.const 1)))
         (br $block))))
-  ;; int4: quantizeRows's asymmetric search (q4Block in model/quantize.ts) for two blocks at once, one per f64 lane,
-  ;; each lane running the reference's own double operations in its order (so its sums round the same way): the
-  ;; same scales, zero points and codes, bit for bit. Its branches become lane masks: a lane whose refit stops
-  ;; (Σd² = 0, or a fitted scale of 0) computes on, unused. Math.round(v ≥ 0) is floor(v) + (v − floor(v) ≥ 0.5),
-  ;; exact in doubles; roundAway is that on |x|, signed back. An odd last block runs in both lanes.
-  ;; Out: one code 0…15 per weight at `codes` (the caller packs nibbles), a float32 scale and a zero-point byte per
-  ;; block; `tmp` holds the pair's values interleaved as doubles (16 bytes per weight of a block).
+;; int4 (q4): quantizeRows's asymmetric search (q4Block in model/quantize.ts) for four blocks at once, one per
+  ;; f32 lane, each lane doing the reference's own float32 operations in its order (the reference rounds every
+  ;; double result with Math.fround): the same scales, zero points and codes, bit for bit. Its branches become lane
+  ;; masks: a lane whose refit stops (Σd² = 0, or a fitted scale of 0) computes on, unused. Math.round(v ≥ 0) is
+  ;; floor(v) + (v − floor(v) ≥ 0.5), exact in float32; roundAway is that on |x|, signed back. Lanes past the last
+  ;; block repeat it. `width` 2: binary16 weights, widened exactly on load (as the reference's table does); 4: float32.
+  ;; Out: the codes packed two a byte, low nibble first, blockSize / 2 bytes per block at `codes`; a float32 scale and
+  ;; a zero-point byte per block; `tmp` holds the four blocks' values interleaved (16 bytes per weight of a block).
   (func $roundAway (param $x v128) (result v128)
     (local $a v128) (local $f v128)
-    (local.set $a (f64x2.abs (local.get $x)))
-    (local.set $f (f64x2.floor (local.get $a)))
+    (local.set $a (f32x4.abs (local.get $x)))
+    (local.set $f (f32x4.floor (local.get $a)))
     (v128.or
-      (v128.and (local.get $x) (v128.const i64x2 0x8000000000000000 0x8000000000000000))
-      (f64x2.add (local.get $f)
-        (v128.and (f64x2.ge (f64x2.sub (local.get $a) (local.get $f)) (v128.const f64x2 0.5 0.5)) (v128.const f64x2 1 1)))))
+      (v128.and (local.get $x) (v128.const i32x4 0x80000000 0x80000000 0x80000000 0x80000000))
+      (f32x4.add (local.get $f)
+        (v128.and (f32x4.ge (f32x4.sub (local.get $a) (local.get $f)) (v128.const f32x4 0.5 0.5 0.5 0.5)) (v128.const f32x4 1 1 1 1)))))
 
-  ;; Math.max(0, Math.min(15, roundAway(x) + zero))
+  ;; Math.max(0, Math.min(15, roundAway(x) + zero)), as int32 lanes (a NaN lane: 0)
   (func $q4Code (param $x v128) (param $zero v128) (result v128)
-    (f64x2.max (v128.const f64x2 0 0) (f64x2.min (v128.const f64x2 15 15) (f64x2.add (call $roundAway (local.get $x)) (local.get $zero)))))
+    (i32x4.trunc_sat_f32x4_s
+      (f32x4.max (v128.const f32x4 0 0 0 0) (f32x4.min (v128.const f32x4 15 15 15 15) (f32x4.add (call $roundAway (local.get $x)) (local.get $zero))))))
 
-  (func (export "q4f32") (param $src i32) (param $blocks i32) (param $bs i32) (param $codes i32) (param $scales i32) (param $zeros i32) (param $tmp i32)
-    (local $p i32) (local $a i32) (local $b i32) (local $bi i32) (local $i i32) (local $end i32) (local $t i32) (local $refit i32)
+  (func $minu (param $a i32) (param $b i32) (result i32)
+    (select (local.get $a) (local.get $b) (i32.lt_u (local.get $a) (local.get $b))))
+
+  ;; Four binary16 values (zero-extended in i32 lanes) as float32: the magnitude's bits moved into float32's place
+  ;; and scaled by 2^112 (exact, subnormals included); infinities and NaNs keep an all-ones exponent.
+  (func $widen (param $h v128) (result v128)
+    (local $mag v128)
+    (local.set $mag (i32x4.shl (v128.and (local.get $h) (v128.const i32x4 0x7fff 0x7fff 0x7fff 0x7fff)) (i32.const 13)))
+    (v128.or
+      (i32x4.shl (v128.and (local.get $h) (v128.const i32x4 0x8000 0x8000 0x8000 0x8000)) (i32.const 16))
+      (v128.bitselect
+        (i32x4.add (local.get $mag) (v128.const i32x4 0x70000000 0x70000000 0x70000000 0x70000000))
+        (f32x4.mul (local.get $mag) (v128.const f32x4 0x1p112 0x1p112 0x1p112 0x1p112))
+        (i32x4.ge_u (local.get $mag) (v128.const i32x4 0x0f800000 0x0f800000 0x0f800000 0x0f800000)))))
+
+  (func (export "q4") (param $src i32) (param $width i32) (param $blocks i32) (param $bs i32) (param $codes i32) (param $scales i32) (param $zeros i32) (param $tmp i32)
+    (local $p i32) (local $i i32) (local $end i32) (local $t i32) (local $refit i32) (local $last i32) (local $blob i32)
+    (local $a0 i32) (local $a1 i32) (local $a2 i32) (local $a3 i32)
     (local $x v128) (local $lo v128) (local $hi v128) (local $sxx v128) (local $best v128) (local $outScale v128) (local $outZero v128)
     (local $valid v128) (local $active v128) (local $scale v128) (local $zero v128) (local $inv v128) (local $sxd v128) (local $sdd v128)
     (local $d v128) (local $err v128) (local $fitted v128) (local $upd v128) (local $c v128) (local $y v128) (local $ay v128) (local $fy v128)
     (local.set $end (i32.add (local.get $tmp) (i32.shl (local.get $bs) (i32.const 4))))
+    (local.set $last (i32.sub (local.get $blocks) (i32.const 1)))
+    (local.set $blob (i32.shr_u (local.get $bs) (i32.const 1)))
     (block $done
-      (loop $pair
+      (loop $quad
         (br_if $done (i32.ge_u (local.get $p) (local.get $blocks)))
-        (local.set $bi (select (i32.add (local.get $p) (i32.const 1)) (local.get $p) (i32.lt_u (i32.add (local.get $p) (i32.const 1)) (local.get $blocks))))
-        (local.set $a (i32.add (local.get $src) (i32.shl (i32.mul (local.get $p) (local.get $bs)) (i32.const 2))))
-        (local.set $b (i32.add (local.get $src) (i32.shl (i32.mul (local.get $bi) (local.get $bs)) (i32.const 2))))
-        ;; lo, hi (NaNs skipped), Σx², and the pair interleaved as doubles
-        (local.set $lo (v128.const f64x2 0 0))
-        (local.set $hi (v128.const f64x2 0 0))
-        (local.set $sxx (v128.const f64x2 0 0))
+        ;; the four lanes' weights, at width bytes each
+        (local.set $a0 (i32.add (local.get $src) (i32.mul (i32.mul (local.get $p) (local.get $bs)) (local.get $width))))
+        (local.set $a1 (i32.add (local.get $src) (i32.mul (i32.mul (call $minu (i32.add (local.get $p) (i32.const 1)) (local.get $last)) (local.get $bs)) (local.get $width))))
+        (local.set $a2 (i32.add (local.get $src) (i32.mul (i32.mul (call $minu (i32.add (local.get $p) (i32.const 2)) (local.get $last)) (local.get $bs)) (local.get $width))))
+        (local.set $a3 (i32.add (local.get $src) (i32.mul (i32.mul (call $minu (i32.add (local.get $p) (i32.const 3)) (local.get $last)) (local.get $bs)) (local.get $width))))
+        ;; lo, hi (NaNs skipped), Σx², and the four blocks interleaved
+        (local.set $lo (v128.const f32x4 0 0 0 0))
+        (local.set $hi (v128.const f32x4 0 0 0 0))
+        (local.set $sxx (v128.const f32x4 0 0 0 0))
         (local.set $i (local.get $tmp))
         (loop $scan
-          (local.set $x (f64x2.promote_low_f32x4 (v128.load32_lane 1 (local.get $b) (v128.load32_zero (local.get $a)))))
+          (if (i32.eq (local.get $width) (i32.const 2))
+            (then (local.set $x (call $widen (i32x4.extend_low_i16x8_u
+              (v128.load16_lane 3 (local.get $a3) (v128.load16_lane 2 (local.get $a2) (v128.load16_lane 1 (local.get $a1) (v128.load16_lane 0 (local.get $a0) (v128.const i32x4 0 0 0 0)))))))))
+            (else (local.set $x
+              (v128.load32_lane 3 (local.get $a3) (v128.load32_lane 2 (local.get $a2) (v128.load32_lane 1 (local.get $a1) (v128.load32_zero (local.get $a0))))))))
           (v128.store (local.get $i) (local.get $x))
-          (local.set $lo (v128.bitselect (local.get $x) (local.get $lo) (f64x2.lt (local.get $x) (local.get $lo))))
-          (local.set $hi (v128.bitselect (local.get $x) (local.get $hi) (f64x2.gt (local.get $x) (local.get $hi))))
-          (local.set $sxx (f64x2.add (local.get $sxx) (f64x2.mul (local.get $x) (local.get $x))))
-          (local.set $a (i32.add (local.get $a) (i32.const 4)))
-          (local.set $b (i32.add (local.get $b) (i32.const 4)))
+          (local.set $lo (v128.bitselect (local.get $x) (local.get $lo) (f32x4.lt (local.get $x) (local.get $lo))))
+          (local.set $hi (v128.bitselect (local.get $x) (local.get $hi) (f32x4.gt (local.get $x) (local.get $hi))))
+          (local.set $sxx (f32x4.add (local.get $sxx) (f32x4.mul (local.get $x) (local.get $x))))
+          (local.set $a0 (i32.add (local.get $a0) (local.get $width)))
+          (local.set $a1 (i32.add (local.get $a1) (local.get $width)))
+          (local.set $a2 (i32.add (local.get $a2) (local.get $width)))
+          (local.set $a3 (i32.add (local.get $a3) (local.get $width)))
           (local.set $i (i32.add (local.get $i) (i32.const 16)))
           (br_if $scan (i32.lt_u (local.get $i) (local.get $end))))
-        (local.set $outScale (v128.const f64x2 0 0))
-        (local.set $outZero (v128.const f64x2 8 8))
-        (local.set $valid (f64x2.gt (local.get $hi) (local.get $lo)))
+        (local.set $outScale (v128.const f32x4 0 0 0 0))
+        (local.set $outZero (v128.const f32x4 8 8 8 8))
+        (local.set $valid (f32x4.gt (local.get $hi) (local.get $lo)))
         (local.set $best (local.get $sxx))
         ;; 6 trial scales from ×1.1 to ×0.85 of (hi − lo) / 15, then q4_0's own (t = 6)
         (local.set $t (i32.const 0))
         (loop $trial
           (if (i32.eq (local.get $t) (i32.const 6))
             (then
-              (local.set $scale (f64x2.div
-                (v128.bitselect (local.get $hi) (local.get $lo) (f64x2.ge (local.get $hi) (f64x2.neg (local.get $lo))))
-                (v128.const f64x2 -8 -8)))
-              (local.set $zero (v128.const f64x2 8 8)))
+              (local.set $scale (f32x4.div
+                (v128.bitselect (local.get $hi) (local.get $lo) (f32x4.ge (local.get $hi) (f32x4.neg (local.get $lo))))
+                (v128.const f32x4 -8 -8 -8 -8)))
+              (local.set $zero (v128.const f32x4 8 8 8 8)))
             (else
-              (local.set $scale (f64x2.mul
-                (f64x2.div (f64x2.sub (local.get $hi) (local.get $lo)) (v128.const f64x2 15 15))
-                (f64x2.splat (f64.sub (f64.const 1.1) (f64.div (f64.mul (f64.const 0.3) (f64.convert_i32_s (local.get $t))) (f64.const 6))))))
-              (local.set $zero (f64x2.max (v128.const f64x2 0 0) (f64x2.min (v128.const f64x2 15 15)
-                (call $roundAway (f64x2.div (f64x2.neg (local.get $lo)) (local.get $scale))))))))
+              (local.set $scale (f32x4.mul
+                (f32x4.div (f32x4.sub (local.get $hi) (local.get $lo)) (v128.const f32x4 15 15 15 15))
+                (f32x4.splat (f32.demote_f64 (f64.sub (f64.const 1.1) (f64.div (f64.mul (f64.const 0.3) (f64.convert_i32_s (local.get $t))) (f64.const 6)))))))
+              (local.set $zero (f32x4.max (v128.const f32x4 0 0 0 0) (f32x4.min (v128.const f32x4 15 15 15 15)
+                (call $roundAway (f32x4.div (f32x4.neg (local.get $lo)) (local.get $scale))))))))
           (local.set $active (local.get $valid))
           (local.set $refit (i32.const 0))
           (loop $fit
-            (local.set $inv (f64x2.div (v128.const f64x2 1 1) (local.get $scale)))
-            (local.set $sxd (v128.const f64x2 0 0))
-            (local.set $sdd (v128.const f64x2 0 0))
+            (local.set $inv (f32x4.div (v128.const f32x4 1 1 1 1) (local.get $scale)))
+            (local.set $sxd (v128.const f32x4 0 0 0 0))
+            (local.set $sdd (v128.const f32x4 0 0 0 0))
             (local.set $i (local.get $tmp))
             (loop $sum
-              ;; d = q4Code(x · inv, zero) − zero, $q4Code and $roundAway written out (no call per 2 weights)
+              ;; d = q4Code(x · inv, zero) − zero, $q4Code and $roundAway written out (no call per 4 weights)
               (local.set $x (v128.load (local.get $i)))
-              (local.set $y (f64x2.mul (local.get $x) (local.get $inv)))
-              (local.set $ay (f64x2.abs (local.get $y)))
-              (local.set $fy (f64x2.floor (local.get $ay)))
-              (local.set $d (f64x2.sub
-                (f64x2.max (v128.const f64x2 0 0) (f64x2.min (v128.const f64x2 15 15) (f64x2.add
+              (local.set $y (f32x4.mul (local.get $x) (local.get $inv)))
+              (local.set $ay (f32x4.abs (local.get $y)))
+              (local.set $fy (f32x4.floor (local.get $ay)))
+              (local.set $d (f32x4.sub
+                (f32x4.max (v128.const f32x4 0 0 0 0) (f32x4.min (v128.const f32x4 15 15 15 15) (f32x4.add
                   (v128.or
-                    (v128.and (local.get $y) (v128.const i64x2 0x8000000000000000 0x8000000000000000))
-                    (f64x2.add (local.get $fy)
-                      (v128.and (f64x2.ge (f64x2.sub (local.get $ay) (local.get $fy)) (v128.const f64x2 0.5 0.5)) (v128.const f64x2 1 1))))
+                    (v128.and (local.get $y) (v128.const i32x4 0x80000000 0x80000000 0x80000000 0x80000000))
+                    (f32x4.add (local.get $fy)
+                      (v128.and (f32x4.ge (f32x4.sub (local.get $ay) (local.get $fy)) (v128.const f32x4 0.5 0.5 0.5 0.5)) (v128.const f32x4 1 1 1 1))))
                   (local.get $zero))))
                 (local.get $zero)))
-              (local.set $sxd (f64x2.add (local.get $sxd) (f64x2.mul (local.get $x) (local.get $d))))
-              (local.set $sdd (f64x2.add (local.get $sdd) (f64x2.mul (local.get $d) (local.get $d))))
+              (local.set $sxd (f32x4.add (local.get $sxd) (f32x4.mul (local.get $x) (local.get $d))))
+              (local.set $sdd (f32x4.add (local.get $sdd) (f32x4.mul (local.get $d) (local.get $d))))
               (local.set $i (i32.add (local.get $i) (i32.const 16)))
               (br_if $sum (i32.lt_u (local.get $i) (local.get $end))))
-            (local.set $active (v128.and (local.get $active) (f64x2.gt (local.get $sdd) (v128.const f64x2 0 0))))
-            (local.set $err (f64x2.sub (local.get $sxx) (f64x2.div (f64x2.mul (local.get $sxd) (local.get $sxd)) (local.get $sdd))))
-            (local.set $fitted (f64x2.promote_low_f32x4 (f32x4.demote_f64x2_zero (f64x2.div (local.get $sxd) (local.get $sdd)))))
-            (local.set $upd (v128.and (local.get $active) (f64x2.lt (local.get $err) (local.get $best))))
+            (local.set $active (v128.and (local.get $active) (f32x4.gt (local.get $sdd) (v128.const f32x4 0 0 0 0))))
+            (local.set $err (f32x4.sub (local.get $sxx) (f32x4.div (f32x4.mul (local.get $sxd) (local.get $sxd)) (local.get $sdd))))
+            (local.set $fitted (f32x4.div (local.get $sxd) (local.get $sdd)))
+            (local.set $upd (v128.and (local.get $active) (f32x4.lt (local.get $err) (local.get $best))))
             (local.set $best (v128.bitselect (local.get $err) (local.get $best) (local.get $upd)))
             (local.set $outScale (v128.bitselect (local.get $fitted) (local.get $outScale) (local.get $upd)))
             (local.set $outZero (v128.bitselect (local.get $zero) (local.get $outZero) (local.get $upd)))
-            (local.set $active (v128.and (local.get $active) (f64x2.ne (local.get $fitted) (v128.const f64x2 0 0))))
+            (local.set $active (v128.and (local.get $active) (f32x4.ne (local.get $fitted) (v128.const f32x4 0 0 0 0))))
             (local.set $scale (local.get $fitted))
             (local.set $refit (i32.add (local.get $refit) (i32.const 1)))
             (br_if $fit (i32.and (i32.lt_u (local.get $refit) (i32.const 2)) (v128.any_true (local.get $active)))))
           (local.set $t (i32.add (local.get $t) (i32.const 1)))
           (br_if $trial (i32.le_u (local.get $t) (i32.const 6))))
-        ;; the codes of the best fit: inv = scale ? 1 / scale : 0
-        (local.set $inv (v128.and (f64x2.div (v128.const f64x2 1 1) (local.get $outScale)) (f64x2.ne (local.get $outScale) (v128.const f64x2 0 0))))
-        (local.set $a (i32.add (local.get $codes) (i32.mul (local.get $p) (local.get $bs))))
-        (local.set $b (i32.add (local.get $codes) (i32.mul (local.get $bi) (local.get $bs))))
+        ;; the codes of the best fit (inv = scale ? 1 / scale : 0), two weights a byte, low nibble first
+        (local.set $inv (v128.and (f32x4.div (v128.const f32x4 1 1 1 1) (local.get $outScale)) (f32x4.ne (local.get $outScale) (v128.const f32x4 0 0 0 0))))
+        (local.set $a0 (i32.add (local.get $codes) (i32.mul (local.get $p) (local.get $blob))))
+        (local.set $a1 (i32.add (local.get $codes) (i32.mul (call $minu (i32.add (local.get $p) (i32.const 1)) (local.get $last)) (local.get $blob))))
+        (local.set $a2 (i32.add (local.get $codes) (i32.mul (call $minu (i32.add (local.get $p) (i32.const 2)) (local.get $last)) (local.get $blob))))
+        (local.set $a3 (i32.add (local.get $codes) (i32.mul (call $minu (i32.add (local.get $p) (i32.const 3)) (local.get $last)) (local.get $blob))))
         (local.set $i (local.get $tmp))
         (loop $code
-          (local.set $c (i32x4.trunc_sat_f64x2_s_zero (call $q4Code (f64x2.mul (v128.load (local.get $i)) (local.get $inv)) (local.get $outZero))))
-          (i32.store8 (local.get $a) (i32x4.extract_lane 0 (local.get $c)))
-          (i32.store8 (local.get $b) (i32x4.extract_lane 1 (local.get $c)))
-          (local.set $a (i32.add (local.get $a) (i32.const 1)))
-          (local.set $b (i32.add (local.get $b) (i32.const 1)))
-          (local.set $i (i32.add (local.get $i) (i32.const 16)))
+          (local.set $c (v128.or
+            (call $q4Code (f32x4.mul (v128.load (local.get $i)) (local.get $inv)) (local.get $outZero))
+            (i32x4.shl (call $q4Code (f32x4.mul (v128.load offset=16 (local.get $i)) (local.get $inv)) (local.get $outZero)) (i32.const 4))))
+          (i32.store8 (local.get $a0) (i32x4.extract_lane 0 (local.get $c)))
+          (i32.store8 (local.get $a1) (i32x4.extract_lane 1 (local.get $c)))
+          (i32.store8 (local.get $a2) (i32x4.extract_lane 2 (local.get $c)))
+          (i32.store8 (local.get $a3) (i32x4.extract_lane 3 (local.get $c)))
+          (local.set $a0 (i32.add (local.get $a0) (i32.const 1)))
+          (local.set $a1 (i32.add (local.get $a1) (i32.const 1)))
+          (local.set $a2 (i32.add (local.get $a2) (i32.const 1)))
+          (local.set $a3 (i32.add (local.get $a3) (i32.const 1)))
+          (local.set $i (i32.add (local.get $i) (i32.const 32)))
           (br_if $code (i32.lt_u (local.get $i) (local.get $end))))
-        (f32.store (i32.add (local.get $scales) (i32.shl (local.get $p) (i32.const 2))) (f32.demote_f64 (f64x2.extract_lane 0 (local.get $outScale))))
-        (f32.store (i32.add (local.get $scales) (i32.shl (local.get $bi) (i32.const 2))) (f32.demote_f64 (f64x2.extract_lane 1 (local.get $outScale))))
-        (local.set $c (i32x4.trunc_sat_f64x2_s_zero (local.get $outZero)))
-        (i32.store8 (i32.add (local.get $zeros) (local.get $p)) (i32x4.extract_lane 0 (local.get $c)))
-        (i32.store8 (i32.add (local.get $zeros) (local.get $bi)) (i32x4.extract_lane 1 (local.get $c)))
-        (local.set $p (i32.add (local.get $p) (i32.const 2)))
-        (br $pair)))))
+        ;; scales and zero points of the lanes that are blocks (a repeated last block writes the same values again),
+        ;; through tmp (its values are spent): a lane's index must be a constant to extract it
+        (v128.store (local.get $tmp) (local.get $outScale))
+        (v128.store offset=16 (local.get $tmp) (i32x4.trunc_sat_f32x4_s (local.get $outZero)))
+        (local.set $i (i32.const 0))
+        (loop $out
+          (local.set $t (call $minu (i32.add (local.get $p) (local.get $i)) (local.get $last)))
+          (local.set $a0 (i32.add (local.get $tmp) (i32.shl (local.get $i) (i32.const 2))))
+          (f32.store (i32.add (local.get $scales) (i32.shl (local.get $t) (i32.const 2))) (f32.load (local.get $a0)))
+          (i32.store8 (i32.add (local.get $zeros) (local.get $t)) (i32.load offset=16 (local.get $a0)))
+          (local.set $i (i32.add (local.get $i) (i32.const 1)))
+          (br_if $out (i32.lt_u (local.get $i) (i32.const 4))))
+        (local.set $p (i32.add (local.get $p) (i32.const 4)))
+        (br $quad))))
+)

@@ -22,14 +22,17 @@ export type QuantBits = 4 | 8;
 export interface QuantScheme {
   bits: QuantBits;
   blockSize: number;
-  /** How a block is coded: `absmax` (q8_0: symmetric, amax / 127) or `asym` (its own zero point, see q4Block). */
-  rounding: 'absmax' | 'asym';
+  /**
+   * How a block is coded: `absmax` (q8_0: symmetric, amax / 127) or `asymf32` (its own zero point, searched in float32
+   * arithmetic, see q4Block; graphs keyed `asym` ran the same search in doubles, and rebuild).
+   */
+  rounding: 'absmax' | 'asymf32';
 }
 
 /** The schemes behind `--dtype int8 | int4`. Block 32 is ggml's q8_0/q4_0 block and a size MatMulNBits packs fast. */
 export const QUANT_SCHEMES = {
   int8: { bits: 8, blockSize: 32, rounding: 'absmax' },
-  int4: { bits: 4, blockSize: 32, rounding: 'asym' },
+  int4: { bits: 4, blockSize: 32, rounding: 'asymf32' },
 } as const satisfies Record<string, QuantScheme>;
 
 export type QuantDType = keyof typeof QUANT_SCHEMES;
@@ -58,7 +61,7 @@ export interface QuantizedMatrix {
 }
 
 export function checkScheme(s: QuantScheme): void {
-  if ((s.bits === 8) !== (s.rounding === 'absmax')) throw new StrataError('quant_bits_invalid', `quantization: ${s.bits}-bit weights use ${s.bits === 8 ? 'absmax' : 'asym'} rounding`);
+  if ((s.bits === 8) !== (s.rounding === 'absmax')) throw new StrataError('quant_bits_invalid', `quantization: ${s.bits}-bit weights use ${s.bits === 8 ? 'absmax' : 'asymf32'} rounding`);
   if (s.bits !== 4 && s.bits !== 8) throw new StrataError('quant_bits_invalid', `quantization bits must be 4 or 8 (got ${s.bits})`);
   if (!(s.blockSize >= 16 && (s.blockSize & (s.blockSize - 1)) === 0)) {
     throw new StrataError('quant_block_invalid', `quantization block size must be a power of two ≥ 16, as MatMulNBits requires (got ${s.blockSize})`);
@@ -67,6 +70,9 @@ export function checkScheme(s: QuantScheme): void {
 
 /** torch rounds half to even; ggml's reference quantizer uses roundf (half away from zero): match ggml. */
 const roundAway = (x: number): number => (x < 0 ? -Math.round(-x) : Math.round(x));
+
+/** A double result rounded to float32: for + − × ÷ of float32 operands, exactly the float32 operation's result. */
+const fl32 = Math.fround;
 
 /**
  * Quantizes a row-major [n, k] float32 matrix block-wise along k. A trailing partial block is padded with zeros
@@ -105,9 +111,9 @@ export function int4BlocksF32(w: Float32Array, n: number, k: number, blockSize: 
       const start = row + b * blockSize;
       const end = Math.min(row + k, start + blockSize);
       q4Block(w, start, end, fit);
-      const inv = fit.scale ? 1 / fit.scale : 0;
+      const inv = fit.scale ? fl32(1 / fit.scale) : 0;
       codes.fill(fit.zero); // a partial block's padding: value 0
-      for (let i = start; i < end; i++) codes[i - start] = q4Code(w[i] * inv, fit.zero);
+      for (let i = start; i < end; i++) codes[i - start] = q4Code(fl32(w[i] * inv), fit.zero);
       scales[r * kBlocks + b] = fit.scale;
       zeroPoints[r * zpBytes + (b >> 1)] |= fit.zero << ((b & 1) * 4);
       const out = (r * kBlocks + b) * blob;
@@ -199,15 +205,20 @@ export function int8BlocksF32(w: Float32Array, n: number, k: number, blockSize: 
 
 const q4Code = (x: number, zero: number): number => Math.max(0, Math.min(15, roundAway(x) + zero));
 
+/** q4Block's trial factors, ×1.1 down to ×0.85 of the starting scale, as float32. */
+const Q4_TRIALS = Array.from({ length: 6 }, (_, t) => fl32(1.1 - (0.3 * t) / 6));
+
 /**
  * One 4-bit block's scale and zero point, for the least squared error: value ≈ scale · (code − zero), codes 0…15.
  * The range [min(lo, 0), max(hi, 0)] (zero stays representable, so the zero point is a code) over 15 steps is the
  * starting scale; 6 trial scales from ×1.1 down to ×0.85 of it each round the block with the zero point that puts
  * the range's low end on code 0, then refit the scale for those codes (Σx·d / Σd², d = code − zero) once, rounding
- * again (20 trials down to ×0.7 with two refits fit 0.3 % better at a quarter of the speed: 4 against 15 MB/s of
- * float32). Shrinking the range clips a few outliers to make every other step finer, the trade ggml's k-quant search
- * (make_qkx2_quants) makes too. One more trial is q4_0's own (zero point 8, scale max / −8), so no block fits worse
- * than q4_0's; the best fit of all is kept.
+ * again (20 trials down to ×0.7 with two refits fit 0.3 % better at a quarter of the speed). Shrinking the range
+ * clips a few outliers to make every other step finer, the trade ggml's k-quant search (make_qkx2_quants) makes too.
+ * One more trial is q4_0's own (zero point 8, scale max / −8), so no block fits worse than q4_0's; the best fit of
+ * all is kept.
+ * Every operation is float32 (Math.fround of each double result is the float32 result): the WebAssembly kernel
+ * (q4 in model/quant-kernels.wat) searches four blocks at once, one per float32 lane, with the same numbers.
  */
 function q4Block(w: Float32Array, start: number, end: number, out: { scale: number; zero: number }): void {
   let lo = 0, hi = 0, sxx = 0;
@@ -215,29 +226,28 @@ function q4Block(w: Float32Array, start: number, end: number, out: { scale: numb
     const x = w[i];
     lo = x < lo ? x : lo;
     hi = x > hi ? x : hi;
-    sxx += x * x;
+    sxx = fl32(sxx + fl32(x * x));
   }
   out.scale = 0;
   out.zero = 8;
   if (!(hi > lo)) return; // an all-zero block (or NaNs): code 8 everywhere, value 0
   let best = sxx;
-  const TRIALS = 6;
-  for (let t = 0; t <= TRIALS; t++) {
-    const q4_0 = t === TRIALS;
-    let scale = q4_0 ? (hi >= -lo ? hi : lo) / -8 : ((hi - lo) / 15) * (1.1 - (0.3 * t) / TRIALS);
-    const zero = q4_0 ? 8 : Math.max(0, Math.min(15, roundAway(-lo / scale)));
+  for (let t = 0; t <= Q4_TRIALS.length; t++) {
+    const q4_0 = t === Q4_TRIALS.length;
+    let scale = q4_0 ? fl32((hi >= -lo ? hi : lo) / -8) : fl32(fl32(fl32(hi - lo) / 15) * Q4_TRIALS[t]);
+    const zero = q4_0 ? 8 : Math.max(0, Math.min(15, roundAway(fl32(-lo / scale))));
     for (let refit = 0; refit < 2; refit++) {
-      const inv = 1 / scale;
+      const inv = fl32(1 / scale);
       let sxd = 0, sdd = 0;
       for (let i = start; i < end; i++) {
-        const d = q4Code(w[i] * inv, zero) - zero;
-        sxd += w[i] * d;
-        sdd += d * d;
+        const d = q4Code(fl32(w[i] * inv), zero) - zero;
+        sxd = fl32(sxd + fl32(w[i] * d));
+        sdd += d * d; // integers, exact in float32
       }
       if (!(sdd > 0)) break;
       // For fixed codes the squared error is Σx² − (Σxd)²/Σd², at scale Σxd/Σd².
-      const err = sxx - (sxd * sxd) / sdd;
-      const fitted = Math.fround(sxd / sdd);
+      const err = fl32(sxx - fl32(fl32(sxd * sxd) / sdd));
+      const fitted = fl32(sxd / sdd);
       if (err < best) {
         best = err;
         out.scale = fitted;

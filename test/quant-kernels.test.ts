@@ -5,7 +5,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { QUANT_KERNELS_WASM } from '../model/quant-kernels.wasm.ts';
 import { assembleQuantKernels } from '../model/quant-kernels-build.ts';
-import { QuantPool, quantizeInt4Blocks, quantizeInt8Blocks } from '../model/quant-kernels.ts';
+import { QuantPool, int4Stream, quantizeInt4Blocks, quantizeInt8Blocks } from '../model/quant-kernels.ts';
 import { int4BlocksF32, int8BlocksF16, int8BlocksF32 } from '../model/quantize.ts';
 import { float16ToFloat32 } from '../model/dtype.ts';
 import { prepareStage } from '../model/stage-cache.ts';
@@ -92,6 +92,29 @@ test('int4: the kernels search each block as q4Block does: scales, zero points a
     assert.equal(diff, -1, `block ${blockSize}: first differing code byte at ${diff}: ${got.d[diff]} vs ${want.d[diff]}`);
     assert.deepEqual(new Uint32Array(got.s.buffer), new Uint32Array(want.s.buffer), `block ${blockSize}: scales bit for bit`);
     assert.deepEqual(got.z, want.z, `block ${blockSize}: zero points`);
+  }
+});
+
+test('int4 from binary16 bits: every bit pattern, widened in the kernel, searched and coded as the JS loop over the table\'s float32', () => {
+  // All 65536 patterns (subnormals, ±0, ±∞, NaNs) in shuffled blocks, then blocks of one magnitude class each.
+  const halves = Uint16Array.from({ length: 65536 * 2 }, (_, i) => (i < 65536 ? i : Math.floor(rnd() * 65536)));
+  for (let i = 65536; i > 1; i--) {
+    const j = Math.floor(rnd() * i);
+    [halves[i - 1], halves[j]] = [halves[j], halves[i - 1]];
+  }
+  for (let i = 65536; i < halves.length; i++) halves[i] = (halves[i] & 0x83ff) | (i % 3 === 0 ? 0 : i % 3 === 1 ? 0x3c00 : 0x7800);
+  for (const [n, k] of [[256, 512], [4096, 32]] as const) {
+    const bytes = new Uint8Array(halves.buffer);
+    const stream = int4Stream((from, into) => into.set(bytes.subarray(from, from + into.byteLength)), 2, n, k, 32)!;
+    const got = new Uint8Array((n * k) / 2);
+    let at = 0;
+    for (const piece of stream.codes()) (got.set(piece, at), (at += piece.byteLength));
+    const want = { d: new Uint8Array((n * k) / 2), s: new Float32Array((n * k) / 32), z: new Uint8Array(n * Math.ceil(k / 64)) };
+    int4BlocksF32(float16ToFloat32(halves), n, k, 32, want.d, want.s, want.z);
+    const diff = got.findIndex((c, i) => c !== want.d[i]);
+    assert.equal(diff, -1, `${n}×${k}: first differing code byte at ${diff}: ${got[diff]} vs ${want.d[diff]}`);
+    assert.deepEqual(new Uint32Array(stream.scales().buffer), new Uint32Array(want.s.buffer), `${n}×${k}: scales bit for bit`);
+    assert.deepEqual(stream.zeroPoints(), want.z, `${n}×${k}: zero points`);
   }
 });
 
