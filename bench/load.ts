@@ -1,5 +1,6 @@
 import { spawnSync } from 'node:child_process';
 import { mkdtempSync, readdirSync, rmSync, statSync } from 'node:fs';
+import { availableParallelism } from 'node:os';
 import { join } from 'node:path';
 import { loadModelSpec, type ModelSpec } from '../model/config.ts';
 import { parseStageDType, type StageDType } from '../model/dtype.ts';
@@ -216,7 +217,8 @@ export async function runLoadBench(o: LoadBenchOptions, launch: LoadLauncher, pr
   const ckptDtype = (o.ckptDtype ?? 'f32').toUpperCase() as CkptDType;
   if (ckptDtype !== 'F32' && ckptDtype !== 'F16') throw new StrataError('bench_flag_invalid', `--ckpt-dtype must be f32 or f16, got "${o.ckptDtype}"`);
   const dtype = parseStageDType(o.dtype ?? 'float32');
-  const threads = o.threadsPerWorker ?? 1;
+  // As `strata up` gives them: each worker its share of the cores (its ORT threads, and its quantizer's).
+  const threads = o.threadsPerWorker ?? Math.max(1, Math.floor(availableParallelism() / o.workers));
   const kvBudgetMb = o.kvBudgetMb ?? 1024;
   const root = o.cacheDir ?? defaultCacheDir();
 
