@@ -52,8 +52,8 @@ const KERNEL_IDS: Record<KernelName, number> = { q8f16: 0, q8f32: 1, q4: 2 };
 
 /**
  * Helper threads that run the kernels on other blocks of the same chunk, over the same shared memory: a stage's build
- * then quantizes on as many cores as the worker was given (int4's search runs at ~16 M weights/s per core, so a
- * GPT-J stage was minutes on one). The builder is synchronous, so a call blocks in Atomics.wait until its helpers are
+ * then quantizes on as many cores as the worker was given (int4's search runs at ~40 M weights/s per core, so a
+ * GPT-J stage takes over a minute on one). The builder is synchronous, so a call blocks in Atomics.wait until its helpers are
  * done; each helper blocks the same way until it is given a part. Blocks are independent, so the codes, scales and
  * zero points are the same whatever the number of threads. close() ends the helpers.
  */
