@@ -6,7 +6,7 @@ import assert from 'node:assert/strict';
 import { QUANT_KERNELS_WASM } from '../model/quant-kernels.wasm.ts';
 import { assembleQuantKernels } from '../model/quant-kernels-build.ts';
 import { QuantPool, int4Stream, quantizeInt4Blocks, quantizeInt8Blocks } from '../model/quant-kernels.ts';
-import { int4BlocksF32, int8BlocksF16, int8BlocksF32 } from '../model/quantize.ts';
+import { int4BlocksF32, int8BlocksF16, int8BlocksF32, transpose } from '../model/quantize.ts';
 import { float16ToFloat32 } from '../model/dtype.ts';
 import { prepareStage } from '../model/stage-cache.ts';
 import { Checkpoint } from '../model/safetensors.ts';
@@ -135,6 +135,15 @@ function initializers(stagePath: string): (name: string) => Buffer {
   };
 }
 
+/** A built int4 stage stores `key` as the JS loop quantizes `w` [n, k] (block 32): codes, scales, zero points. */
+function assertInt4Stored(init4: (name: string) => Buffer, key: string, w: Float32Array, n: number, k: number, label: string): void {
+  const [d4, s4, z4] = [new Uint8Array((n * k) / 2), new Float32Array((n * k) / 32), new Uint8Array(n * Math.ceil(k / 64))];
+  int4BlocksF32(w, n, k, 32, d4, s4, z4);
+  assert.deepEqual(init4(`${key}.q4`), Buffer.from(d4), `${label} ${key}: int4 codes`);
+  assert.deepEqual(init4(`${key}.q4.scales`), Buffer.from(s4.buffer), `${label} ${key}: int4 scales`);
+  assert.deepEqual(init4(`${key}.q4.zp`), Buffer.from(z4), `${label} ${key}: int4 zero points`);
+}
+
 test('int8 and int4 stages built from F16 and F32 checkpoints stream every [out, in] matrix through the kernels: the codes, scales and zero points of the JS loops', () => {
   const root = mkdtempSync(join(tmpdir(), 'strata-qk-'));
   try {
@@ -161,11 +170,38 @@ test('int8 and int4 stages built from F16 and F32 checkpoints stream every [out,
           assert.deepEqual(init(`${key}.q8`), Buffer.from(data), `${dtype} ${key}: codes`);
           assert.deepEqual(init(`${key}.q8.scales`), Buffer.from(scales.buffer), `${dtype} ${key}: scales`);
           const wide = dtype === 'F16' ? float16ToFloat32(new Uint16Array(raw.bytes.buffer)) : new Float32Array(raw.bytes.buffer);
-          const [d4, s4, z4] = [new Uint8Array((n * k) / 2), new Float32Array((n * k) / 32), new Uint8Array(n * Math.ceil(k / 64))];
-          int4BlocksF32(wide, n, k, 32, d4, s4, z4);
-          assert.deepEqual(init4(`${key}.q4`), Buffer.from(d4), `${dtype} ${key}: int4 codes`);
-          assert.deepEqual(init4(`${key}.q4.scales`), Buffer.from(s4.buffer), `${dtype} ${key}: int4 scales`);
-          assert.deepEqual(init4(`${key}.q4.zp`), Buffer.from(z4), `${dtype} ${key}: int4 zero points`);
+          assertInt4Stored(init4, key, wide, n, k, dtype);
+        }
+      } finally {
+        ck.close();
+      }
+    }
+  } finally {
+    rmSync(root, { recursive: true, force: true });
+  }
+});
+
+test('a Conv1D checkpoint (GPT-2: [in, out] matrices) streams its transpose through the kernels: the codes of the JS loops over the transposed matrix', () => {
+  const root = mkdtempSync(join(tmpdir(), 'strata-qk-conv-'));
+  try {
+    for (const dtype of ['F16', 'F32'] as const) {
+      const dir = join(root, dtype);
+      writeShardedCheckpoint(dir, { family: 'gpt2', blocks: 2, dModel: 64, heads: 4, vocab: 96, maxPositions: 32 }, dtype, 64 << 10);
+      const cacheDir = join(root, `cache-${dtype}`);
+      const [init8, init4] = (['int8', 'int4'] as const).map((dt) => initializers(prepareStage(dir, { first: 0, last: 2 }, { dtype: dt, cacheDir, threads: 2 }).path));
+      const ck = Checkpoint.open(dir);
+      try {
+        // c_attn [64, 192], mlp.c_proj [256, 64]: stored [in, out], quantized as [out, in].
+        for (const [key, rows, cols] of [['transformer.h.0.attn.c_attn.weight', 64, 192], ['transformer.h.1.mlp.c_proj.weight', 256, 64]] as const) {
+          const raw = ck.readRaw(key, [rows, cols]);
+          const f = dtype === 'F16' ? float16ToFloat32(new Uint16Array(raw.bytes.buffer)) : new Float32Array(raw.bytes.buffer);
+          const t = transpose(f, rows, cols);
+          const [n, k] = [cols, rows];
+          const [d8, s8] = [new Uint8Array(n * k), new Float32Array((n * k) / 32)];
+          int8BlocksF32(t, n, k, 32, d8, s8);
+          assert.deepEqual(init8(`${key}.q8`), Buffer.from(d8), `${dtype} ${key}: int8 codes`);
+          assert.deepEqual(init8(`${key}.q8.scales`), Buffer.from(s8.buffer), `${dtype} ${key}: int8 scales`);
+          assertInt4Stored(init4, key, t, n, k, dtype);
         }
       } finally {
         ck.close();
