@@ -132,12 +132,18 @@ const CACHE_FILES = ['stage.onnx', 'weights.bin'] as const;
 
 /**
  * Threads a quantized build uses: STRATA_QUANT_THREADS, else the caller's (a worker's share of the host), else every
- * core. The codes do not depend on it (model/quant-kernels.ts, QuantPool).
+ * core, by default at most QUANT_THREADS_MAX. The codes do not depend on it (model/quant-kernels.ts, QuantPool).
  */
 export function quantThreads(threads?: number, env = process.env.STRATA_QUANT_THREADS): number {
-  const n = Number(env || threads || availableParallelism());
+  const n = env ? Number(env) : Math.min(threads || availableParallelism(), QUANT_THREADS_MAX);
   return Number.isInteger(n) && n >= 1 ? n : 1;
 }
+
+/**
+ * Each helper thread is a V8 isolate (~8 MiB while a build runs), and 16 threads of int4's search (~40 M weights/s
+ * each) already quantize faster than a disk reads F16: more would cost memory for nothing.
+ */
+const QUANT_THREADS_MAX = 16;
 
 /**
  * Whether a stage of `bytes` checkpoint bytes hard-links the tensors it stores unchanged (onnx-builder.ts FileSink)

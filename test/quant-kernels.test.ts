@@ -8,12 +8,12 @@ import { assembleQuantKernels } from '../model/quant-kernels-build.ts';
 import { QuantPool, int4Stream, quantizeInt4Blocks, quantizeInt8Blocks } from '../model/quant-kernels.ts';
 import { int4BlocksF32, int8BlocksF16, int8BlocksF32, transpose } from '../model/quantize.ts';
 import { float16ToFloat32 } from '../model/dtype.ts';
-import { prepareStage } from '../model/stage-cache.ts';
+import { prepareStage, quantThreads } from '../model/stage-cache.ts';
 import { Checkpoint } from '../model/safetensors.ts';
 import { onnx } from '../model/onnx-builder.ts';
 import { writeShardedCheckpoint } from '../bench/load-checkpoint.ts';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { availableParallelism, tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 
 let seed = 20261203;
@@ -240,4 +240,12 @@ test('QuantPool: the kernels split across 2–4 threads give the codes, scales a
     }
   }
   assert.equal(QuantPool.create(1), null, 'one thread: no helpers');
+});
+
+test('quantThreads: STRATA_QUANT_THREADS, else the caller\'s threads, else the cores; at most 16 unless set', () => {
+  assert.equal(quantThreads(3, undefined), 3);
+  assert.equal(quantThreads(64, undefined), 16);
+  assert.equal(quantThreads(64, '32'), 32);
+  assert.equal(quantThreads(2, 'many'), 1);
+  assert.equal(quantThreads(undefined, undefined), Math.min(availableParallelism(), 16));
 });
