@@ -1,5 +1,5 @@
-;; Block quantization (model/quantize.ts) in WebAssembly SIMD. Hot loops make no calls: V8 does not inline
-;; WebAssembly functions, and a call per 4 weights cost a third of the time.
+;; Block quantization (model/quantize.ts) in WebAssembly SIMD. The hottest loops (int8's, int4's refits) make no
+;; calls: V8 does not inline WebAssembly functions, and a call per 4 weights cost a third of the time.
 ;; int8 (q8f16, q8f32), 4 weights per step, the same codes and scales as int8BlocksF16 / int8BlocksF32 (model/quantize.ts), bit for bit (test/quant-kernels.test.ts):
 ;;   scale = fl32(amax / 127), inv = scale ? fl32(1 / scale) : 0, code = round-half-away(fl32(x · inv)) + 128,
 ;; NaN weights are skipped by amax and coded 128; every f32 product and quotient here is rounded once, as
@@ -115,7 +115,7 @@
         (local.set $scales (i32.add (local.get $scales) (i32.const 4)))
         (local.set $blocks (i32.sub (local.get $blocks) (i32.const 1)))
         (br $block))))
-;; int4 (q4): quantizeRows's asymmetric search (q4Block in model/quantize.ts) for four blocks at once, one per
+  ;; int4 (q4): quantizeRows's asymmetric search (q4Block in model/quantize.ts) for four blocks at once, one per
   ;; f32 lane, each lane doing the reference's own float32 operations in its order (the reference rounds every
   ;; double result with Math.fround): the same scales, zero points and codes, bit for bit. Its branches become lane
   ;; masks: a lane whose refit stops (Σd² = 0, or a fitted scale of 0) computes on, unused. Math.round(v ≥ 0) is

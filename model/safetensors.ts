@@ -158,7 +158,7 @@ export class Checkpoint {
     if (from < 0 || from + into.byteLength > info.length) throw new RangeError(`readInto: bytes [${from}, ${from + into.byteLength}) of "${key}" are outside its ${info.length}`);
     const shard = this.shards.find((s) => s.path === info.file)!;
     for (let done = 0; done < into.byteLength; ) {
-      const n = readSync(shard.fd, into, done, into.byteLength - done, info.offset + from + done);
+      const n = readSync(shard.fd, into, done, Math.min(into.byteLength - done, 1 << 30), info.offset + from + done);
       if (n <= 0) throw new StrataError('weights_invalid', `${info.file}: tensor "${key}" is cut short (truncated file?)`);
       done += n;
     }

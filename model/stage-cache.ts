@@ -51,7 +51,7 @@ export function prepareStage(
   range: BlockRange,
   opts: {
     dtype?: WeightDType; fused?: boolean; device?: string; cacheDir?: string; rows?: number; quantBlockSize?: number;
-    /** Threads an int8/int4 build quantizes on (default: this host's cores; STRATA_QUANT_THREADS overrides). */
+    /** Threads an int8/int4 build quantizes on (default: this host's cores, at most 16; STRATA_QUANT_THREADS overrides). */
     threads?: number;
     onProgress?: (msg: string, load?: LoadProgress) => void;
   } = {},

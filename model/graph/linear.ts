@@ -105,9 +105,9 @@ function streamQuantized(ctx: StageContext, w: WeightRef, n: number, k: number, 
  * The rows of a Conv1D weight's transpose, as a stream reads them: the checkpoint stores [in = k, out = n], the
  * kernels take [n, k] rows. A run of rows of the transpose is a column range of the stored matrix, no contiguous part
  * of the file, so the stored matrix is read whole on the first call and each call copies its rows' columns out of it
- * into the kernels' buffer (bits, not values: a NaN keeps its payload); dropped after the last row. Before, the whole
- * matrix was transposed into a second tensor-sized array first, element by element across the whole matrix: 57 % of a
- * BioMedLM int8 build.
+ * into the kernels' buffer (bits, not values: a NaN keeps its payload); after the last row the buffer (conv1dScratch)
+ * is the next matrix's. Before, the whole matrix was transposed into a second tensor-sized array first, element by
+ * element across the whole matrix: 57 % of a BioMedLM int8 build.
  */
 function transposedRows(readInto: (from: number, into: Uint8Array) => void, width: 2 | 4, n: number, k: number, scratch: (bytes: number) => Uint8Array): (from: number, into: Uint8Array) => void {
   let whole: Uint8Array | null = null;
