@@ -1,6 +1,6 @@
 import { loadModelSpec, type ModelSpec } from './config.ts';
 import { evenSplit, type BlockRange } from './range.ts';
-import { prepareStage, type PreparedStage } from './stage-cache.ts';
+import { prepareAndOpen, type PreparedStage } from './stage-cache.ts';
 import { StageSession, stagePrepack, type SessionOptions } from './executor.ts';
 import { Stage, type KvCache } from './stage.ts';
 import { DEFAULT_SLOT_ROWS } from './graph/slot-attention.ts';
@@ -39,9 +39,14 @@ export class LocalPipeline implements Stepper {
     const ranges = typeof split === 'number' ? evenSplit(spec.blocks, split) : split;
     const dtype = opts.dtype ?? 'float32';
     const rows = opts.maxBatch ?? DEFAULT_SLOT_ROWS;
-    const prepared = ranges.map((r) => prepareStage(modelDir, r, { dtype, fused: opts.fused, device: opts.device, cacheDir: opts.cacheDir, rows, quantBlockSize: opts.quantBlockSize, threads: opts.threads, onProgress: opts.onProgress }));
+    const prepare = { dtype, fused: opts.fused, device: opts.device, cacheDir: opts.cacheDir, rows, quantBlockSize: opts.quantBlockSize, threads: opts.threads, onProgress: opts.onProgress };
     const stages: Stage[] = [];
-    for (const p of prepared) stages.push(new Stage(spec, p.range, await StageSession.create(p.path, { prepack: stagePrepack(dtype), ...opts }), activationDType(dtype), { kvBudgetBytes: opts.kvBudgetBytes, rows }));
+    const prepared: PreparedStage[] = [];
+    for (const r of ranges) {
+      const { prepared: p, opened } = await prepareAndOpen(modelDir, r, prepare, (p) => StageSession.create(p.path, { prepack: stagePrepack(dtype), ...opts }));
+      prepared.push(p);
+      stages.push(new Stage(spec, p.range, opened, activationDType(dtype), { kvBudgetBytes: opts.kvBudgetBytes, rows }));
+    }
     return new LocalPipeline(spec, stages, prepared);
   }
 

@@ -1,6 +1,6 @@
 import { existsSync, mkdirSync, renameSync, rmSync, statSync, writeFileSync, readFileSync } from 'node:fs';
 import { availableParallelism, homedir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { loadModelSpec, type ModelSpec } from './config.ts';
 import { Checkpoint } from './safetensors.ts';
 import { allRefs, isLegacyBuffer, keyPrefix, stageWeights } from './layout.ts';
@@ -9,7 +9,7 @@ import { buildStageGraph, GRAPH_VERSION, type WeightDType } from './stage-graph.
 import { FileSink } from './onnx-builder.ts';
 import { checkRange, rangeLabel, type BlockRange } from './range.ts';
 import { isQuantized } from './dtype.ts';
-import { StrataError } from './errors.ts';
+import { isStrataError, StrataError } from './errors.ts';
 import { parseDevice } from './executor.ts';
 import { checkQuantKernels, quantScheme, schemeKey } from './quantize.ts';
 import { QuantPool } from './quant-kernels.ts';
@@ -41,6 +41,18 @@ export function defaultFused(device = 'cpu'): boolean {
 
 export const defaultCacheDir = (): string => process.env.STRATA_CACHE_DIR ?? join(homedir(), '.cache', 'strata');
 
+export interface PrepareOptions {
+  dtype?: WeightDType;
+  fused?: boolean;
+  device?: string;
+  cacheDir?: string;
+  rows?: number;
+  quantBlockSize?: number;
+  /** Threads an int8/int4 build quantizes on (default: this host's cores, at most 16; STRATA_QUANT_THREADS overrides). */
+  threads?: number;
+  onProgress?: (msg: string, load?: LoadProgress) => void;
+}
+
 /**
  * Returns the stage graph for `range` of the checkpoint in `modelDir`, building it on first use. Graphs are cached
  * on disk under (checkpoint fingerprint, range, dtype, graph version) and written atomically, so K workers sharing a
@@ -49,12 +61,7 @@ export const defaultCacheDir = (): string => process.env.STRATA_CACHE_DIR ?? joi
 export function prepareStage(
   modelDir: string,
   range: BlockRange,
-  opts: {
-    dtype?: WeightDType; fused?: boolean; device?: string; cacheDir?: string; rows?: number; quantBlockSize?: number;
-    /** Threads an int8/int4 build quantizes on (default: this host's cores, at most 16; STRATA_QUANT_THREADS overrides). */
-    threads?: number;
-    onProgress?: (msg: string, load?: LoadProgress) => void;
-  } = {},
+  opts: PrepareOptions = {},
 ): PreparedStage {
   const dtype = opts.dtype ?? 'float32';
   const fused = opts.fused ?? defaultFused(opts.device);
@@ -125,6 +132,30 @@ export function prepareStage(
     return { spec, range, dtype, fingerprint, path, paramBytes, built: true };
   } finally {
     ck.close();
+  }
+}
+
+/**
+ * prepareStage, then `open` its graph (an ORT session). A cached graph that ONNX Runtime refuses (bytes changed on
+ * disk at the same size, or written wrong by an earlier strata) is deleted and built once more, rather than failing
+ * every start until someone deletes it by hand. A graph ORT refuses right after it was built is raised as it is.
+ */
+export async function prepareAndOpen<T>(
+  modelDir: string,
+  range: BlockRange,
+  opts: PrepareOptions,
+  open: (prepared: PreparedStage) => Promise<T>,
+): Promise<{ prepared: PreparedStage; opened: T }> {
+  const prepared = prepareStage(modelDir, range, opts);
+  try {
+    return { prepared, opened: await open(prepared) };
+  } catch (e) {
+    if (prepared.built || !isStrataError(e) || e.code !== 'stage_graph_invalid') throw e;
+    const dir = dirname(prepared.path);
+    opts.onProgress?.(`stage cache ${dir} did not load (${e.message.split(': ').pop()}): rebuilding it`);
+    rmSync(dir, { recursive: true, force: true });
+    const rebuilt = prepareStage(modelDir, range, opts);
+    return { prepared: rebuilt, opened: await open(rebuilt) };
   }
 }
 

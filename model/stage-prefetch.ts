@@ -1,6 +1,7 @@
 import { closeSync, openSync, readFileSync, readSync, statSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { onnx } from './onnx-builder.ts';
+import { StrataError } from './errors.ts';
 
 /** One stretch of a file a stage graph's weights occupy: [file, offset, length]. */
 export type WeightSpan = [string, number, number];
@@ -11,7 +12,13 @@ export type WeightSpan = [string, number, number];
  */
 export function stageWeightSpans(graphPath: string): WeightSpan[] {
   const dir = dirname(graphPath);
-  const model = onnx.ModelProto.decode(readFileSync(graphPath));
+  let model: ReturnType<typeof onnx.ModelProto.decode>;
+  try {
+    model = onnx.ModelProto.decode(readFileSync(graphPath));
+  } catch (e) {
+    // The same error ONNX Runtime gives a graph it cannot parse: a cached one is then rebuilt (prepareAndOpen).
+    throw new StrataError('stage_graph_invalid', `${graphPath} is not an ONNX model (${(e as Error).message}); delete the stage cache directory and retry`, 'internal');
+  }
   const spans = new Map<string, WeightSpan>();
   for (const init of model.graph?.initializer ?? []) {
     const kv = Object.fromEntries((init.externalData ?? []).map((e) => [e.key, e.value]));

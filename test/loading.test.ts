@@ -6,7 +6,12 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { writeSyntheticModel } from '../model/synthetic.ts';
-import { prepareStage } from '../model/stage-cache.ts';
+import { prepareAndOpen, prepareStage } from '../model/stage-cache.ts';
+import { LocalPipeline } from '../model/local-pipeline.ts';
+import { forwardLogits } from '../model/generation.ts';
+import { StrataError } from '../model/errors.ts';
+import { readSpans, stageWeightSpans } from '../model/stage-prefetch.ts';
+import { StageSession } from '../model/executor.ts';
 import type { LoadProgress } from '../model/progress.ts';
 import { StageLoadState } from '../worker/load-state.ts';
 import { freePort, startPrivateRedis, type PrivateRedis } from './helpers/redis.ts';
@@ -101,6 +106,39 @@ test('a half-written or corrupt cache entry is rebuilt, not loaded', () => {
     assert.equal(statSync(weights).size, size, `${what}: whole again`);
     assert.equal(build(cacheDir).built, false, `${what}: and then a hit`);
   }
+});
+
+test('a complete cache entry ONNX Runtime refuses (its bytes changed at the same size) is rebuilt once, then serves', async () => {
+  const cacheDir = mkdtempSync(join(root, 'cache-'));
+  const ids = [5, 17, 33];
+  const load = async (messages: string[] = []) => {
+    const p = await LocalPipeline.load(model, 1, { cacheDir, maxBatch: 1, onProgress: (m) => messages.push(m) });
+    try {
+      return { logits: await forwardLogits(p, ids), built: p.prepared[0].built };
+    } finally {
+      await p.close();
+    }
+  };
+  const first = await load();
+  const graph = prepareStage(model, { first: 0, last: 4 }, { cacheDir, rows: 1 }).path;
+  const bytes = readFileSync(graph);
+  bytes.fill(0xff, 0, 64); // no longer an ONNX model, and meta.json's sizes still match
+  writeFileSync(graph, bytes);
+  const messages: string[] = [];
+  const again = await load(messages);
+  assert.equal(again.built, true, 'rebuilt');
+  assert.ok(messages.some((m) => /did not load .*rebuilding it/.test(m)), messages.join('\n'));
+  assert.deepEqual(again.logits, first.logits);
+  assert.equal((await load()).built, false, 'then a cache hit');
+  // The worker reads the graph's weight spans before ORT opens it: a graph that fails there is rebuilt the same way.
+  writeFileSync(graph, bytes);
+  const worker = await prepareAndOpen(model, { first: 0, last: 4 }, { cacheDir, rows: 1 }, async (p) => (readSpans(stageWeightSpans(p.path)), StageSession.create(p.path)));
+  assert.equal(worker.prepared.built, true, 'rebuilt after a corrupt graph met the worker\'s pre-read');
+  await worker.opened.release();
+  // A fresh build that ORT refuses is not retried: that is a bug to report, not a cache to clear.
+  await assert.rejects(() => prepareAndOpen(model, { first: 0, last: 4 }, { cacheDir: mkdtempSync(join(root, 'cache-')), rows: 1 }, async () => {
+    throw new StrataError('stage_graph_invalid', 'refused');
+  }), /refused/);
 });
 
 test('/v1/pipeline shows each stage building or loading while the workers load, /health says why it is 503, then both serve', { timeout: 180_000 }, async () => {
