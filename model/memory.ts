@@ -31,8 +31,16 @@ export const RUNTIME_BASE_BYTES = 200 * 2 ** 20;
  * at the planner's worst case (`strata bench --suite load --full-load`, 2026-12-02; README "Loading at size").
  */
 export const ARENA_GROWTH = 2;
-/** ORT's extra over the weight bytes of a loaded stage (arena, prepacked copies of small tensors). */
-export const WEIGHT_OVERHEAD = 0.1;
+/**
+ * ORT's extra over the weight bytes of a loaded stage, by dtype. Float stages: the arena and prepacked copies of small
+ * tensors (a loaded float32 stage held 1.11× its weights). Quantized stages: MatMulNBits' packed copy, which adds its
+ * own per-block sums, while ORT keeps the original scales mapped too, plus the largest matrix's transient while it is
+ * packed. Measured with /proc/self/smaps and VmHWM after ORT loaded a GPT-J stage (2026-12-03): int8 3.41 GB packed
+ * + 0.34 GB scales for 3.18 GB of weights, VmHWM ×1.23–1.36; int4 [24, 28) 748 MB packed + 136 MB scales and zero
+ * points for 649 MB, VmHWM ×1.43–1.61. With 0.1 for int8 the planner fell 5–9 % short of two GPT-J workers' peaks
+ * at its own worst case (README, "The planner against its own worst case").
+ */
+export const WEIGHT_OVERHEAD: Record<StageDType, number> = { float32: 0.1, float16: 0.1, int8: 0.25, int4: 0.45 };
 
 export interface StageMemoryOptions {
   /** The worker's KV budget (--kv-budget-mb); decoders only. */
@@ -66,7 +74,7 @@ export function stageMemory(spec: ModelSpec, range: BlockRange, dtype: StageDTyp
   const newKv = spec.causal ? 2 * (range.last - range.first) * T * spec.heads * spec.headDim * act : 0;
   const queued = slots * Math.min(DEFAULT_PREFILL_CHUNK, T) * D * act * 2;
   const activations = ARENA_GROWTH * (blockPeak + newKv) + queued;
-  const runtime = RUNTIME_BASE_BYTES + weights * WEIGHT_OVERHEAD;
+  const runtime = RUNTIME_BASE_BYTES + weights * WEIGHT_OVERHEAD[dtype];
   return { weights, kv, activations, runtime, total: weights + kv + activations + runtime };
 }
 

@@ -41,6 +41,9 @@ test('stage memory = weights in the stage dtype + KV slots within the budget + p
   assert.ok(m.runtime >= RUNTIME_BASE_BYTES);
   assert.equal(m.total, m.weights + m.kv + m.activations + m.runtime);
   assert.equal(stageMemory(spec, range, 'int8', { kvBudgetBytes: MB }).weights, stageFootprint(spec, range).params * 1.125);
+  // ORT's extra over the weights, as measured per dtype: quantized stages keep a packed copy and the scales too.
+  const extra = (d: 'float32' | 'int8' | 'int4') => (({ runtime, weights }) => (runtime - RUNTIME_BASE_BYTES) / weights)(stageMemory(spec, range, d, { kvBudgetBytes: MB }));
+  assert.deepEqual([extra('float32'), extra('int8'), extra('int4')].map((x) => +x.toFixed(2)), [0.1, 0.25, 0.45]);
 });
 
 test('a stage over the limit is refused with the typed error, its numbers and the ways out', () => {
