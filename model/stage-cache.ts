@@ -152,7 +152,7 @@ export async function prepareAndOpen<T>(
   } catch (e) {
     if (prepared.built || !isStrataError(e) || e.code !== 'stage_graph_invalid') throw e;
     const dir = dirname(prepared.path);
-    opts.onProgress?.(`stage cache ${dir} did not load (${e.message.split(': ').pop()}): rebuilding it`);
+    opts.onProgress?.(`stage cache ${dir} did not load (${e.message.split(': ').pop()!.split(';')[0]}): rebuilding it`);
     rmSync(dir, { recursive: true, force: true });
     const rebuilt = prepareStage(modelDir, range, opts);
     return { prepared: rebuilt, opened: await open(rebuilt) };
