@@ -21,21 +21,21 @@ interface Instance {
   kernels: Kernels;
 }
 
-let kernels: Instance | null | undefined;
+let loaded: Instance | null | undefined;
 
 /** The instance, made on first use; null where it cannot run (no WebAssembly SIMD or threads), or when switched off. */
 function instance(): Instance | null {
-  if (kernels === undefined) {
+  if (loaded === undefined) {
     try {
       if (process.env.STRATA_QUANT_SIMD === '0') throw new Error('off');
       const module = new WebAssembly.Module(Buffer.from(QUANT_KERNELS_WASM, 'base64'));
       const memory = new WebAssembly.Memory({ initial: 1, maximum: MAX_PAGES, shared: true });
-      kernels = { module, memory, kernels: new WebAssembly.Instance(module, { env: { memory } }).exports as unknown as Kernels };
+      loaded = { module, memory, kernels: new WebAssembly.Instance(module, { env: { memory } }).exports as unknown as Kernels };
     } catch {
-      kernels = null;
+      loaded = null;
     }
   }
-  return kernels;
+  return loaded;
 }
 
 /** The memory's bound, as the .wat declares it (1 GiB; a chunk and its outputs take tens of MiB). */
@@ -49,6 +49,9 @@ function reserve(inst: Instance, bytes: number): void {
 
 type KernelName = keyof Kernels;
 const KERNEL_IDS: Record<KernelName, number> = { q8f16: 0, q8f32: 1, q4: 2 };
+
+/** One kernel call on this thread. */
+const call = (inst: Instance, kernel: KernelName, args: number[]): void => (inst.kernels[kernel] as (...a: number[]) => void)(...args);
 
 /**
  * Helper threads that run the kernels on other blocks of the same chunk, over the same shared memory: a stage's build
@@ -97,19 +100,20 @@ export class QuantPool {
     };
     const job = ++this.job;
     const posted: number[] = [];
+    const control = (h: number) => this.control.subarray(h * 16, h * 16 + 16);
     this.helpers.forEach((_, h) => {
       const a = part(h + 1);
       if (!a) return;
-      const c = this.control.subarray(h * 16, h * 16 + 16);
+      const c = control(h);
       c[2] = KERNEL_IDS[kernel];
       c.set(a, 3);
       Atomics.store(c, 0, job);
       Atomics.notify(c, 0);
       posted.push(h);
     });
-    (this.inst.kernels[kernel] as (...a: number[]) => void)(...part(0)!);
+    call(this.inst, kernel, part(0)!);
     for (const h of posted) {
-      const c = this.control.subarray(h * 16, h * 16 + 16);
+      const c = control(h);
       for (let done = Atomics.load(c, 1); done !== job; done = Atomics.load(c, 1)) {
         // A part is a few MiB of weights (well under a second): a minute without an answer is a helper that died.
         if (Atomics.wait(c, 1, done, 60_000) === 'timed-out') throw new Error(`quantizer helper thread ${h} did not answer in 60 s`);
@@ -146,7 +150,7 @@ for (let seen = 0; ; ) {
 /** Runs `kernel` over its blocks on the pool's threads, or on this one (QuantPool.run's arguments). */
 function runKernel(inst: Instance, pool: QuantPool | null | undefined, kernel: KernelName, args: number[], perBlock: number[], blocksAt: number, tmpAt = -1, tmpBytes = 0): void {
   if (pool) pool.run(kernel, args, perBlock, blocksAt, tmpAt, tmpBytes);
-  else (inst.kernels[kernel] as (...a: number[]) => void)(...args);
+  else call(inst, kernel, args);
 }
 
 /** Weights quantized per call: whole rows, about this many bytes of them. */
@@ -275,7 +279,7 @@ export function quantizeInt4Blocks(w: Float32Array, n: number, k: number, blockS
 }
 
 /** A stream's pieces copied into `data`, one after another. */
-function drain(pieces: Iterable<Uint8Array>, data: Uint8Array): void {
+export function drain(pieces: Iterable<Uint8Array>, data: Uint8Array): void {
   let at = 0;
   for (const piece of pieces) {
     data.set(piece, at);

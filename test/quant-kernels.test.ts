@@ -5,7 +5,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { QUANT_KERNELS_WASM } from '../model/quant-kernels.wasm.ts';
 import { assembleQuantKernels } from '../model/quant-kernels-build.ts';
-import { QuantPool, int4Stream, quantizeInt4Blocks, quantizeInt8Blocks } from '../model/quant-kernels.ts';
+import { QuantPool, drain, int4Stream, quantizeInt4Blocks, quantizeInt8Blocks } from '../model/quant-kernels.ts';
 import { int4BlocksF32, int8BlocksF16, int8BlocksF32, transpose } from '../model/quantize.ts';
 import { float16ToFloat32 } from '../model/dtype.ts';
 import { prepareStage, quantThreads } from '../model/stage-cache.ts';
@@ -107,8 +107,7 @@ test('int4 from binary16 bits: every bit pattern, widened in the kernel, searche
     const bytes = new Uint8Array(halves.buffer);
     const stream = int4Stream((from, into) => into.set(bytes.subarray(from, from + into.byteLength)), 2, n, k, 32)!;
     const got = new Uint8Array((n * k) / 2);
-    let at = 0;
-    for (const piece of stream.codes()) (got.set(piece, at), (at += piece.byteLength));
+    drain(stream.codes(), got);
     const want = { d: new Uint8Array((n * k) / 2), s: new Float32Array((n * k) / 32), z: new Uint8Array(n * Math.ceil(k / 64)) };
     int4BlocksF32(float16ToFloat32(halves), n, k, 32, want.d, want.s, want.z);
     const diff = got.findIndex((c, i) => c !== want.d[i]);

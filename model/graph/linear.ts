@@ -110,12 +110,12 @@ function streamQuantized(ctx: StageContext, w: WeightRef, n: number, k: number, 
  * element across the whole matrix: 57 % of a BioMedLM int8 build.
  */
 function transposedRows(readInto: (from: number, into: Uint8Array) => void, width: 2 | 4, n: number, k: number, scratch: (bytes: number) => Uint8Array): (from: number, into: Uint8Array) => void {
+  const bits = (b: Uint8Array, length: number) => (width === 4 ? new Uint32Array(b.buffer, b.byteOffset, length) : new Uint16Array(b.buffer, b.byteOffset, length));
   let whole: Uint8Array | null = null;
   return (from, into) => {
     if (!whole) readInto(0, (whole = scratch(n * k * width)));
     const first = from / (k * width);
     const rows = into.byteLength / (k * width);
-    const bits = (b: Uint8Array, length: number) => (width === 4 ? new Uint32Array(b.buffer, b.byteOffset, length) : new Uint16Array(b.buffer, b.byteOffset, length));
     const src = bits(whole, n * k);
     const dst = bits(into, rows * k);
     for (let c = 0; c < k; c++) {
