@@ -170,7 +170,12 @@ function hostSlotAttention(ctx: BlockContext, plan: Rows, q3: string, k3: string
   const { g, spec, ACT, F32, half } = ctx;
   const { heads: H, headDim: HD, dModel: D } = spec;
   const toBHTd = (t: string) => g.o('Transpose', [g.o('Reshape', [t, ctx.shapeBTHd])], { perm: [0, 2, 1, 3] }); // [B,H,T,hd]
-  const [qh, kh, vh] = [toBHTd(q3), toBHTd(k3), toBHTd(v)];
+  // The scale goes on q, before its reshape, rather than on the score products' alpha: MLAS has a kernel for a
+  // one-row q·Kᵀ (dot products along the slot's rows as they lie) only for alpha 1. With any other alpha it packs a
+  // transposed copy of the whole slot on every call first. At one query per row that took 2.6× the value product over
+  // the same bytes. (A Mul right at the product would be folded back into its alpha by ORT's optimizer.)
+  const qs = scale === 1 ? q3 : g.o('Mul', [q3, g.constScalar(scale, ACT)]);
+  const [qh, kh, vh] = [toBHTd(qs), toBHTd(k3), toBHTd(v)];
   g.output(kh, SLOT_IO.newKey(layer), ACT, ['batch', H, 'seq', HD]);
   g.output(vh, SLOT_IO.newValue(layer), ACT, ['batch', H, 'seq', HD]);
   const masked = g.constScalar(-3.4028234663852886e38, F32);
@@ -189,15 +194,11 @@ function hostSlotAttention(ctx: BlockContext, plan: Rows, q3: string, k3: string
     const p = plan.rows[r];
     const { pk, pv } = past[r];
     const cap = g.o('Shape', [pk], { start: 2, end: 3 });
-    const f32 = (sc: string) => (half ? g.o('Cast', [sc], { to: F32 }) : sc);
-    // The slot's scores as K·qᵀ [1,H,cap,T], turned to [1,H,T,cap] (at T = 1 a reshape): the operand MLAS transposes
-    // is then q, not the whole slot (ORT fuses the Transpose and the scale into one FusedMatMul with transB on q).
-    // As q·Kᵀ the scores took 2.6× the value product over the same bytes; now 2× (ORT profile of GPT-2-small decoding
-    // 8 × 512 tokens: 24.9 → 18.9 ms per step under the profiler, the value products 9.4).
-    const kq = f32(g.o('MatMul', [pk, g.o('Transpose', [q], { perm: [0, 1, 3, 2] })]));
-    const pastScores = g.o('Transpose', [g.o('Mul', [kq, g.constScalar(scale, F32)])], { perm: [0, 1, 3, 2] }); // scaled after, as HF does
-    const newScores = f32(g.o('FusedMatMul', [q, k], { transB: 1, alpha: { float: scale } }, 'com.microsoft')); // [1,H,T,T]
-    const all = g.o('Concat', [g.o('Where', [p.pastAllowed, pastScores, masked]), g.o('Where', [p.newAllowed, newScores, masked])], { axis: 3 });
+    const scores = (b: string) => {
+      const sc = g.o('FusedMatMul', [q, b], { transB: 1 }, 'com.microsoft'); // [1,H,T,S], q already scaled
+      return half ? g.o('Cast', [sc], { to: F32 }) : sc;
+    };
+    const all = g.o('Concat', [g.o('Where', [p.pastAllowed, scores(pk), masked]), g.o('Where', [p.newAllowed, scores(k), masked])], { axis: 3 });
     let probs = g.o('Softmax', [all], { axis: -1 });
     if (half) probs = g.o('Cast', [probs], { to: ACT });
     const pPast = g.o('Slice', [probs, zero, cap, three]);
