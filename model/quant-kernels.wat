@@ -132,19 +132,11 @@
       (f32x4.add (local.get $f)
         (v128.and (f32x4.ge (f32x4.sub (local.get $a) (local.get $f)) (v128.const f32x4 0.5 0.5 0.5 0.5)) (v128.const f32x4 1 1 1 1)))))
 
-  ;; Math.max(0, Math.min(15, roundAway(x) + zero)), as int32 lanes (a NaN lane: 0): $roundAway written out and the
-  ;; clamp in pmin/pmax, as in q4's search loop below (a call and V8's min/max were a tenth of an int4 build)
+  ;; Math.max(0, Math.min(15, roundAway(x) + zero)), as int32 lanes (a NaN lane: 0), the clamp in pmin/pmax as in q4's
+  ;; search loop below
   (func $q4Code (param $x v128) (param $zero v128) (result v128)
-    (local $a v128) (local $f v128)
-    (local.set $a (f32x4.abs (local.get $x)))
-    (local.set $f (f32x4.floor (local.get $a)))
     (i32x4.trunc_sat_f32x4_s
-      (f32x4.pmax (f32x4.pmin (f32x4.add
-        (v128.or
-          (v128.and (local.get $x) (v128.const i32x4 0x80000000 0x80000000 0x80000000 0x80000000))
-          (f32x4.add (local.get $f)
-            (v128.and (f32x4.ge (f32x4.sub (local.get $a) (local.get $f)) (v128.const f32x4 0.5 0.5 0.5 0.5)) (v128.const f32x4 1 1 1 1))))
-        (local.get $zero)) (v128.const f32x4 15 15 15 15)) (v128.const f32x4 0 0 0 0))))
+      (f32x4.pmax (f32x4.pmin (f32x4.add (call $roundAway (local.get $x)) (local.get $zero)) (v128.const f32x4 15 15 15 15)) (v128.const f32x4 0 0 0 0))))
 
   (func $minu (param $a i32) (param $b i32) (result i32)
     (select (local.get $a) (local.get $b) (i32.lt_u (local.get $a) (local.get $b))))
