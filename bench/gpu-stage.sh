@@ -4,6 +4,7 @@
 #
 #   bench/gpu-stage.sh [--hbm-gbps 4800] [--blocks 16] [--dtype float16] [--json]      # on an NVIDIA GPU host
 #   bench/gpu-stage.sh --lavapipe --blocks 1 --d-model 256 --heads 4 --vocab 1000       # try-out on the CPU
+#   bench/gpu-stage.sh --pack .devpack [...]     # on a host without npm or Node: what bench/gpu-pack.sh packed
 #
 # Needs: Node >= 20, this project with `npm ci` done (onnxruntime-node's own Linux binaries carry the WebGPU EP),
 # the Vulkan loader (libvulkan1) and the NVIDIA driver's Vulkan ICD. Nothing else is downloaded: the checkpoint is
@@ -13,18 +14,35 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 lavapipe=0
+pack=""
 args=()
-for a in "$@"; do
-  if [ "$a" = "--lavapipe" ]; then lavapipe=1; else args+=("$a"); fi
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --lavapipe) lavapipe=1 ;;
+    --pack) pack="${2:?--pack needs the folder bench/gpu-pack.sh wrote}"; shift ;;
+    *) args+=("$1") ;;
+  esac
+  shift
 done
 
 fail() { printf 'gpu-stage: %s\n' "$@" >&2; exit 1; }
-case " $* " in *" --help "*|*" -h "*) exec node --import tsx bench/gpu-stage.ts --help ;; esac
+case " ${args[*]-} " in *" --help "*|*" -h "*) echo "also: --lavapipe (Mesa's CPU Vulkan driver), --pack DIR (bench/gpu-pack.sh's folder, for a host without Node)"; exec node --import tsx bench/gpu-stage.ts --help ;; esac
 
-# Node and the project.
-command -v node >/dev/null || fail "node not found: install Node.js >= 20 (e.g. https://nodejs.org or the distro's nodejs package)"
-[ "$(node -p 'process.versions.node.split(".")[0]')" -ge 20 ] || fail "Node $(node -v) is too old: install Node.js >= 20"
-[ -d node_modules/onnxruntime-node ] && [ -d node_modules/tsx ] || fail "the project's packages are missing: run 'npm ci' in $(pwd)"
+# Node and the project: installed here, or unpacked from bench/gpu-pack.sh's folder.
+if [ -n "$pack" ]; then
+  for f in node.xz ort.tar.xz gpu-stage.mjs; do [ -f "$pack/$f" ] || fail "--pack $pack: $f is missing: run bench/gpu-pack.sh $pack on a machine with the project installed"; done
+  run="$(mktemp -d)"
+  xz -dc "$pack/node.xz" >"$run/node" && chmod +x "$run/node"
+  mkdir -p "$run/node_modules" && xz -dc "$pack/ort.tar.xz" | tar -C "$run/node_modules" -xf -
+  cp "$pack/gpu-stage.mjs" "$run/"
+  echo "gpu-stage: unpacked $pack into $run (Node $("$run/node" -v))" >&2
+  launch=("$run/node" "$run/gpu-stage.mjs")
+else
+  command -v node >/dev/null || fail "node not found: install Node.js >= 20 (e.g. https://nodejs.org or the distro's nodejs package), or use --pack"
+  [ "$(node -p 'process.versions.node.split(".")[0]')" -ge 20 ] || fail "Node $(node -v) is too old: install Node.js >= 20"
+  [ -d node_modules/onnxruntime-node ] && [ -d node_modules/tsx ] || fail "the project's packages are missing: run 'npm ci' in $(pwd)"
+  launch=(node --import tsx bench/gpu-stage.ts)
+fi
 
 # Vulkan writes its runtime files here; without a writable one it prints errors.
 if [ -z "${XDG_RUNTIME_DIR:-}" ] || [ ! -w "${XDG_RUNTIME_DIR}" ]; then
@@ -46,7 +64,7 @@ elif [ "$lavapipe" = 1 ]; then
   [ -n "$icd" ] || fail "lavapipe not found: install mesa-vulkan-drivers >= 25 (Debian bookworm: .ci/lavapipe.sh, from bookworm-backports)"
   echo "gpu-stage: --lavapipe: running on Mesa's CPU Vulkan driver ($icd); these are NOT GPU figures" >&2
 else
-  for f in /usr/share/vulkan/icd.d/nvidia_icd.json /etc/vulkan/icd.d/nvidia_icd.json /usr/share/vulkan/icd.d/nvidia_icd.*.json /etc/vulkan/icd.d/nvidia_icd.*.json; do
+  for f in /usr/share/vulkan/icd.d/nvidia_icd.json /etc/vulkan/icd.d/nvidia_icd.json /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json /usr/share/vulkan/icd.d/nvidia_icd.*.json /etc/vulkan/icd.d/nvidia_icd.*.json; do
     if [ -f "$f" ]; then icd="$f"; break; fi
   done
   if [ -z "$icd" ] && has_lib libGLX_nvidia.so.0; then
@@ -76,4 +94,4 @@ if command -v nvidia-smi >/dev/null 2>&1 && [ "$lavapipe" = 0 ]; then
   nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader 2>/dev/null | sed 's/^/gpu-stage: GPU /' >&2 || true
 fi
 
-exec node --import tsx bench/gpu-stage.ts ${args[@]+"${args[@]}"}
+exec "${launch[@]}" ${args[@]+"${args[@]}"}

@@ -2,7 +2,7 @@ import { parseArgs } from 'node:util';
 import { performance } from 'node:perf_hooks';
 import { loadModelSpec, type ModelSpec } from '../model/config.ts';
 import { LocalPipeline } from '../model/local-pipeline.ts';
-import { bytesPerWeight, parseStageDType } from '../model/dtype.ts';
+import { activationDType, bytesPerWeight, parseStageDType, type StageDType } from '../model/dtype.ts';
 import { parseDevice, type Transfer } from '../model/executor.ts';
 import { slotBytes } from '../model/kv-slots.ts';
 import { BYTES_PER_ELEMENT, type TensorData } from '../model/tensor.ts';
@@ -29,7 +29,7 @@ export interface GpuStageOptions {
   heads?: number;
   vocab?: number;
   device: string;
-  dtype: 'float32' | 'float16';
+  dtype: StageDType;
   prompt: number;
   steps: number;
   warmup: number;
@@ -39,7 +39,7 @@ export interface GpuStageOptions {
   json: boolean;
 }
 
-export const USAGE = `usage: bench/gpu-stage.sh [--device webgpu|cuda:N|cpu] [--blocks 16] [--dtype float16|float32]
+export const USAGE = `usage: bench/gpu-stage.sh [--device webgpu|cuda:N|cpu] [--blocks 16] [--dtype float16|float32|int8|int4]
        [--prompt 128] [--steps 32] [--warmup 4] [--batches 1,8] [--hbm-gbps 4800] [--cache-dir DIR] [--json]
        [--d-model D --heads H --vocab V]   (shrink the shape for a try-out on lavapipe)`;
 
@@ -65,7 +65,6 @@ export function parseGpuStageArgs(argv: string[]): GpuStageOptions {
   const device = v.device ?? 'webgpu';
   parseDevice(device);
   const dtype = parseStageDType(v.dtype ?? 'float16', '--dtype');
-  if (dtype !== 'float32' && dtype !== 'float16') throw new StrataError('dtype_invalid', `--dtype ${dtype}: this script measures float16 or float32 stages (its floor counts 2 or 4 bytes a weight)`);
   const batches = (v.batches ?? '1,8').split(',').map((b) => positiveInt('batches', b.trim(), 1));
   const hbmGbps = Number(v['hbm-gbps'] ?? 4800);
   if (!(hbmGbps > 0)) throw new StrataError('bench_shape_invalid', `--hbm-gbps must be a positive number of GB/s, got "${v['hbm-gbps']}"`);
@@ -86,8 +85,11 @@ export function parseGpuStageArgs(argv: string[]): GpuStageOptions {
   };
 }
 
-/** Bytes one decode step reads from memory at least (float32 layout scaled to the stage dtype), and its time floor. */
-export function weightFloor(spec: ModelSpec, dtype: 'float32' | 'float16', hbmGbps: number): { bytes: number; ms: number } {
+/**
+ * Bytes one decode step reads from memory at least (float32 layout scaled to the stage dtype: int8/int4 count their
+ * codes, scales and zero points, model/dtype.ts bytesPerWeight), and its time floor.
+ */
+export function weightFloor(spec: ModelSpec, dtype: StageDType, hbmGbps: number): { bytes: number; ms: number } {
   const bytes = (weightBytes(spec).readPerStep / 4) * bytesPerWeight(dtype);
   return { bytes, ms: (bytes / (hbmGbps * 1e9)) * 1e3 };
 }
@@ -98,8 +100,8 @@ export function weightFloor(spec: ModelSpec, dtype: 'float32' | 'float16', hbmGb
  * up; the graph's idle rows bind one-position scratch buffers. Back comes only each session's new position (the
  * new_key/new_value outputs, which the runtime writes into the slot).
  */
-export function hostKvBytesPerStep(spec: ModelSpec, layers: number, dtype: 'float32' | 'float16', batch: number, rows: number): { up: number; back: number } {
-  const perPosition = 2 * layers * spec.heads * spec.headDim * BYTES_PER_ELEMENT[dtype];
+export function hostKvBytesPerStep(spec: ModelSpec, layers: number, dtype: StageDType, batch: number, rows: number): { up: number; back: number } {
+  const perPosition = 2 * layers * spec.heads * spec.headDim * BYTES_PER_ELEMENT[activationDType(dtype)];
   return { up: perPosition * (batch * spec.maxPositions + Math.max(0, rows - batch)), back: perPosition * batch };
 }
 
@@ -202,7 +204,7 @@ export async function runGpuStage(o: GpuStageOptions, log: (msg: string) => void
   const spec = loadModelSpec(dir);
   const rows = Math.max(...o.batches);
   // Budget for exactly `rows` slots: enough for the largest batch whatever the shape (slots are whole n_positions).
-  const slot = slotBytes({ layers: Array.from({ length: spec.blocks }, (_, i) => i), heads: spec.heads, headDim: spec.headDim, maxLen: maxPositions, dtype: o.dtype });
+  const slot = slotBytes({ layers: Array.from({ length: spec.blocks }, (_, i) => i), heads: spec.heads, headDim: spec.headDim, maxLen: maxPositions, dtype: activationDType(o.dtype) });
   const buildStart = performance.now();
   const p = await LocalPipeline.load(dir, 1, { device: o.device, dtype: o.dtype, maxBatch: rows, kvBudgetBytes: rows * slot, cacheDir: o.cacheDir, onProgress: (m) => log(m) });
   const loadMs = performance.now() - buildStart;
@@ -257,7 +259,7 @@ export function renderGpuStage(r: GpuStageReport): string {
   return lines.join('\n');
 }
 
-if (process.argv[1]?.endsWith('gpu-stage.ts')) {
+if (/gpu-stage\.(ts|mjs)$/.test(process.argv[1] ?? '')) { // .mjs: the bundle bench/gpu-pack.sh carries to a bare GPU host
   if (process.argv.includes('--help') || process.argv.includes('-h')) (process.stdout.write(`${USAGE}\n`), process.exit(0));
   try {
     const o = parseGpuStageArgs(process.argv.slice(2));

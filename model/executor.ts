@@ -96,6 +96,47 @@ export function ortSpin(threads: number | undefined, env = process.env.STRATA_OR
   return (threads || availableParallelism()) <= availableParallelism();
 }
 
+/** The WebGPU EP options onnxruntime-node takes (its WebGpuExecutionProviderOption), as strings. */
+const WEBGPU_OPTIONS: Record<string, readonly string[]> = {
+  validationMode: ['disabled', 'wgpuOnly', 'basic', 'full'],
+  storageBufferCacheMode: ['disabled', 'lazyRelease', 'simple', 'bucket'],
+  uniformBufferCacheMode: ['disabled', 'lazyRelease', 'simple', 'bucket'],
+  queryResolveBufferCacheMode: ['disabled', 'lazyRelease', 'simple', 'bucket'],
+  defaultBufferCacheMode: ['disabled', 'lazyRelease', 'simple', 'bucket'],
+};
+
+/**
+ * Storage buffers are cached by exact size ('simple') rather than ORT's default size buckets, which keep at most 10
+ * buffers of 8 MiB and fewer above: every decode step's present K/V is a fresh slot-sized buffer per row and layer
+ * (256 at batch 8 for 16 BioMedLM layers), so with buckets nearly all were created and destroyed each step. On an
+ * H200, BioMedLM-shaped 16-block float16 stage (bench/gpu-stage.sh, 2026-12-04): batch 8 213 → 36.4 ms per step,
+ * batch 1 50.7 → 33.3. The exact sizes stay few: decode has one size per batch and WebGPU prefill runs in chunks of
+ * at most WEBGPU_MAX_PROMPT_CHUNK tokens, so the cache does not grow with prompt lengths.
+ */
+const WEBGPU_DEFAULTS: Record<string, string> = { storageBufferCacheMode: 'simple' };
+
+/**
+ * The WebGPU EP's options: WEBGPU_DEFAULTS over ORT's own, overridden by STRATA_WEBGPU_OPTIONS (JSON, e.g.
+ * '{"storageBufferCacheMode":"simple"}'); an unknown key or value is a typed error, not a silently ignored knob.
+ */
+export function webgpuOptions(env = process.env.STRATA_WEBGPU_OPTIONS): Record<string, string> {
+  const opts: Record<string, string> = { ...WEBGPU_DEFAULTS };
+  if (!env) return opts;
+  let given: unknown;
+  try {
+    given = JSON.parse(env);
+  } catch {
+    throw new StrataError('device_invalid', `STRATA_WEBGPU_OPTIONS is not JSON: ${env}`);
+  }
+  for (const [k, v] of Object.entries(given as Record<string, unknown>)) {
+    if (!WEBGPU_OPTIONS[k]?.includes(v as string)) {
+      throw new StrataError('device_invalid', `STRATA_WEBGPU_OPTIONS: ${k}=${JSON.stringify(v)} is not one of ${Object.entries(WEBGPU_OPTIONS).map(([o, vs]) => `${o} (${vs.join('|')})`).join(', ')}`);
+    }
+    opts[k] = v as string;
+  }
+  return opts;
+}
+
 /**
  * One ORT session over one stage graph. `run` is a synchronous native call under the hood: callers that serve
  * sockets must host this in a worker thread (worker/), the CLI's in-process path may call it directly.
@@ -127,7 +168,7 @@ export class StageSession {
       // outside, which onnxruntime-node cannot do. Say so rather than run on another GPU than the one asked for.
       throw new StrataError('device_unavailable', `webgpu:${device.id}: onnxruntime-node's WebGPU EP always uses the default adapter; start one worker per GPU and pick its GPU through the Vulkan environment (e.g. MESA_VK_DEVICE_SELECT, VK_DRIVER_FILES), with --device webgpu`);
     }
-    const providers: ort.InferenceSession.ExecutionProviderConfig[] = device.kind === 'cuda' ? [{ name: 'cuda', deviceId: device.id }] : device.kind === 'webgpu' ? ['webgpu'] : ['cpu'];
+    const providers: ort.InferenceSession.ExecutionProviderConfig[] = device.kind === 'cuda' ? [{ name: 'cuda', deviceId: device.id }] : device.kind === 'webgpu' ? [{ name: 'webgpu', ...webgpuOptions() } as ort.InferenceSession.ExecutionProviderConfig] : ['cpu'];
     // Warnings (unused initializers, shape ops kept on the CPU by the WebGPU EP) are expected: log errors only.
     const sessionOpts: ort.InferenceSession.SessionOptions = { ...base, executionProviders: providers, logSeverityLevel: 3 };
     // STRATA_ORT_PROFILE=PREFIX: ORT's per-node profile (JSON, chrome://tracing) of every run, written when the session ends.

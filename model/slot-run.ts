@@ -31,7 +31,8 @@ export async function runInSlots(session: StageSession, slots: KvSlots, graphRow
   const B = rows.length;
   // The graph ignores the mask of a decoder (its attention reads lengths from seqlens_k); it still declares the input.
   feeds[IO.attentionMask] = { dtype: 'int64', dims: [B, 1], data: new BigInt64Array(B).fill(1n) };
-  feeds[SLOT_IO.seqlens] = { dtype: 'int32', dims: [B], data: Int32Array.from(rows, (r) => r.past + seq - 1) } as unknown as TensorData;
+  if (slots.resident) Object.assign(feeds, devicePlanFeeds(graphRows, rows, seq));
+  else feeds[SLOT_IO.seqlens] = { dtype: 'int32', dims: [B], data: Int32Array.from(rows, (r) => r.past + seq - 1) } as unknown as TensorData;
   for (const row of rows) slots.reserve(row.slot, row.past + seq);
   for (const l of slots.geometry.layers) {
     for (let r = 0; r < graphRows; r++) {
@@ -47,6 +48,27 @@ export async function runInSlots(session: StageSession, slots: KvSlots, graphRow
   if (slots.resident) keepOnDevice(slots, graphRows, rows, out);
   else writeNewKv(slots, rows, seq, out);
   return out;
+}
+
+/**
+ * Device slots: each graph row's plan as CPU inputs (see SLOT_IO.rowStarts). Row b < B takes batch row b's T tokens
+ * after its past; an idle row reads row B−1's first token against its one-position scratch (seqlens 0, total 1).
+ */
+export function devicePlanFeeds(graphRows: number, rows: SlotRow[], seq: number): Record<string, TensorData> {
+  const feeds: Record<string, TensorData> = {};
+  const i64 = (...v: number[]): TensorData => ({ dtype: 'int64', dims: [v.length], data: BigInt64Array.from(v, BigInt) });
+  const i32 = (v: number, dims: number[]): TensorData => ({ dtype: 'int32', dims, data: Int32Array.of(v) }) as unknown as TensorData;
+  const B = rows.length;
+  for (let r = 0; r < graphRows; r++) {
+    const active = r < B;
+    const row = active ? r : B - 1;
+    const seqlens = active ? rows[r].past + seq - 1 : 0;
+    feeds[SLOT_IO.rowStarts(0, r)] = i64(row, 0);
+    feeds[SLOT_IO.rowEnds(0, r)] = i64(row + 1, active ? seq : 1);
+    feeds[SLOT_IO.rowSeqlens(0, r)] = i32(seqlens, [1]);
+    feeds[SLOT_IO.rowTotal(0, r)] = i32(seqlens + 1, []);
+  }
+  return feeds;
 }
 
 /** Host slots: the run read each row's past in place (a view, no copy); its new K/V [B, H, T, hd] go into the slots. */

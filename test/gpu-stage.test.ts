@@ -22,7 +22,7 @@ describe('bench/gpu-stage.ts', () => {
   });
 
   test('bad arguments are typed errors', () => {
-    assert.throws(() => parseGpuStageArgs(['--dtype', 'int8']), { code: 'dtype_invalid' });
+    assert.throws(() => parseGpuStageArgs(['--dtype', 'int3']), { code: 'dtype_invalid' });
     assert.throws(() => parseGpuStageArgs(['--dtype', 'float64']), { code: 'dtype_invalid' });
     assert.throws(() => parseGpuStageArgs(['--device', 'gpu']), { code: 'device_invalid' });
     assert.throws(() => parseGpuStageArgs(['--hbm-gbps', '0']), { code: 'bench_shape_invalid' });
@@ -39,6 +39,10 @@ describe('bench/gpu-stage.ts', () => {
     assert.ok(Math.abs(f.ms - (params * 2) / 4.8e9) < 1e-9);
     assert.ok(Math.abs(f.ms - 0.5553) < 1e-3, `${f.ms}`);
     assert.equal(weightFloor(biomedlm(16), 'float32', 4800).bytes, params * 4);
+    // int8/int4: codes plus a float32 scale per 32 weights (and a 4-bit zero point at int4).
+    assert.equal(parseGpuStageArgs(['--dtype', 'int4']).dtype, 'int4');
+    assert.equal(weightFloor(biomedlm(16), 'int8', 4800).bytes, params * 1.125);
+    assert.equal(weightFloor(biomedlm(16), 'int4', 4800).bytes, params * 0.640625);
   });
 
   test('host-resident KV (cuda): whole slots up and back, 168 MB per session per step for 16 BioMedLM layers in float16', () => {
@@ -48,6 +52,8 @@ describe('bench/gpu-stage.ts', () => {
     assert.equal(hostKvBytesPerStep(spec, 16, 'float16', 1, 1).back, 2 * 16 * 20 * 128 * 2);
     // Idle rows of an 8-row graph bind one position each.
     assert.equal(hostKvBytesPerStep(spec, 16, 'float16', 3, 8).up, 2 * 16 * 20 * 128 * 2 * (3 * 1024 + 5));
+    // Quantized stages keep float32 activations, so their KV is float32.
+    assert.equal(hostKvBytesPerStep(spec, 16, 'int4', 1, 1).up, 2 * 16 * 20 * 128 * 1024 * 4);
   });
 
   test('a real run on the CPU EP at a tiny shape: both batches timed, ratio = step ÷ floor, finite logits, no device bytes', async () => {

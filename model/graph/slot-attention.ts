@@ -42,6 +42,15 @@ export const SLOT_IO = {
   pastValue: named((layer, row) => `past_value_${layer}_r${row}`),
   presentKey: named((layer, row) => `present_key_${layer}_r${row}`),
   presentValue: named((layer, row) => `present_value_${layer}_r${row}`),
+  /**
+   * Device slots: row r's plan, fed by the runtime (model/slot-run.ts devicePlanFeeds): where its tokens lie in the
+   * batch (Slice starts/ends over [B, T]: [row, 0] and [row + 1, T]; an idle row reads row B−1's first token) and
+   * GQA's seqlens_k [1] and total_sequence_length (scalar) for it.
+   */
+  rowStarts: named((_, row) => `row_starts_r${row}`),
+  rowEnds: named((_, row) => `row_ends_r${row}`),
+  rowSeqlens: named((_, row) => `row_seqlens_r${row}`),
+  rowTotal: named((_, row) => `row_total_r${row}`),
   /** Host slots: the step's new K/V of every row, [B, H, T, head_dim], which the runtime writes into the slots. */
   newKey: named((layer) => `new_key_${layer}`),
   newValue: named((layer) => `new_value_${layer}`),
@@ -76,16 +85,32 @@ function rowPlan(ctx: BlockContext, rows: number, firstLayer: number): Rows {
   if (known) return known;
   const { g, spec, ACT } = ctx;
   const [I32, I64, BOOL] = [ElemType.INT32, ElemType.INT64, ElemType.BOOL];
-  const host = !(ctx.opts.kvInPlace ?? false);
-  const seqlens = g.input(SLOT_IO.seqlens, I32, ['batch']);
   const bt = g.o('Shape', [ctx.positionIds]); // [B, T]
   const B = g.o('Slice', [bt, g.constInt64([0]), g.constInt64([1])]);
   const T = g.o('Slice', [bt, g.constInt64([1]), g.constInt64([2])]);
+  const outShape = g.o('Concat', [g.constInt64([1]), T, g.constInt64([spec.dModel])], { axis: 0 });
+  if (ctx.opts.kvInPlace ?? false) {
+    // Device slots: the plan comes in as inputs, which stay on the CPU where Slice and GQA read them. Computed here,
+    // the WebGPU EP ran its int ops (and the If below) on the GPU and copied each result back: 22 GPU→host syncs
+    // per run at 8 rows, ~20 ms of every decode step on an H200 (2026-12-04, ORT profile: MemcpyToHost).
+    const rowsIn = Array.from({ length: rows }, (_, r) => ({
+      starts: g.input(SLOT_IO.rowStarts(0, r), I64, [2]),
+      ends: g.input(SLOT_IO.rowEnds(0, r), I64, [2]),
+      seqlens: g.input(SLOT_IO.rowSeqlens(0, r), I32, [1]),
+      total: g.input(SLOT_IO.rowTotal(0, r), I32, []),
+      pastAllowed: '',
+      newAllowed: '',
+    }));
+    const devicePlan = { rows: rowsIn, batch: B, many: '', outShape }; // many: the host path's If only
+    plans.set(ctx.g, devicePlan);
+    return devicePlan;
+  }
+  const seqlens = g.input(SLOT_IO.seqlens, I32, ['batch']);
   const lastRow = g.o('Sub', [B, g.constInt64([1])]);
   const one = g.constInt64([1]);
   const zero = g.constInt64([0]);
   const scalar = (t: string) => g.o('Squeeze', [t, zero]);
-  // A row's RowPlan fields, in its order (the host masks only with host slots).
+  // A row's RowPlan fields, in its order.
   const planRow = (r: number): string[] => {
     const rc = g.constInt64([r]);
     const active = g.o('Less', [rc, B]);
@@ -95,7 +120,6 @@ function rowPlan(ctx: BlockContext, rows: number, firstLayer: number): Rows {
     const total = scalar(g.o('Add', [rowSeqlens, g.constInt32([1])])); // int32 scalar
     const starts = g.o('Concat', [row, zero], { axis: 0 });
     const ends = g.o('Concat', [g.o('Add', [row, one]), len], { axis: 0 });
-    if (!host) return [starts, ends, rowSeqlens, total];
     const past = g.o('Sub', [g.o('Cast', [total], { to: I64 }), scalar(len)]); // cached positions before the step
     // The slot's capacity is the same in every layer: the first layer's past input tells it.
     const cap = g.o('Shape', [g.inputOnce(SLOT_IO.pastKey(firstLayer, r), ACT, [1, spec.heads, `slot_len_r${r}`, spec.headDim])], { start: 2, end: 3 });
@@ -109,16 +133,16 @@ function rowPlan(ctx: BlockContext, rows: number, firstLayer: number): Rows {
   // scratch slot): an If hands those constants out rather than running ~20 nodes per row that batch 1 never needs.
   const idleRow = (): string[] => [
     g.constInt64([0, 0]), g.constInt64([1, 1]), g.constInt32([0]), g.constInt32([1], []),
-    ...(host ? [g.constInt32([0], [1], BOOL), g.constInt32([1], [1, 1], BOOL)] : []),
+    g.constInt32([0], [1], BOOL), g.constInt32([1], [1, 1], BOOL),
   ];
   const many = g.o('Greater', [B, one]);
-  const types = host ? [I64, I64, I32, I32, BOOL, BOOL] : [I64, I64, I32, I32];
+  const types = [I64, I64, I32, I32, BOOL, BOOL];
   const rest = rows > 1
     ? g.ifThen(many, () => Array.from({ length: rows - 1 }, (_, i) => planRow(i + 1)).flat(), () => Array.from({ length: rows - 1 }, idleRow).flat(), Array.from({ length: rows - 1 }, () => types).flat())
     : [];
   const fields = [planRow(0), ...Array.from({ length: rows - 1 }, (_, i) => rest.slice(i * types.length, (i + 1) * types.length))];
   const plan = fields.map(([starts, ends, rowSeqlens, total, pastAllowed = '', newAllowed = '']) => ({ starts, ends, seqlens: rowSeqlens, total, pastAllowed, newAllowed }));
-  const rowsOut = { rows: plan, batch: B, many, outShape: g.o('Concat', [one, T, g.constInt64([spec.dModel])], { axis: 0 }) };
+  const rowsOut = { rows: plan, batch: B, many, outShape };
   plans.set(ctx.g, rowsOut);
   return rowsOut;
 }
