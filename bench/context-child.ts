@@ -13,11 +13,13 @@ interface Args {
   steps: number;
   device?: string;
   dtype?: string;
+  /** Graph rows (--max-batch); the runtime's default when absent. */
+  maxBatch?: number;
 }
 
 const args: Args = JSON.parse(process.argv[2]);
 const i64 = (rows: number[][]) => ({ dtype: 'int64' as const, dims: [rows.length, rows[0].length], data: BigInt64Array.from(rows.flat(), BigInt) });
-const p = await LocalPipeline.load(args.model, 1, { threads: args.threads, ...(args.dtype && args.dtype !== 'float32' ? { dtype: args.dtype } : {}), ...(args.device && args.device !== 'cpu' ? { device: args.device } : {}) } as never);
+const p = await LocalPipeline.load(args.model, 1, { threads: args.threads, ...(args.dtype && args.dtype !== 'float32' ? { dtype: args.dtype } : {}), ...(args.device && args.device !== 'cpu' ? { device: args.device } : {}), ...(args.maxBatch ? { maxBatch: args.maxBatch } : {}) } as never);
 const stage = p.stages[0] as any;
 const spec = p.spec;
 let seed = 12345;

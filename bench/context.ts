@@ -25,6 +25,8 @@ export interface ContextBenchOptions {
   device?: string;
   /** The stage's dtype (default float32). */
   dtype?: StageDType;
+  /** Graph rows (the worker's --max-batch; default 8): at most the largest batch. */
+  maxBatch?: number;
   /** A git ref of the previous runtime; '' = none. */
   baseline?: string;
   anchors?: string;
@@ -96,10 +98,10 @@ function llama(anchors: string, weights: string, threads: number, prompt: number
 
 export async function runContextBench(o: ContextBenchOptions): Promise<ContextBenchReport> {
   const prompts = o.prompts ?? [16, 128, 512, 1024];
-  const batches = o.batches ?? [1, 8];
+  const batches = (o.batches ?? [1, 8]).filter((b) => !o.maxBatch || b <= o.maxBatch); // a 1-row graph runs batch 1 only
   const rounds = o.rounds ?? 2;
   const dtype = o.dtype ?? 'float32';
-  const args = { model: resolve(o.model), threads: o.threads, prompts, batches, steps: o.steps ?? 8, device: o.device ?? 'cpu', dtype };
+  const args = { model: resolve(o.model), threads: o.threads, prompts, batches, steps: o.steps ?? 8, device: o.device ?? 'cpu', dtype, ...(o.maxBatch ? { maxBatch: o.maxBatch } : {}) };
   const baseline = o.baseline === '' || dtype !== 'float32' ? null : (o.baseline ?? DEFAULT_BASELINE);
   const weights = LLAMA_WEIGHTS[dtype];
   let weightBytes: number | null = null;

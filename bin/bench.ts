@@ -89,7 +89,7 @@ export async function runBench(opts: Partial<BenchCliOptions>, deps: { launcher?
     html = renderTimeline('strata bench --suite quant (float32 vs int8 vs int4, llama.cpp on the same weights)', []);
   } else if (o.suite === 'context') {
     const model = o.model ?? ensureSyntheticModel(resolveShape(o)).dir;
-    const r = await runContextBench({ model, threads: o.threadsPerWorker ?? availableParallelism(), rounds: o.repeats, device: o.device, dtype: parseStageDType(o.dtype ?? 'float32', '--dtype'), baseline: o.baseline, anchors: o.anchors, log: (m) => progress.phase(m) });
+    const r = await runContextBench({ model, threads: o.threadsPerWorker ?? availableParallelism(), rounds: o.repeats, device: o.device, dtype: parseStageDType(o.dtype ?? 'float32', '--dtype'), maxBatch: o.maxBatch, baseline: o.baseline, anchors: o.anchors, log: (m) => progress.phase(m) });
     report = r;
     text = renderContextReport(r);
     html = renderTimeline('strata bench --suite context (one stage, decode steps by context length and batch)', []);

@@ -1,5 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { readdirSync } from 'node:fs';
 import { renderContextReport, runContextBench } from '../bench/context.ts';
 import { fixtureDir, testCacheDir } from './helpers/fixtures.ts';
 
@@ -29,4 +30,14 @@ test('--suite context --dtype int8: int8 stages, and no previous runtime (it had
   assert.deepEqual(r.rows.map((x) => [x.runtime, x.prompt, x.batch]).sort(), [['current', 4, 1], ['current', 4, 2]]);
   assert.ok(r.rows.every((x) => x.decodeMsPerStep > 0));
   assert.match(renderContextReport(r), /gpt2-tiny, int8 \([\d.]+ MiB of weights\), 1 stage/);
+});
+
+test('--suite context --max-batch 1: a 1-row graph, so batch 1 only', { timeout: 120_000 }, async () => {
+  const cache = testCacheDir();
+  const r = await runContextBench({ model: fixtureDir('gpt2-tiny'), threads: 1, prompts: [4], batches: [1, 2], steps: 2, rounds: 1, baseline: '', maxBatch: 1 });
+  assert.deepEqual(r.rows.map((x) => [x.runtime, x.prompt, x.batch]), [['current', 4, 1]]);
+  assert.ok(r.rows[0].decodeMsPerStep > 0);
+  // The child built (or found) the one-row stage graph: the rows are part of the stage cache's key.
+  const entries = readdirSync(cache, { recursive: true }).map(String);
+  assert.ok(entries.some((e) => /float32-r1-v\d+$/.test(e)), entries.join(', '));
 });
