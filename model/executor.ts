@@ -97,12 +97,13 @@ export function ortSpin(threads: number | undefined, env = process.env.STRATA_OR
 }
 
 /** The WebGPU EP options onnxruntime-node takes (its WebGpuExecutionProviderOption), as strings. */
+const CACHE_MODES = ['disabled', 'lazyRelease', 'simple', 'bucket'] as const;
 const WEBGPU_OPTIONS: Record<string, readonly string[]> = {
   validationMode: ['disabled', 'wgpuOnly', 'basic', 'full'],
-  storageBufferCacheMode: ['disabled', 'lazyRelease', 'simple', 'bucket'],
-  uniformBufferCacheMode: ['disabled', 'lazyRelease', 'simple', 'bucket'],
-  queryResolveBufferCacheMode: ['disabled', 'lazyRelease', 'simple', 'bucket'],
-  defaultBufferCacheMode: ['disabled', 'lazyRelease', 'simple', 'bucket'],
+  storageBufferCacheMode: CACHE_MODES,
+  uniformBufferCacheMode: CACHE_MODES,
+  queryResolveBufferCacheMode: CACHE_MODES,
+  defaultBufferCacheMode: CACHE_MODES,
 };
 
 /**
@@ -137,6 +138,9 @@ export function webgpuOptions(env = process.env.STRATA_WEBGPU_OPTIONS): Record<s
   return opts;
 }
 
+/** The WebGPU EP as ORT's session options name it, with webgpuOptions(). */
+export const webgpuProvider = (): ort.InferenceSession.ExecutionProviderConfig => ({ name: 'webgpu', ...webgpuOptions() }) as ort.InferenceSession.ExecutionProviderConfig;
+
 /**
  * One ORT session over one stage graph. `run` is a synchronous native call under the hood: callers that serve
  * sockets must host this in a worker thread (worker/), the CLI's in-process path may call it directly.
@@ -168,7 +172,7 @@ export class StageSession {
       // outside, which onnxruntime-node cannot do. Say so rather than run on another GPU than the one asked for.
       throw new StrataError('device_unavailable', `webgpu:${device.id}: onnxruntime-node's WebGPU EP always uses the default adapter; start one worker per GPU and pick its GPU through the Vulkan environment (e.g. MESA_VK_DEVICE_SELECT, VK_DRIVER_FILES), with --device webgpu`);
     }
-    const providers: ort.InferenceSession.ExecutionProviderConfig[] = device.kind === 'cuda' ? [{ name: 'cuda', deviceId: device.id }] : device.kind === 'webgpu' ? [{ name: 'webgpu', ...webgpuOptions() } as ort.InferenceSession.ExecutionProviderConfig] : ['cpu'];
+    const providers: ort.InferenceSession.ExecutionProviderConfig[] = device.kind === 'cuda' ? [{ name: 'cuda', deviceId: device.id }] : device.kind === 'webgpu' ? [webgpuProvider()] : ['cpu'];
     // Warnings (unused initializers, shape ops kept on the CPU by the WebGPU EP) are expected: log errors only.
     const sessionOpts: ort.InferenceSession.SessionOptions = { ...base, executionProviders: providers, logSeverityLevel: 3 };
     // STRATA_ORT_PROFILE=PREFIX: ORT's per-node profile (JSON, chrome://tracing) of every run, written when the session ends.

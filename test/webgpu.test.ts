@@ -18,7 +18,7 @@ import { argmax, i64 } from './helpers/tensors.ts';
 import * as ort from 'onnxruntime-node';
 import { prepareStage } from '../model/stage-cache.ts';
 import { onnx } from '../model/onnx-builder.ts';
-import { webgpuOptions } from '../model/executor.ts';
+import { webgpuOptions, webgpuProvider } from '../model/executor.ts';
 import { devicePlanFeeds } from '../model/slot-run.ts';
 
 // The device path on a machine without a GPU: ORT's WebGPU EP (Dawn) on Mesa's lavapipe (Vulkan on the CPU; CI
@@ -140,7 +140,7 @@ describe('WebGPU: a run syncs with the host only for its outputs', () => {
     // the CPU: 22 GPU→host syncs per run, ~20 ms of every decode step on an H200 (2026-12-04).
     const stage = prepareStage(fixtureDir('gpt2-tiny'), { first: 0, last: 2 }, { device: 'webgpu', rows: 8 });
     const out = join(mkdtempSync(join(tmpdir(), 'strata-opt-')), 'optimized.onnx');
-    const session = await ort.InferenceSession.create(stage.path, { executionProviders: [{ name: 'webgpu', ...webgpuOptions() } as never], logSeverityLevel: 3, optimizedModelFilePath: out });
+    const session = await ort.InferenceSession.create(stage.path, { executionProviders: [webgpuProvider()], logSeverityLevel: 3, optimizedModelFilePath: out });
     await session.release();
     const ops = onnx.ModelProto.decode(readFileSync(out)).graph!.node!.map((n) => n.opType);
     assert.ok(ops.includes('GroupQueryAttention') && ops.includes('MemcpyFromHost'), 'the optimized graph is the WebGPU one');
