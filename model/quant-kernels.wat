@@ -118,8 +118,9 @@
   ;; int4 (q4): quantizeRows's asymmetric search (q4Block in model/quantize.ts) for four blocks at once, one per
   ;; f32 lane, each lane doing the reference's own float32 operations in its order (the reference rounds every
   ;; double result with Math.fround): the same scales, zero points and codes, bit for bit. Its branches become lane
-  ;; masks: a lane whose refit stops (Σd² = 0, or a fitted scale of 0) computes on, unused. Math.round(v ≥ 0) is
-  ;; floor(v) + (v − floor(v) ≥ 0.5), exact in float32; roundAway is that on |x|, signed back. Lanes past the last
+  ;; masks: a lane whose refit stops (Σd² = 0, or a fitted scale of 0) computes on, unused. Codes round half to even
+  ;; (f32x4.nearest, one instruction; the reference's roundEven). The zero point rounds half away from zero:
+  ;; Math.round(v ≥ 0) is floor(v) + (v − floor(v) ≥ 0.5), exact in float32; roundAway is that on |x|, signed back. Lanes past the last
   ;; block repeat it. `width` 2: binary16 weights, widened exactly on load (as the reference's table does); 4: float32.
   ;; Out: the codes packed two a byte, low nibble first, blockSize / 2 bytes per block at `codes`; a float32 scale and
   ;; a zero-point byte per block; `tmp` holds the four blocks' values interleaved (16 bytes per weight of a block).
@@ -132,11 +133,11 @@
       (f32x4.add (local.get $f)
         (v128.and (f32x4.ge (f32x4.sub (local.get $a) (local.get $f)) (v128.const f32x4 0.5 0.5 0.5 0.5)) (v128.const f32x4 1 1 1 1)))))
 
-  ;; Math.max(0, Math.min(15, roundAway(x) + zero)), as int32 lanes (a NaN lane: 0), the clamp in pmin/pmax as in q4's
+  ;; Math.max(0, Math.min(15, roundEven(x) + zero)), as int32 lanes (a NaN lane: 0), the clamp in pmin/pmax as in q4's
   ;; search loop below
   (func $q4Code (param $x v128) (param $zero v128) (result v128)
     (i32x4.trunc_sat_f32x4_s
-      (f32x4.pmax (f32x4.pmin (f32x4.add (call $roundAway (local.get $x)) (local.get $zero)) (v128.const f32x4 15 15 15 15)) (v128.const f32x4 0 0 0 0))))
+      (f32x4.pmax (f32x4.pmin (f32x4.add (f32x4.nearest (local.get $x)) (local.get $zero)) (v128.const f32x4 15 15 15 15)) (v128.const f32x4 0 0 0 0))))
 
   (func $minu (param $a i32) (param $b i32) (result i32)
     (select (local.get $a) (local.get $b) (i32.lt_u (local.get $a) (local.get $b))))
@@ -158,7 +159,7 @@
     (local $a0 i32) (local $a1 i32) (local $a2 i32) (local $a3 i32)
     (local $x v128) (local $lo v128) (local $hi v128) (local $sxx v128) (local $best v128) (local $outScale v128) (local $outZero v128)
     (local $valid v128) (local $active v128) (local $scale v128) (local $zero v128) (local $inv v128) (local $sxd v128) (local $sdd v128)
-    (local $d v128) (local $err v128) (local $fitted v128) (local $upd v128) (local $c v128) (local $y v128) (local $ay v128) (local $fy v128)
+    (local $d v128) (local $err v128) (local $fitted v128) (local $upd v128) (local $c v128)
     (local.set $end (i32.add (local.get $tmp) (i32.shl (local.get $bs) (i32.const 4))))
     (local.set $last (i32.sub (local.get $blocks) (i32.const 1)))
     (local.set $blob (i32.shr_u (local.get $bs) (i32.const 1)))
@@ -218,20 +219,14 @@
             (local.set $sdd (v128.const f32x4 0 0 0 0))
             (local.set $i (local.get $tmp))
             (loop $sum
-              ;; d = q4Code(x · inv, zero) − zero, $q4Code and $roundAway written out (no call per 4 weights). The clamp is
-              ;; pmin/pmax (one minps/maxps each; f32x4.min/max cost V8 ~8 instructions for NaN and ±0): a NaN still
-              ;; passes through (the operand order), and −0 cannot arise (zero ≥ +0, and −0 + +0 is +0). ×1.45 faster.
+              ;; d = q4Code(x · inv, zero) − zero, $q4Code written out (no call per 4 weights). The clamp is pmin/pmax (one
+              ;; minps/maxps each; f32x4.min/max cost V8 ~8 instructions for NaN and ±0): a NaN still passes through (the
+              ;; operand order), and −0 cannot arise (zero ≥ +0, and −0 + +0 is +0). ×1.45 faster. Rounding with nearest
+              ;; instead of roundAway's seven instructions: ×1.6 faster again.
               (local.set $x (v128.load (local.get $i)))
-              (local.set $y (f32x4.mul (local.get $x) (local.get $inv)))
-              (local.set $ay (f32x4.abs (local.get $y)))
-              (local.set $fy (f32x4.floor (local.get $ay)))
               (local.set $d (f32x4.sub
-                (f32x4.pmax (f32x4.pmin (f32x4.add
-                  (v128.or
-                    (v128.and (local.get $y) (v128.const i32x4 0x80000000 0x80000000 0x80000000 0x80000000))
-                    (f32x4.add (local.get $fy)
-                      (v128.and (f32x4.ge (f32x4.sub (local.get $ay) (local.get $fy)) (v128.const f32x4 0.5 0.5 0.5 0.5)) (v128.const f32x4 1 1 1 1))))
-                  (local.get $zero)) (v128.const f32x4 15 15 15 15)) (v128.const f32x4 0 0 0 0))
+                (f32x4.pmax (f32x4.pmin (f32x4.add (f32x4.nearest (f32x4.mul (local.get $x) (local.get $inv))) (local.get $zero))
+                  (v128.const f32x4 15 15 15 15)) (v128.const f32x4 0 0 0 0))
                 (local.get $zero)))
               (local.set $sxd (f32x4.add (local.get $sxd) (f32x4.mul (local.get $x) (local.get $d))))
               (local.set $sdd (f32x4.add (local.get $sdd) (f32x4.mul (local.get $d) (local.get $d))))

@@ -23,16 +23,17 @@ export interface QuantScheme {
   bits: QuantBits;
   blockSize: number;
   /**
-   * How a block is coded: `absmax` (q8_0: symmetric, amax / 127) or `asymf32` (its own zero point, searched in float32
-   * arithmetic, see q4Block; graphs keyed `asym` ran the same search in doubles, and rebuild).
+   * How a block is coded: `absmax` (q8_0: symmetric, amax / 127) or `asymf32e` (its own zero point, searched in float32
+   * arithmetic with codes rounded half to even, see q4Block). Graphs keyed `asym` (the search in doubles) and `asymf32`
+   * (codes rounded half away from zero) rebuild.
    */
-  rounding: 'absmax' | 'asymf32';
+  rounding: 'absmax' | 'asymf32e';
 }
 
 /** The schemes behind `--dtype int8 | int4`. Block 32 is ggml's q8_0/q4_0 block and a size MatMulNBits packs fast. */
 export const QUANT_SCHEMES = {
   int8: { bits: 8, blockSize: 32, rounding: 'absmax' },
-  int4: { bits: 4, blockSize: 32, rounding: 'asymf32' },
+  int4: { bits: 4, blockSize: 32, rounding: 'asymf32e' },
 } as const satisfies Record<string, QuantScheme>;
 
 export type QuantDType = keyof typeof QUANT_SCHEMES;
@@ -61,7 +62,7 @@ export interface QuantizedMatrix {
 }
 
 export function checkScheme(s: QuantScheme): void {
-  if ((s.bits === 8) !== (s.rounding === 'absmax')) throw new StrataError('quant_bits_invalid', `quantization: ${s.bits}-bit weights use ${s.bits === 8 ? 'absmax' : 'asymf32'} rounding`);
+  if ((s.bits === 8) !== (s.rounding === 'absmax')) throw new StrataError('quant_bits_invalid', `quantization: ${s.bits}-bit weights use ${s.bits === 8 ? 'absmax' : 'asymf32e'} rounding`);
   if (s.bits !== 4 && s.bits !== 8) throw new StrataError('quant_bits_invalid', `quantization bits must be 4 or 8 (got ${s.bits})`);
   if (!(s.blockSize >= 16 && (s.blockSize & (s.blockSize - 1)) === 0)) {
     throw new StrataError('quant_block_invalid', `quantization block size must be a power of two ≥ 16, as MatMulNBits requires (got ${s.blockSize})`);
@@ -203,7 +204,16 @@ export function int8BlocksF32(w: Float32Array, n: number, k: number, blockSize: 
   }
 }
 
-const q4Code = (x: number, zero: number): number => Math.max(0, Math.min(15, roundAway(x) + zero));
+/**
+ * Half to even, as WebAssembly's f32x4.nearest (one SSE4.1 roundps): the q4 kernel's search rounds every trial code
+ * with it, where half away from zero took seven instructions. Ties differ only on exact halves.
+ */
+const roundEven = (x: number): number => {
+  const r = Math.round(x); // half up
+  return r - x === 0.5 && r % 2 !== 0 ? r - 1 : r;
+};
+
+const q4Code = (x: number, zero: number): number => Math.max(0, Math.min(15, roundEven(x) + zero));
 
 /** q4Block's trial factors, ×1.1 down to ×0.85 of the starting scale, as float32. */
 const Q4_TRIALS = Array.from({ length: 6 }, (_, t) => fl32(1.1 - (0.3 * t) / 6));
@@ -218,7 +228,8 @@ const Q4_TRIALS = Array.from({ length: 6 }, (_, t) => fl32(1.1 - (0.3 * t) / 6))
  * One more trial is q4_0's own (zero point 8, scale max / −8), so no block fits worse than q4_0's; the best fit of
  * all is kept.
  * Every operation is float32 (Math.fround of each double result is the float32 result): the WebAssembly kernel
- * (q4 in model/quant-kernels.wat) searches four blocks at once, one per float32 lane, with the same numbers.
+ * (q4 in model/quant-kernels.wat) searches four blocks at once, one per float32 lane, with the same numbers. Codes
+ * round half to even (roundEven) and the zero point half away from zero, as the kernel does.
  */
 function q4Block(w: Float32Array, start: number, end: number, out: { scale: number; zero: number }): void {
   let lo = 0, hi = 0, sxx = 0;
