@@ -21,7 +21,9 @@ import { renderAccuracy, runQuantAccuracy, type AccuracyReport } from './quant-a
  * are medians and ratios. Per dtype: the stage's weight bytes, the worker's RSS after the runs, batch-1 decode ms
  * per token, and the decode tokens/s of `--concurrency` sessions at once. In the same rounds, int8 runs twice more:
  * with one decode step per request instead of the coordinator's default chain (--decode-steps), and on a worker with
- * `--run-ahead off` (worker/run-ahead.ts): what each of the two gains.
+ * `--run-ahead off` (worker/run-ahead.ts): what each of the two gains. And each quantized dtype runs batch 1 once more
+ * on a worker whose stage graph has one row (`--max-batch 1`), the configuration llama.cpp's batch-1 figure has (its
+ * single mode is a context of one sequence); its `--max-batch` rows serve the concurrent sessions.
  */
 export interface QuantBenchOptions extends ShapeFlags {
   model?: string;
@@ -43,6 +45,8 @@ export interface QuantDTypeRow {
   runAhead: boolean;
   /** Decode steps per request (RemotePipeline.chainSteps; DEFAULT_DECODE_STEPS unless this row says otherwise). */
   decodeSteps: number;
+  /** The worker's stage graph rows (--max-batch). A one-row worker runs batch 1 only: its aggregate is NaN. */
+  maxBatch: number;
   weightBytes: number;
   rssBytes: number;
   batch1MsPerToken: number;
@@ -91,31 +95,38 @@ export async function runQuantBench(o: QuantBenchOptions, launch: ClusterLaunche
   const range = { first: 0, last: model.spec.blocks };
   const anchors = o.anchors && existsSync(join(o.anchors, 'llama_bench.mjs')) ? o.anchors : null;
   // One worker per dtype, all started up front (idle ones cost no CPU), so rounds can interleave them.
-  const open: { dtype: StageDType; runAhead: boolean; weightBytes: number; cluster: BenchCluster; pipeline: RemotePipeline }[] = [];
-  const workers = [...dtypes.map((dtype) => ({ dtype, runAhead: true })), ...(dtypes.includes('int8') ? [{ dtype: 'int8' as const, runAhead: false }] : [])];
+  const open: { dtype: StageDType; runAhead: boolean; maxBatch: number; weightBytes: number; cluster: BenchCluster; pipeline: RemotePipeline }[] = [];
+  const oneRow = o.maxBatch > 1 ? dtypes.filter((d) => d === 'int8' || d === 'int4') : [];
+  const workers = [
+    ...dtypes.map((dtype) => ({ dtype, runAhead: true, maxBatch: o.maxBatch })),
+    ...(dtypes.includes('int8') ? [{ dtype: 'int8' as const, runAhead: false, maxBatch: o.maxBatch }] : []),
+    ...oneRow.map((dtype) => ({ dtype, runAhead: true, maxBatch: 1 })),
+  ];
   try {
-    for (const { dtype, runAhead } of workers) {
+    for (const { dtype, runAhead, maxBatch } of workers) {
       const t0 = Date.now();
-      const prepared = prepareStage(model.dir, range, { dtype, cacheDir: o.cacheDir, rows: o.maxBatch, onProgress: (m) => progress.phase(m) });
+      const prepared = prepareStage(model.dir, range, { dtype, cacheDir: o.cacheDir, rows: maxBatch, onProgress: (m) => progress.phase(m) });
       if (prepared.built) progress.phase(`  ${dtype} stage built in ${((Date.now() - t0) / 1000).toFixed(1)} s`);
-      const cluster = await launch(model.dir, 1, ['--threads', String(threads), '--max-batch', String(o.maxBatch), '--run-ahead', runAhead ? 'on' : 'off']);
+      const cluster = await launch(model.dir, 1, ['--threads', String(threads), '--max-batch', String(maxBatch), '--run-ahead', runAhead ? 'on' : 'off']);
       const pipeline = await RemotePipeline.connect(cluster.workers.map((w) => w.address), { spec: model.spec, fingerprint: model.fingerprint, dtype, ranges: [range], decodeSteps: DEFAULT_DECODE_STEPS });
-      open.push({ dtype, runAhead, weightBytes: prepared.paramBytes, cluster, pipeline });
+      open.push({ dtype, runAhead, maxBatch, weightBytes: prepared.paramBytes, cluster, pipeline });
     }
-    // What is measured: every worker at the default chain, and the int8 worker (run-ahead on) at one step per request.
-    const variants = [...open.map((worker) => ({ worker, decodeSteps: DEFAULT_DECODE_STEPS })), ...open.filter((x) => x.dtype === 'int8' && x.runAhead).map((worker) => ({ worker, decodeSteps: 1 }))]
+    // What is measured: every worker at the default chain, and the int8 worker (run-ahead on, --max-batch rows) at one
+    // step per request.
+    const variants = [...open.map((worker) => ({ worker, decodeSteps: DEFAULT_DECODE_STEPS })), ...open.filter((x) => x.dtype === 'int8' && x.runAhead && x.maxBatch === o.maxBatch).map((worker) => ({ worker, decodeSteps: 1 }))]
       .map((v) => ({ ...v, b1: [] as number[], agg: [] as number[] }));
     const llama = anchors ? dtypes.flatMap((d) => (LLAMA_WEIGHTS[d] ? [{ weights: LLAMA_WEIGHTS[d]!, b1: [] as number[], agg: [] as number[] }] : [])) : [];
     const w = { promptTokens: o.promptTokens, newTokens: o.newTokens, seed: o.seed };
     const strata = variants.map((s) => async () => {
-      const { dtype, runAhead, pipeline } = s.worker;
-      const name = rowName({ dtype, runAhead, decodeSteps: s.decodeSteps });
+      const { dtype, runAhead, maxBatch, pipeline } = s.worker;
+      const name = rowName({ dtype, runAhead, decodeSteps: s.decodeSteps, maxBatch });
       pipeline.chainSteps = s.decodeSteps;
-      const cfg = (label: string) => ({ label, mode: 'workers' as const, workers: 1, threadsPerWorker: threads, maxBatch: o.maxBatch, ranges: [range] });
+      const cfg = (label: string) => ({ label, mode: 'workers' as const, workers: 1, threadsPerWorker: threads, maxBatch, ranges: [range] });
       // A batch-1 sample is one 32-token request: the median of three per round steadies it on a noisy host.
       const one = await measure(pipeline, cfg(`${name} batch 1`), model, { ...w, concurrency: 1, repeats: 3 }, progress);
-      const many = await measure(pipeline, cfg(`${name} × ${o.concurrency}`), model, { ...w, concurrency: o.concurrency }, progress);
       s.b1.push(one.result.msPerToken);
+      if (maxBatch === 1) return; // one row serves one session at a time
+      const many = await measure(pipeline, cfg(`${name} × ${o.concurrency}`), model, { ...w, concurrency: o.concurrency }, progress);
       s.agg.push(many.result.decodeTokensPerSec);
     });
     const anchorsRuns = llama.map((l) => async () => {
@@ -130,19 +141,25 @@ export async function runQuantBench(o: QuantBenchOptions, launch: ClusterLaunche
       for (const job of round % 2 ? [...jobs].reverse() : jobs) await job();
     }
     const all: QuantDTypeRow[] = variants.map((s) => ({
-      dtype: s.worker.dtype, runAhead: s.worker.runAhead, decodeSteps: s.decodeSteps, weightBytes: s.worker.weightBytes, rssBytes: procStatusBytes(s.worker.cluster.workers[0].pid, 'VmRSS'),
-      batch1MsPerToken: median(s.b1), aggregateDecodeTokS: median(s.agg), samples: { batch1MsPerToken: s.b1, aggregateDecodeTokS: s.agg },
+      dtype: s.worker.dtype, runAhead: s.worker.runAhead, decodeSteps: s.decodeSteps, maxBatch: s.worker.maxBatch, weightBytes: s.worker.weightBytes, rssBytes: procStatusBytes(s.worker.cluster.workers[0].pid, 'VmRSS'),
+      batch1MsPerToken: median(s.b1), aggregateDecodeTokS: s.agg.length ? median(s.agg) : NaN, samples: { batch1MsPerToken: s.b1, aggregateDecodeTokS: s.agg },
     }));
     const llamaRows: LlamaRow[] = llama.map((l) => ({
       weights: l.weights, fileBytes: statSync(join(anchors!, `gpt2-small-${l.weights}.gguf`)).size,
       batch1MsPerToken: median(l.b1), aggregateDecodeTokS: median(l.agg), samples: { batch1MsPerToken: l.b1, aggregateDecodeTokS: l.agg },
     }));
     const ratios: Record<string, number> = {};
-    const rows = all.filter((r) => r.runAhead && r.decodeSteps === DEFAULT_DECODE_STEPS);
+    const rows = all.filter((r) => r.runAhead && r.decodeSteps === DEFAULT_DECODE_STEPS && r.maxBatch === o.maxBatch);
     for (const off of all.filter((r) => !r.runAhead)) {
       const on = rows.find((r) => r.dtype === off.dtype)!;
       ratios[`${off.dtype}.batch1RunAheadSpeedup`] = ratio(off.batch1MsPerToken, on.batch1MsPerToken);
       ratios[`${off.dtype}.aggregateRunAheadSpeedup`] = ratio(on.aggregateDecodeTokS, off.aggregateDecodeTokS);
+    }
+    for (const single of all.filter((r) => r.maxBatch === 1 && o.maxBatch > 1)) {
+      const main = rows.find((r) => r.dtype === single.dtype)!;
+      ratios[`${single.dtype}.batch1OneRowSpeedup`] = ratio(main.batch1MsPerToken, single.batch1MsPerToken);
+      const l = llamaRows.find((x) => x.weights === LLAMA_WEIGHTS[single.dtype]);
+      if (l) ratios[`${single.dtype}.batch1OneRowVsLlama.${l.weights}`] = ratio(l.batch1MsPerToken, single.batch1MsPerToken);
     }
     for (const one of all.filter((r) => r.decodeSteps !== DEFAULT_DECODE_STEPS)) {
       const chained = rows.find((r) => r.dtype === one.dtype)!;
@@ -180,14 +197,15 @@ export async function runQuantBench(o: QuantBenchOptions, launch: ClusterLaunche
 }
 
 /** A measured variant as the progress lines and the report name it. */
-const rowName = (x: Pick<QuantDTypeRow, 'dtype' | 'runAhead' | 'decodeSteps'>) => `${x.dtype}${x.runAhead ? '' : ' (run-ahead off)'}${x.decodeSteps === DEFAULT_DECODE_STEPS ? '' : ` (${x.decodeSteps} step/request)`}`;
+const rowName = (x: Pick<QuantDTypeRow, 'dtype' | 'runAhead' | 'decodeSteps' | 'maxBatch'>) =>
+  `${x.dtype}${x.runAhead ? '' : ' (run-ahead off)'}${x.decodeSteps === DEFAULT_DECODE_STEPS ? '' : ` (${x.decodeSteps} step/request)`}${x.maxBatch === 1 ? ' (--max-batch 1)' : ''}`;
 const mib = (b: number) => `${(b / 2 ** 20).toFixed(1)} MiB`;
 
 export function renderQuantReport(r: QuantBenchReport, outDir: string): string {
   const lines = [
     `strata bench --suite quant: ${r.model.dir}, 1 worker × ${r.workload.threads} threads, ${r.workload.rounds} interleaved rounds (medians), ${r.workload.promptTokens}-token prompts, ${r.workload.newTokens} new tokens`,
     'dtype     weights     RSS             batch-1 ms/token  ×' + r.workload.concurrency + ' decode tok/s',
-    ...r.rows.map((x) => `${rowName(x).padEnd(9)} ${mib(x.weightBytes).padEnd(11)} ${mib(x.rssBytes).padEnd(15)} ${x.batch1MsPerToken.toFixed(2).padStart(16)}  ${x.aggregateDecodeTokS.toFixed(1).padStart(14)}`),
+    ...r.rows.map((x) => `${rowName(x).padEnd(9)} ${mib(x.weightBytes).padEnd(11)} ${mib(x.rssBytes).padEnd(15)} ${x.batch1MsPerToken.toFixed(2).padStart(16)}  ${(Number.isNaN(x.aggregateDecodeTokS) ? '—' : x.aggregateDecodeTokS.toFixed(1)).padStart(14)}`),
     ...r.llama.map((x) => `${('llama ' + x.weights).padEnd(9)} ${mib(x.fileBytes).padEnd(11)} ${'(file)'.padEnd(15)} ${x.batch1MsPerToken.toFixed(2).padStart(16)}  ${x.aggregateDecodeTokS.toFixed(1).padStart(14)}`),
     'ratios: ' + Object.entries(r.ratios).map(([k, v]) => `${k} ×${v.toFixed(2)}`).join(', '),
   ];

@@ -14,6 +14,7 @@ import { table } from '../bench/report.ts';
 import { cpuWindow } from '../bench/cpu.ts';
 import { OrtStreamProbe } from '../bench/ort-stream.ts';
 import type { PipelineBenchReport } from '../bench/pipeline.ts';
+import type { QuantBenchReport } from '../bench/quant.ts';
 import { testCacheDir } from './helpers/fixtures.ts';
 
 before(() => testCacheDir());
@@ -135,6 +136,22 @@ describe('strata bench (tiny synthetic model, real worker processes)', () => {
     assert.ok((first.match(/class="bar"/g)?.length ?? 0) >= 1, 'at least one bar');
     assert.match(html, /<svg/);
     assert.match(html, /batch 1/); // legend
+  });
+
+  test('quant suite: each dtype on its worker, int8 also without run-ahead and unchained, int8/int4 also on a one-row worker', { timeout: 120_000 }, async () => {
+    const out = mkdtempSync(join(tmpdir(), 'strata-bench-'));
+    const { report, jsonPath, text } = await runBench({ suite: 'quant', blocks: 2, dModel: 64, heads: 4, vocab: 256, concurrency: 2, promptTokens: 4, newTokens: 4, repeats: 1, threadsPerWorker: 1, out, quiet: true });
+    const r = report as QuantBenchReport;
+    assert.equal((JSON.parse(readFileSync(jsonPath, 'utf8')) as QuantBenchReport).rows.length, r.rows.length);
+    const names = r.rows.map((x) => `${x.dtype}/${x.runAhead}/${x.decodeSteps}/${x.maxBatch}`);
+    assert.deepEqual(names, ['float32/true/4/8', 'int8/true/4/8', 'int4/true/4/8', 'int8/false/4/8', 'int8/true/4/1', 'int4/true/4/1', 'int8/true/1/8']);
+    for (const x of r.rows) {
+      assert.ok(x.batch1MsPerToken > 0 && x.weightBytes > 0 && x.rssBytes > 0, JSON.stringify(x));
+      assert.equal(Number.isNaN(x.aggregateDecodeTokS), x.maxBatch === 1, 'a one-row worker serves batch 1 only');
+    }
+    assert.ok(r.ratios['int8.batch1OneRowSpeedup'] > 0 && r.ratios['int4.batch1OneRowSpeedup'] > 0);
+    assert.equal(r.llama.length, 0, 'no anchors given');
+    assert.match(text, /int8 \(--max-batch 1\)/);
   });
 });
 
