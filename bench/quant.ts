@@ -45,7 +45,7 @@ export interface QuantDTypeRow {
   runAhead: boolean;
   /** Decode steps per request (RemotePipeline.chainSteps; DEFAULT_DECODE_STEPS unless this row says otherwise). */
   decodeSteps: number;
-  /** The worker's stage graph rows (--max-batch). A one-row worker runs batch 1 only: its aggregate is NaN. */
+  /** The worker's stage graph rows (--max-batch). A one-row worker runs batch 1 only: its aggregate is NaN (null in bench.json). */
   maxBatch: number;
   weightBytes: number;
   rssBytes: number;

@@ -120,8 +120,8 @@
   ;; double result with Math.fround): the same scales, zero points and codes, bit for bit. Its branches become lane
   ;; masks: a lane whose refit stops (Σd² = 0, or a fitted scale of 0) computes on, unused. Codes round half to even
   ;; (f32x4.nearest, one instruction; the reference's roundEven). The zero point rounds half away from zero:
-  ;; Math.round(v ≥ 0) is floor(v) + (v − floor(v) ≥ 0.5), exact in float32; roundAway is that on |x|, signed back. Lanes past the last
-  ;; block repeat it. `width` 2: binary16 weights, widened exactly on load (as the reference's table does); 4: float32.
+  ;; Math.round(v ≥ 0) is floor(v) + (v − floor(v) ≥ 0.5), exact in float32; roundAway is that on |x|, signed back.
+  ;; Lanes past the last block repeat it. `width` 2: binary16 weights, widened exactly on load (as the reference's table does); 4: float32.
   ;; Out: the codes packed two a byte, low nibble first, blockSize / 2 bytes per block at `codes`; a float32 scale and
   ;; a zero-point byte per block; `tmp` holds the four blocks' values interleaved (16 bytes per weight of a block).
   (func $roundAway (param $x v128) (result v128)
