@@ -45,7 +45,10 @@ export interface QuantDTypeRow {
   runAhead: boolean;
   /** Decode steps per request (RemotePipeline.chainSteps; DEFAULT_DECODE_STEPS unless this row says otherwise). */
   decodeSteps: number;
-  /** The worker's stage graph rows (--max-batch). A one-row worker runs batch 1 only: its aggregate is NaN (null in bench.json). */
+  /**
+   * The worker's stage graph rows (--max-batch). Below the suite's --max-batch: the one-row worker added for batch 1,
+   * which runs batch 1 only (its aggregate is NaN, null in bench.json).
+   */
   maxBatch: number;
   weightBytes: number;
   rssBytes: number;
@@ -125,7 +128,7 @@ export async function runQuantBench(o: QuantBenchOptions, launch: ClusterLaunche
       // A batch-1 sample is one 32-token request: the median of three per round steadies it on a noisy host.
       const one = await measure(pipeline, cfg(`${name} batch 1`), model, { ...w, concurrency: 1, repeats: 3 }, progress);
       s.b1.push(one.result.msPerToken);
-      if (maxBatch === 1) return; // one row serves one session at a time
+      if (maxBatch < o.maxBatch) return; // the one-row worker added for batch 1: the suite's workers measure concurrency
       const many = await measure(pipeline, cfg(`${name} × ${o.concurrency}`), model, { ...w, concurrency: o.concurrency }, progress);
       s.agg.push(many.result.decodeTokensPerSec);
     });
@@ -155,7 +158,7 @@ export async function runQuantBench(o: QuantBenchOptions, launch: ClusterLaunche
       ratios[`${off.dtype}.batch1RunAheadSpeedup`] = ratio(off.batch1MsPerToken, on.batch1MsPerToken);
       ratios[`${off.dtype}.aggregateRunAheadSpeedup`] = ratio(on.aggregateDecodeTokS, off.aggregateDecodeTokS);
     }
-    for (const single of all.filter((r) => r.maxBatch === 1 && o.maxBatch > 1)) {
+    for (const single of all.filter((r) => r.maxBatch < o.maxBatch)) {
       const main = rows.find((r) => r.dtype === single.dtype)!;
       ratios[`${single.dtype}.batch1OneRowSpeedup`] = ratio(main.batch1MsPerToken, single.batch1MsPerToken);
       const l = llamaRows.find((x) => x.weights === LLAMA_WEIGHTS[single.dtype]);
