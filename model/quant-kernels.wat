@@ -196,10 +196,10 @@
         (local.set $outZero (v128.const f32x4 8 8 8 8))
         (local.set $valid (f32x4.gt (local.get $hi) (local.get $lo)))
         (local.set $best (local.get $sxx))
-        ;; 6 trial scales from ×1.1 to ×0.85 of (hi − lo) / 15, then q4_0's own (t = 6)
+        ;; 5 trial scales from ×1.1 to ×0.96 of (hi − lo) / 15, then q4_0's own (t = 5)
         (local.set $t (i32.const 0))
         (loop $trial
-          (if (i32.eq (local.get $t) (i32.const 6))
+          (if (i32.eq (local.get $t) (i32.const 5))
             (then
               (local.set $scale (f32x4.div
                 (v128.bitselect (local.get $hi) (local.get $lo) (f32x4.ge (local.get $hi) (f32x4.neg (local.get $lo))))
@@ -208,7 +208,7 @@
             (else
               (local.set $scale (f32x4.mul
                 (f32x4.div (f32x4.sub (local.get $hi) (local.get $lo)) (v128.const f32x4 15 15 15 15))
-                (f32x4.splat (f32.demote_f64 (f64.sub (f64.const 1.1) (f64.div (f64.mul (f64.const 0.3) (f64.convert_i32_s (local.get $t))) (f64.const 6)))))))
+                (f32x4.splat (f32.demote_f64 (f64.sub (f64.const 1.1) (f64.mul (f64.const 0.035) (f64.convert_i32_s (local.get $t))))))))
               (local.set $zero (f32x4.max (v128.const f32x4 0 0 0 0) (f32x4.min (v128.const f32x4 15 15 15 15)
                 (call $roundAway (f32x4.div (f32x4.neg (local.get $lo)) (local.get $scale))))))))
           (local.set $active (local.get $valid))
@@ -242,9 +242,9 @@
             (local.set $active (v128.and (local.get $active) (f32x4.ne (local.get $fitted) (v128.const f32x4 0 0 0 0))))
             (local.set $scale (local.get $fitted))
             (local.set $refit (i32.add (local.get $refit) (i32.const 1)))
-            (br_if $fit (i32.and (i32.lt_u (local.get $refit) (i32.const 2)) (v128.any_true (local.get $active)))))
+            (br_if $fit (i32.and (i32.lt_u (local.get $refit) (i32.const 1)) (v128.any_true (local.get $active)))))
           (local.set $t (i32.add (local.get $t) (i32.const 1)))
-          (br_if $trial (i32.le_u (local.get $t) (i32.const 6))))
+          (br_if $trial (i32.le_u (local.get $t) (i32.const 5))))
         ;; the codes of the best fit (inv = scale ? 1 / scale : 0), two weights a byte, low nibble first
         (local.set $inv (v128.and (f32x4.div (v128.const f32x4 1 1 1 1) (local.get $outScale)) (f32x4.ne (local.get $outScale) (v128.const f32x4 0 0 0 0))))
         (local.set $a0 (i32.add (local.get $codes) (i32.mul (local.get $p) (local.get $blob))))

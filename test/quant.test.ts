@@ -114,7 +114,7 @@ test('a trailing partial block is padded, transpose turns Conv1D [in, out] into 
 
 test('scheme keys and bytes per weight', () => {
   assert.equal(schemeKey(QUANT_SCHEMES.int8), 'q8b32absmax');
-  assert.equal(schemeKey(QUANT_SCHEMES.int4), 'q4b32asymf32e');
+  assert.equal(schemeKey(QUANT_SCHEMES.int4), 'q4b32asymf32e5');
   assert.equal(bytesPerWeight('int8'), 1.125);
   assert.equal(bytesPerWeight('int4'), 0.640625); // codes, a float32 scale and a 4-bit zero point per 32
   assert.equal(bytesPerWeight('float16'), 2);
