@@ -3,6 +3,7 @@ import * as ort from 'onnxruntime-node';
 import type { TensorData } from './tensor.ts';
 import { StrataError } from './errors.ts';
 import { isQuantized } from './dtype.ts';
+import type { ImageWrite } from './packed-image.ts';
 
 /** `cpu`, `cuda:N` (CUDA EP, device N) or `webgpu[:N]` (ORT's bundled WebGPU EP, Dawn; device context N). */
 export type Device = 'cpu' | `cuda:${number}` | 'webgpu' | `webgpu:${number}`;
@@ -28,6 +29,8 @@ export interface SessionOptions {
    * the external weights instead of copying them into packed buffers.
    */
   prepack?: boolean;
+  /** Also write the stage's packed image while creating the session (model/packed-image.ts; CPU, quantized stages). */
+  image?: ImageWrite;
 }
 
 /**
@@ -164,7 +167,8 @@ export class StageSession {
       interOpNumThreads: 1,
       executionMode: 'sequential',
       // force_spinning_stop: threads that spun during a run stop when it ends, so an idle stage never holds a core.
-      extra: { session: { force_spinning_stop: '1', intra_op: { allow_spinning: ortSpin(opts.threads) ? '1' : '0' }, inter_op: { allow_spinning: '0' }, ...(opts.prepack === false ? { disable_prepacking: '1' } : {}) } },
+      extra: { session: { force_spinning_stop: '1', intra_op: { allow_spinning: ortSpin(opts.threads) ? '1' : '0' }, inter_op: { allow_spinning: '0' }, ...(opts.prepack === false ? { disable_prepacking: '1' } : {}), ...opts.image?.sessionConfig } },
+      ...(opts.image ? { optimizedModelFilePath: opts.image.optimizedModelFilePath } : {}),
     };
     const device = parseDevice(opts.device);
     if (device.kind === 'webgpu' && device.id !== 0) {

@@ -21,8 +21,14 @@ export function stageWeightSpans(graphPath: string): WeightSpan[] {
   }
   const spans = new Map<string, WeightSpan>();
   for (const init of model.graph?.initializer ?? []) {
-    const kv = Object.fromEntries((init.externalData ?? []).map((e) => [e.key, e.value]));
+    const kv: Record<string, string> = Object.fromEntries((init.externalData ?? []).map((e) => [e.key, e.value]));
     if (kv.location) spans.set(`${kv.location}:${kv.offset}`, [join(dir, kv.location), Number(kv.offset), Number(kv.length)]);
+    // A packed image (model/packed-image.ts) also holds each packed weight: "<kernel>+<hash>|<offset>;<length>;<flag>".
+    for (const [k, v] of Object.entries(kv)) {
+      if (!k.startsWith('prepacked') || !kv.location) continue;
+      const [offset, length] = v.split('|')[1].split(';').map(Number);
+      spans.set(`${kv.location}:${offset}`, [join(dir, kv.location), offset, length]);
+    }
   }
   return [[graphPath, 0, statSync(graphPath).size] as WeightSpan, ...spans.values()].sort((a, b) => a[0].localeCompare(b[0]) || a[1] - b[1]);
 }

@@ -2,7 +2,8 @@ import { parentPort } from 'node:worker_threads';
 import { performance } from 'node:perf_hooks';
 import { prepareAndOpen } from '../model/stage-cache.ts';
 import type { LoadProgress } from '../model/progress.ts';
-import { StageSession, stagePrepack } from '../model/executor.ts';
+import { stagePrepack } from '../model/executor.ts';
+import { openStageSession } from '../model/stage-open.ts';
 import { readSpans, stageWeightSpans } from '../model/stage-prefetch.ts';
 import { Stage, type KvCache } from '../model/stage.ts';
 import { finishStep, nextDecodeStep, type PipelineStep } from '../model/generation.ts';
@@ -93,13 +94,13 @@ async function handle(req: Exclude<ThreadRequest, { type: 'step' }>): Promise<un
       maxBatch = Math.max(1, req.maxBatch ?? 1);
       // The build quantizes on the threads this worker was given (its ORT threads), not on its neighbours' cores.
       const prepare = { dtype: req.dtype, device: req.device, cacheDir: req.cacheDir, rows: maxBatch, threads: req.threads, onProgress: (m: string, load?: LoadProgress) => reply({ id: -1, progress: m, load }) };
-      const { prepared, opened: session } = await prepareAndOpen(req.modelDir, req.range, prepare, (p) => {
+      const { prepared, opened: session } = await prepareAndOpen(req.modelDir, req.range, prepare, (p) =>
         // The stage's weights read once, in order, 16 MiB at a time, before ORT opens them: ORT then loads (and
         // prepacks) from the page cache. A cold BioMedLM stage (5 GB) took 29.9 s to create, 7.0 + 10.7 s read first.
         // Without prepacking ORT only maps the weights, and this read makes serving mean they are in memory.
-        if (process.env.STRATA_PREFETCH !== '0') readSpans(stageWeightSpans(p.path));
-        return StageSession.create(p.path, { threads: req.threads, device: req.device, prepack: stagePrepack(req.dtype) });
-      });
+        openStageSession(p.path, req.dtype, { threads: req.threads, device: req.device, prepack: stagePrepack(req.dtype) }, prepare.onProgress, (graph) => {
+          if (process.env.STRATA_PREFETCH !== '0') readSpans(stageWeightSpans(graph));
+        }));
       if (stage) await stage.close();
       stage = new Stage(prepared.spec, prepared.range, session, activationDType(req.dtype), { kvBudgetBytes: req.kvBudgetBytes, rows: maxBatch });
       kv = new KvStore(stage, req.sessionTtlMs);

@@ -1,0 +1,52 @@
+import { dirname } from 'node:path';
+import { parseDevice, StageSession, type SessionOptions } from './executor.ts';
+import { abandonImage, discardImage, finishImage, imageWrite, packedImageUsed, readyImage } from './packed-image.ts';
+
+/**
+ * Opens a stage graph's ORT session; quantized CPU stages through their packed image (model/packed-image.ts): the
+ * image when this host has a finished one, else the stage graph, writing the image while ORT loads it. `prefetch`
+ * reads the graph's weights before ORT opens them (worker/stage-thread.ts). Any failure of the image falls back to
+ * the stage graph: the image only ever saves time.
+ */
+export async function openStageSession(
+  graph: string,
+  dtype: string,
+  opts: SessionOptions,
+  log: (m: string) => void = () => {},
+  prefetch: (graph: string) => void = () => {},
+): Promise<StageSession> {
+  if (!packedImageUsed(dtype, parseDevice(opts.device).kind)) {
+    prefetch(graph);
+    return StageSession.create(graph, opts);
+  }
+  const image = readyImage(graph);
+  if (image) {
+    try {
+      prefetch(image);
+      const session = await StageSession.create(image, opts);
+      log(`stage loaded from its packed image: ${dirname(image)}`);
+      return session;
+    } catch (e) {
+      log(`packed image ${dirname(image)} did not load (${(e as Error).message.split('\n')[0]}): loading the stage graph and writing the image again`);
+      discardImage(graph);
+    }
+  }
+  prefetch(graph);
+  const write = imageWrite(graph);
+  let session: StageSession;
+  try {
+    session = await StageSession.create(graph, { ...opts, image: write });
+  } catch (e) {
+    abandonImage(write);
+    throw e;
+  }
+  try {
+    const t0 = performance.now();
+    const moved = finishImage(write);
+    log(`packed image written for the next start: ${dirname(readyImage(graph) ?? write.tmp)} (${(moved / 2 ** 20).toFixed(0)} MiB realigned, ${((performance.now() - t0) / 1000).toFixed(1)} s)`);
+  } catch (e) {
+    abandonImage(write);
+    log(`packed image not written (${(e as Error).message.split('\n')[0]}): the next start loads the stage graph again`);
+  }
+  return session;
+}
