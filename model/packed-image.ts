@@ -1,7 +1,7 @@
 import { createHash } from 'node:crypto';
-import { closeSync, existsSync, mkdirSync, openSync, readFileSync, readSync, renameSync, rmSync, statSync, writeFileSync, writeSync } from 'node:fs';
+import { closeSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, renameSync, rmSync, statSync, writeFileSync, writeSync } from 'node:fs';
 import { createRequire } from 'node:module';
-import { dirname, join } from 'node:path';
+import { basename, dirname, join } from 'node:path';
 import { isQuantized } from './dtype.ts';
 import { onnx } from './onnx-builder.ts';
 
@@ -93,6 +93,7 @@ export interface ImageWrite {
 }
 
 export function imageWrite(stageGraph: string): ImageWrite {
+  removeStaleWrites(stageGraph);
   const tmp = `${imageDir(stageGraph)}.tmp-${process.pid}-${Date.now()}`;
   rmSync(tmp, { recursive: true, force: true });
   mkdirSync(tmp, { recursive: true });
@@ -161,6 +162,31 @@ export function finishImage(w: ImageWrite): number {
   rmSync(dir, { recursive: true, force: true });
   renameSync(w.tmp, dir);
   return copied;
+}
+
+/** Raw images of writers that died half way (an OOM kill while loading): gigabytes each, of no use to anyone. */
+function removeStaleWrites(stageGraph: string): void {
+  const prefix = `${basename(imageDir(stageGraph))}.tmp-`;
+  let names: string[] = [];
+  try {
+    names = readdirSync(dirname(stageGraph)).filter((n) => n.startsWith(prefix));
+  } catch {
+    return;
+  }
+  for (const name of names) {
+    const pid = Number(name.slice(prefix.length).split('-')[0]);
+    if (pid === process.pid || alive(pid)) continue;
+    rmSync(join(dirname(stageGraph), name), { recursive: true, force: true });
+  }
+}
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === 'EPERM';
+  }
 }
 
 /** Drops a raw image that will not be finished (the session failed, or the repair did). */

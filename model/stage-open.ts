@@ -37,8 +37,11 @@ export async function openStageSession(
   try {
     session = await StageSession.create(graph, { ...opts, image: write });
   } catch (e) {
+    // Writing the image must never cost the load (a full disk, say): once more without it. A graph that does not
+    // load fails again here, as it would have without images.
     abandonImage(write);
-    throw e;
+    log(`packed image not written (${(e as Error).message.split('\n')[0]}): loading the stage graph without it`);
+    return StageSession.create(graph, opts);
   }
   try {
     const t0 = performance.now();

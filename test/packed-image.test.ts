@@ -1,6 +1,6 @@
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtempSync, readFileSync, truncateSync, writeFileSync, statSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, truncateSync, writeFileSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { LocalPipeline } from '../model/local-pipeline.ts';
@@ -62,7 +62,7 @@ describe('packed images of quantized stages (STRATA_PACKED_IMAGE=1)', () => {
     }
   }
 
-  test('a half-written or unreadable image is not used: the stage graph loads and the image is written again', async () => {
+  test('a half-written or unreadable image is not used: the stage graph loads and the image is written again; a dead writer\'s leftovers go', async () => {
     const cacheDir = mkdtempSync(join(tmpdir(), 'strata-image-'));
     const first = await run('gptj-tiny', 'int8', cacheDir);
     const dir = imageDir(first.graph);
@@ -70,8 +70,13 @@ describe('packed images of quantized stages (STRATA_PACKED_IMAGE=1)', () => {
     const data = join(dir, 'image.bin');
     truncateSync(data, statSync(data).size - 100);
     assert.equal(readyImage(first.graph), null);
+    // A raw image a dead worker left behind is removed when the next one is written.
+    const stale = `${dir}.tmp-2147483646-1`;
+    mkdirSync(stale);
+    writeFileSync(join(stale, 'image.bin'), 'x');
     const second = await run('gptj-tiny', 'int8', cacheDir);
     assert.ok(written(second.log) && !fromImage(second.log), second.log.join('\n'));
+    assert.equal(existsSync(stale), false);
     assert.deepEqual(second.logits, first.logits);
     // Unreadable at its recorded size: ORT refuses the graph, the loader falls back and rewrites it.
     const graph = readyImage(first.graph)!;
