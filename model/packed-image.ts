@@ -137,8 +137,16 @@ export function finishImage(w: ImageWrite): number {
     };
     type Graph = NonNullable<ReturnType<typeof onnx.ModelProto.decode>['graph']>;
     const repair = (g: Graph): void => {
-      const names = new Set<string>();
-      g.initializer = (g.initializer ?? []).filter((t) => !names.has(t.name!) && Boolean(names.add(t.name!)));
+      // A repeated constant is kept once, and only if both copies are the same tensor (ORT wrote them twice).
+      const seen = new Map<string, string>();
+      g.initializer = (g.initializer ?? []).filter((t) => {
+        const length = t.externalData?.find((e) => e.key === 'length')?.value ?? '';
+        const sig = `${t.dataType}|${(t.dims ?? []).join('x')}|${length}|${Buffer.from(t.rawData ?? []).toString('base64')}`;
+        const first = seen.get(t.name!);
+        if (first === undefined) return Boolean(seen.set(t.name!, sig));
+        if (first !== sig) throw new Error(`the image has two different initializers named ${t.name}`);
+        return false;
+      });
       for (const t of g.initializer) {
         for (const e of t.externalData ?? []) {
           if (e.key === 'location' && e.value !== IMAGE_DATA) throw new Error(`initializer ${t.name} is stored in ${e.value}, not in ${IMAGE_DATA}`);
