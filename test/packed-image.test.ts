@@ -1,6 +1,6 @@
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, truncateSync, writeFileSync, statSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, truncateSync, writeFileSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { LocalPipeline } from '../model/local-pipeline.ts';
@@ -8,7 +8,12 @@ import { forwardLogits, generate } from '../model/generation.ts';
 import { onnx } from '../model/onnx-builder.ts';
 import { imageDir, packedImageUsed, readyImage } from '../model/packed-image.ts';
 import type { QuantizedDType } from '../model/dtype.ts';
-import { expected, fixtureDir } from './helpers/fixtures.ts';
+import { expected, fixtureDir, maxAbsDiff } from './helpers/fixtures.ts';
+import { loadModelSpec } from '../model/config.ts';
+import { Checkpoint } from '../model/safetensors.ts';
+import { evenSplit } from '../model/range.ts';
+import { RemotePipeline } from '../coordinator/remote-pipeline.ts';
+import { startLocalCluster } from '../bin/local-cluster.ts';
 
 // Packed images (model/packed-image.ts) are opt-in: this file's process turns them on.
 process.env.STRATA_PACKED_IMAGE = '1';
@@ -86,6 +91,36 @@ describe('packed images of quantized stages (STRATA_PACKED_IMAGE=1)', () => {
     assert.deepEqual(third.logits, first.logits);
     assert.ok(readyImage(first.graph));
     assert.equal(dirname(readyImage(first.graph)!), dir);
+  });
+
+  test('over gRPC: two worker processes write their stages\' images, restarted workers load them, the logits stay the same', async () => {
+    const dir = fixtureDir('gptj-tiny');
+    const spec = loadModelSpec(dir);
+    const exp = expected('gptj-tiny');
+    const cacheDir = mkdtempSync(join(tmpdir(), 'strata-image-'));
+    const reference = await run('gptj-tiny', 'int4', mkdtempSync(join(tmpdir(), 'strata-image-')));
+    const serve = async () => {
+      const cluster = await startLocalCluster(dir, 2, ['--cache-dir', cacheDir]);
+      try {
+        const p = await RemotePipeline.connect(cluster.workers.map((w) => w.address), { spec, fingerprint: Checkpoint.open(dir).fingerprint(), dtype: 'int4', ranges: evenSplit(spec.blocks, 2) });
+        try {
+          return await Promise.all(exp.forward.map((c) => forwardLogits(p, c.input_ids)));
+        } finally {
+          p.close();
+        }
+      } finally {
+        await cluster.stop();
+      }
+    };
+    const first = await serve();
+    const images = (root: string): string[] => readdirSync(root, { recursive: true, encoding: 'utf8' }).filter((f) => f.endsWith('image.json'));
+    assert.equal(images(cacheDir).length, 2, 'one image per stage');
+    const written = () => images(cacheDir).map((f) => statSync(join(cacheDir, f)).mtimeMs);
+    const before = written();
+    const second = await serve();
+    assert.deepEqual(second, first);
+    assert.deepEqual(written(), before, 'the restarted workers loaded the images, not wrote them again');
+    first.forEach((rows, i) => assert.ok(maxAbsDiff(rows, reference.logits[i]) <= 1e-4, `gRPC vs in process: ${maxAbsDiff(rows, reference.logits[i])}`));
   });
 
   test('only quantized stages on the CPU, and only when asked for', () => {
