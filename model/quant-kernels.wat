@@ -241,6 +241,7 @@
             (local.set $outZero (v128.bitselect (local.get $zero) (local.get $outZero) (local.get $upd)))
             (local.set $active (v128.and (local.get $active) (f32x4.ne (local.get $fitted) (v128.const f32x4 0 0 0 0))))
             (local.set $scale (local.get $fitted))
+            ;; fits a trial: Q4_FITS in model/quantize.ts (one; the loop stays for the reference's shape)
             (local.set $refit (i32.add (local.get $refit) (i32.const 1)))
             (br_if $fit (i32.and (i32.lt_u (local.get $refit) (i32.const 1)) (v128.any_true (local.get $active)))))
           (local.set $t (i32.add (local.get $t) (i32.const 1)))
