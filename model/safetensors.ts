@@ -3,6 +3,7 @@ import { createHash } from 'node:crypto';
 import { join } from 'node:path';
 import { StrataError } from './errors.ts';
 import { storedAsFloat32 } from './dtype.ts';
+import { openDirect, readSpan, worthDirect } from './direct-read.ts';
 
 export type StDType = 'F32' | 'F16' | 'BF16';
 
@@ -38,6 +39,8 @@ export interface TensorInfo {
 interface Shard {
   path: string;
   fd: number;
+  /** The same file opened with O_DIRECT once a tensor is worth it (model/direct-read.ts); null where it cannot be. */
+  direct?: number | null;
   header: Buffer;
   size: number;
 }
@@ -50,6 +53,8 @@ interface Shard {
 export class Checkpoint {
   private readonly tensors = new Map<string, TensorInfo>();
   private readonly shards: Shard[] = [];
+  /** Per tensor: read with O_DIRECT (it was not in the page cache when first read)? */
+  private readonly direct = new Map<string, boolean>();
 
   private constructor(readonly dir: string) {}
 
@@ -140,12 +145,7 @@ export class Checkpoint {
     const info = this.checked(key, expectedShape);
     // A fresh ArrayBuffer (not Buffer's pool) sized to 4-byte multiples, so typed-array views over it are aligned.
     const bytes = new Uint8Array(new ArrayBuffer(info.length));
-    const shard = this.shards.find((s) => s.path === info.file)!;
-    for (let done = 0; done < info.length; ) {
-      const n = readSync(shard.fd, bytes, done, Math.min(info.length - done, 1 << 30), info.offset + done);
-      if (n <= 0) throw new StrataError('weights_invalid', `${info.file}: tensor "${key}" is cut short (truncated file?)`);
-      done += n;
-    }
+    this.read(info, bytes, 0);
     return { dtype: info.dtype, bytes };
   }
 
@@ -156,12 +156,25 @@ export class Checkpoint {
   readInto(key: string, expectedShape: number[], from: number, into: Uint8Array): void {
     const info = this.checked(key, expectedShape);
     if (from < 0 || from + into.byteLength > info.length) throw new RangeError(`readInto: bytes [${from}, ${from + into.byteLength}) of "${key}" are outside its ${info.length}`);
+    this.read(info, into, from);
+  }
+
+  /** Bytes [from, from + into.length) of a tensor, bypassing the page cache when it does not hold the tensor (model/direct-read.ts). */
+  private read(info: TensorInfo, into: Uint8Array, from: number): void {
     const shard = this.shards.find((s) => s.path === info.file)!;
-    for (let done = 0; done < into.byteLength; ) {
-      const n = readSync(shard.fd, into, done, Math.min(into.byteLength - done, 1 << 30), info.offset + from + done);
-      if (n <= 0) throw new StrataError('weights_invalid', `${info.file}: tensor "${key}" is cut short (truncated file?)`);
-      done += n;
+    let direct = this.direct.get(info.key);
+    if (direct === undefined) {
+      direct = worthDirect(shard.fd, info.offset, info.length);
+      if (direct && shard.direct === undefined) shard.direct = openDirect(shard.path);
+      direct &&= shard.direct !== null;
+      this.direct.set(info.key, direct);
     }
+    const r = readSpan(direct ? (shard.direct ?? null) : null, shard.fd, into, info.offset + from);
+    if (r.directFailed && shard.direct) {
+      closeSync(shard.direct);
+      shard.direct = null;
+    }
+    if (r.bytes < into.byteLength) throw new StrataError('weights_invalid', `${info.file}: tensor "${info.key}" is cut short (truncated file?)`);
   }
 
   /** Where one tensor's bytes are on disk (after readRaw's checks), for a graph that points at them instead of copying. */
@@ -202,7 +215,10 @@ export class Checkpoint {
   }
 
   close(): void {
-    for (const s of this.shards) closeSync(s.fd);
+    for (const s of this.shards) {
+      closeSync(s.fd);
+      if (s.direct) closeSync(s.direct);
+    }
     this.shards.length = 0;
   }
 }
