@@ -5,11 +5,11 @@ import { constants, openSync, readSync } from 'node:fs';
  *
  * Why: a quantized stage build reads every weight of its stage once. Through the page cache, a cold read made the
  * kernel fill fresh page-cache pages and copy them out, and on this project's VM (a Firecracker guest that hands freed
- * memory back to its host) that cost more CPU than the quantizing: one GPT-J int8 stage [20, 28), 3.64 GB of F16, built
- * in 11.9–12.7 s with 8.5–9.4 s of system time; reading the same bytes with O_DIRECT, 5.9–6.0 s with 0.7 s
- * (2026-12-04, README "Loading at size"). From a warm page cache O_DIRECT is slower (4.3 → 6.8 s: it goes to the
- * disk again), so each tensor is probed first: a one-page buffered read of its first bytes that returns at memory
- * speed means the tensor is cached, and it is read through the page cache as before.
+ * memory back to its host) that cost more CPU than the quantizing. GPT-J's two int8 stages built side by side from a
+ * cold page cache, as two workers build them: 22.9–27.9 s each with 15–20 s of system time; with O_DIRECT 13.1–15.7 s
+ * with ~2 s (2026-12-04, README "Loading at size"). From a warm page cache O_DIRECT is slower (one stage: 4.3 → 6.8 s,
+ * since it goes to the disk again), so each tensor is probed first: a one-page buffered read of its first bytes that
+ * returns at memory speed means the tensor is cached, and it is read through the page cache as before (4.7 → 4.1 s).
  *
  * O_DIRECT wants the file offset, the length and the buffer address aligned to the device's block: reads go through a
  * bounce buffer inside a WebAssembly memory (its buffer starts on a page), over the aligned superset of the span,
