@@ -1,3 +1,4 @@
+import { Worker } from 'node:worker_threads';
 import { constants, openSync, readSync } from 'node:fs';
 
 /**
@@ -7,7 +8,8 @@ import { constants, openSync, readSync } from 'node:fs';
  * kernel fill fresh page-cache pages and copy them out, and on this project's VM (a Firecracker guest that hands freed
  * memory back to its host) that cost more CPU than the quantizing. GPT-J's two int8 stages built side by side from a
  * cold page cache, as two workers build them: 22.9–27.9 s each with 15–20 s of system time; with O_DIRECT 13.1–15.7 s
- * with ~2 s (2026-12-04, README "Loading at size"). From a warm page cache O_DIRECT is slower (one stage: 4.3 → 6.8 s,
+ * with ~2 s, and with the next chunk read ahead on a helper thread (DirectReadAhead) 13.9–14.1 s; int4 32.1–36.6 →
+ * 22.9–26.1 s (2026-12-04, README "Loading at size"). From a warm page cache O_DIRECT is slower (one stage: 4.3 → 6.8 s,
  * since it goes to the disk again), so each tensor is probed first: a one-page buffered read of its first bytes that
  * returns at memory speed means the tensor is cached, and it is read through the page cache as before (4.7 → 4.1 s).
  *
@@ -27,6 +29,12 @@ const PROBE_BYTES = 4096;
 const CACHED_PROBE_MS = 0.05;
 
 let bounce: Uint8Array | null = null;
+
+/** The block-aligned span around [at, at + length): where an O_DIRECT read of it starts, how long it is, what to skip. */
+export function alignedSpan(at: number, length: number): { start: number; length: number; skip: number } {
+  const start = at - (at % ALIGN);
+  return { start, length: Math.ceil((length + at - start) / ALIGN) * ALIGN, skip: at - start };
+}
 
 export type DirectMode = 'auto' | 'always' | 'never';
 
@@ -94,3 +102,86 @@ function readBuffered(fd: number, into: Uint8Array, offset: number): number {
   }
   return done;
 }
+
+/**
+ * Overlaps a direct tensor's next chunk with the work on this one. A quantizing build reads a tensor in order, a few
+ * MiB at a time, and O_DIRECT has no kernel readahead: without this the disk waited on the search and the search on
+ * the disk. A helper thread reads the next chunk into one of two shared, page-aligned slots while the caller
+ * quantizes; the caller takes it when it asks for exactly that span, and reads itself otherwise.
+ */
+export class DirectReadAhead {
+  private readonly worker: Worker;
+  private readonly slots: Uint8Array[];
+  /** Per slot: [state, bytes]; state 0 idle, 1 reading, 2 read, 3 failed. */
+  private readonly ctl: Int32Array;
+  private readonly spans: ({ path: string; start: number; length: number } | null)[] = [null, null];
+  private next = 0;
+
+  constructor() {
+    const memory = new WebAssembly.Memory({ initial: (2 * BOUNCE_BYTES) / 65536, maximum: (2 * BOUNCE_BYTES) / 65536, shared: true });
+    this.slots = [0, 1].map((s) => new Uint8Array(memory.buffer, s * BOUNCE_BYTES, BOUNCE_BYTES));
+    this.ctl = new Int32Array(new SharedArrayBuffer(16));
+    this.worker = new Worker(READ_AHEAD_THREAD, { eval: true, workerData: { buffer: memory.buffer, ctl: this.ctl, slotBytes: BOUNCE_BYTES } });
+    this.worker.unref();
+  }
+
+  /** The bytes [start, start + length) of `path` if a read of exactly that was scheduled and succeeded, else null. */
+  take(path: string, start: number, length: number): Uint8Array | null {
+    for (let s = 0; s < 2; s++) {
+      const span = this.spans[s];
+      if (!span || span.path !== path || span.start !== start || span.length !== length) continue;
+      this.spans[s] = null;
+      this.settle(s);
+      const ok = Atomics.load(this.ctl, 2 * s) === 2 && Atomics.load(this.ctl, 2 * s + 1) >= length;
+      Atomics.store(this.ctl, 2 * s, 0);
+      return ok ? this.slots[s].subarray(0, length) : null;
+    }
+    return null;
+  }
+
+  /** Reads [start, start + length) of `path` (aligned, at most a slot) in the background, into the slot not handed out last. */
+  schedule(path: string, start: number, length: number): void {
+    if (length > BOUNCE_BYTES || start % ALIGN !== 0) return;
+    const s = this.next;
+    this.next = 1 - s;
+    this.settle(s); // a slot still being filled is not reused until it is done
+    this.spans[s] = { path, start, length };
+    Atomics.store(this.ctl, 2 * s, 1);
+    this.worker.postMessage({ slot: s, path, start, length });
+  }
+
+  /** Waits until slot `s` is not being read into. */
+  private settle(s: number): void {
+    while (Atomics.load(this.ctl, 2 * s) === 1) Atomics.wait(this.ctl, 2 * s, 1, 1000);
+  }
+
+  close(): void {
+    void this.worker.terminate();
+  }
+}
+
+/** The read-ahead thread: O_DIRECT reads into the shared slots, one message a read. */
+const READ_AHEAD_THREAD = `
+const { parentPort, workerData } = require('node:worker_threads');
+const { openSync, readSync, constants } = require('node:fs');
+const { buffer, ctl, slotBytes } = workerData;
+const fds = new Map();
+parentPort.on('message', ({ slot, path, start, length }) => {
+  try {
+    if (!fds.has(path)) fds.set(path, openSync(path, constants.O_RDONLY | constants.O_DIRECT));
+    const view = new Uint8Array(buffer, slot * slotBytes, slotBytes);
+    let done = 0;
+    while (done < length) {
+      const n = readSync(fds.get(path), view, done, length - done, start + done);
+      if (n <= 0) break;
+      done += n;
+      if (done % 4096 !== 0) break; // the end of the file
+    }
+    Atomics.store(ctl, 2 * slot + 1, done);
+    Atomics.store(ctl, 2 * slot, 2);
+  } catch {
+    Atomics.store(ctl, 2 * slot, 3);
+  }
+  Atomics.notify(ctl, 2 * slot);
+});
+`;

@@ -3,7 +3,7 @@ import { createHash } from 'node:crypto';
 import { join } from 'node:path';
 import { StrataError } from './errors.ts';
 import { storedAsFloat32 } from './dtype.ts';
-import { openDirect, readSpan, worthDirect } from './direct-read.ts';
+import { alignedSpan, DirectReadAhead, openDirect, readSpan, worthDirect } from './direct-read.ts';
 
 export type StDType = 'F32' | 'F16' | 'BF16';
 
@@ -55,6 +55,8 @@ export class Checkpoint {
   private readonly shards: Shard[] = [];
   /** Per tensor: read with O_DIRECT (it was not in the page cache when first read)? */
   private readonly direct = new Map<string, boolean>();
+  /** Reads the next chunk of a tensor read in chunks with O_DIRECT while the caller works on this one. */
+  private readAhead: DirectReadAhead | null = null;
 
   private constructor(readonly dir: string) {}
 
@@ -169,7 +171,22 @@ export class Checkpoint {
       direct &&= shard.direct !== null;
       this.direct.set(info.key, direct);
     }
-    const r = readSpan(direct ? (shard.direct ?? null) : null, shard.fd, into, info.offset + from);
+    const dfd = direct ? (shard.direct ?? null) : null;
+    if (dfd !== null && from + into.byteLength < info.length) {
+      // Streamed in chunks (readInto): the next one, of the same size or what is left, is read in the background.
+      const next = alignedSpan(info.offset + from + into.byteLength, Math.min(into.byteLength, info.length - from - into.byteLength));
+      const here = alignedSpan(info.offset + from, into.byteLength);
+      this.readAhead ??= new DirectReadAhead();
+      const got = this.readAhead.take(info.file, here.start, here.length);
+      this.readAhead.schedule(info.file, next.start, next.length);
+      if (got) return void into.set(got.subarray(here.skip, here.skip + into.byteLength));
+    } else if (dfd !== null && from > 0) {
+      // the last chunk of a streamed tensor: scheduled by the chunk before
+      const here = alignedSpan(info.offset + from, into.byteLength);
+      const got = this.readAhead?.take(info.file, here.start, here.length);
+      if (got) return void into.set(got.subarray(here.skip, here.skip + into.byteLength));
+    }
+    const r = readSpan(dfd, shard.fd, into, info.offset + from);
     if (r.directFailed && shard.direct) {
       closeSync(shard.direct);
       shard.direct = null;
@@ -215,6 +232,8 @@ export class Checkpoint {
   }
 
   close(): void {
+    this.readAhead?.close();
+    this.readAhead = null;
     for (const s of this.shards) {
       closeSync(s.fd);
       if (s.direct) closeSync(s.direct);

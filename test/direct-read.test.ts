@@ -49,6 +49,16 @@ test('O_DIRECT reads equal buffered reads: whole tensors, parts at odd offsets, 
         ck.readInto('huge', [huge.length / 2], from, into);
         assert.deepEqual(into, huge.subarray(from, from + length), `readInto [${from}, ${from + length}), STRATA_DIRECT_IO=${mode}`);
       }
+      // In order, chunk by chunk, as a quantizer streams a matrix (the read-ahead thread serves the next chunk), with
+      // another tensor read in between now and then (a read ahead that is never taken).
+      for (const chunk of [2 * 2 ** 20, 3 * 2 ** 20 + 6]) {
+        const got = new Uint8Array(huge.length);
+        for (let from = 0, i = 0; from < huge.length; from += chunk, i++) {
+          ck.readInto('huge', [huge.length / 2], from, got.subarray(from, Math.min(huge.length, from + chunk)));
+          if (i % 3 === 1) assert.deepEqual(ck.readRaw('big', [big.length / 2]).bytes, big);
+        }
+        assert.deepEqual(got, huge, `streamed in ${chunk}-byte chunks, STRATA_DIRECT_IO=${mode}`);
+      }
     } finally {
       ck.close();
     }
