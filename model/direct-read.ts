@@ -116,6 +116,8 @@ export class DirectReadAhead {
   private readonly ctl: Int32Array;
   private readonly spans: ({ path: string; start: number; length: number } | null)[] = [null, null];
   private next = 0;
+  /** A read that never finished (a hung disk, a dead thread): the read-ahead is off from then on. */
+  private broken = false;
 
   constructor() {
     const memory = new WebAssembly.Memory({ initial: (2 * BOUNCE_BYTES) / 65536, maximum: (2 * BOUNCE_BYTES) / 65536, shared: true });
@@ -123,15 +125,20 @@ export class DirectReadAhead {
     this.ctl = new Int32Array(new SharedArrayBuffer(16));
     this.worker = new Worker(READ_AHEAD_THREAD, { eval: true, workerData: { buffer: memory.buffer, ctl: this.ctl, slotBytes: BOUNCE_BYTES } });
     this.worker.unref();
+    // A thread that fails to start or dies: the builder reads for itself (settle's deadline covers a wait under way).
+    this.worker.on('error', () => {
+      this.broken = true;
+    });
   }
 
   /** The bytes [start, start + length) of `path` if a read of exactly that was scheduled and succeeded, else null. */
   take(path: string, start: number, length: number): Uint8Array | null {
+    if (this.broken) return null;
     for (let s = 0; s < 2; s++) {
       const span = this.spans[s];
       if (!span || span.path !== path || span.start !== start || span.length !== length) continue;
       this.spans[s] = null;
-      this.settle(s);
+      if (!this.settle(s)) return null;
       const ok = Atomics.load(this.ctl, 2 * s) === 2 && Atomics.load(this.ctl, 2 * s + 1) >= length;
       Atomics.store(this.ctl, 2 * s, 0);
       return ok ? this.slots[s].subarray(0, length) : null;
@@ -141,18 +148,26 @@ export class DirectReadAhead {
 
   /** Reads [start, start + length) of `path` (aligned, at most a slot) in the background, into the slot not handed out last. */
   schedule(path: string, start: number, length: number): void {
-    if (length > BOUNCE_BYTES || start % ALIGN !== 0) return;
+    if (this.broken || length > BOUNCE_BYTES || start % ALIGN !== 0) return;
     const s = this.next;
     this.next = 1 - s;
-    this.settle(s); // a slot still being filled is not reused until it is done
+    if (!this.settle(s)) return; // a slot still being filled is not reused until it is done
     this.spans[s] = { path, start, length };
     Atomics.store(this.ctl, 2 * s, 1);
     this.worker.postMessage({ slot: s, path, start, length });
   }
 
-  /** Waits until slot `s` is not being read into. */
-  private settle(s: number): void {
-    while (Atomics.load(this.ctl, 2 * s) === 1) Atomics.wait(this.ctl, 2 * s, 1, 1000);
+  /** Waits until slot `s` is not being read into; false (and the read-ahead off) when a read takes over a minute. */
+  private settle(s: number): boolean {
+    const deadline = performance.now() + 60_000;
+    while (Atomics.load(this.ctl, 2 * s) === 1) {
+      if (performance.now() > deadline) {
+        this.broken = true;
+        return false;
+      }
+      Atomics.wait(this.ctl, 2 * s, 1, 1000);
+    }
+    return true;
   }
 
   close(): void {
