@@ -131,7 +131,10 @@ export class DirectReadAhead {
     });
   }
 
-  /** The bytes [start, start + length) of `path` if a read of exactly that was scheduled and succeeded, else null. */
+  /**
+   * The bytes [start, start + length) of `path` if a read of exactly that was scheduled and succeeded, else null. The
+   * view is valid until the next schedule(), which may read into the same slot: copy it out first.
+   */
   take(path: string, start: number, length: number): Uint8Array | null {
     if (this.broken) return null;
     for (let s = 0; s < 2; s++) {

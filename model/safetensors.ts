@@ -178,8 +178,10 @@ export class Checkpoint {
       const here = alignedSpan(info.offset + from, into.byteLength);
       this.readAhead ??= new DirectReadAhead();
       const got = this.readAhead.take(info.file, here.start, here.length);
+      // The slot is copied out before the next read is scheduled: that read may go into the same slot.
+      if (got) into.set(got.subarray(here.skip, here.skip + into.byteLength));
       this.readAhead.schedule(info.file, next.start, next.length);
-      if (got) return void into.set(got.subarray(here.skip, here.skip + into.byteLength));
+      if (got) return;
     } else if (dfd !== null && from > 0) {
       // the last chunk of a streamed tensor: scheduled by the chunk before
       const here = alignedSpan(info.offset + from, into.byteLength);

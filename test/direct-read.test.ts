@@ -59,6 +59,14 @@ test('O_DIRECT reads equal buffered reads: whole tensors, parts at odd offsets, 
         }
         assert.deepEqual(got, huge, `streamed in ${chunk}-byte chunks, STRATA_DIRECT_IO=${mode}`);
       }
+      // Two tensors streamed in turns: each stream's read ahead must survive the other's.
+      const a = new Uint8Array(huge.length), b = new Uint8Array(big.length), step = 2 ** 20;
+      for (let from = 0; from < huge.length; from += step) {
+        ck.readInto('huge', [huge.length / 2], from, a.subarray(from, Math.min(huge.length, from + step)));
+        if (from < big.length) ck.readInto('big', [big.length / 2], from, b.subarray(from, Math.min(big.length, from + step)));
+      }
+      assert.deepEqual(a, huge, `two streams in turns: huge, STRATA_DIRECT_IO=${mode}`);
+      assert.deepEqual(b, big, `two streams in turns: big, STRATA_DIRECT_IO=${mode}`);
     } finally {
       ck.close();
     }
