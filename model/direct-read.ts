@@ -149,15 +149,19 @@ export class DirectReadAhead {
     return null;
   }
 
-  /** Reads [start, start + length) of `path` (aligned, at most a slot) in the background, into the slot not handed out last. */
-  schedule(path: string, start: number, length: number): void {
+  /**
+   * Reads [start, start + length) of `path` (aligned, at most a slot) through `fd`, its O_DIRECT descriptor (file
+   * descriptors are the process's: the thread reads through the caller's), in the background, into the slot not
+   * handed out last.
+   */
+  schedule(path: string, fd: number, start: number, length: number): void {
     if (this.broken || length > BOUNCE_BYTES || start % ALIGN !== 0) return;
     const s = this.next;
     this.next = 1 - s;
     if (!this.settle(s)) return; // a slot still being filled is not reused until it is done
     this.spans[s] = { path, start, length };
     Atomics.store(this.ctl, 2 * s, 1);
-    this.worker.postMessage({ slot: s, path, start, length });
+    this.worker.postMessage({ slot: s, fd, start, length });
   }
 
   /** Waits until slot `s` is not being read into; false (and the read-ahead off) when a read takes over a minute. */
@@ -181,16 +185,14 @@ export class DirectReadAhead {
 /** The read-ahead thread: O_DIRECT reads into the shared slots, one message a read. */
 const READ_AHEAD_THREAD = `
 const { parentPort, workerData } = require('node:worker_threads');
-const { openSync, readSync, constants } = require('node:fs');
+const { readSync } = require('node:fs');
 const { buffer, ctl, slotBytes } = workerData;
-const fds = new Map();
-parentPort.on('message', ({ slot, path, start, length }) => {
+parentPort.on('message', ({ slot, fd, start, length }) => {
   try {
-    if (!fds.has(path)) fds.set(path, openSync(path, constants.O_RDONLY | constants.O_DIRECT));
     const view = new Uint8Array(buffer, slot * slotBytes, slotBytes);
     let done = 0;
     while (done < length) {
-      const n = readSync(fds.get(path), view, done, length - done, start + done);
+      const n = readSync(fd, view, done, length - done, start + done);
       if (n <= 0) break;
       done += n;
       if (done % 4096 !== 0) break; // the end of the file

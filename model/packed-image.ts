@@ -1,5 +1,5 @@
 import { createHash } from 'node:crypto';
-import { closeSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, renameSync, rmSync, statSync, writeFileSync, writeSync } from 'node:fs';
+import { closeSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, renameSync, rmSync, statSync, writeFileSync, writeSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { basename, dirname, join } from 'node:path';
 import { isQuantized } from './dtype.ts';
@@ -32,6 +32,13 @@ const IMAGE_DATA = 'image.bin';
 const IMAGE_META = 'image.json';
 /** MLAS aligns a packed weight's parts to 64 bytes (a cache line); a page-aligned mapping plus this offset keeps them. */
 const BLOB_ALIGN = 64;
+
+/** A packed weight's place in the image's data file, from its external-data entry "<kernel>+<hash>|<offset>;<length>;<flag>". */
+export function prepackedSpan(value: string): { key: string; offset: number; length: number; flag: string } {
+  const [key, span] = value.split('|');
+  const [offset, length, flag] = span.split(';');
+  return { key, offset: Number(offset), length: Number(length), flag };
+}
 
 /**
  * Whether stages of this dtype on this device load through a packed image: only with STRATA_PACKED_IMAGE=1. It is a
@@ -95,7 +102,6 @@ export interface ImageWrite {
 export function imageWrite(stageGraph: string): ImageWrite {
   removeStaleWrites(stageGraph);
   const tmp = `${imageDir(stageGraph)}.tmp-${process.pid}-${Date.now()}`;
-  rmSync(tmp, { recursive: true, force: true });
   mkdirSync(tmp, { recursive: true });
   return {
     stageGraph,
@@ -151,10 +157,8 @@ export function finishImage(w: ImageWrite): number {
         for (const e of t.externalData ?? []) {
           if (e.key === 'location' && e.value !== IMAGE_DATA) throw new Error(`initializer ${t.name} is stored in ${e.value}, not in ${IMAGE_DATA}`);
           if (!e.key!.startsWith('prepacked')) continue;
-          // "<kernel>+<hash>|<offset>;<length>;<flag>"
-          const [key, span] = e.value!.split('|');
-          const [offset, length, flag] = span.split(';');
-          if (Number(offset) % BLOB_ALIGN !== 0) e.value = `${key}|${move(Number(offset), Number(length))};${length};${flag}`;
+          const { key, offset, length, flag } = prepackedSpan(e.value!);
+          if (offset % BLOB_ALIGN !== 0) e.value = `${key}|${move(offset, length)};${length};${flag}`;
         }
       }
       for (const n of g.node ?? []) for (const a of n.attribute ?? []) if (a.g) repair(a.g as Graph);
@@ -199,5 +203,5 @@ function alive(pid: number): boolean {
 
 /** Drops a raw image that will not be finished (the session failed, or the repair did). */
 export function abandonImage(w: ImageWrite): void {
-  if (existsSync(w.tmp)) rmSync(w.tmp, { recursive: true, force: true });
+  rmSync(w.tmp, { recursive: true, force: true });
 }

@@ -172,21 +172,18 @@ export class Checkpoint {
       this.direct.set(info.key, direct);
     }
     const dfd = direct ? (shard.direct ?? null) : null;
-    if (dfd !== null && from + into.byteLength < info.length) {
-      // Streamed in chunks (readInto): the next one, of the same size or what is left, is read in the background.
-      const next = alignedSpan(info.offset + from + into.byteLength, Math.min(into.byteLength, info.length - from - into.byteLength));
+    if (dfd !== null) {
       const here = alignedSpan(info.offset + from, into.byteLength);
-      this.readAhead ??= new DirectReadAhead();
-      const got = this.readAhead.take(info.file, here.start, here.length);
+      const got = this.readAhead?.take(info.file, here.start, here.length) ?? null;
       // The slot is copied out before the next read is scheduled: that read may go into the same slot.
       if (got) into.set(got.subarray(here.skip, here.skip + into.byteLength));
-      this.readAhead.schedule(info.file, next.start, next.length);
+      const rest = info.length - from - into.byteLength;
+      if (rest > 0) {
+        // Streamed in chunks (readInto): the next one, of the same size or what is left, is read in the background.
+        const next = alignedSpan(info.offset + info.length - rest, Math.min(into.byteLength, rest));
+        (this.readAhead ??= new DirectReadAhead()).schedule(info.file, dfd, next.start, next.length);
+      }
       if (got) return;
-    } else if (dfd !== null && from > 0) {
-      // the last chunk of a streamed tensor: scheduled by the chunk before
-      const here = alignedSpan(info.offset + from, into.byteLength);
-      const got = this.readAhead?.take(info.file, here.start, here.length);
-      if (got) return void into.set(got.subarray(here.skip, here.skip + into.byteLength));
     }
     const r = readSpan(dfd, shard.fd, into, info.offset + from);
     if (r.directFailed && shard.direct) {

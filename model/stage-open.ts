@@ -1,6 +1,6 @@
 import { dirname } from 'node:path';
 import { parseDevice, StageSession, type SessionOptions } from './executor.ts';
-import { abandonImage, discardImage, finishImage, imageWrite, packedImageUsed, readyImage } from './packed-image.ts';
+import { abandonImage, discardImage, finishImage, imageDir, imageWrite, packedImageUsed, readyImage } from './packed-image.ts';
 
 /**
  * Opens a stage graph's ORT session; quantized CPU stages through their packed image (model/packed-image.ts): the
@@ -46,7 +46,7 @@ export async function openStageSession(
   try {
     const t0 = performance.now();
     const moved = finishImage(write);
-    log(`packed image written for the next start: ${dirname(readyImage(graph) ?? write.tmp)} (${(moved / 2 ** 20).toFixed(0)} MiB realigned, ${((performance.now() - t0) / 1000).toFixed(1)} s)`);
+    log(`packed image written for the next start: ${imageDir(graph)} (${(moved / 2 ** 20).toFixed(0)} MiB realigned, ${((performance.now() - t0) / 1000).toFixed(1)} s)`);
   } catch (e) {
     abandonImage(write);
     log(`packed image not written (${(e as Error).message.split('\n')[0]}): the next start loads the stage graph again`);

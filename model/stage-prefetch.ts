@@ -2,6 +2,7 @@ import { closeSync, openSync, readFileSync, readSync, statSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { onnx } from './onnx-builder.ts';
 import { StrataError } from './errors.ts';
+import { prepackedSpan } from './packed-image.ts';
 
 /** One stretch of a file a stage graph's weights occupy: [file, offset, length]. */
 export type WeightSpan = [string, number, number];
@@ -23,10 +24,10 @@ export function stageWeightSpans(graphPath: string): WeightSpan[] {
   for (const init of model.graph?.initializer ?? []) {
     const kv: Record<string, string> = Object.fromEntries((init.externalData ?? []).map((e) => [e.key, e.value]));
     if (kv.location) spans.set(`${kv.location}:${kv.offset}`, [join(dir, kv.location), Number(kv.offset), Number(kv.length)]);
-    // A packed image (model/packed-image.ts) also holds each packed weight: "<kernel>+<hash>|<offset>;<length>;<flag>".
+    // A packed image (model/packed-image.ts) also holds each packed weight.
     for (const [k, v] of Object.entries(kv)) {
       if (!k.startsWith('prepacked') || !kv.location) continue;
-      const [offset, length] = v.split('|')[1].split(';').map(Number);
+      const { offset, length } = prepackedSpan(v);
       spans.set(`${kv.location}:${offset}`, [join(dir, kv.location), offset, length]);
     }
   }

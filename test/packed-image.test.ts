@@ -6,7 +6,7 @@ import { dirname, join } from 'node:path';
 import { LocalPipeline } from '../model/local-pipeline.ts';
 import { forwardLogits, generate } from '../model/generation.ts';
 import { onnx } from '../model/onnx-builder.ts';
-import { imageDir, packedImageUsed, readyImage } from '../model/packed-image.ts';
+import { imageDir, packedImageUsed, prepackedSpan, readyImage } from '../model/packed-image.ts';
 import type { QuantizedDType } from '../model/dtype.ts';
 import { expected, fixtureDir, maxAbsDiff } from './helpers/fixtures.ts';
 import { loadModelSpec } from '../model/config.ts';
@@ -52,7 +52,7 @@ describe('packed images of quantized stages (STRATA_PACKED_IMAGE=1)', () => {
         const walk = (g: NonNullable<typeof model.graph>): void => {
           const names = (g.initializer ?? []).map((t) => t.name);
           assert.equal(new Set(names).size, names.length, 'initializer names unique in each graph');
-          for (const t of g.initializer ?? []) for (const e of t.externalData ?? []) if (e.key!.startsWith('prepacked')) blobs.push(Number(e.value!.split('|')[1].split(';')[0]));
+          for (const t of g.initializer ?? []) for (const e of t.externalData ?? []) if (e.key!.startsWith('prepacked')) blobs.push(prepackedSpan(e.value!).offset);
           for (const n of g.node ?? []) for (const a of n.attribute ?? []) if (a.g) walk(a.g as typeof g);
         };
         walk(model.graph!);
