@@ -1,7 +1,7 @@
 import { loadModelSpec, type ModelSpec } from './config.ts';
 import { evenSplit, type BlockRange } from './range.ts';
 import { prepareAndOpen, type PreparedStage } from './stage-cache.ts';
-import { stagePrepack, type SessionOptions } from './executor.ts';
+import type { SessionOptions } from './executor.ts';
 import { openStageSession } from './stage-open.ts';
 import { Stage, type KvCache } from './stage.ts';
 import { DEFAULT_SLOT_ROWS } from './graph/slot-attention.ts';
@@ -44,7 +44,7 @@ export class LocalPipeline implements Stepper {
     const stages: Stage[] = [];
     const prepared: PreparedStage[] = [];
     for (const r of ranges) {
-      const { prepared: p, opened } = await prepareAndOpen(modelDir, r, prepare, (p) => openStageSession(p.path, dtype, { prepack: stagePrepack(dtype), ...opts }, opts.onProgress));
+      const { prepared: p, opened } = await prepareAndOpen(modelDir, r, prepare, (p) => openStageSession(p.path, dtype, opts, opts.onProgress));
       prepared.push(p);
       stages.push(new Stage(spec, p.range, opened, activationDType(dtype), { kvBudgetBytes: opts.kvBudgetBytes, rows }));
     }

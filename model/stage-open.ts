@@ -1,10 +1,10 @@
 import { dirname } from 'node:path';
-import { parseDevice, StageSession, type SessionOptions } from './executor.ts';
+import { parseDevice, StageSession, stagePrepack, type SessionOptions } from './executor.ts';
 import { abandonImage, discardImage, finishImage, imageDir, imageWrite, packedImageUsed, readyImage } from './packed-image.ts';
 
 /**
- * Opens a stage graph's ORT session; quantized CPU stages through their packed image (model/packed-image.ts): the
- * image when this host has a finished one, else the stage graph, writing the image while ORT loads it. `prefetch`
+ * Opens a stage graph's ORT session, prepacking as stagePrepack says for its dtype; quantized CPU stages through their
+ * packed image (model/packed-image.ts): the image when this host has a finished one, else the stage graph, writing the image while ORT loads it. `prefetch`
  * reads the graph's weights before ORT opens them (worker/stage-thread.ts). Any failure of the image falls back to
  * the stage graph: the image only ever saves time.
  */
@@ -15,6 +15,7 @@ export async function openStageSession(
   log: (m: string) => void = () => {},
   prefetch: (graph: string) => void = () => {},
 ): Promise<StageSession> {
+  opts = { prepack: stagePrepack(dtype), ...opts };
   if (!packedImageUsed(dtype, parseDevice(opts.device).kind)) {
     prefetch(graph);
     return StageSession.create(graph, opts);

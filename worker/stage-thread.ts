@@ -2,7 +2,6 @@ import { parentPort } from 'node:worker_threads';
 import { performance } from 'node:perf_hooks';
 import { prepareAndOpen } from '../model/stage-cache.ts';
 import type { LoadProgress } from '../model/progress.ts';
-import { stagePrepack } from '../model/executor.ts';
 import { openStageSession } from '../model/stage-open.ts';
 import { readSpans, stageWeightSpans } from '../model/stage-prefetch.ts';
 import { Stage, type KvCache } from '../model/stage.ts';
@@ -98,7 +97,7 @@ async function handle(req: Exclude<ThreadRequest, { type: 'step' }>): Promise<un
         // The stage's weights read once, in order, 16 MiB at a time, before ORT opens them: ORT then loads (and
         // prepacks) from the page cache. A cold BioMedLM stage (5 GB) took 29.9 s to create, 7.0 + 10.7 s read first.
         // Without prepacking ORT only maps the weights, and this read makes serving mean they are in memory.
-        openStageSession(p.path, req.dtype, { threads: req.threads, device: req.device, prepack: stagePrepack(req.dtype) }, prepare.onProgress, (graph) => {
+        openStageSession(p.path, req.dtype, { threads: req.threads, device: req.device }, prepare.onProgress, (graph) => {
           if (process.env.STRATA_PREFETCH !== '0') readSpans(stageWeightSpans(graph));
         }));
       if (stage) await stage.close();
