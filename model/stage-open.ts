@@ -4,9 +4,9 @@ import { abandonImage, discardImage, finishImage, imageDir, imageWrite, packedIm
 
 /**
  * Opens a stage graph's ORT session, prepacking as stagePrepack says for its dtype; quantized CPU stages through their
- * packed image (model/packed-image.ts): the image when this host has a finished one, else the stage graph, writing the image while ORT loads it. `prefetch`
- * reads the graph's weights before ORT opens them (worker/stage-thread.ts). Any failure of the image falls back to
- * the stage graph: the image only ever saves time.
+ * packed image (model/packed-image.ts): the image when this host has a finished one, else the stage graph, writing
+ * the image while ORT loads it. `prefetch` reads the graph's weights before ORT opens them (worker/stage-thread.ts).
+ * Any failure of the image falls back to the stage graph: the image only ever saves time.
  */
 export async function openStageSession(
   graph: string,
