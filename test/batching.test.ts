@@ -92,6 +92,28 @@ describe('continuous batching at a stage (decode steps of many sessions in one O
   }
 });
 
+describe('a one-row stage graph (--max-batch 1), which attends its one row as it is', () => {
+  for (const name of CAUSAL_FIXTURES) {
+    test(`${name}, 2 stages: HF's greedy ids, and every step's logits match the 8-row graph's full recompute (1e-4)`, async () => {
+      const dir = fixtureDir(name);
+      const one = await LocalPipeline.load(dir, 2, { maxBatch: 1 });
+      const rows8 = await LocalPipeline.load(dir, 2);
+      for (const g of expected(name).generate!) {
+        const d = new Driver(one.stages);
+        await d.prefill('s', g.input_ids);
+        for (let t = 1; t < g.output_ids.length; t++) await d.decode(['s']);
+        const got = d.ids.get('s')!.slice(g.input_ids.length);
+        assert.deepEqual(got, g.output_ids);
+        const want = [];
+        for (let t = 0; t < got.length; t++) want.push((await forwardLogits(rows8, [...g.input_ids, ...got.slice(0, t)])).at(-1)!);
+        assert.ok(maxAbsDiff(d.logits.get('s')!, want) <= 1e-4, 'logits');
+      }
+      await one.close();
+      await rows8.close();
+    });
+  }
+});
+
 describe('8 concurrent sessions through one 3-stage gRPC pipeline', () => {
   let cluster: LocalCluster;
   const dir = fixtureDir('gptj-tiny');

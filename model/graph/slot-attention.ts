@@ -67,6 +67,8 @@ interface RowPlan {
   /** Host attention: which slot positions hold this row's past, and the causal block of its new tokens ('' with device slots). */
   pastAllowed: string;
   newAllowed: string;
+  /** Host attention: the positions the row's bound past holds (int64 [1]), the same in every layer ('' with device slots). */
+  cap: string;
 }
 
 interface Rows {
@@ -100,6 +102,7 @@ function rowPlan(ctx: BlockContext, rows: number, firstLayer: number): Rows {
       total: g.input(SLOT_IO.rowTotal(0, r), I32, []),
       pastAllowed: '',
       newAllowed: '',
+      cap: '',
     }));
     const devicePlan = { rows: rowsIn, batch: B, many: '', outShape }; // many: the host path's If only
     plans.set(ctx.g, devicePlan);
@@ -127,21 +130,21 @@ function rowPlan(ctx: BlockContext, rows: number, firstLayer: number): Rows {
     const pastAllowed = g.o('Less', [range(cap), past]); // [cap]
     const pos = range(len);
     const newAllowed = g.o('LessOrEqual', [g.o('Unsqueeze', [pos, zero]), g.o('Unsqueeze', [pos, one])]); // [T,T]: key <= query
-    return [starts, ends, rowSeqlens, total, pastAllowed, newAllowed];
+    return [starts, ends, rowSeqlens, total, pastAllowed, newAllowed, cap];
   };
   // At batch 1 every row r >= 1 is idle and its plan is a constant (it reads row 0's one token against its one-position
   // scratch slot): an If hands those constants out rather than running ~20 nodes per row that batch 1 never needs.
   const idleRow = (): string[] => [
     g.constInt64([0, 0]), g.constInt64([1, 1]), g.constInt32([0]), g.constInt32([1], []),
-    g.constInt32([0], [1], BOOL), g.constInt32([1], [1, 1], BOOL),
+    g.constInt32([0], [1], BOOL), g.constInt32([1], [1, 1], BOOL), g.constInt64([1]),
   ];
   const many = g.o('Greater', [B, one]);
-  const types = [I64, I64, I32, I32, BOOL, BOOL];
+  const types = [I64, I64, I32, I32, BOOL, BOOL, I64];
   const rest = rows > 1
     ? g.ifThen(many, () => Array.from({ length: rows - 1 }, (_, i) => planRow(i + 1)).flat(), () => Array.from({ length: rows - 1 }, idleRow).flat(), Array.from({ length: rows - 1 }, () => types).flat())
     : [];
   const fields = [planRow(0), ...Array.from({ length: rows - 1 }, (_, i) => rest.slice(i * types.length, (i + 1) * types.length))];
-  const plan = fields.map(([starts, ends, rowSeqlens, total, pastAllowed = '', newAllowed = '']) => ({ starts, ends, seqlens: rowSeqlens, total, pastAllowed, newAllowed }));
+  const plan = fields.map(([starts, ends, rowSeqlens, total, pastAllowed, newAllowed, cap]) => ({ starts, ends, seqlens: rowSeqlens, total, pastAllowed, newAllowed, cap }));
   const rowsOut = { rows: plan, batch: B, many, outShape };
   plans.set(ctx.g, rowsOut);
   return rowsOut;
@@ -217,7 +220,7 @@ function hostSlotAttention(ctx: BlockContext, plan: Rows, q3: string, k3: string
   const attend = (r: number, q: string, k: string, vv: string): string => {
     const p = plan.rows[r];
     const { pk, pv } = past[r];
-    const cap = g.o('Shape', [pk], { start: 2, end: 3 });
+    const cap = p.cap;
     const scores = (b: string) => {
       const sc = g.o('FusedMatMul', [q, b], { transB: 1 }, 'com.microsoft'); // [1,H,T,S], q already scaled
       return half ? g.o('Cast', [sc], { to: F32 }) : sc;
@@ -239,12 +242,13 @@ function hostSlotAttention(ctx: BlockContext, plan: Rows, q3: string, k3: string
       const rowOut = g.o('Reshape', [attend(r, rowOf(qh), rowOf(kh), rowOf(vh)), rowShape]); // [1,T,D]
       return g.o('Expand', [rowOut, plan.outShape]);
     });
-    const all = rows.length === 1 ? rows[0] : g.o('Concat', rows, { axis: 0 }); // [ROWS, T, D]
+    const all = g.o('Concat', rows, { axis: 0 }); // [ROWS, T, D]
     return flatRows(g.o('Slice', [all, g.constInt64([0]), plan.batch, g.constInt64([0])]));
   };
-  if (plan.rows.length === 1) return everyRow();
   // A batch of one row is row 0 as it is: no row slicing, padding or cutting, and rows 1… not run at all. At batch 1
   // the idle rows' ~18 nodes per row and layer, each a dispatch of a few µs, were 4-6 ms of a GPT-2-small step (a
-  // graph of 1 row: 14 ms, of 8 rows: 20 ms); the row plumbing another ~10 nodes per layer.
+  // graph of 1 row: 14 ms, of 8 rows: 20 ms); the row plumbing another ~10 nodes per layer. A one-row graph
+  // (--max-batch 1) is always that batch.
+  if (plan.rows.length === 1) return flatRows(attend(0, qh, kh, vh));
   return g.ifThen(plan.many, () => [everyRow()], () => [flatRows(attend(0, qh, kh, vh))], [ACT])[0];
 }
