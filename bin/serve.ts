@@ -10,6 +10,7 @@ import { isStrataError, StrataError } from '../model/errors.ts';
 import { loadTokenizer } from '../model/tokenizer.ts';
 import type { WeightDType } from '../model/stage-graph.ts';
 import { parseStageDType } from '../model/dtype.ts';
+import { chainMsOption } from './worker.ts';
 import { decodeStepsOption, DEFAULT_DECODE_STEPS, RemotePipeline } from '../coordinator/remote-pipeline.ts';
 import { MAX_DECODE_STEPS } from '../model/generation.ts';
 import { startCoordinatorService } from '../coordinator/service.ts';
@@ -158,7 +159,7 @@ const addServeOptions = (cmd: Command) =>
     .option('--chat-template <file>', 'Jinja chat template for /v1/chat/completions, overriding tokenizer_config.json\'s (STRATA_CHAT_TEMPLATE)', process.env.STRATA_CHAT_TEMPLATE);
 
 /** The worker options `strata up` passes on to each worker it starts (each with its STRATA_* fallback, as `strata worker`). */
-const WORKER_OPTIONS: [flag: string, option: string][] = [['--threads', 'threads'], ['--max-batch', 'maxBatch'], ['--kv-budget-mb', 'kvBudgetMb'], ['--device', 'device'], ['--run-ahead', 'runAhead']];
+const WORKER_OPTIONS: [flag: string, option: string][] = [['--threads', 'threads'], ['--max-batch', 'maxBatch'], ['--kv-budget-mb', 'kvBudgetMb'], ['--device', 'device'], ['--run-ahead', 'runAhead'], ['--chain-ms', 'chainMs']];
 const workerArgs = (o: Record<string, unknown>): string[] => WORKER_OPTIONS.flatMap(([flag, key]) => (o[key] === undefined ? [] : [flag, String(o[key])]));
 
 const fail = (e: unknown) => {
@@ -193,6 +194,7 @@ export function registerServeCommands(program: Command): void {
       .option('--max-batch <n>', 'decode steps batched into one ORT run per worker (STRATA_MAX_BATCH)', process.env.STRATA_MAX_BATCH)
       .option('--kv-budget-mb <mb>', 'KV-cache memory budget per worker (STRATA_KV_BUDGET_MB)', process.env.STRATA_KV_BUDGET_MB)
       .option('--run-ahead <on|off>', 'one worker: run each session\'s next decode step before it is asked (STRATA_RUN_AHEAD; default on)', process.env.STRATA_RUN_AHEAD)
+      .option('--chain-ms <ms>', 'one worker: answer a request for several decode steps once they have run this long (STRATA_CHAIN_MS; default 50)', process.env.STRATA_CHAIN_MS)
       .option('--memory-limit-mb <mb>', 'memory each worker may use; a plan that needs more is refused before loading (STRATA_MEMORY_LIMIT_MB; default: the host\'s available memory shared by the workers)', process.env.STRATA_MEMORY_LIMIT_MB)
       .option('--device <device>', 'cpu | cuda:N | webgpu for every worker (STRATA_DEVICE); a device that cannot start fails the worker, never a silent fallback', process.env.STRATA_DEVICE),
   ).action(async (o) => {
@@ -200,7 +202,8 @@ export function registerServeCommands(program: Command): void {
     let redis: ChildProcess | undefined;
     try {
       const redisUrl = await ensureRedis(o.redis, (child) => (redis = child));
-      decodeStepsOption(o.decodeSteps); // a bad value fails before any worker starts
+      decodeStepsOption(o.decodeSteps); // bad values fail before any worker starts
+      if (o.chainMs !== undefined) chainMsOption(o.chainMs);
       const spec = loadModelSpec(o.model);
       const k = Math.min(Number(o.workers), spec.blocks);
       const memoryLimit = checkLocalPlan(spec, k, o);

@@ -1,6 +1,7 @@
 import type { Command } from 'commander';
 import pino from 'pino';
 import { StageWorker } from '../worker/server.ts';
+import { DEFAULT_CHAIN_MS } from '../worker/thread-protocol.ts';
 import { isStrataError, StrataError } from '../model/errors.ts';
 import { parseSize } from './plan.ts';
 import { loadCredentials, tlsFromEnv } from '../transport/grpc/tls.ts';
@@ -13,6 +14,13 @@ export function onOff(value: string, flag: string): boolean {
   if (['on', '1', 'true'].includes(v)) return true;
   if (['off', '0', 'false'].includes(v)) return false;
   throw new StrataError('flag_invalid', `${flag} must be on or off, got '${value}'`);
+}
+
+/** --chain-ms: milliseconds ≥ 0. */
+export function chainMsOption(value: string): number {
+  const ms = Number(value);
+  if (value.trim() === '' || !Number.isFinite(ms) || ms < 0) throw new StrataError('flag_invalid', `--chain-ms must be a number of milliseconds ≥ 0, got '${value}'`);
+  return ms;
 }
 
 export function registerWorkerCommand(program: Command): void {
@@ -28,6 +36,7 @@ export function registerWorkerCommand(program: Command): void {
     .option('--session-ttl-s <s>', 'drop sessions idle longer than this', process.env.STRATA_SESSION_TTL_S ?? '600')
     .option('--max-batch <n>', 'decode steps of different sessions batched into one ORT run (1 = no batching)', process.env.STRATA_MAX_BATCH ?? '8')
     .option('--run-ahead <on|off>', 'when this worker is the whole pipeline (one stage): run each session\'s next decode step while its token travels to the coordinator and back, answering from it when the step arrives as predicted (STRATA_RUN_AHEAD)', process.env.STRATA_RUN_AHEAD ?? 'on')
+    .option('--chain-ms <ms>', `when this worker is the whole pipeline: answer a request for several decode steps once they have run this long, so streamed tokens arrive at least that often (STRATA_CHAIN_MS)`, process.env.STRATA_CHAIN_MS ?? String(DEFAULT_CHAIN_MS))
     .option('--tls-cert <pem>', 'mutual TLS: this node\'s certificate (STRATA_TLS_CERT)')
     .option('--tls-key <pem>', 'mutual TLS: its private key (STRATA_TLS_KEY)')
     .option('--tls-ca <pem>', 'mutual TLS: CA that signs every peer (STRATA_TLS_CA); peers without such a certificate are refused')
@@ -45,7 +54,7 @@ export function registerWorkerCommand(program: Command): void {
           listen: o.listen, modelDir: o.model, device: o.device, threads: o.threads ? Number(o.threads) : undefined, cacheDir: o.cacheDir,
           kvBudgetBytes: Number(o.kvBudgetMb) * 2 ** 20, sessionTtlMs: Number(o.sessionTtlS) * 1000,
           memoryBytes: o.memory ? parseSize(o.memory) : undefined, memoryLimitBytes: memoryLimitFromFlag(o.memoryLimitMb), speed: Number(o.speed), maxBatch: Number(o.maxBatch),
-          runAhead: onOff(o.runAhead, '--run-ahead'),
+          runAhead: onOff(o.runAhead, '--run-ahead'), chainMs: chainMsOption(o.chainMs),
           credentials: loadCredentials(tlsFromEnv(o)),
           log: (obj, msg) => log.info(obj, msg),
           onLoad: (p) => {

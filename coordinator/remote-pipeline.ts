@@ -189,11 +189,13 @@ export class RemotePipeline implements Stepper {
 }
 
 /**
- * Decode steps per request on a one-stage pipeline when nothing says otherwise (README, "Chained decode steps"): in an
- * A/B on one int8 GPT-2-small worker, 4 brought batch-1 decode to the in-process speed (one step per request: ×1.14
- * slower), while a streaming client still sees its tokens in bursts of at most 4 (~40 ms at that speed on 2 cores).
+ * Decode steps per request on a one-stage pipeline when nothing says otherwise (README, "Chained decode steps"). The
+ * worker ends a chain once it has run --chain-ms (50 ms), so a streaming client's bursts stay that short whatever this
+ * says, and a slow model's chain is one step. Where steps are fast, a longer chain divides the per-request CPU further:
+ * on 2026-12-02 (int8) one step per request read ×1.14 slower than 4; on 2026-12-04 (interleaved on one GPT-2-small
+ * worker, batch 1) 16 against 4 read int4 3.31 against 3.40 ms per token and int8 4.42 against 4.39 (a wash).
  */
-export const DEFAULT_DECODE_STEPS = 4;
+export const DEFAULT_DECODE_STEPS = 16;
 
 /** --decode-steps / STRATA_DECODE_STEPS: a whole number from 1 to MAX_DECODE_STEPS. */
 export function decodeStepsOption(value: string | number | undefined, flag = '--decode-steps'): number {

@@ -7,6 +7,7 @@ import { chainedSteps, generate, type GenerateOptions, type Stepper } from '../m
 import { decodeStepsOption, DEFAULT_DECODE_STEPS, RemotePipeline } from '../coordinator/remote-pipeline.ts';
 import { PendingPipeline } from '../coordinator/load-board.ts';
 import { startLocalCluster, startWorkerProcess, type LocalWorker } from '../bin/local-cluster.ts';
+import { chainMsOption } from '../bin/worker.ts';
 import { stepFromWire, stepToWire } from '../proto/step-codec.ts';
 import type { WireTiming } from '../proto/messages.ts';
 import { CAUSAL_FIXTURES, expected, fixtureDir, testCacheDir } from './helpers/fixtures.ts';
@@ -157,6 +158,28 @@ describe('a chained session survives the loss of its worker', () => {
   });
 });
 
+describe('a chain\'s time budget (--chain-ms)', () => {
+  test('a worker whose chains may run 0 ms answers every request with one token, and the ids stay HF\'s', async () => {
+    const dir = fixtureDir('gpt2-tiny');
+    const cluster = await startLocalCluster(dir, 1, ['--chain-ms', '0']);
+    try {
+      const timings: WireTiming[] = [];
+      const p = await connect(dir, cluster.workers.map((w) => w.address), 8, timings);
+      await assertFixtureGreedy(p);
+      assert.ok(timings.length > 2 && timings.every((t) => (t.steps || 1) === 1), `requests of ${timings.map((t) => t.steps || 1).join(' ')} steps`);
+      p.close();
+    } finally {
+      await cluster.stop();
+    }
+  });
+
+  test('a bad --chain-ms is a typed error', () => {
+    assert.equal(chainMsOption('50'), 50);
+    assert.equal(chainMsOption('0'), 0);
+    for (const bad of ['-1', 'soon', '']) assert.throws(() => chainMsOption(bad), code('flag_invalid'));
+  });
+});
+
 describe('chained steps: the pieces', () => {
   test('chainedSteps: the steps a chain ran after its first, as generate() would have sent them', () => {
     const first = stepFromWire(stepToWire('s', { fingerprint: '', first: 0 }, {
@@ -190,6 +213,7 @@ describe('chained steps: the pieces', () => {
     assert.throws(() => stepFromWire({ ...step, steps: 65 }), code('steps_invalid'));
     assert.throws(() => stepFromWire({ ...step, steps: 2, stop_tokens: Array.from({ length: 17 }, (_, i) => i) }), code('steps_invalid'));
     assert.equal(decodeStepsOption(undefined), DEFAULT_DECODE_STEPS);
+    assert.equal(DEFAULT_DECODE_STEPS, 16);
     assert.equal(decodeStepsOption('8'), 8);
     for (const bad of ['0', '65', '2.5', 'four']) assert.throws(() => decodeStepsOption(bad), code('flag_invalid'));
   });

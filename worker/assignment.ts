@@ -24,7 +24,7 @@ export interface AssignmentOptions {
   modelDir: string;
   host: StageHost;
   /** What the stage thread loads besides the range (threads, device, KV budget, ...). */
-  load: { cacheDir?: string; threads?: number; device?: string; kvBudgetBytes: number; sessionTtlMs: number; maxBatch: number; runAhead?: boolean };
+  load: { cacheDir?: string; threads?: number; device?: string; kvBudgetBytes: number; sessionTtlMs: number; maxBatch: number; runAhead?: boolean; chainMs?: number };
   security?: ClientSecurity;
   /** The worker's health: NOT_SERVING while (re)configuring, SERVING once the range is loaded and the next stage connected. */
   setServing(serving: boolean): void;

@@ -35,6 +35,8 @@ export interface WorkerOptions {
   maxBatch?: number;
   /** A one-stage pipeline's worker runs each session's next decode step before it is asked (default true). */
   runAhead?: boolean;
+  /** How long a chained request may run before it is answered (LoadRequest.chainMs). */
+  chainMs?: number;
   /** The transport's security material (gRPC: transport/grpc/tls.ts's loadCredentials). */
   credentials?: { server: ServerSecurity; client: ClientSecurity };
   log?: (obj: object, msg: string) => void;
@@ -75,7 +77,7 @@ export class StageWorker {
       load: {
         cacheDir: opts.cacheDir, threads: opts.threads, device: opts.device,
         kvBudgetBytes: opts.kvBudgetBytes ?? 2 * 1024 ** 3, sessionTtlMs: opts.sessionTtlMs ?? 10 * 60_000, maxBatch: opts.maxBatch ?? 8,
-        runAhead: opts.runAhead,
+        runAhead: opts.runAhead, chainMs: opts.chainMs,
       },
       setServing: (serving) => this.server.setServing(serving),
       log: (obj, msg) => this.log(obj, msg),

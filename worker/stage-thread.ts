@@ -10,7 +10,7 @@ import { StrataError, toErrorRecord } from '../model/errors.ts';
 import type { TensorData } from '../model/tensor.ts';
 import { KvStore } from './kv-store.ts';
 import { pastLength, RunAhead } from './run-ahead.ts';
-import type { LoadedInfo, StepDone, StepOutcome, ThreadReply, ThreadRequest } from './thread-protocol.ts';
+import { DEFAULT_CHAIN_MS, type LoadedInfo, type StepDone, type StepOutcome, type ThreadReply, type ThreadRequest } from './thread-protocol.ts';
 import { activationDType } from '../model/dtype.ts';
 
 // This thread owns the ORT session (whose run() blocks) and every session's KV cache; the main thread stays free
@@ -48,9 +48,14 @@ interface Chain {
   /** The generation's last request (StepRequest.final_request). */
   final: boolean;
   done: StepDone[];
+  /** When its first step's run began (unix ms, as StepDone.startUnixMs): the chain's time budget counts from there. */
+  started: number;
 }
+
 const pending: Pending[] = [];
 let busy = false;
+/** LoadRequest.chainMs: how long a chain may run before it answers (see there). */
+let chainMs = DEFAULT_CHAIN_MS;
 
 const port = parentPort!;
 const reply = (msg: ThreadReply, transfer: ArrayBuffer[] = []) => {
@@ -91,6 +96,7 @@ async function handle(req: Exclude<ThreadRequest, { type: 'step' }>): Promise<un
   switch (req.type) {
     case 'load': {
       maxBatch = Math.max(1, req.maxBatch ?? 1);
+      chainMs = req.chainMs ?? DEFAULT_CHAIN_MS;
       // The build quantizes on the threads this worker was given (its ORT threads), not on its neighbours' cores.
       const prepare = { dtype: req.dtype, device: req.device, cacheDir: req.cacheDir, rows: maxBatch, threads: req.threads, onProgress: (m: string, load?: LoadProgress) => reply({ id: -1, progress: m, load }) };
       const { prepared, opened: session } = await prepareAndOpen(req.modelDir, req.range, prepare, (p) =>
@@ -204,11 +210,14 @@ function answer(p: Pending, done: StepDone): void {
   const token = done.result.tokens?.length === 1 ? done.result.tokens[0] : undefined;
   const final = p.chain?.final ?? input.finalRequest === true;
   const stopped = token !== undefined && stop.includes(token);
-  const last = stopped || (p.chain?.done.length ?? 0) + 1 >= wanted; // the request's steps end with this one
+  const complete = (p.chain?.done.length ?? 0) + 1 >= wanted; // the request's steps end with this one
+  const started = p.chain?.started ?? done.startUnixMs;
+  const spent = performance.timeOrigin + performance.now() - started >= chainMs; // … or its time does
+  const last = stopped || complete || spent;
   // No request follows a stop token or the generation's last request: nothing to run ahead.
-  ahead?.answered(sessionId, input, done.result, !(stopped || (last && final)));
+  ahead?.answered(sessionId, input, done.result, !(stopped || (complete && final)));
   if (wanted <= 1 || !stage?.isFirst || !stage.isLast) return settle(p, { ok: true, value: done });
-  const chain = p.chain ?? { wanted, stop, final, done: [] };
+  const chain = p.chain ?? { wanted, stop, final, done: [], started };
   chain.done.push(done);
   const next = token !== undefined && !last ? nextDecodeStep(input, token, stage.spec.maxPositions) : null;
   if (next) pending.push({ ...p, req: { type: 'step', sessionId, input: next }, chain });

@@ -19,7 +19,16 @@ export interface LoadRequest {
   maxBatch?: number;
   /** A one-stage pipeline runs each session's next decode step before it is asked (worker/run-ahead.ts; default on). */
   runAhead?: boolean;
+  /**
+   * A chained request (PipelineStep.steps) is answered once its steps have run this long, however many it asked for
+   * (default DEFAULT_CHAIN_MS): a streaming client hears from a one-stage worker at least that often (plus one step),
+   * and a model whose one step takes longer (GPT-J-6B on a CPU) answers one token per request. So a request may ask
+   * for a long chain (--decode-steps, default 16), which pays off where steps are fast.
+   */
+  chainMs?: number;
 }
+
+export const DEFAULT_CHAIN_MS = 50;
 
 export interface LoadedInfo {
   fingerprint: string;
