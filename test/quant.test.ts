@@ -3,6 +3,7 @@ import assert from 'node:assert/strict';
 import { checkQuantKernels, dequantizeRows, quantizedBytes, quantizeRows, quantizeRowsF16, QUANT_SCHEMES, schemeKey, transpose } from '../model/quantize.ts';
 import { bytesPerWeight, f32ToF16, float16ToFloat32, parseStageDType } from '../model/dtype.ts';
 import { isStrataError } from '../model/errors.ts';
+import { transposeInBands } from '../model/graph/linear.ts';
 
 // The quantizer itself: ggml's q8_0 rounding, int4's zero points, MatMulNBits's packing, error bounds.
 
@@ -100,6 +101,21 @@ test('dequantized matrices stay within half a step of the original (int4: unless
     }
     for (let i = 32; i < 64; i++) assert.ok(back[i] === 0, `${name}: zero block element ${i} = ${back[i]}`);
     assert.equal(q.data.byteLength + q.scales.byteLength + (q.zeroPoints?.byteLength ?? 0), quantizedBytes(n, k, s));
+  }
+});
+
+test('a Conv1D matrix transposed in bands as it is read (bands of 1, 3 and 7 stored rows, tiles cut at the edges) is transpose()\'s', () => {
+  for (const width of [2, 4] as const) {
+    const [k, n] = [23, 13];
+    const stored = Float32Array.from({ length: k * n }, (_, i) => i * 1.5 - 7);
+    const bytes = width === 4 ? new Uint8Array(stored.buffer) : new Uint8Array(Uint16Array.from({ length: k * n }, (_, i) => i).buffer);
+    const want = width === 4 ? new Uint8Array(transpose(stored, k, n).buffer) : new Uint8Array(Uint16Array.from(transpose(Float32Array.from({ length: k * n }, (_, i) => i), k, n)).buffer);
+    for (const rows of [1, 3, 7]) {
+      const reads: number[] = [];
+      const out = transposeInBands((from, into) => (reads.push(from), into.set(bytes.subarray(from, from + into.byteLength))), width, n, k, new Uint8Array(k * n * width), rows * n * width);
+      assert.deepEqual(out, want, `width ${width}, bands of ${rows}`);
+      assert.deepEqual(reads, Array.from({ length: Math.ceil(k / rows) }, (_, b) => b * rows * n * width), 'each band read once, in order');
+    }
   }
 });
 
