@@ -4,6 +4,7 @@ import { existsSync, mkdtempSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { runBench } from '../bin/bench.ts';
+import { DEFAULT_DECODE_STEPS } from '../coordinator/remote-pipeline.ts';
 import { normalizeConfig } from '../model/config.ts';
 import { PRESETS, syntheticConfig } from '../model/synthetic.ts';
 import { mean, median, percentile, ratio, summarize } from '../bench/stats.ts';
@@ -144,7 +145,8 @@ describe('strata bench (tiny synthetic model, real worker processes)', () => {
     const r = report as QuantBenchReport;
     assert.equal((JSON.parse(readFileSync(jsonPath, 'utf8')) as QuantBenchReport).rows.length, r.rows.length);
     const names = r.rows.map((x) => `${x.dtype}/${x.runAhead}/${x.decodeSteps}/${x.maxBatch}`);
-    assert.deepEqual(names, ['float32/true/4/8', 'int8/true/4/8', 'int4/true/4/8', 'int8/false/4/8', 'int8/true/4/1', 'int4/true/4/1', 'int8/true/1/8']);
+    const d = DEFAULT_DECODE_STEPS;
+    assert.deepEqual(names, [`float32/true/${d}/8`, `int8/true/${d}/8`, `int4/true/${d}/8`, `int8/false/${d}/8`, `int8/true/${d}/1`, `int4/true/${d}/1`, 'int8/true/1/8']);
     for (const x of r.rows) {
       assert.ok(x.batch1MsPerToken > 0 && x.weightBytes > 0 && x.rssBytes > 0, JSON.stringify(x));
       assert.equal(Number.isNaN(x.aggregateDecodeTokS), x.maxBatch === 1, 'a one-row worker serves batch 1 only');
