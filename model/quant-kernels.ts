@@ -12,6 +12,7 @@ interface Kernels {
   q8f16(src: number, blocks: number, blockSize: number, codes: number, scales: number): void;
   q8f32(src: number, blocks: number, blockSize: number, codes: number, scales: number): void;
   q4(src: number, width: number, blocks: number, blockSize: number, codes: number, scales: number, zeros: number, tmp: number): void;
+  t32(src: number, rows: number, n: number, dst: number, k: number): void;
 }
 
 interface Instance {
@@ -47,7 +48,7 @@ function reserve(inst: Instance, bytes: number): void {
   if (have < bytes) inst.memory.grow(Math.ceil((bytes - have) / 65536));
 }
 
-type KernelName = keyof Kernels;
+type KernelName = Exclude<keyof Kernels, 't32'>; // the transpose runs on the builder's thread only
 const KERNEL_IDS: Record<KernelName, number> = { q8f16: 0, q8f32: 1, q4: 2 };
 
 /** One kernel call on this thread. */
@@ -151,6 +152,42 @@ for (let seen = 0; ; ) {
 function runKernel(inst: Instance, pool: QuantPool | null | undefined, kernel: KernelName, args: number[], perBlock: number[], blocksAt: number, tmpAt = -1, tmpBytes = 0): void {
   if (pool) pool.run(kernel, args, perBlock, blocksAt, tmpAt, tmpBytes);
   else call(inst, kernel, args);
+}
+
+/**
+ * Transposes Conv1D matrices (model/graph/linear.ts) with the kernels' 4 × 4 SIMD tiles, in a memory of its own: the
+ * largest transpose (BioMedLM's 2560 × 10240 float32, 105 MB) stays with the build that made it, not with the
+ * process, as the kernels' own memory would (a WebAssembly memory never shrinks).
+ */
+export class Transposer {
+  private constructor(private readonly memory: WebAssembly.Memory, private readonly kernels: Kernels) {}
+
+  /** Null where the kernels cannot run. */
+  static create(): Transposer | null {
+    const inst = instance();
+    if (!inst) return null;
+    const memory = new WebAssembly.Memory({ initial: 1, maximum: MAX_PAGES, shared: true });
+    return new Transposer(memory, new WebAssembly.Instance(inst.module, { env: { memory } }).exports as unknown as Kernels);
+  }
+
+  /**
+   * The transpose [n, k] of a stored [k, n] matrix of 32-bit values (its bits), built a band of `rowsPerBand` stored
+   * rows at a time as `read(from, into)` fills each band: a view of this transposer's memory, valid until its next
+   * call. Null where the tiles do not fit (n, k or rowsPerBand not a multiple of 4, or beyond the memory's bound).
+   */
+  transpose(read: (from: number, into: Uint8Array) => void, n: number, k: number, rowsPerBand: number): Uint8Array | null {
+    const bandBytes = rowsPerBand * n * 4;
+    if (n % 4 !== 0 || k % 4 !== 0 || rowsPerBand % 4 !== 0 || rowsPerBand < 4 || bandBytes + n * k * 4 > MAX_PAGES * 65536) return null;
+    const have = this.memory.buffer.byteLength;
+    if (have < bandBytes + n * k * 4) this.memory.grow(Math.ceil((bandBytes + n * k * 4 - have) / 65536));
+    const heap = new Uint8Array(this.memory.buffer);
+    for (let k0 = 0; k0 < k; k0 += rowsPerBand) {
+      const rows = Math.min(rowsPerBand, k - k0);
+      read(k0 * n * 4, heap.subarray(0, rows * n * 4));
+      this.kernels.t32(0, rows, n, bandBytes + k0 * 4, k);
+    }
+    return heap.subarray(bandBytes, bandBytes + n * k * 4);
+  }
 }
 
 /** Weights quantized per call: whole rows, about this many bytes of them. */

@@ -281,4 +281,41 @@
           (br_if $out (i32.lt_u (local.get $i) (i32.const 4))))
         (local.set $p (i32.add (local.get $p) (i32.const 4)))
         (br $quad))))
+
+  ;; Transpose of a band of a Conv1D matrix (model/graph/linear.ts, transposeInBands): `rows` stored rows of `n`
+  ;; 32-bit values at `src` → column c of output row r at dst + (r·k + c)·4, in 4 × 4 tiles (bits moved, not values).
+  ;; rows and n are multiples of 4.
+  (func (export "t32") (param $src i32) (param $rows i32) (param $n i32) (param $dst i32) (param $k i32)
+    (local $r i32) (local $c i32) (local $stride i32) (local $p i32) (local $o i32) (local $ostride i32)
+    (local $a v128) (local $b v128) (local $x v128) (local $y v128) (local $t0 v128) (local $t1 v128) (local $t2 v128) (local $t3 v128)
+    (local.set $stride (i32.shl (local.get $n) (i32.const 2)))
+    (local.set $ostride (i32.shl (local.get $k) (i32.const 2)))
+    (block $done
+      (loop $rs
+        (br_if $done (i32.ge_u (local.get $r) (local.get $n)))
+        (local.set $c (i32.const 0))
+        (block $cdone
+          (loop $cs
+            (br_if $cdone (i32.ge_u (local.get $c) (local.get $rows)))
+            ;; the tile's four stored rows c..c+3, columns r..r+3
+            (local.set $p (i32.add (local.get $src) (i32.shl (i32.add (i32.mul (local.get $c) (local.get $n)) (local.get $r)) (i32.const 2))))
+            (local.set $a (v128.load (local.get $p)))
+            (local.set $b (v128.load (i32.add (local.get $p) (local.get $stride))))
+            (local.set $x (v128.load (i32.add (local.get $p) (i32.shl (local.get $stride) (i32.const 1)))))
+            (local.set $y (v128.load (i32.add (local.get $p) (i32.mul (local.get $stride) (i32.const 3)))))
+            ;; [a0 b0 a1 b1], [a2 b2 a3 b3], [x0 y0 x1 y1], [x2 y2 x3 y3]
+            (local.set $t0 (i8x16.shuffle 0 1 2 3 16 17 18 19 4 5 6 7 20 21 22 23 (local.get $a) (local.get $b)))
+            (local.set $t1 (i8x16.shuffle 8 9 10 11 24 25 26 27 12 13 14 15 28 29 30 31 (local.get $a) (local.get $b)))
+            (local.set $t2 (i8x16.shuffle 0 1 2 3 16 17 18 19 4 5 6 7 20 21 22 23 (local.get $x) (local.get $y)))
+            (local.set $t3 (i8x16.shuffle 8 9 10 11 24 25 26 27 12 13 14 15 28 29 30 31 (local.get $x) (local.get $y)))
+            ;; output rows r..r+3, columns c..c+3: [a0 b0 x0 y0], [a1 b1 x1 y1], [a2 b2 x2 y2], [a3 b3 x3 y3]
+            (local.set $o (i32.add (local.get $dst) (i32.shl (i32.add (i32.mul (local.get $r) (local.get $k)) (local.get $c)) (i32.const 2))))
+            (v128.store (local.get $o) (i8x16.shuffle 0 1 2 3 4 5 6 7 16 17 18 19 20 21 22 23 (local.get $t0) (local.get $t2)))
+            (v128.store (i32.add (local.get $o) (local.get $ostride)) (i8x16.shuffle 8 9 10 11 12 13 14 15 24 25 26 27 28 29 30 31 (local.get $t0) (local.get $t2)))
+            (v128.store (i32.add (local.get $o) (i32.shl (local.get $ostride) (i32.const 1))) (i8x16.shuffle 0 1 2 3 4 5 6 7 16 17 18 19 20 21 22 23 (local.get $t1) (local.get $t3)))
+            (v128.store (i32.add (local.get $o) (i32.mul (local.get $ostride) (i32.const 3))) (i8x16.shuffle 8 9 10 11 12 13 14 15 24 25 26 27 28 29 30 31 (local.get $t1) (local.get $t3)))
+            (local.set $c (i32.add (local.get $c) (i32.const 4)))
+            (br $cs)))
+        (local.set $r (i32.add (local.get $r) (i32.const 4)))
+        (br $rs))))
 )

@@ -5,7 +5,8 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { QUANT_KERNELS_WASM } from '../model/quant-kernels.wasm.ts';
 import { assembleQuantKernels } from '../model/quant-kernels-build.ts';
-import { QuantPool, drain, int4Stream, quantizeInt4Blocks, quantizeInt8Blocks } from '../model/quant-kernels.ts';
+import { QuantPool, Transposer, drain, int4Stream, quantizeInt4Blocks, quantizeInt8Blocks } from '../model/quant-kernels.ts';
+import { transposeInBands } from '../model/graph/linear.ts';
 import { int4BlocksF32, int8BlocksF16, int8BlocksF32, transpose } from '../model/quantize.ts';
 import { float16ToFloat32 } from '../model/dtype.ts';
 import { prepareStage, quantThreads } from '../model/stage-cache.ts';
@@ -209,6 +210,26 @@ test('a Conv1D checkpoint (GPT-2: [in, out] matrices) streams its transpose thro
   } finally {
     rmSync(root, { recursive: true, force: true });
   }
+});
+
+test('the kernels\' 4 × 4 transpose (Transposer) moves the bits transposeInBands moves, band by band; shapes its tiles do not fit are left to JavaScript', () => {
+  const t = Transposer.create()!;
+  for (const [n, k, rows] of [[4, 4, 4], [12, 20, 8], [16, 8, 4], [40, 36, 12], [8, 28, 12]] as const) {
+    // NaN payloads and negative zeros too: bits, not values
+    const stored = Uint32Array.from({ length: k * n }, () => Math.floor(rnd() * 2 ** 32));
+    const bytes = new Uint8Array(stored.buffer);
+    const read = (from: number, into: Uint8Array) => into.set(bytes.subarray(from, from + into.byteLength));
+    const want = transposeInBands(read, 4, n, k, new Uint8Array(n * k * 4));
+    const reads: number[] = [];
+    const got = t.transpose((from, into) => (reads.push(from), read(from, into)), n, k, rows);
+    assert.ok(got, `${n} × ${k}`);
+    assert.deepEqual(Buffer.from(got), Buffer.from(want), `n ${n}, k ${k}, bands of ${rows}`);
+    assert.deepEqual(reads, Array.from({ length: Math.ceil(k / rows) }, (_, b) => b * rows * n * 4), 'each band read once, in order');
+  }
+  const none = () => assert.fail('nothing is read');
+  assert.equal(t.transpose(none, 13, 8, 4), null, 'n not a multiple of 4');
+  assert.equal(t.transpose(none, 8, 10, 4), null, 'k not a multiple of 4');
+  assert.equal(t.transpose(none, 8, 8, 6), null, 'a band not a multiple of 4 rows');
 });
 
 test('QuantPool: the kernels split across 2–4 threads give the codes, scales and zero points of one thread', async () => {

@@ -3,7 +3,7 @@ import { isQuantized, storedAsFloat32, type QuantizedDType } from '../dtype.ts';
 import { ElemType } from '../onnx-builder.ts';
 import { quantizeRows, quantizeRowsF16, quantScheme, transpose, type QuantizedMatrix, type QuantScheme } from '../quantize.ts';
 import type { StageContext } from './context.ts';
-import { int4Stream, int8Stream, type Int4Stream, type Int8Stream } from '../quant-kernels.ts';
+import { int4Stream, int8Stream, Transposer, type Int4Stream, type Int8Stream } from '../quant-kernels.ts';
 
 /**
  * One linear layer: x [N, in] → [N, out].
@@ -97,7 +97,7 @@ function streamQuantized(ctx: StageContext, w: WeightRef, n: number, k: number, 
   const width = stored?.dtype === 'F16' ? 2 : stored?.dtype === 'F32' ? 4 : 0;
   if (!stored || !width) return null;
   const pool = ctx.opts.quantPool;
-  const read = conv1d ? transposedRows(stored.readInto, width, n, k, (bytes) => conv1dScratch(ctx, bytes)) : stored.readInto;
+  const read = conv1d ? transposedRows(ctx, stored.readInto, width, n, k) : stored.readInto;
   return scheme.bits === 8 ? int8Stream(read, width, n, k, scheme.blockSize, undefined, pool) : int4Stream(read, width, n, k, scheme.blockSize, undefined, pool);
 }
 
@@ -108,10 +108,15 @@ function streamQuantized(ctx: StageContext, w: WeightRef, n: number, k: number, 
  * (conv1dScratch) and every call copies its rows out of it (bits, not values: a NaN keeps its payload); after the last
  * row the buffer is the next matrix's.
  */
-function transposedRows(readInto: (from: number, into: Uint8Array) => void, width: 2 | 4, n: number, k: number, scratch: (bytes: number) => Uint8Array): (from: number, into: Uint8Array) => void {
+function transposedRows(ctx: StageContext, readInto: (from: number, into: Uint8Array) => void, width: 2 | 4, n: number, k: number): (from: number, into: Uint8Array) => void {
   let t: Uint8Array | null = null;
   return (from, into) => {
-    t ??= transposeInBands(readInto, width, n, k, scratch(n * k * width));
+    // float32 in the kernels' 4 × 4 SIMD tiles (2026-12-04, a BioMedLM int8 stage build, cold: the transpose 2.6 →
+    // 0.6 s, the build 5.5 → 5.0–5.4 s, now waiting on its reads); binary16, or shapes the tiles do not fit, in
+    // JavaScript.
+    const rows = Math.floor(Math.max(1, Math.floor(BAND_BYTES / (n * width))) / 4) * 4;
+    if (!t && width === 4) t = transposer(ctx)?.transpose(readInto, n, k, rows) ?? null;
+    t ??= transposeInBands(readInto, width, n, k, conv1dScratch(ctx, n * k * width));
     into.set(t.subarray(from, from + into.byteLength));
     if (from + into.byteLength === t.byteLength) t = null;
   };
@@ -150,6 +155,13 @@ export function transposeInBands(readInto: (from: number, into: Uint8Array) => v
     }
   }
   return out;
+}
+
+/** Per build (GraphBuilder): one Transposer (null: no kernels), its memory grown to the largest Conv1D matrix. */
+const transposers = new WeakMap<object, Transposer | null>();
+function transposer(ctx: StageContext): Transposer | null {
+  if (!transposers.has(ctx.g)) transposers.set(ctx.g, Transposer.create());
+  return transposers.get(ctx.g)!;
 }
 
 /** Per build (GraphBuilder): one buffer for the Conv1D matrices read whole, grown to the largest. */
