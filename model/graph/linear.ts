@@ -104,18 +104,16 @@ function streamQuantized(ctx: StageContext, w: WeightRef, n: number, k: number, 
 /**
  * The rows of a Conv1D weight's transpose, as a stream reads them: the checkpoint stores [in = k, out = n], the
  * kernels take [n, k] rows. A run of rows of the transpose is a column range of the stored matrix, no contiguous part
- * of the file, so the first call builds the whole transpose (transposeInBands) in the build's Conv1D buffer
- * (conv1dScratch) and every call copies its rows out of it (bits, not values: a NaN keeps its payload); after the last
- * row the buffer is the next matrix's.
+ * of the file, so the first call builds the whole transpose, band by band as the file is read, and every call copies
+ * its rows out of it (bits, not values: a NaN keeps its payload); after the last row its memory is the next matrix's.
+ * float32 goes through the kernels' 4 × 4 SIMD tiles (the build's Transposer; 2026-12-04, a BioMedLM int8 stage
+ * build, cold: the transpose 2.6 → 0.6 s, the build 5.5 → 5.0–5.4 s, now waiting on its reads); binary16, or shapes
+ * the tiles do not fit, through transposeInBands into the build's Conv1D buffer.
  */
 function transposedRows(ctx: StageContext, readInto: (from: number, into: Uint8Array) => void, width: 2 | 4, n: number, k: number): (from: number, into: Uint8Array) => void {
   let t: Uint8Array | null = null;
   return (from, into) => {
-    // float32 in the kernels' 4 × 4 SIMD tiles (2026-12-04, a BioMedLM int8 stage build, cold: the transpose 2.6 →
-    // 0.6 s, the build 5.5 → 5.0–5.4 s, now waiting on its reads); binary16, or shapes the tiles do not fit, in
-    // JavaScript.
-    const rows = Math.floor(Math.max(1, Math.floor(BAND_BYTES / (n * width))) / 4) * 4;
-    if (!t && width === 4) t = transposer(ctx)?.transpose(readInto, n, k, rows) ?? null;
+    if (!t && width === 4) t = transposer(ctx)?.transpose(readInto, n, k, Math.floor(BAND_BYTES / (n * 16)) * 4) ?? null;
     t ??= transposeInBands(readInto, width, n, k, conv1dScratch(ctx, n * k * width));
     into.set(t.subarray(from, from + into.byteLength));
     if (from + into.byteLength === t.byteLength) t = null;
