@@ -223,8 +223,11 @@ export class StageSession {
     return this.executionProvider !== 'cpu';
   }
 
-  /** Runs the graph. Resident outputs come back as DeviceTensors, the rest as host tensors. */
-  async run(feeds: Record<string, Feed>): Promise<Record<string, TensorData | DeviceTensor>> {
+  /**
+   * Runs the graph. Resident outputs come back as DeviceTensors, the rest as host tensors. Outputs named in `skip`
+   * are not fetched (ORT computes only what the rest needs, and copies nothing out for them).
+   */
+  async run(feeds: Record<string, Feed>, skip?: ReadonlySet<string>): Promise<Record<string, TensorData | DeviceTensor>> {
     const t: Transfer = { hostToDevice: 0, deviceToHost: 0, kvBytes: 0 };
     const ortFeeds: Record<string, ort.Tensor> = {};
     for (const [k, v] of Object.entries(feeds)) {
@@ -238,7 +241,7 @@ export class StageSession {
         if (isKv(k)) t.kvBytes += v.data.byteLength;
       }
     }
-    const out = await this.session.run(ortFeeds);
+    const out = skip?.size ? await this.session.run(ortFeeds, this.session.outputNames.filter((n) => !skip.has(n))) : await this.session.run(ortFeeds);
     const result: Record<string, TensorData | DeviceTensor> = {};
     for (const [k, v] of Object.entries(out)) {
       if (this.resident.has(k) && v.location === 'gpu-buffer') {

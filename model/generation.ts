@@ -2,7 +2,7 @@ import { randomUUID } from 'node:crypto';
 import type { StepInput, StepOutput } from './stage.ts';
 import { float16ToFloat32 } from './dtype.ts';
 import type { TensorData } from './tensor.ts';
-import { createRng, selectNextToken, type SamplingParams } from './sampling.ts';
+import { createRng, selectNextToken, validateSamplingParams, type SamplingParams } from './sampling.ts';
 import { StrataError } from './errors.ts';
 import { logprobsOf, type LogprobRequest, type RowLogprobs } from './logprobs.ts';
 
@@ -51,9 +51,25 @@ export interface StepResult {
   logprobs?: RowLogprobs[][];
 }
 
+/**
+ * Whether the last stage needs only each row's greedy token for this step (Stage.step's fetch 'greedy'): the step
+ * selects at temperature 0 without a repetition penalty, and asks for no logprobs, logits or pooled states.
+ */
+export function greedyOnly(input: PipelineStep): boolean {
+  const s = input.select?.sampling;
+  return !!s && (s.temperature ?? 0) === 0 && (s.repetitionPenalty ?? 1) === 1 && !input.logprobs && input.output !== 'hidden_mean';
+}
+
 /** What the last stage sends back for a step: chosen tokens, logits, or pooled hidden states. */
 export function finishStep(out: StepOutput, input: PipelineStep): StepResult {
   if (input.output === 'hidden_mean') return { hiddenMean: meanPool(out.lastHidden!, input.attentionMask) };
+  if (!out.logits && out.nextTokens && input.select && greedyOnly(input)) {
+    // A greedy run fetched only the graph's argmax: each batch row's token at its last requested position.
+    validateSamplingParams(input.select.sampling);
+    const [batch, rows] = out.nextTokens.dims;
+    const ids = out.nextTokens.data as BigInt64Array;
+    return { tokens: Array.from({ length: batch }, (_, b) => Number(ids[b * rows + rows - 1])) };
+  }
   if (input.logprobs) {
     // Logprobs replace the logits on the wire: only 1 + N values per row leave the stage.
     const tokens = input.select ? pickTokens(out.logits!, input.select) : undefined;

@@ -5,7 +5,7 @@ import type { SessionOptions } from './executor.ts';
 import { openStageSession } from './stage-open.ts';
 import { Stage, type KvCache } from './stage.ts';
 import { DEFAULT_SLOT_ROWS } from './graph/slot-attention.ts';
-import { embed, finishStep, type PipelineStep, type StepResult, type Stepper } from './generation.ts';
+import { embed, finishStep, greedyOnly, type PipelineStep, type StepResult, type Stepper } from './generation.ts';
 import type { WeightDType } from './stage-graph.ts';
 import { activationDType } from './dtype.ts';
 
@@ -66,7 +66,7 @@ export class LocalPipeline implements Stepper {
     }
     let hidden = undefined;
     for (const [i, stage] of this.stages.entries()) {
-      const out = await stage.step({ ...input, hidden }, caches ? caches[i] : null);
+      const out = await stage.step({ ...input, hidden }, caches ? caches[i] : null, greedyOnly(input) ? 'greedy' : 'all');
       if (stage.isLast) return finishStep(out, input);
       hidden = out.hidden;
     }

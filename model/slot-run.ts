@@ -11,6 +11,8 @@ import { StrataError } from './errors.ts';
 export interface StepOutput {
   hidden?: TensorData;
   logits?: TensorData;
+  /** Last stage: int64 [B, R], each logit row's greedy token (the graph's ArgMax; the only output of a greedy run). */
+  nextTokens?: TensorData;
   /** Last stage: the final hidden states [B, T, D] (HF's last_hidden_state). */
   lastHidden?: TensorData;
 }
@@ -27,7 +29,7 @@ type RunOutputs = Record<string, TensorData | DeviceTensor>;
  * Binds each row to its slot (idle rows of the graph's `graphRows` to scratch), runs, and keeps device-resident
  * presents as the slots'. `feeds` holds the step's own inputs; the mask, lengths and KV are added here.
  */
-export async function runInSlots(session: StageSession, slots: KvSlots, graphRows: number, feeds: Record<string, Feed>, rows: SlotRow[], seq: number): Promise<RunOutputs> {
+export async function runInSlots(session: StageSession, slots: KvSlots, graphRows: number, feeds: Record<string, Feed>, rows: SlotRow[], seq: number, skip?: ReadonlySet<string>): Promise<RunOutputs> {
   const B = rows.length;
   // The graph ignores the mask of a decoder (its attention reads lengths from seqlens_k); it still declares the input.
   feeds[IO.attentionMask] = { dtype: 'int64', dims: [B, 1], data: new BigInt64Array(B).fill(1n) };
@@ -44,7 +46,7 @@ export async function runInSlots(session: StageSession, slots: KvSlots, graphRow
       feeds[SLOT_IO.pastValue(l, r)] = kv.value;
     }
   }
-  const out = await session.run(feeds);
+  const out = await session.run(feeds, skip);
   if (slots.resident) keepOnDevice(slots, graphRows, rows, out);
   else writeNewKv(slots, rows, seq, out);
   return out;
@@ -105,17 +107,21 @@ function keepOnDevice(slots: KvSlots, graphRows: number, rows: SlotRow[], out: R
   }
 }
 
-/** A run's outputs as a stage's: logits and final hidden states from the last stage, hidden states from the others. */
+/** A run's outputs as a stage's: logits, greedy tokens and final hidden states from the last stage (those fetched), hidden states from the others. */
 export function stageOutputs(out: RunOutputs, isLast: boolean): StepOutput {
-  const host = (name: string) => out[name] as TensorData;
-  return isLast ? { logits: host(IO.logits), lastHidden: host(IO.lastHidden) } : { hidden: host(IO.hiddenOut) };
+  const host = (name: string) => out[name] as TensorData | undefined;
+  return isLast ? { logits: host(IO.logits), nextTokens: host(IO.nextTokens), lastHidden: host(IO.lastHidden) } : { hidden: host(IO.hiddenOut) };
 }
+
+/** What a greedy run of a last stage leaves unfetched (Stage.step's `fetch`). */
+export const GREEDY_SKIPS: ReadonlySet<string> = new Set([IO.logits, IO.lastHidden]);
 
 /** A batched run's output cut into one output per session (row b), each its own copy so it can travel independently. */
 export function splitRows(out: StepOutput, B: number, isLast: boolean): StepOutput[] {
-  const rowOf = (t: TensorData, b: number): TensorData => {
+  const rowOf = (t: TensorData | undefined, b: number): TensorData | undefined => {
+    if (!t) return undefined;
     const n = t.data.length / B;
     return { dtype: t.dtype, dims: [1, ...t.dims.slice(1)], data: t.data.slice(b * n, (b + 1) * n) as TensorData['data'] };
   };
-  return Array.from({ length: B }, (_, b) => (isLast ? { logits: rowOf(out.logits!, b), lastHidden: rowOf(out.lastHidden!, b) } : { hidden: rowOf(out.hidden!, b) }));
+  return Array.from({ length: B }, (_, b) => (isLast ? { logits: rowOf(out.logits, b), nextTokens: rowOf(out.nextTokens, b), lastHidden: rowOf(out.lastHidden, b) } : { hidden: rowOf(out.hidden, b) }));
 }

@@ -14,7 +14,7 @@ export { rotaryTables } from './graph/rotary.ts';
 export type { StageGraphOptions, WeightDType, WeightSource } from './graph/context.ts';
 
 /** Bump when the graph a given checkpoint/range/dtype produces changes, so disk caches rebuild. */
-export const GRAPH_VERSION = 13; // 4: decoders keep KV in fixed slots (GroupQueryAttention per batch row); 5: host slots get the new K/V as outputs; 6: host slots attended by plain ops; 7: host rows 1… behind an If (batch > 1); 8: rows 1…' plans too (constants at batch 1); 9: batch 1 attends row 0 as it is; 10: host slots score K·qᵀ; 11: q·Kᵀ again, q scaled first (MLAS's one-row kernel); 12: device slots take each row's plan as inputs; 13: a one-row graph attends row 0 as it is, each row's slot capacity read once
+export const GRAPH_VERSION = 14; // 4: decoders keep KV in fixed slots (GroupQueryAttention per batch row); 5: host slots get the new K/V as outputs; 6: host slots attended by plain ops; 7: host rows 1… behind an If (batch > 1); 8: rows 1…' plans too (constants at batch 1); 9: batch 1 attends row 0 as it is; 10: host slots score K·qᵀ; 11: q·Kᵀ again, q scaled first (MLAS's one-row kernel); 12: device slots take each row's plan as inputs; 13: a one-row graph attends row 0 as it is, each row's slot capacity read once; 14: the last stage's greedy tokens (next_tokens)
 
 /**
  * Builds the ONNX graph of blocks `[first, last)` of a model, exactly as Hugging Face computes them:
@@ -57,7 +57,12 @@ export function buildStageGraph(spec: ModelSpec, range: BlockRange, source: Weig
     let logits = family.lmHead(ctx, h, sw.head!);
     if (ctx.half) logits = g.o('Cast', [logits], { to: F32 });
     const shapeBRV = g.o('Concat', [g.o('Shape', [ctx.positionIds], { start: 0, end: 1 }), g.o('Shape', [positions]), g.constInt64([spec.vocab])], { axis: 0 });
-    g.output(g.o('Reshape', [logits, shapeBRV]), IO.logits, F32, ['batch', 'rows', spec.vocab]);
+    const rows = g.o('Reshape', [logits, shapeBRV]);
+    g.output(rows, IO.logits, F32, ['batch', 'rows', spec.vocab]);
+    // The greedy token of each row, the first index of the largest logit as sampling.ts's argmax (a row whose first
+    // logit is NaN aside: ORT keeps index 0 there): a greedy step fetches this instead of the logits, which cost a
+    // copy out of ORT, another per batch row and a 45 µs scan in JavaScript per row (50,257 of them for GPT-2).
+    g.output(g.o('ArgMax', [rows], { axis: -1, keepdims: 0, select_last_index: 0 }), IO.nextTokens, ElemType.INT64, ['batch', 'rows']);
   } else {
     g.output(g.o('Reshape', [x, ctx.shapeBTD]), IO.hiddenOut, ACT, ['batch', 'seq', D]);
   }

@@ -7,7 +7,7 @@ import { KvSlots } from './kv-slots.ts';
 import type { DType } from './tensor.ts';
 import { StrataError } from './errors.ts';
 import { batchFeeds, checkCausalMask, checkDecodeBatch, checkDims, stepFeeds, type StepInput } from './stage-inputs.ts';
-import { runInSlots, splitRows, stageOutputs, type StepOutput } from './slot-run.ts';
+import { GREEDY_SKIPS, runInSlots, splitRows, stageOutputs, type StepOutput } from './slot-run.ts';
 import { stepInChunks, WEBGPU_MAX_PROMPT_CHUNK } from './prompt-chunks.ts';
 
 // A stage's jobs, one unit each: what it accepts (stage-inputs.ts), one run over KV slots and its rows
@@ -31,6 +31,12 @@ export interface StageOptions {
 }
 
 export const DEFAULT_KV_BUDGET_BYTES = 2 * 1024 ** 3;
+
+/**
+ * What a decoder's last stage fetches from its run: everything (logits, final hidden states, greedy tokens), or only
+ * each row's greedy token (StepOutput.nextTokens), when that is all the step's caller will read.
+ */
+export type StageFetch = 'all' | 'greedy';
 
 /** One stage (a block range and its ORT session) that steps sequences through its blocks, keeping their KV in slots. */
 export class Stage {
@@ -90,15 +96,25 @@ export class Stage {
   }
 
   /** Runs one step of one session (any T; B rows, each in its own slot). Pass null as cache for encoders. */
-  async step(input: StepInput, cache: KvCache | null): Promise<StepOutput> {
+  async step(input: StepInput, cache: KvCache | null, fetch: StageFetch = 'all'): Promise<StepOutput> {
     const seq = input.positionIds.dims[1];
     if (cache && this.slots?.resident && seq > WEBGPU_MAX_PROMPT_CHUNK) {
-      return stepInChunks(input, cache, WEBGPU_MAX_PROMPT_CHUNK, { isLast: this.isLast, maxPositions: this.spec.maxPositions }, (i, c) => this.stepOnce(i, c));
+      // Chunks gather their logits rows: fetched whole here, whatever the caller would read.
+      return stepInChunks(input, cache, WEBGPU_MAX_PROMPT_CHUNK, { isLast: this.isLast, maxPositions: this.spec.maxPositions }, (i, c) => this.stepOnce(i, c, 'all'));
     }
-    return this.stepOnce(input, cache);
+    return this.stepOnce(input, cache, fetch);
   }
 
-  private async stepOnce(input: StepInput, cache: KvCache | null): Promise<StepOutput> {
+  /**
+   * The outputs a run leaves unfetched: a greedy last stage's logits and final hidden states. Not on WebGPU: there
+   * onnxruntime-node 1.30 binds a run given its outputs by name differently, and the KV presents it keeps on the
+   * device failed to bind ("Tensor size mismatch" against the past they were fed as).
+   */
+  private skips(fetch: StageFetch): ReadonlySet<string> | undefined {
+    return fetch === 'greedy' && this.isLast && !this.slots?.resident && this.session.outputNames.includes(IO.nextTokens) ? GREEDY_SKIPS : undefined;
+  }
+
+  private async stepOnce(input: StepInput, cache: KvCache | null, fetch: StageFetch): Promise<StepOutput> {
     const [batch, seq] = input.positionIds.dims;
     const feeds = stepFeeds(this, input);
     if (!this.spec.causal) {
@@ -110,7 +126,7 @@ export class Stage {
     if (cache.slots.length !== batch) throw new StrataError('batch_input_invalid', `this session holds ${cache.slots.length} KV slot(s) but the step has ${batch} rows`);
     if (batch > this.rows) throw new StrataError('batch_input_invalid', `a step may have at most ${this.rows} rows here (--max-batch), got ${batch}`);
     checkCausalMask(input.attentionMask, batch, cache.length + seq, this.spec.maxPositions);
-    const out = await runInSlots(this.session, this.slots!, this.rows, feeds, cache.slots.map((slot) => ({ slot, past: cache.length })), seq);
+    const out = await runInSlots(this.session, this.slots!, this.rows, feeds, cache.slots.map((slot) => ({ slot, past: cache.length })), seq, this.skips(fetch));
     cache.length += seq;
     return stageOutputs(out, this.isLast);
   }
@@ -119,10 +135,10 @@ export class Stage {
    * One decode step (T = 1) of several sessions as ONE ORT run: row b attends over its own slot and length (ragged,
    * no padding, no repacking), and its new K/V lands in that slot in place.
    */
-  async stepBatch(inputs: StepInput[], caches: KvCache[]): Promise<StepOutput[]> {
+  async stepBatch(inputs: StepInput[], caches: KvCache[], fetch: StageFetch = 'all'): Promise<StepOutput[]> {
     checkDecodeBatch(inputs, caches, this.rows, this.spec.maxPositions);
     const feeds = batchFeeds(this, inputs);
-    const out = stageOutputs(await runInSlots(this.session, this.slots!, this.rows, feeds, caches.map((c) => ({ slot: c.slots[0], past: c.length })), 1), this.isLast);
+    const out = stageOutputs(await runInSlots(this.session, this.slots!, this.rows, feeds, caches.map((c) => ({ slot: c.slots[0], past: c.length })), 1, this.skips(fetch)), this.isLast);
     caches.forEach((c) => (c.length += 1));
     return splitRows(out, inputs.length, this.isLast);
   }

@@ -92,6 +92,39 @@ describe('continuous batching at a stage (decode steps of many sessions in one O
   }
 });
 
+describe('greedy steps fetch only the graph\'s argmax (Stage.step / stepBatch with fetch \'greedy\')', () => {
+  for (const name of CAUSAL_FIXTURES) {
+    test(`${name}: the tokens are the argmax of the logits a full fetch returns, alone and batched; no logits leave the run`, async () => {
+      const p = await LocalPipeline.load(fixtureDir(name), 1);
+      const stage = p.stages[0];
+      const prompts = [[5, 6, 7, 8], [100, 3, 44], [9, 1, 2, 3, 4, 5]];
+      const [full, greedy] = [prompts.map(() => stage.emptyCache(1)), prompts.map(() => stage.emptyCache(1))];
+      const seqs = prompts.map((pr) => [...pr]);
+      const prefill = (pr: number[]) => ({ inputIds: i64([pr]), positionIds: i64([pr.map((_, j) => j)]), attentionMask: i64([pr.map(() => 1)]), logitPositions: { dtype: 'int64' as const, dims: [1], data: BigInt64Array.of(BigInt(pr.length - 1)) } });
+      for (const [b, pr] of prompts.entries()) {
+        const a = await stage.step(prefill(pr), full[b]);
+        const g = await stage.step(prefill(pr), greedy[b], 'greedy');
+        assert.equal(g.logits, undefined, 'no logits fetched');
+        assert.equal(g.lastHidden, undefined, 'no final hidden states fetched');
+        assert.deepEqual(g.nextTokens!.dims, [1, 1]);
+        assert.equal(Number((g.nextTokens!.data as BigInt64Array)[0]), argmax(a.logits!), `${name} prefill ${b}`);
+        seqs[b].push(argmax(a.logits!));
+      }
+      for (let step = 0; step < 4; step++) {
+        const inputs = seqs.map((seq) => ({ inputIds: i64([[seq.at(-1)!]]), positionIds: i64([[seq.length - 1]]), attentionMask: i64([seq.map(() => 1)]) }));
+        const a = await stage.stepBatch(inputs, full);
+        const g = await stage.stepBatch(inputs, greedy, 'greedy');
+        a.forEach((row, b) => {
+          assert.equal(g[b].logits, undefined);
+          assert.equal(Number((g[b].nextTokens!.data as BigInt64Array)[0]), argmax(row.logits!), `${name} step ${step} row ${b}`);
+          seqs[b].push(argmax(row.logits!));
+        });
+      }
+      await p.close();
+    });
+  }
+});
+
 describe('a one-row stage graph (--max-batch 1), which attends its one row as it is', () => {
   for (const name of CAUSAL_FIXTURES) {
     test(`${name}, 2 stages: HF's greedy ids, and every step's logits match the 8-row graph's full recompute (1e-4)`, async () => {

@@ -2,6 +2,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createRng, selectNextToken, stopSequenceHit, validateSamplingParams, type SamplingParams } from '../model/sampling.ts';
 import { StrataError } from '../model/errors.ts';
+import { finishStep, greedyOnly, type PipelineStep } from '../model/generation.ts';
 
 const logits = (...v: number[]) => Float32Array.from(v);
 const draws = (x: Float32Array, p: SamplingParams, n: number, seed = p.seed) => {
@@ -121,4 +122,20 @@ test('a top_p below float precision still keeps the most probable token (HF min_
   for (const topK of [undefined, 1, 2]) {
     assert.equal(selectNextToken(logits, { temperature: 1, topP: 1e-20, topK }, createRng(1), []), 1);
   }
+});
+
+test('greedyOnly: temperature 0 without a penalty, logprobs or pooling; finishStep reads such a step\'s token from the graph\'s argmax', () => {
+  const base = { inputIds: null, positionIds: { dtype: 'int64', dims: [2, 3], data: new BigInt64Array(6) }, attentionMask: { dtype: 'int64', dims: [2, 3], data: new BigInt64Array(6).fill(1n) } } as never as PipelineStep;
+  const sel = (sampling: SamplingParams) => ({ ...base, select: { sampling, history: [[], []], step: 0 } });
+  assert.equal(greedyOnly(sel({})), true);
+  assert.equal(greedyOnly(sel({ temperature: 0, topK: 5, seed: 3 })), true, 'top_k and seed do nothing at temperature 0');
+  assert.equal(greedyOnly(sel({ temperature: 0.7 })), false);
+  assert.equal(greedyOnly(sel({ repetitionPenalty: 1.2 })), false);
+  assert.equal(greedyOnly({ ...sel({}), logprobs: { top: 2, targets: [[-1], [-1]] } } as PipelineStep), false);
+  assert.equal(greedyOnly({ ...sel({}), output: 'hidden_mean' }), false);
+  assert.equal(greedyOnly(base), false, 'no selection: the caller wants the logits');
+  // [B = 2, R = 3] argmax rows: each batch row's token is its last requested row's.
+  const nextTokens = { dtype: 'int64' as const, dims: [2, 3], data: BigInt64Array.of(1n, 2n, 3n, 4n, 5n, 6n) };
+  assert.deepEqual(finishStep({ nextTokens }, sel({})).tokens, [3, 6]);
+  assert.throws(() => finishStep({ nextTokens }, sel({ temperature: 0, topP: 2 })), (e: unknown) => e instanceof StrataError && e.code === 'invalid_sampling');
 });

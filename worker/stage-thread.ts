@@ -5,7 +5,7 @@ import type { LoadProgress } from '../model/progress.ts';
 import { openStageSession } from '../model/stage-open.ts';
 import { readSpans, stageWeightSpans } from '../model/stage-prefetch.ts';
 import { Stage, type KvCache } from '../model/stage.ts';
-import { finishStep, nextDecodeStep, type PipelineStep } from '../model/generation.ts';
+import { finishStep, greedyOnly, nextDecodeStep, type PipelineStep } from '../model/generation.ts';
 import { StrataError, toErrorRecord } from '../model/errors.ts';
 import type { TensorData } from '../model/tensor.ts';
 import { KvStore } from './kv-store.ts';
@@ -136,7 +136,9 @@ async function runSteps(steps: StepRequest[]): Promise<StepDone[]> {
   const t0 = performance.now();
   let outs;
   try {
-    outs = steps.length === 1 ? [await stage.step(steps[0].input, caches[0])] : await stage.stepBatch(steps.map((s) => s.input), caches as KvCache[]);
+    // A batch of greedy steps needs only the graph's argmax from the last stage, not its logits.
+    const fetch = steps.every((s) => greedyOnly(s.input)) ? 'greedy' : 'all';
+    outs = steps.length === 1 ? [await stage.step(steps[0].input, caches[0], fetch)] : await stage.stepBatch(steps.map((s) => s.input), caches as KvCache[], fetch);
   } catch (e) {
     // A failed step leaves the caches in an unknown state.
     steps.forEach((s) => (kv.drop(s.sessionId), ahead?.forget(s.sessionId)));

@@ -7,6 +7,8 @@ export const IO = {
   attentionMask: 'attention_mask',
   logitPositions: 'logits_positions',
   logits: 'logits',
+  /** int64 [B, R]: each logit row's argmax (the greedy token), so a greedy step need not fetch the logits. */
+  nextTokens: 'next_tokens',
   lastHidden: 'last_hidden_state',
   pastKey: (layer: number) => `past_key_${layer}`,
   pastValue: (layer: number) => `past_value_${layer}`,
