@@ -58,9 +58,13 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosReport> {
   let kills = 0;
   let restarts = 0;
   let done = false;
+  // The first kill comes as the first request completes, so that it lands mid-stream however fast the stream runs
+  // (a faster decode once finished 24 requests before a first kill timed from the start); the rest at random.
+  let firstCompleted: () => void = () => {};
+  const firstDone = new Promise<void>((r) => (firstCompleted = r));
   const chaos = (async () => {
-    while (!done) {
-      await new Promise((r) => setTimeout(r, o.killEveryMs * (0.5 + rand())));
+    for (let first = true; !done; first = false) {
+      await (first ? firstDone : new Promise((r) => setTimeout(r, o.killEveryMs * (0.5 + rand()))));
       if (done) break;
       const i = Math.floor(rand() * slots.length);
       const victim = slots[i];
@@ -99,6 +103,7 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosReport> {
           o.log?.(`chaos: request ${i} failed: ${(e as Error).message} ${(e as Error).stack?.split("\n").slice(1, 6).join(" | ")}`);
         }
         latency.push(Date.now() - t0);
+        firstCompleted();
       }
     }),
   );
