@@ -76,12 +76,10 @@ export function readSpan(dfd: number | null, fd: number, into: Uint8Array, offse
   let done = 0;
   while (done < into.byteLength) {
     const at = offset + done;
-    const start = at - (at % ALIGN);
-    const skip = at - start;
-    const want = Math.min(into.byteLength - done + skip, BOUNCE_BYTES);
+    const { start, length, skip } = alignedSpan(at, into.byteLength - done);
     let n: number;
     try {
-      n = readSync(dfd, bounce, 0, Math.ceil(want / ALIGN) * ALIGN, start);
+      n = readSync(dfd, bounce, 0, Math.min(length, BOUNCE_BYTES), start);
     } catch {
       return { bytes: done + readBuffered(fd, into.subarray(done), at), directFailed: true };
     }

@@ -43,9 +43,9 @@ function instance(): Instance | null {
 const MAX_PAGES = 16384;
 
 /** Grows the kernels' memory to at least `bytes` (take views of it after: a grown shared memory has a new buffer). */
-function reserve(inst: Instance, bytes: number): void {
-  const have = inst.memory.buffer.byteLength;
-  if (have < bytes) inst.memory.grow(Math.ceil((bytes - have) / 65536));
+function reserve(memory: WebAssembly.Memory, bytes: number): void {
+  const have = memory.buffer.byteLength;
+  if (have < bytes) memory.grow(Math.ceil((bytes - have) / 65536));
 }
 
 type KernelName = Exclude<keyof Kernels, 't32'>; // the transpose runs on the builder's thread only
@@ -178,8 +178,7 @@ export class Transposer {
   transpose(read: (from: number, into: Uint8Array) => void, n: number, k: number, rowsPerBand: number): Uint8Array | null {
     const bandBytes = rowsPerBand * n * 4;
     if (n % 4 !== 0 || k % 4 !== 0 || rowsPerBand % 4 !== 0 || rowsPerBand < 4 || bandBytes + n * k * 4 > MAX_PAGES * 65536) return null;
-    const have = this.memory.buffer.byteLength;
-    if (have < bandBytes + n * k * 4) this.memory.grow(Math.ceil((bandBytes + n * k * 4 - have) / 65536));
+    reserve(this.memory, bandBytes + n * k * 4);
     const heap = new Uint8Array(this.memory.buffer);
     for (let k0 = 0; k0 < k; k0 += rowsPerBand) {
       const rows = Math.min(rowsPerBand, k - k0);
@@ -221,7 +220,7 @@ export function int8Stream(read: (from: number, into: Uint8Array) => void, width
       const codesAt = rows * k * width;
       const scalesAt = codesAt + rows * k;
       const need = scalesAt + ((rows * k) / blockSize) * 4;
-      reserve(inst, need);
+      reserve(inst.memory, need);
       const heap = new Uint8Array(inst.memory.buffer);
       for (let r = 0; r < n; r += rows) {
         const m = Math.min(rows, n - r);
@@ -286,7 +285,7 @@ export function int4Stream(read: (from: number, into: Uint8Array) => void, width
       const zerosAt = scalesAt + rows * kBlocks * 4;
       const tmpAt = Math.ceil((zerosAt + rows * kBlocks) / 16) * 16;
       const tmpBytes = blockSize * 16; // per thread
-      reserve(inst, tmpAt + tmpBytes * (pool?.threads ?? 1));
+      reserve(inst.memory, tmpAt + tmpBytes * (pool?.threads ?? 1));
       const heap = new Uint8Array(inst.memory.buffer);
       for (let r = 0; r < n; r += rows) {
         const m = Math.min(rows, n - r);

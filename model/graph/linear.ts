@@ -162,7 +162,7 @@ function transposer(ctx: StageContext): Transposer | null {
   return transposers.get(ctx.g)!;
 }
 
-/** Per build (GraphBuilder): one buffer for the Conv1D matrices read whole, grown to the largest. */
+/** Per build (GraphBuilder): one buffer for the Conv1D transposes transposeInBands writes, grown to the largest. */
 const conv1dScratches = new WeakMap<object, Uint8Array>();
 
 /**
