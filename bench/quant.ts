@@ -13,6 +13,8 @@ import { median, ratio } from './stats.ts';
 import { procStatusBytes } from './cpu.ts';
 import { LLAMA_WEIGHTS, runLlamaBench } from './llama.ts';
 import { renderAccuracy, runQuantAccuracy, type AccuracyReport } from './quant-accuracy.ts';
+import { measureLinearShare, type LinearShare } from './linear-share.ts';
+import { isQuantized } from '../model/dtype.ts';
 
 /**
  * `strata bench --suite quant`: memory and decode speed of each stage dtype on one worker, the float32 graph
@@ -74,6 +76,8 @@ export interface QuantBenchReport {
   rows: QuantDTypeRow[];
   llama: LlamaRow[];
   ratios: Record<string, number>;
+  /** Each quantized dtype's batch-1 step in process, with and without its linear layers (bench/linear-share.ts). */
+  linears: LinearShare[];
   accuracy: AccuracyReport | null;
 }
 
@@ -184,12 +188,22 @@ export async function runQuantBench(o: QuantBenchOptions, launch: ClusterLaunche
         ratios[`${r.dtype}.aggregateVsLlama.${l.weights}`] = ratio(r.aggregateDecodeTokS, l.aggregateDecodeTokS);
       }
     }
+    // What bounds batch 1: the linear layers' time inside the step, against llama.cpp's whole step at that width.
+    const linears = dtypes.filter(isQuantized).map((d) => {
+      progress.phase(`timing ${d}'s linear layers inside its one-row step`);
+      return measureLinearShare(model.dir, d, threads, Math.max(4, 2 * o.repeats), o.cacheDir);
+    });
+    for (const s of linears) {
+      const l = llamaRows.find((x) => x.weights === LLAMA_WEIGHTS[s.dtype]);
+      // < 1: the linear layers alone take longer than llama.cpp's whole step.
+      if (l) ratios[`${s.dtype}.linearsAloneVsLlamaStep.${l.weights}`] = ratio(l.batch1MsPerToken, s.linearsMs);
+    }
     const accuracy = anchors && o.model ? await runQuantAccuracy({ model: o.model, anchors, threads, log: (m) => progress.phase(m) }) : null;
     return {
       suite: 'quant', startedAt, machine: machineInfo(),
       model: { dir: model.dir, fingerprint: model.fingerprint, float32WeightBytes: model.weights.held },
       workload: { threads, concurrency: o.concurrency, promptTokens: o.promptTokens, newTokens: o.newTokens, rounds: o.repeats },
-      rows: all, llama: llamaRows, ratios, accuracy,
+      rows: all, llama: llamaRows, ratios, linears, accuracy,
     };
   } finally {
     for (const s of open) {
@@ -210,6 +224,10 @@ export function renderQuantReport(r: QuantBenchReport, outDir: string): string {
     'dtype     weights     RSS             batch-1 ms/token  ×' + r.workload.concurrency + ' decode tok/s',
     ...r.rows.map((x) => `${rowName(x).padEnd(9)} ${mib(x.weightBytes).padEnd(11)} ${mib(x.rssBytes).padEnd(15)} ${x.batch1MsPerToken.toFixed(2).padStart(16)}  ${(Number.isNaN(x.aggregateDecodeTokS) ? '—' : x.aggregateDecodeTokS.toFixed(1)).padStart(14)}`),
     ...r.llama.map((x) => `${('llama ' + x.weights).padEnd(9)} ${mib(x.fileBytes).padEnd(11)} ${'(file)'.padEnd(15)} ${x.batch1MsPerToken.toFixed(2).padStart(16)}  ${x.aggregateDecodeTokS.toFixed(1).padStart(14)}`),
+    ...(r.linears ?? []).map((s) => {
+      const l = r.llama.find((x) => x.weights === LLAMA_WEIGHTS[s.dtype]);
+      return `${s.dtype} one-row step in process ${s.stepMs.toFixed(2)} ms = linear layers ${s.linearsMs.toFixed(2)} + the rest ${s.withoutLinearsMs.toFixed(2)}${l ? ` (llama ${l.weights}'s whole step: ${l.batch1MsPerToken.toFixed(2)} ms)` : ''}`;
+    }),
     'ratios: ' + Object.entries(r.ratios).map(([k, v]) => `${k} ×${v.toFixed(2)}`).join(', '),
   ];
   if (r.accuracy) lines.push(renderAccuracy(r.accuracy));

@@ -1,0 +1,82 @@
+// Where a quantized batch-1 step's time goes: the stage graph as built, against a copy of it whose `MatMulNBits`
+// nodes are swapped for a trivial op of the same output shape. The difference is what the linear layers take inside
+// the step, which `strata bench --suite quant` sets against llama.cpp's whole step at the same width: where the
+// linear layers alone take longer, no change to the rest of the graph can close the gap (README, "What bounds batch 1").
+import { spawnSync } from 'node:child_process';
+import { linkSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { basename, dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { onnx } from '../model/onnx-builder.ts';
+import { StrataError } from '../model/errors.ts';
+import type { StageDType } from '../model/dtype.ts';
+
+type Graph = NonNullable<ReturnType<typeof onnx.ModelProto.decode>['graph']>;
+
+/**
+ * Writes `<stage dir>-no-linears/`: the stage graph with each MatMulNBits(A, …) → Y replaced by
+ * MatMul(Slice(A, its first feature), ones[1, N]) → Y, so every later node sees the shape it saw (values change:
+ * timing only). The weight files are hard links (ORT refuses links that leave the graph's folder). Returns the copy's
+ * graph path; the caller removes its folder.
+ */
+export function writeWithoutLinears(graphPath: string): { graph: string; swapped: number } {
+  const src = dirname(graphPath);
+  const dst = `${src}-no-linears`;
+  rmSync(dst, { recursive: true, force: true });
+  mkdirSync(dst);
+  // Regular files only: a packed image's folder (model/packed-image.ts) is not the stage graph's.
+  for (const f of readdirSync(src, { withFileTypes: true })) {
+    if (f.isFile() && f.name !== basename(graphPath)) linkSync(join(src, f.name), join(dst, f.name));
+  }
+  const model = onnx.ModelProto.decode(readFileSync(graphPath));
+  const swapped = swapLinears(model.graph!);
+  const graph = join(dst, basename(graphPath));
+  writeFileSync(graph, onnx.ModelProto.encode(model).finish());
+  return { graph, swapped };
+}
+
+function swapLinears(g: Graph): number {
+  const T = onnx.TensorProto.DataType;
+  const initializers = (g.initializer ??= []);
+  const int64 = (name: string, v: number) => initializers.push(onnx.TensorProto.create({ name, dataType: T.INT64, dims: [1], int64Data: [v] }));
+  int64('nolin.start', 0);
+  int64('nolin.end', 1);
+  int64('nolin.axis', -1);
+  const ones = new Set<number>();
+  let n = 0;
+  g.node = (g.node ?? []).flatMap((node) => {
+    if (node.opType !== 'MatMulNBits') return [node];
+    const N = Number(node.attribute?.find((a) => a.name === 'N')?.i);
+    if (!ones.has(N)) {
+      ones.add(N);
+      initializers.push(onnx.TensorProto.create({ name: `nolin.ones.${N}`, dataType: T.FLOAT, dims: [1, N], rawData: new Uint8Array(new Float32Array(N).fill(1e-3).buffer) }));
+    }
+    const col = `nolin.col.${n++}`;
+    return [
+      onnx.NodeProto.create({ opType: 'Slice', input: [node.input![0], 'nolin.start', 'nolin.end', 'nolin.axis'], output: [col] }),
+      onnx.NodeProto.create({ opType: 'MatMul', input: [col, `nolin.ones.${N}`], output: node.output }),
+    ];
+  });
+  return n;
+}
+
+export interface LinearShare {
+  dtype: StageDType;
+  /** Median ms of a batch-1 decode step of the one-row stage graph, and of its copy without linear layers. */
+  stepMs: number;
+  withoutLinearsMs: number;
+  /** stepMs − withoutLinearsMs: the linear layers' time inside the step. */
+  linearsMs: number;
+  samples: { stepMs: number[]; withoutLinearsMs: number[] };
+}
+
+const CHILD = join(dirname(fileURLToPath(import.meta.url)), 'linear-share-child.ts');
+
+/** Runs bench/linear-share-child.ts in a process of its own (ORT's runs block the event loop they run on). */
+export function measureLinearShare(model: string, dtype: StageDType, threads: number, rounds: number, cacheDir?: string): LinearShare {
+  const r = spawnSync(process.execPath, ['--import', 'tsx', CHILD, JSON.stringify({ model, dtype, threads, rounds, steps: 24, cacheDir })], { encoding: 'utf8', maxBuffer: 16 << 20 });
+  const line = r.stdout.trim().split('\n').at(-1) ?? '';
+  if (r.status !== 0 || !line.startsWith('{')) throw new StrataError('bench_flag_invalid', `the linear-share child failed: ${r.stderr.slice(-2000)}`);
+  const { stepMs, withoutLinearsMs } = JSON.parse(line) as LinearShare['samples'];
+  const med = (x: number[]) => [...x].sort((a, b) => a - b)[x.length >> 1];
+  return { dtype, stepMs: med(stepMs), withoutLinearsMs: med(withoutLinearsMs), linearsMs: med(stepMs) - med(withoutLinearsMs), samples: { stepMs, withoutLinearsMs } };
+}

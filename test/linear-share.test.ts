@@ -1,0 +1,62 @@
+import { test, before } from 'node:test';
+import assert from 'node:assert/strict';
+import { existsSync, readFileSync, rmSync } from 'node:fs';
+import { dirname } from 'node:path';
+import { loadModelSpec } from '../model/config.ts';
+import { onnx } from '../model/onnx-builder.ts';
+import { prepareStage } from '../model/stage-cache.ts';
+import { StageSession } from '../model/executor.ts';
+import { Stage } from '../model/stage.ts';
+import { measureLinearShare, writeWithoutLinears } from '../bench/linear-share.ts';
+import { fixtureDir, testCacheDir } from './helpers/fixtures.ts';
+
+// `strata bench --suite quant` splits a quantized batch-1 step into its linear layers and the rest by timing the
+// stage graph against a copy without them (bench/linear-share.ts). The copy must run the rest of the graph as it is.
+
+before(() => testCacheDir());
+
+const ops = (path: string) => (onnx.ModelProto.decode(readFileSync(path)).graph?.node ?? []).map((n) => n.opType);
+const i64 = (rows: number[][]) => ({ dtype: 'int64' as const, dims: [rows.length, rows[0].length], data: BigInt64Array.from(rows.flat(), BigInt) });
+
+test('the copy without linear layers swaps every MatMulNBits, keeps every other node, and steps with the same shapes', async () => {
+  const model = fixtureDir('gpt2-tiny');
+  const spec = loadModelSpec(model);
+  const range = { first: 0, last: spec.blocks };
+  const prepared = prepareStage(model, range, { dtype: 'int4', rows: 1 });
+  const copy = writeWithoutLinears(prepared.path);
+  try {
+    const before = ops(prepared.path);
+    const after = ops(copy.graph);
+    const linears = before.filter((o) => o === 'MatMulNBits').length;
+    assert.ok(linears >= 4 * spec.blocks, `${linears} linear layers`);
+    assert.equal(copy.swapped, linears);
+    assert.equal(after.filter((o) => o === 'MatMulNBits').length, 0);
+    assert.deepEqual(after.filter((o) => o !== 'Slice' && o !== 'MatMul'), before.filter((o) => o !== 'Slice' && o !== 'MatMul' && o !== 'MatMulNBits'));
+    assert.equal(after.length, before.length + linears);
+
+    const steps = [];
+    for (const path of [prepared.path, copy.graph]) {
+      const stage = new Stage(spec, range, await StageSession.create(path, { threads: 1 }), 'float32', { rows: 1 });
+      const cache = stage.emptyCache(1);
+      const prompt = [5, 9, 2, 7];
+      await stage.step({ inputIds: i64([prompt]), positionIds: i64([[0, 1, 2, 3]]), attentionMask: i64([[1, 1, 1, 1]]), logitPositions: { dtype: 'int64', dims: [1], data: BigInt64Array.of(3n) } }, cache);
+      const out = await stage.step({ inputIds: i64([[3]]), positionIds: i64([[4]]), attentionMask: i64([[1, 1, 1, 1, 1]]) }, cache);
+      steps.push(out.logits!.dims);
+      stage.closeCache(cache);
+      await stage.close();
+    }
+    assert.deepEqual(steps[1], steps[0]);
+  } finally {
+    rmSync(dirname(copy.graph), { recursive: true, force: true });
+  }
+});
+
+test('measureLinearShare runs both graphs in a child process and leaves no copy behind', () => {
+  const model = fixtureDir('gpt2-tiny');
+  const s = measureLinearShare(model, 'int8', 1, 1, testCacheDir());
+  assert.equal(s.samples.stepMs.length, 24);
+  assert.equal(s.samples.withoutLinearsMs.length, 24);
+  assert.ok(s.stepMs > 0 && s.withoutLinearsMs > 0 && Number.isFinite(s.linearsMs));
+  const prepared = prepareStage(model, { first: 0, last: loadModelSpec(model).blocks }, { dtype: 'int8', rows: 1, cacheDir: testCacheDir() });
+  assert.equal(existsSync(`${dirname(prepared.path)}-no-linears`), false);
+});
