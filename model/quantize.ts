@@ -311,7 +311,9 @@ export function quantizedBytes(n: number, k: number, scheme: QuantScheme): numbe
  * CPU EP without a word, so a quantized stage on a device missing a kernel would silently run its matrices on the
  * host: refuse it up front instead.
  * - cpu: MLAS's n-bit kernels (measured here; 8-bit needs accuracy_level 4, see model/graph/linear.ts).
- * - webgpu: both ops, 4 and 8 bits, placed on the WebGPU EP and exact against the CPU on lavapipe (2026-11-29).
+ * - webgpu: both ops, 4 and 8 bits, on the WebGPU EP (no copy back to the host in the optimized graph). They compute
+ *   in float, without the CPU's int8 activations, so their logits differ from the CPU's by about the CPU's own
+ *   rounding; both stay within the same bounds against float32 (test/quant-parity.test.ts, on lavapipe in CI).
  * - cuda: both ops registered for float/fp16 activations with 4- and 8-bit weights (ORT's CUDA contrib kernels;
  *   not run here: no CUDA provider on the development machine).
  */

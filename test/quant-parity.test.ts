@@ -8,12 +8,15 @@ import { Checkpoint } from '../model/safetensors.ts';
 import { evenSplit } from '../model/range.ts';
 import { LocalPipeline } from '../model/local-pipeline.ts';
 import { prepareStage } from '../model/stage-cache.ts';
-import { fillMask, forwardLogits, type Stepper } from '../model/generation.ts';
+import { fillMask, forwardLogits, generate, type Stepper } from '../model/generation.ts';
 import { isStrataError } from '../model/errors.ts';
 import type { QuantizedDType } from '../model/dtype.ts';
 import { RemotePipeline } from '../coordinator/remote-pipeline.ts';
+import * as ort from 'onnxruntime-node';
+import { onnx } from '../model/onnx-builder.ts';
+import { webgpuProvider } from '../model/executor.ts';
 import { startLocalCluster, type LocalCluster } from '../bin/local-cluster.ts';
-import { ALL_FIXTURES, expected, fixtureDir, maxAbsDiff, testCacheDir, type Expected } from './helpers/fixtures.ts';
+import { ALL_FIXTURES, ensureXdgRuntimeDir, expected, fixtureDir, maxAbsDiff, testCacheDir, type Expected } from './helpers/fixtures.ts';
 import { readSafetensors, writeSafetensors } from './helpers/safetensors.ts';
 
 // Quantized stage graphs are not bit-exact: their logits are bounded against the fixtures' float32 (Hugging Face)
@@ -24,6 +27,8 @@ import { readSafetensors, writeSafetensors } from './helpers/safetensors.ts';
 //   int4: max 0.741, mean 0.174, top-1 ≥ 59.8 %  (with zero points, 2026-12-02; d_model 64: two blocks per row, and
 //         random weights with no outliers to spare; on GPT-2-small's shape int4 stays as close to fp32 as llama.cpp's
 //         q4_0, see bench/quant-accuracy.ts)
+// On WebGPU (lavapipe, 2026-12-04; float compute, no int8 activations) the same fixtures, K=1: int8 max KL 2.7e-3 …
+// 5.2e-3 against the CPU's 3.7e-3 … 7.9e-3; int4 0.27 … 0.93, as the CPU's. The same bounds hold for both devices.
 const BOUNDS: Record<QuantizedDType, { maxKl: number; meanKl: number; top1: number }> = {
   int8: { maxKl: 0.02, meanKl: 0.005, top1: 0.9 },
   int4: { maxKl: 1.5, meanKl: 0.4, top1: 0.55 },
@@ -100,6 +105,47 @@ describe('quantized graphs in process: bounded against fp32 on every causal fixt
       } finally {
         await p.close();
       }
+    }
+  });
+});
+
+describe('quantized graphs on WebGPU (lavapipe): bounded against fp32, K = 1 and 2, with and without the KV cache', () => {
+  before(() => ensureXdgRuntimeDir());
+  for (const name of causal) {
+    const dir = fixtureDir(name);
+    const exp = expected(name);
+    for (const dtype of DTYPES) {
+      test(`${name} ${dtype}: within the CPU's KL/top-1 bounds; greedy decode through the device's KV slots is the argmax of a full forward`, async () => {
+        let whole: number[][][] | undefined;
+        for (const k of [1, 2]) {
+          const p = await LocalPipeline.load(dir, k, { dtype, device: 'webgpu' });
+          try {
+            assert.deepEqual(p.stages.map((s) => s.session.executionProvider), Array(k).fill('webgpu'));
+            const got = await checkBounded(p, exp, dtype, `${name} ${dtype} webgpu K=${k}`);
+            whole ??= got;
+            got.forEach((rows, i) => assert.ok(maxAbsDiff(rows, whole![i]) <= 1e-4, `K=${k} differs from K=1 by ${maxAbsDiff(rows, whole![i])}`));
+            // The KV path (slots resident on the device, prompt in chunks) against recomputing every prefix whole.
+            const prompt = exp.forward.at(-1)!.input_ids.slice(0, 8);
+            const ids = (await generate(p, prompt, { maxNewTokens: 6, eosTokenId: null, prefillChunk: 3 })).outputIds;
+            const full = await forwardLogits(p, [...prompt, ...ids].slice(0, -1));
+            assert.deepEqual(ids, full.slice(prompt.length - 1).map(argmax), `K=${k}: cached decode against full forwards`);
+          } finally {
+            await p.close();
+          }
+        }
+      });
+    }
+  }
+  test('gpt2-tiny int8 and int4: the quantized ops run on the device (the optimized graph copies nothing back to the host)', async () => {
+    // A node the WebGPU EP cannot run goes to the CPU EP without a word, behind a MemcpyToHost.
+    for (const dtype of DTYPES) {
+      const stage = prepareStage(fixtureDir('gpt2-tiny'), { first: 0, last: 2 }, { dtype, device: 'webgpu' });
+      const out = join(mkdtempSync(join(tmpdir(), 'strata-opt-')), 'optimized.onnx');
+      const session = await ort.InferenceSession.create(stage.path, { executionProviders: [webgpuProvider()], logSeverityLevel: 3, optimizedModelFilePath: out });
+      await session.release();
+      const ops = (onnx.ModelProto.decode(readFileSync(out)).graph?.node ?? []).map((n) => n.opType);
+      assert.ok(ops.includes('MatMulNBits') && ops.includes('GatherBlockQuantized') && ops.includes('MemcpyFromHost'), `${dtype}: the optimized graph is the WebGPU one`);
+      assert.equal(ops.filter((op) => op === 'MemcpyToHost').length, 0, dtype);
     }
   });
 });

@@ -1,6 +1,6 @@
 import { describe, test, before } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdirSync, mkdtempSync, readFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { loadModelSpec } from '../model/config.ts';
@@ -13,7 +13,7 @@ import { StrataError } from '../model/errors.ts';
 import { RemotePipeline } from '../coordinator/remote-pipeline.ts';
 import { startLocalCluster, type LocalCluster } from '../bin/local-cluster.ts';
 import type { WireTiming } from '../proto/messages.ts';
-import { ALL_FIXTURES, expected, fixtureDir, maxAbsDiff, testCacheDir } from './helpers/fixtures.ts';
+import { ALL_FIXTURES, ensureXdgRuntimeDir, expected, fixtureDir, maxAbsDiff, testCacheDir } from './helpers/fixtures.ts';
 import { argmax, i64 } from './helpers/tensors.ts';
 import * as ort from 'onnxruntime-node';
 import { prepareStage } from '../model/stage-cache.ts';
@@ -27,11 +27,7 @@ import { devicePlanFeeds } from '../model/slot-run.ts';
 // identical (measured on WebGPU: ≤ 1.6e-5).
 before(() => {
   testCacheDir();
-  if (!process.env.XDG_RUNTIME_DIR) {
-    const dir = join(tmpdir(), `strata-xdg-${process.getuid?.() ?? 0}`);
-    mkdirSync(dir, { recursive: true, mode: 0o700 });
-    process.env.XDG_RUNTIME_DIR = dir;
-  }
+  ensureXdgRuntimeDir();
 });
 const TOL = 1e-4;
 

@@ -1,4 +1,4 @@
-import { mkdtempSync, readFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -35,4 +35,12 @@ export function maxAbsDiff(got: number[][], want: number[][]): number {
     for (let v = 0; v < want[t].length; v++) max = Math.max(max, Math.abs(got[t][v] - want[t][v]));
   }
   return max;
+}
+
+/** Dawn (ORT's WebGPU EP) needs a runtime directory: a private one when the environment has none. */
+export function ensureXdgRuntimeDir(): void {
+  if (process.env.XDG_RUNTIME_DIR) return;
+  const dir = join(tmpdir(), `strata-xdg-${process.getuid?.() ?? 0}`);
+  mkdirSync(dir, { recursive: true, mode: 0o700 });
+  process.env.XDG_RUNTIME_DIR = dir;
 }
