@@ -1,12 +1,13 @@
 import type { FastifyInstance } from 'fastify';
 import { StrataError } from '../../model/errors.ts';
-import { renderMetrics, metricsContentType } from '../metrics.ts';
+import { collectProcessMetrics, renderMetrics, metricsContentType } from '../metrics.ts';
 import { parseFailure } from '../queue.ts';
 import type { RouteContext } from './context.ts';
 
 /** Introspection and operations: /v1/models, /v1/jobs/:id, /v1/pipeline, /health, /metrics. */
 export function registerOps(app: FastifyInstance, ctx: RouteContext): void {
   const { queue, spec, modelName } = ctx.opts;
+  collectProcessMetrics();
 
   app.get('/v1/models', async () => ({
     object: 'list',
