@@ -154,6 +154,10 @@ describe('strata bench (tiny synthetic model, real worker processes)', () => {
     assert.ok(r.ratios['int8.batch1OneRowSpeedup'] > 0 && r.ratios['int4.batch1OneRowSpeedup'] > 0);
     assert.equal(r.llama.length, 0, 'no anchors given');
     assert.match(text, /int8 \(--max-batch 1\)/);
+    // Each quantized dtype's one-row step, split into its linear layers and the rest (bench/linear-share.ts).
+    assert.deepEqual(r.linears.map((s) => s.dtype), ['int8', 'int4']);
+    for (const s of r.linears) assert.ok(s.stepMs > 0 && s.withoutLinearsMs > 0 && s.samples.stepMs.length > 0, JSON.stringify(s));
+    assert.match(text, /int4 one-row step in process [\d.]+ ms = linear layers/);
   });
 });
 
