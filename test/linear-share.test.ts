@@ -15,7 +15,7 @@ import { fixtureDir, testCacheDir } from './helpers/fixtures.ts';
 
 before(() => testCacheDir());
 
-const ops = (path: string) => (onnx.ModelProto.decode(readFileSync(path)).graph?.node ?? []).map((n) => n.opType);
+const ops = (path: string) => (onnx.ModelProto.decode(readFileSync(path)).graph?.node ?? []).map((n) => n.opType ?? '');
 const i64 = (rows: number[][]) => ({ dtype: 'int64' as const, dims: [rows.length, rows[0].length], data: BigInt64Array.from(rows.flat(), BigInt) });
 
 test('the copy without linear layers swaps every MatMulNBits, keeps every other node, and steps with the same shapes', async () => {
