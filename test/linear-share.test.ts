@@ -9,6 +9,7 @@ import { StageSession } from '../model/executor.ts';
 import { Stage } from '../model/stage.ts';
 import { measureLinearShare, writeWithoutLinears } from '../bench/linear-share.ts';
 import { fixtureDir, testCacheDir } from './helpers/fixtures.ts';
+import { i64 } from './helpers/tensors.ts';
 
 // `strata bench --suite quant` splits a quantized batch-1 step into its linear layers and the rest by timing the
 // stage graph against a copy without them (bench/linear-share.ts). The copy must run the rest of the graph as it is.
@@ -16,9 +17,8 @@ import { fixtureDir, testCacheDir } from './helpers/fixtures.ts';
 before(() => testCacheDir());
 
 const ops = (path: string) => (onnx.ModelProto.decode(readFileSync(path)).graph?.node ?? []).map((n) => n.opType ?? '');
-const i64 = (rows: number[][]) => ({ dtype: 'int64' as const, dims: [rows.length, rows[0].length], data: BigInt64Array.from(rows.flat(), BigInt) });
 
-test('the copy without linear layers swaps every MatMulNBits, keeps every other node, and steps with the same shapes', async () => {
+test('the copy without linear layers swaps every MatMulNBits and the quantized token lookup, keeps every other node, and steps with the same shapes', async () => {
   const model = fixtureDir('gpt2-tiny');
   const spec = loadModelSpec(model);
   const range = { first: 0, last: spec.blocks };
