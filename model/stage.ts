@@ -44,6 +44,12 @@ export class Stage {
   /** The KV slots (decoders only). */
   readonly slots: KvSlots | null;
   readonly rows: number;
+  /**
+   * What a greedy run leaves unfetched: a last stage's logits and final hidden states. Not on WebGPU: there
+   * onnxruntime-node 1.30 binds a run given its outputs by name differently, and the KV presents it keeps on the
+   * device failed to bind ("Tensor size mismatch" against the past they were fed as).
+   */
+  private readonly greedySkips: ReadonlySet<string> | undefined;
 
   constructor(
     readonly spec: ModelSpec,
@@ -59,6 +65,7 @@ export class Stage {
     this.slots = spec.causal
       ? new KvSlots({ layers, heads: spec.heads, headDim: spec.headDim, maxLen: spec.maxPositions, dtype: this.actDType }, opts.kvBudgetBytes ?? DEFAULT_KV_BUDGET_BYTES, session.executionProvider === 'webgpu')
       : null;
+    this.greedySkips = this.isLast && !this.slots?.resident && session.outputNames.includes(IO.nextTokens) ? GREEDY_SKIPS : undefined;
   }
 
   get isFirst(): boolean {
@@ -105,13 +112,9 @@ export class Stage {
     return this.stepOnce(input, cache, fetch);
   }
 
-  /**
-   * The outputs a run leaves unfetched: a greedy last stage's logits and final hidden states. Not on WebGPU: there
-   * onnxruntime-node 1.30 binds a run given its outputs by name differently, and the KV presents it keeps on the
-   * device failed to bind ("Tensor size mismatch" against the past they were fed as).
-   */
+  /** The outputs a run leaves unfetched. */
   private skips(fetch: StageFetch): ReadonlySet<string> | undefined {
-    return fetch === 'greedy' && this.isLast && !this.slots?.resident && this.session.outputNames.includes(IO.nextTokens) ? GREEDY_SKIPS : undefined;
+    return fetch === 'greedy' ? this.greedySkips : undefined;
   }
 
   private async stepOnce(input: StepInput, cache: KvCache | null, fetch: StageFetch): Promise<StepOutput> {
