@@ -5,7 +5,8 @@ import { abandonImage, discardImage, finishImage, imageDir, imageWrite, packedIm
 /**
  * Opens a stage graph's ORT session, prepacking as stagePrepack says for its dtype; quantized CPU stages through their
  * packed image (model/packed-image.ts): the image when this host has a finished one, else the stage graph, writing
- * the image while ORT loads it. `prefetch` reads the graph's weights before ORT opens them (worker/stage-thread.ts).
+ * the image while ORT loads it. `prefetch` starts reading the graph's weights as ORT opens them (worker/stage-thread.ts);
+ * the session is returned once that read has ended too.
  * Any failure of the image falls back to the stage graph: the image only ever saves time.
  */
 export async function openStageSession(
@@ -13,18 +14,21 @@ export async function openStageSession(
   dtype: string,
   opts: SessionOptions,
   log: (m: string) => void = () => {},
-  prefetch: (graph: string) => void = () => {},
+  prefetch: (graph: string) => Promise<unknown> | void = () => {},
 ): Promise<StageSession> {
   opts = { prepack: stagePrepack(dtype), ...opts };
-  if (!packedImageUsed(dtype, parseDevice(opts.device).kind)) {
-    prefetch(graph);
-    return StageSession.create(graph, opts);
-  }
+  /** ORT's load of `path` with the prefetch of it under way alongside. */
+  const create = async (path: string, o: SessionOptions): Promise<StageSession> => {
+    const read = prefetch(path);
+    const session = await StageSession.create(path, o);
+    await read;
+    return session;
+  };
+  if (!packedImageUsed(dtype, parseDevice(opts.device).kind)) return create(graph, opts);
   const image = readyImage(graph);
   if (image) {
     try {
-      prefetch(image);
-      const session = await StageSession.create(image, opts);
+      const session = await create(image, opts);
       log(`stage loaded from its packed image: ${dirname(image)}`);
       return session;
     } catch (e) {
@@ -32,11 +36,10 @@ export async function openStageSession(
       discardImage(graph);
     }
   }
-  prefetch(graph);
   const write = imageWrite(graph);
   let session: StageSession;
   try {
-    session = await StageSession.create(graph, { ...opts, image: write });
+    session = await create(graph, { ...opts, image: write });
   } catch (e) {
     // Writing the image must never cost the load (a full disk, say): once more without it. A graph that does not
     // load fails again here, as it would have without images.

@@ -10,7 +10,7 @@ import { prepareAndOpen, prepareStage } from '../model/stage-cache.ts';
 import { LocalPipeline } from '../model/local-pipeline.ts';
 import { forwardLogits } from '../model/generation.ts';
 import { StrataError } from '../model/errors.ts';
-import { readSpans, stageWeightSpans } from '../model/stage-prefetch.ts';
+import { readSpans, readSpansInBackground, stageWeightSpans } from '../model/stage-prefetch.ts';
 import { StageSession } from '../model/executor.ts';
 import type { LoadProgress } from '../model/progress.ts';
 import { StageLoadState } from '../worker/load-state.ts';
@@ -84,6 +84,15 @@ test('a cache hit does not rebuild: no build, the files untouched, one cached ev
   assert.equal(again.path, first.path);
   assert.equal(statSync(weights).mtimeMs, before);
   assert.deepEqual(events.map((e) => [e.phase, e.cached, e.doneBytes === e.totalBytes]), [['building', true, true]]);
+});
+
+test("the worker's background read covers every byte the stage reads, and a missing file costs only the overlap", async () => {
+  const spans = stageWeightSpans(build(mkdtempSync(join(root, 'cache-'))).path);
+  const total = spans.reduce((n, [, , length]) => n + length, 0);
+  assert.ok(total > 10e6, 'the stage graph and its weights');
+  assert.equal(readSpans(spans), total);
+  assert.equal(await readSpansInBackground(spans), total, 'the same bytes on a thread of its own');
+  assert.equal(await readSpansInBackground([...spans, [join(root, 'gone.bin'), 0, 4096]]), 0, 'resolves, not rejects');
 });
 
 test('a half-written or corrupt cache entry is rebuilt, not loaded', () => {

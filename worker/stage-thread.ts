@@ -3,7 +3,7 @@ import { performance } from 'node:perf_hooks';
 import { prepareAndOpen } from '../model/stage-cache.ts';
 import type { LoadProgress } from '../model/progress.ts';
 import { openStageSession } from '../model/stage-open.ts';
-import { readSpans, stageWeightSpans } from '../model/stage-prefetch.ts';
+import { readSpans, readSpansInBackground, stageWeightSpans } from '../model/stage-prefetch.ts';
 import { Stage, type KvCache } from '../model/stage.ts';
 import { finishStep, greedyOnly, nextDecodeStep, type PipelineStep } from '../model/generation.ts';
 import { StrataError, toErrorRecord } from '../model/errors.ts';
@@ -100,11 +100,15 @@ async function handle(req: Exclude<ThreadRequest, { type: 'step' }>): Promise<un
       // The build quantizes on the threads this worker was given (its ORT threads), not on its neighbours' cores.
       const prepare = { dtype: req.dtype, device: req.device, cacheDir: req.cacheDir, rows: maxBatch, threads: req.threads, onProgress: (m: string, load?: LoadProgress) => reply({ id: -1, progress: m, load }) };
       const { prepared, opened: session } = await prepareAndOpen(req.modelDir, req.range, prepare, (p) =>
-        // The stage's weights read once, in order, 16 MiB at a time, before ORT opens them: ORT then loads (and
-        // prepacks) from the page cache. A cold BioMedLM stage (5 GB) took 29.9 s to create, 7.0 + 10.7 s read first.
-        // Without prepacking ORT only maps the weights, and this read makes serving mean they are in memory.
+        // The stage's weights read once, in order, on a thread of their own while ORT opens them: ORT then loads (and
+        // prepacks) from the page cache, and the disk works while ORT packs. A cold BioMedLM stage (5 GB) took 29.9 s
+        // to create, 7.0 + 10.7 s read first. Without prepacking ORT only maps the weights, and this read makes
+        // serving mean they are in memory. STRATA_PREFETCH=0: no read; =first: the whole read before ORT starts.
         openStageSession(p.path, req.dtype, { threads: req.threads, device: req.device }, prepare.onProgress, (graph) => {
-          if (process.env.STRATA_PREFETCH !== '0') readSpans(stageWeightSpans(graph));
+          if (process.env.STRATA_PREFETCH === '0') return;
+          const spans = stageWeightSpans(graph); // a graph that does not parse fails here, as in ORT
+          if (process.env.STRATA_PREFETCH === 'first') return void readSpans(spans);
+          return readSpansInBackground(spans);
         }));
       if (stage) await stage.close();
       stage = new Stage(prepared.spec, prepared.range, session, activationDType(req.dtype), { kvBudgetBytes: req.kvBudgetBytes, rows: maxBatch });
