@@ -33,7 +33,10 @@ export interface SupervisorOptions {
   /** Restarts of one worker within `windowMs` before giving up (default STRATA_MAX_RESTARTS, else 3). */
   maxRestarts?: number;
   windowMs?: number;
-  /** First restart delay, doubled for each further failure in the window, at most 30 s (default 1 s). */
+  /**
+   * First restart delay, doubled for each further failure in the window, at most 30 s (default 0.25 s: a worker killed
+   * once should serve again as soon as it can load; one that keeps dying still backs off and then stops).
+   */
   backoffMs?: number;
   /** How long a (re)started worker may take to listen (default 120 s). */
   startTimeoutMs?: number;
@@ -186,8 +189,8 @@ export class WorkerSupervisor {
       void this.stop().then(() => this.o.onFatal(e));
       return;
     }
-    const delay = Math.min(30_000, (this.o.backoffMs ?? 1_000) * 2 ** (slot.failures.length - 1));
-    this.o.log('warn', { worker: slot.index, delay_ms: delay, address: slot.listen }, `restarting worker ${slot.index} at ${slot.listen} in ${(delay / 1000).toFixed(1)} s (restart ${slot.failures.length} of at most ${this.maxRestarts})`);
+    const delay = Math.min(30_000, (this.o.backoffMs ?? 250) * 2 ** (slot.failures.length - 1));
+    this.o.log('warn', { worker: slot.index, delay_ms: delay, address: slot.listen }, `restarting worker ${slot.index} at ${slot.listen} in ${(delay / 1000).toFixed(delay < 1000 ? 2 : 1)} s (restart ${slot.failures.length} of at most ${this.maxRestarts})`);
     slot.address = '';
     slot.timer = setTimeout(() => {
       slot.timer = null;
