@@ -9,6 +9,7 @@ import { fileURLToPath } from 'node:url';
 import { onnx } from '../model/onnx-builder.ts';
 import { StrataError } from '../model/errors.ts';
 import type { StageDType } from '../model/dtype.ts';
+import { median } from './stats.ts';
 
 type Graph = NonNullable<ReturnType<typeof onnx.ModelProto.decode>['graph']>;
 type Node = Graph['node'] extends (infer N)[] | null | undefined ? N : never;
@@ -98,7 +99,7 @@ export function measureLinearShare(model: string, dtype: StageDType, threads: nu
   const r = spawnSync(process.execPath, ['--import', 'tsx', CHILD, JSON.stringify({ model, dtype, threads, rounds, steps: 24, cacheDir })], { encoding: 'utf8', maxBuffer: 16 << 20 });
   const line = r.stdout.trim().split('\n').at(-1) ?? '';
   if (r.status !== 0 || !line.startsWith('{')) throw new StrataError('bench_flag_invalid', `the linear-share child failed: ${r.stderr.slice(-2000)}`);
-  const { stepMs, withoutLinearsMs } = JSON.parse(line) as LinearShare['samples'];
-  const med = (x: number[]) => [...x].sort((a, b) => a - b)[x.length >> 1];
-  return { dtype, stepMs: med(stepMs), withoutLinearsMs: med(withoutLinearsMs), linearsMs: med(stepMs) - med(withoutLinearsMs), samples: { stepMs, withoutLinearsMs } };
+  const samples = JSON.parse(line) as LinearShare['samples'];
+  const [stepMs, withoutLinearsMs] = [median(samples.stepMs), median(samples.withoutLinearsMs)];
+  return { dtype, stepMs, withoutLinearsMs, linearsMs: stepMs - withoutLinearsMs, samples };
 }

@@ -65,8 +65,9 @@ export class LocalPipeline implements Stepper {
       this.caches.set(sessionId, caches);
     }
     let hidden = undefined;
+    const fetch = greedyOnly(input) ? 'greedy' : 'all';
     for (const [i, stage] of this.stages.entries()) {
-      const out = await stage.step({ ...input, hidden }, caches ? caches[i] : null, greedyOnly(input) ? 'greedy' : 'all');
+      const out = await stage.step({ ...input, hidden }, caches ? caches[i] : null, fetch);
       if (stage.isLast) return finishStep(out, input);
       hidden = out.hidden;
     }
