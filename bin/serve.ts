@@ -136,6 +136,8 @@ function pipelineView(pipeline: RemotePipeline | null, board: LoadBoard) {
   }
   return {
     ready: true,
+    // Sessions the pipeline admits at once (its stages' fewest KV slots; null: no limit) and those waiting for one.
+    kv_slots: pipeline.slots,
     stages: pipeline.describe().stages.map((s) => {
       const w = seen.get(s.address);
       return { ...s, state: w?.state ?? (s.healthy ? 'serving' : 'unreachable'), load: w?.load ?? null };

@@ -7,6 +7,7 @@ import { HealthMonitor } from './health-monitor.ts';
 import { Recovery, type RecoveryOptions } from './recovery.ts';
 import { ReplayLog, replayExactly, type SessionLog } from './replay-log.ts';
 import { ResultsRoute } from './results-subscription.ts';
+import { SessionGate } from './session-gate.ts';
 import { configureStages, NO_STAGES, type ConfigureOptions, type StageSet } from './stage-set.ts';
 import { StepRouter } from './step-router.ts';
 
@@ -52,6 +53,8 @@ export class RemotePipeline implements Stepper {
   private readonly router: StepRouter;
   /** Replies straight from the last stage, errors from the stage that passed a step on (re-subscribed whenever the pipeline is reconfigured). */
   private readonly results = new ResultsRoute(`coordinator-${randomUUID()}`);
+  /** Sessions past the stages' KV slots wait here for one to end (session-gate.ts). */
+  private readonly gate: SessionGate;
   /** Bumped by every (re)configuration; a failure seen under an older generation needs no new recovery. */
   private generation = 0;
   /**
@@ -67,6 +70,7 @@ export class RemotePipeline implements Stepper {
   ) {
     this.chainSteps = decodeStepsOption(opts.decodeSteps ?? process.env.STRATA_DECODE_STEPS, 'STRATA_DECODE_STEPS');
     this.sessions = new ReplayLog(opts.spec.causal, replayExactly(opts.dtype));
+    this.gate = new SessionGate(undefined, (waiting, held, capacity) => this.opts.log?.({ waiting, held, capacity }, 'request waiting for a KV slot: every slot of the pipeline is held'));
     this.recovery = new Recovery(
       {
         generation: () => this.generation,
@@ -99,6 +103,7 @@ export class RemotePipeline implements Stepper {
     this.stages.links.forEach((c) => c.close());
     this.stages = stages;
     this.health.reset(stages.links);
+    this.gate.setCapacity(stages.infos.map((i) => i.kv_slots));
     this.generation++;
     this.results.renew(stages.links);
   }
@@ -135,6 +140,7 @@ export class RemotePipeline implements Stepper {
   }
 
   async step(sessionId: string, input: PipelineStep): Promise<StepResult> {
+    await this.gate.admit(sessionId, (input.inputIds ?? input.positionIds).dims[0]);
     const log = this.sessions.open(sessionId);
     const deadline = Date.now() + (this.opts.recoveryTimeoutMs ?? 60_000);
     let replayNeeded = false;
@@ -173,7 +179,15 @@ export class RemotePipeline implements Stepper {
   async end(sessionId: string): Promise<void> {
     const wireId = this.sessions.end(sessionId);
     this.router.forget(wireId);
+    // Every stage has freed the session's slot once stage 0 answers (it passes the end on): only then may a waiting
+    // session take it.
     await this.stages.links[0]?.endSession(wireId).catch(() => {});
+    this.gate.release(sessionId);
+  }
+
+  /** KV slots per session the pipeline admits at once, and the sessions waiting for one (/v1/pipeline). */
+  get slots(): { capacity: number | null; waiting: number } {
+    return { capacity: Number.isFinite(this.gate.limit) ? this.gate.limit : null, waiting: this.gate.queued };
   }
 
   /** Mean-pooled last hidden state (the /v1/embeddings vector). */

@@ -57,7 +57,9 @@ export async function configureStages(addresses: string[], o: ConfigureOptions, 
         return c.configure({ first: ranges[i].first, last: ranges[i].last, dtype, next_address: addresses[i + 1] ?? '', fingerprint });
       }),
     );
-    return { addresses, links, infos, ranges };
+    // Once loaded, each stage reports its KV slots (the coordinator admits no more sessions than the fewest).
+    const loaded = await Promise.all(links.map((c) => c.info(30_000)));
+    return { addresses, links, infos: loaded, ranges };
   } catch (e) {
     links.forEach((c) => c.close());
     throw e;

@@ -102,6 +102,8 @@ export interface WireInfo {
   load?: WireLoadState | null;
   /** Run-ahead's counts on a one-stage worker (stage protocol field 11; null when it does not run ahead). */
   run_ahead?: { ran: number; claimed: number; undone: number; unclaimed: number } | null;
+  /** KV slot rows the loaded stage holds (stage protocol field 12; 0 when none is loaded or the worker predates it). */
+  kv_slots?: number;
 }
 
 /** model/progress.ts's LoadProgress on the wire (eta_ms -1 = unknown). */

@@ -15,6 +15,7 @@ import { KvStore } from '../worker/kv-store.ts';
 import { StageClient } from '../transport/grpc/client.ts';
 import { stepToWire } from '../proto/step-codec.ts';
 import { RemotePipeline } from '../coordinator/remote-pipeline.ts';
+import { SessionGate } from '../coordinator/session-gate.ts';
 import { startWorkerProcess, type LocalWorker } from '../bin/local-cluster.ts';
 import { expected, fixtureDir, testCacheDir } from './helpers/fixtures.ts';
 
@@ -128,15 +129,17 @@ describe('slots over gRPC', () => {
     c.close();
   });
 
-  test('a session evicted by another is replayed by the coordinator and its greedy output is unchanged', async () => {
+  test('a session evicted by another coordinator\'s is replayed and its greedy output is unchanged', async () => {
     const fp = Checkpoint.open(dir).fingerprint();
     const p = await RemotePipeline.connect([one.address], { spec, fingerprint: fp });
+    // A second coordinator on the same worker: its sessions do not pass this one's gate (session-gate.ts).
+    const other = await RemotePipeline.connect([one.address], { spec, fingerprint: fp });
     const [a, b] = expected('gpt2-tiny').generate!.map((g) => g.input_ids);
     let steps = 0;
     // Between a's 3rd and 4th step, a whole other session runs: it takes the only slot, evicting a.
     const interrupting: Stepper = {
       step: async (sid, input) => {
-        if (++steps === 4) await generate(p, b, { maxNewTokens: 3, eosTokenId: null });
+        if (++steps === 4) await generate(other, b, { maxNewTokens: 3, eosTokenId: null });
         return p.step(sid, input);
       },
       end: (sid) => p.end(sid),
@@ -144,6 +147,51 @@ describe('slots over gRPC', () => {
     const got = await generate(interrupting, a, { maxNewTokens: 8, eosTokenId: null });
     assert.deepEqual(got.outputIds, await solo(a, 8));
     p.close();
+    other.close();
+  });
+
+  test('more concurrent requests than KV slots: the coordinator queues them and every one completes as it would alone', async () => {
+    const fp = Checkpoint.open(dir).fingerprint();
+    const two = await startWorkerProcess(dir, ['--threads', '1', '--kv-budget-mb', String((2 * SLOT) / 2 ** 20)]);
+    const p = await RemotePipeline.connect([two.address], { spec, fingerprint: fp });
+    try {
+      assert.deepEqual(p.slots, { capacity: 2, waiting: 0 }, 'the worker reports its 2 slots');
+      const prompts = Array.from({ length: 5 }, (_, i) => [1 + i, 7 + 2 * i, 3 * i + 2]);
+      let mostWaiting = 0;
+      const watch = setInterval(() => (mostWaiting = Math.max(mostWaiting, p.slots.waiting)), 1);
+      const got = await Promise.all(prompts.map((q) => generate(p, q, { maxNewTokens: 6, eosTokenId: null }))).finally(() => clearInterval(watch));
+      assert.ok(mostWaiting >= 1, 'requests waited for a slot instead of failing');
+      for (const [i, q] of prompts.entries()) assert.deepEqual(got[i].outputIds, await solo(q), `request ${i}`);
+      assert.deepEqual(p.slots, { capacity: 2, waiting: 0 });
+    } finally {
+      p.close();
+      two.process.kill();
+    }
+  });
+});
+
+describe('the coordinator\'s session gate', () => {
+  test('admits up to the fewest slots any stage reports, in arrival order; a wait past its limit is a typed 429', async () => {
+    const gate = new SessionGate(50);
+    gate.setCapacity([3, 2, 0]); // 0: a stage that reports none does not limit
+    assert.equal(gate.limit, 2);
+    await gate.admit('a');
+    await gate.admit('b');
+    await gate.admit('a'); // a session already admitted passes at once
+    const order: string[] = [];
+    const c = gate.admit('c').then(() => order.push('c'));
+    const d = gate.admit('d').then(() => order.push('d'));
+    assert.equal(gate.queued, 2);
+    gate.release('a');
+    gate.release('b');
+    await Promise.all([c, d]);
+    assert.deepEqual(order, ['c', 'd']);
+    await assert.rejects(gate.admit('e'), (e: unknown) => code('kv_slots_exhausted')(e) && (e as StrataError).kind === 'resource_exhausted' && /waited/.test((e as Error).message));
+    assert.equal(gate.queued, 0, 'a refused request leaves the queue');
+    await assert.rejects(gate.admit('wide', 3), code('kv_slots_exhausted'));
+    gate.setCapacity([]);
+    await gate.admit('f'); // no stage reports slots: no limit
+    assert.equal(gate.limit, Infinity);
   });
 });
 

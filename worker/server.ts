@@ -146,12 +146,12 @@ export class StageWorker {
 
   private async info(): Promise<WireInfo> {
     const a = this.assignment.current;
-    const stats = a ? await this.host.stats() : { sessions: 0, kvBytes: 0 };
+    const stats = a ? await this.host.stats() : { sessions: 0, kvBytes: 0, kvSlots: 0 };
     return {
       identity: this.identity(), configured: !!this.assignment.current, next_address: this.assignment.current?.next?.address ?? '', pid: process.pid,
       device: this.assignment.current?.device ?? this.opts.device ?? 'cpu', memory_bytes: this.opts.memoryBytes ?? this.opts.memoryLimitBytes ?? 0, speed: this.opts.speed ?? 1,
       sessions: stats.sessions, kv_bytes: stats.kvBytes, load: loadToWire(this.loadState.current),
-      run_ahead: 'runAhead' in stats ? stats.runAhead ?? null : null,
+      run_ahead: 'runAhead' in stats ? stats.runAhead ?? null : null, kv_slots: stats.kvSlots,
     };
   }
 

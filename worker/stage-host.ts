@@ -55,7 +55,7 @@ export class StageHost {
     return this.call({ type: 'end', sessionId });
   }
 
-  stats(): Promise<{ sessions: number; kvBytes: number; expired: string[]; runAhead?: RunAheadCounts }> {
+  stats(): Promise<{ sessions: number; kvBytes: number; kvSlots: number; expired: string[]; runAhead?: RunAheadCounts }> {
     return this.call({ type: 'stats' });
   }
 
