@@ -11,7 +11,7 @@ interface Waiter {
 
 /**
  * Admits sessions up to the pipeline's KV slot capacity: the fewest slot rows any stage holds (each stage sizes its
- * slots from its --kv-budget-mb, so a GPT-J stage of 2 GiB holds one 2048-token session). A session past it waits here,
+ * slots from its --kv-budget-mb: a slot of 14 GPT-J blocks at its 2048-position context is 0.9 GiB). A session past it waits here,
  * in arrival order, until one ends, as vLLM's scheduler holds a request while its KV blocks are spoken for. Without
  * the gate, concurrent requests past the capacity reached a stage with no free slot and failed with
  * `kv_slots_exhausted` (429), although the coordinator itself had accepted them.
@@ -62,7 +62,7 @@ export class SessionGate {
     });
   }
 
-  /** The session ended: its rows go to the next waiter (a session never admitted is only taken out of the queue). */
+  /** The session ended: its rows go to the next waiters (nothing for a session never admitted). */
   release(id: string): void {
     const rows = this.admitted.get(id);
     if (rows === undefined) return;
