@@ -1,5 +1,5 @@
 import { randomUUID } from 'node:crypto';
-import { isRecoverable, StrataError } from '../model/errors.ts';
+import { isRecoverable, isStrataError, StrataError } from '../model/errors.ts';
 import { chainedSteps, embed, MAX_DECODE_STEPS, type PipelineStep, type StepResult, type Stepper } from '../model/generation.ts';
 import type { BlockRange } from '../model/range.ts';
 import type { WireTiming } from '../proto/messages.ts';
@@ -7,7 +7,7 @@ import { HealthMonitor } from './health-monitor.ts';
 import { Recovery, type RecoveryOptions } from './recovery.ts';
 import { ReplayLog, replayExactly, type SessionLog } from './replay-log.ts';
 import { ResultsRoute } from './results-subscription.ts';
-import { SessionGate } from './session-gate.ts';
+import { DEFAULT_SLOT_WAIT_MS, SessionGate } from './session-gate.ts';
 import { configureStages, NO_STAGES, type ConfigureOptions, type StageSet } from './stage-set.ts';
 import { StepRouter } from './step-router.ts';
 
@@ -144,6 +144,8 @@ export class RemotePipeline implements Stepper {
     const log = this.sessions.open(sessionId);
     const deadline = Date.now() + (this.opts.recoveryTimeoutMs ?? 60_000);
     let replayNeeded = false;
+    let slotWait = 50;
+    const slotDeadline = Date.now() + DEFAULT_SLOT_WAIT_MS;
     for (;;) {
       const generation = this.generation;
       try {
@@ -156,6 +158,16 @@ export class RemotePipeline implements Stepper {
         if ((input.steps ?? 1) > 1) for (const s of chainedSteps(input, result.tokens ?? [])) this.sessions.record(log, s);
         return result;
       } catch (e) {
+        // A session's first step finds a stage's slots all held, by another coordinator's sessions (this one's gate
+        // admits no more than the slots): it waits for one as the gate would, polling with backoff, under a fresh
+        // wire id (the stages before may already hold its prompt), instead of failing with the 429.
+        if (isStrataError(e) && e.code === 'kv_slots_exhausted' && log.steps.length === 0 && !replayNeeded && Date.now() < slotDeadline) {
+          const { old } = this.sessions.renew(log);
+          void this.stages.links[0]?.endSession(old).catch(() => {});
+          await new Promise((r) => setTimeout(r, slotWait));
+          slotWait = Math.min(2 * slotWait, 1_000);
+          continue;
+        }
         if (!isRecoverable(e) || Date.now() > deadline) throw e;
         this.opts.log?.({ session: sessionId, err: (e as Error).message }, 'step failed; recovering the pipeline');
         await this.recovery.recover(generation, deadline);

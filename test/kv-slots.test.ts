@@ -150,6 +150,29 @@ describe('slots over gRPC', () => {
     other.close();
   });
 
+  test('two coordinators on a worker of one slot: the second\'s request waits for the first\'s to end, and both complete as alone', async () => {
+    const fp = Checkpoint.open(dir).fingerprint();
+    const single = await startWorkerProcess(dir, ['--threads', '1', '--kv-budget-mb', String(SLOT / 2 ** 20)]);
+    const a = await RemotePipeline.connect([single.address], { spec, fingerprint: fp });
+    const b = await RemotePipeline.connect([single.address], { spec, fingerprint: fp });
+    try {
+      const [pa, pb] = [[4, 8, 15], [16, 23, 42]];
+      // b's prompt starts while a's session holds the slot (a waits for its first token before b begins).
+      let started!: () => void;
+      const aHolds = new Promise<void>((r) => (started = r));
+      const ga = generate(a, pa, { maxNewTokens: 12, eosTokenId: null, onToken: () => started() });
+      await aHolds;
+      const gb = generate(b, pb, { maxNewTokens: 12, eosTokenId: null });
+      const [ra, rb] = await Promise.all([ga, gb]);
+      assert.deepEqual(ra.outputIds, await solo(pa, 12));
+      assert.deepEqual(rb.outputIds, await solo(pb, 12));
+    } finally {
+      a.close();
+      b.close();
+      single.process.kill();
+    }
+  });
+
   test('more concurrent requests than KV slots: the coordinator queues them and every one completes as it would alone', async () => {
     const fp = Checkpoint.open(dir).fingerprint();
     const two = await startWorkerProcess(dir, ['--threads', '1', '--kv-budget-mb', String((2 * SLOT) / 2 ** 20)]);
