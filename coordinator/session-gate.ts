@@ -4,7 +4,6 @@ import { StrataError } from '../model/errors.ts';
 export const DEFAULT_SLOT_WAIT_MS = Number(process.env.STRATA_SLOT_WAIT_MS ?? 600_000);
 
 interface Waiter {
-  id: string;
   rows: number;
   admit: () => void;
 }
@@ -51,7 +50,7 @@ export class SessionGate {
     }
     if (!this.waiting.length && this.held + rows <= this.capacity) return this.take(id, rows);
     await new Promise<void>((resolve, reject) => {
-      const w: Waiter = { id, rows, admit: () => (clearTimeout(timer), this.take(id, rows), resolve()) };
+      const w: Waiter = { rows, admit: () => (clearTimeout(timer), this.take(id, rows), resolve()) };
       const timer = setTimeout(() => {
         this.waiting.splice(this.waiting.indexOf(w), 1);
         reject(new StrataError('kv_slots_exhausted', `waited ${Math.round(this.waitMs / 1000)} s for one of the pipeline's ${this.capacity} KV slots, all held by running sessions; raise --kv-budget-mb, add workers, or retry later`, 'resource_exhausted'));
