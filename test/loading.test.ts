@@ -183,8 +183,10 @@ test('/v1/pipeline shows each stage building or loading while the workers load, 
     assert.ok(states.has('building N %') || states.has('loading N %'), `saw only ${[...states].join(', ')}`);
     assert.ok(loadingHealth, 'a 503 while a stage loaded');
     assert.match(loadingHealth.body.reason ?? '', /stage \d \(127\.0\.0\.1:\d+\) (building|loading) \[\d, \d\): \d+ % of/);
-    const final = (await (await fetch(`${base}/v1/pipeline`)).json()) as { stages: { blocks: number[]; load: LoadProgress }[] };
+    const final = (await (await fetch(`${base}/v1/pipeline`)).json()) as { kv_slots: { capacity: number; waiting: number }; stages: { blocks: number[]; load: LoadProgress }[] };
     assert.deepEqual(final.stages.map((s) => s.load.phase), ['serving', 'serving']);
+    assert.ok(Number.isInteger(final.kv_slots.capacity) && final.kv_slots.capacity > 0, `the stages' KV slots: ${JSON.stringify(final.kv_slots)}`);
+    assert.equal(final.kv_slots.waiting, 0);
     assert.equal(final.stages[0].blocks[0], 0);
     assert.equal(final.stages[0].blocks[1], final.stages[1].blocks[0]);
   } finally {
