@@ -152,7 +152,7 @@ const addServeOptions = (cmd: Command) =>
     .option('--redis <url>', 'Redis for the request queue', process.env.REDIS_URL ?? 'redis://127.0.0.1:6379')
     .option('--dtype <dtype>', 'weight dtype of the stage graphs: float32 | float16 | int8 | int4 (int8/int4: weight-only block-quantized, float32 activations)', process.env.STRATA_DTYPE ?? 'float32')
     .option('--api-token <token>', 'require "Authorization: Bearer <token>" on the API (STRATA_API_TOKEN)', process.env.STRATA_API_TOKEN)
-    .option('--concurrency <n>', 'requests in flight through the pipeline at once', process.env.STRATA_CONCURRENCY ?? '8')
+    .option('--concurrency <n>', 'requests taken from the queue at once; at most as many as the stages have KV slots run, the rest wait for one', process.env.STRATA_CONCURRENCY ?? '8')
     .option('--decode-steps <n>', `decode steps per request to a one-stage pipeline, chained by its worker (1-${MAX_DECODE_STEPS}; streamed tokens arrive in bursts of up to n) (STRATA_DECODE_STEPS; default ${DEFAULT_DECODE_STEPS})`, process.env.STRATA_DECODE_STEPS)
     .option('--spares <addresses>', 'standby workers that take over a dead stage, comma-separated host:port', process.env.STRATA_SPARES)
     .option('--tls-cert <pem>', 'mutual TLS to the workers: this node\'s certificate (STRATA_TLS_CERT)')
