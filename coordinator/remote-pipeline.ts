@@ -158,12 +158,13 @@ export class RemotePipeline implements Stepper {
         if ((input.steps ?? 1) > 1) for (const s of chainedSteps(input, result.tokens ?? [])) this.sessions.record(log, s);
         return result;
       } catch (e) {
-        // A session's first step finds a stage's slots all held, by another coordinator's sessions (this one's gate
-        // admits no more than the slots): it waits for one as the gate would, polling with backoff, under a fresh
-        // wire id (the stages before may already hold its prompt), instead of failing with the 429.
-        if (isStrataError(e) && e.code === 'kv_slots_exhausted' && log.steps.length === 0 && !replayNeeded && Date.now() < slotDeadline) {
-          const { old } = this.sessions.renew(log);
-          void this.stages.links[0]?.endSession(old).catch(() => {});
+        // A stage's slots are all held: by another coordinator's sessions when this is a session's first step (this
+        // one's gate admits no more than the slots), or, in a replay, by this one's own after a re-plan onto fewer,
+        // larger stages left fewer slots than live sessions. The session waits for one as the gate would, polling
+        // with backoff under a fresh wire id (the stages before may already hold its tokens; a replay renews its id
+        // itself), instead of failing with the 429.
+        if (isStrataError(e) && e.code === 'kv_slots_exhausted' && (log.steps.length === 0 || replayNeeded) && Date.now() < slotDeadline) {
+          if (!replayNeeded) void this.stages.links[0]?.endSession(this.sessions.renew(log).old).catch(() => {});
           await new Promise((r) => setTimeout(r, slotWait));
           slotWait = Math.min(2 * slotWait, 1_000);
           continue;

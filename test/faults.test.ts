@@ -86,6 +86,21 @@ describe('worker loss mid-generation', () => {
     shrinking.close();
   });
 
+  test('a re-plan onto fewer workers that leaves fewer KV slots than live sessions: the sessions without one wait, and every one completes', async () => {
+    // One-block stages of 6 slots each (6 sessions run at once); after the shrink a two-block stage holds 3.
+    const budget = String((6 * 64 * 1024) / 2 ** 20);
+    const [a, b, c] = await Promise.all([0, 1, 2].map(() => startWorkerProcess(dir, ['--threads', '1', '--kv-budget-mb', budget])));
+    workers.push(a, b, c);
+    const ranges = [0, 1, 2].map((i) => ({ first: i, last: i + 1 }));
+    const p = await RemotePipeline.connect([a.address, b.address, c.address], { spec, fingerprint, ranges, recoveryTimeoutMs: 30_000, replaceGraceMs: 500 });
+    assert.equal(p.slots.capacity, 6);
+    const outputs = await runWithFault(p, () => kill(c));
+    assert.deepEqual(outputs, solo);
+    assert.equal(p.describe().stages.length, 2);
+    assert.deepEqual(p.slots, { capacity: 3, waiting: 0 });
+    p.close();
+  });
+
   test('with no worker left, requests fail with a clear reason within the recovery bound (no hang)', async () => {
     const w = await startWorkerProcess(dir, ['--threads', '1']);
     workers.push(w);
