@@ -14,7 +14,7 @@ import { chainMsOption } from './worker.ts';
 import { decodeStepsOption, DEFAULT_DECODE_STEPS, RemotePipeline } from '../coordinator/remote-pipeline.ts';
 import { MAX_DECODE_STEPS } from '../model/generation.ts';
 import { startCoordinatorService } from '../coordinator/service.ts';
-import { observeStageForward, observeStageTransfer } from '../coordinator/metrics.ts';
+import { observeStageForward, observeStageTransfer, watchKvSlots } from '../coordinator/metrics.ts';
 import { WorkerSupervisor } from './supervisor.ts';
 import { availableMemory, checkDtypeOnDevice, checkStageFits, memoryLimitFromFlag } from '../model/memory.ts';
 import { parseDevice } from '../model/executor.ts';
@@ -102,6 +102,8 @@ async function serve(o: ServeOptions, addresses: string[], onStop: () => Promise
   pipeline.startHealthMonitor();
   await board.poll(); // every stage has answered Configure: its state says serving before /health says 200
   pending.set(pipeline);
+  const served = pipeline;
+  watchKvSlots(() => served.slots);
   display.stop();
   return { service, pipeline, tokenizer, hasChat: !!(chatTemplate ?? tokenizer?.chatTemplate) };
 }

@@ -30,6 +30,26 @@ export const requestsRunning = new Gauge({ name: 'strata_requests_running', help
 export const queueDepth = new Gauge({ name: 'strata_queue_depth', help: 'Jobs in the request queue by BullMQ state.', labelNames: ['state'], registers: [registry] });
 export const redisUp = new Gauge({ name: 'strata_redis_up', help: '1 when the queue\'s Redis answered the last scrape.', registers: [registry] });
 
+/** The served pipeline's KV-slot admission (coordinator/session-gate.ts), read at each scrape; unset: none served yet. */
+let kvSlotsSource: (() => { capacity: number | null; waiting: number }) | null = null;
+export function watchKvSlots(source: typeof kvSlotsSource): void {
+  kvSlotsSource = source;
+}
+export const requestsWaitingForSlot = new Gauge({
+  name: 'strata_requests_waiting_for_kv_slot', help: 'Requests taken from the queue that wait at the coordinator because every KV slot of the pipeline is held.', registers: [registry],
+  collect() {
+    this.set(kvSlotsSource?.().waiting ?? 0);
+  },
+});
+export const kvSlotCapacity = new Gauge({
+  name: 'strata_kv_slots', help: 'Sessions the pipeline admits at once: the fewest KV slots any stage holds (absent: no limit).', registers: [registry],
+  collect() {
+    const capacity = kvSlotsSource?.().capacity;
+    if (capacity == null) this.reset();
+    else this.set(capacity);
+  },
+});
+
 export const timeToFirstToken = new Histogram({
   name: 'strata_time_to_first_token_seconds', help: 'Enqueue to first generated token.', buckets: TTFT_BUCKETS, registers: [registry],
 });

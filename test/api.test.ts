@@ -266,6 +266,7 @@ test('introspection: /v1/models, /v1/pipeline, /health, /metrics', async () => {
     'strata_requests_waiting', 'strata_requests_running', 'strata_time_to_first_token_seconds_bucket', 'strata_time_per_output_token_seconds_bucket',
     'strata_e2e_request_latency_seconds_bucket', 'strata_prompt_tokens_total', 'strata_generation_tokens_total',
     'strata_request_success_total{finish_reason="length"}', 'strata_queue_depth{state="completed"}', 'strata_redis_up 1', 'bullmq_job_count{',
+    'strata_requests_waiting_for_kv_slot 0',
     // Node's own process metrics, started by the process that serves /metrics (coordinator/metrics.ts).
     'strata_process_cpu_seconds_total', 'strata_nodejs_eventloop_lag_seconds',
   ]) assert.ok(metrics.includes(name), `metrics lack ${name}`);

@@ -187,6 +187,8 @@ test('/v1/pipeline shows each stage building or loading while the workers load, 
     assert.deepEqual(final.stages.map((s) => s.load.phase), ['serving', 'serving']);
     assert.ok(Number.isInteger(final.kv_slots.capacity) && final.kv_slots.capacity > 0, `the stages' KV slots: ${JSON.stringify(final.kv_slots)}`);
     assert.equal(final.kv_slots.waiting, 0);
+    const metrics = await (await fetch(`${base}/metrics`)).text();
+    assert.ok(metrics.includes(`strata_kv_slots ${final.kv_slots.capacity}\n`) && metrics.includes('strata_requests_waiting_for_kv_slot 0\n'), 'the KV-slot gauges on /metrics');
     assert.equal(final.stages[0].blocks[0], 0);
     assert.equal(final.stages[0].blocks[1], final.stages[1].blocks[0]);
   } finally {
