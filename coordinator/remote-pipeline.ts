@@ -198,7 +198,7 @@ export class RemotePipeline implements Stepper {
     this.gate.release(sessionId);
   }
 
-  /** KV slots per session the pipeline admits at once, and the sessions waiting for one (/v1/pipeline). */
+  /** Sessions the pipeline admits at once (its stages' fewest KV slots; null: no limit), and those waiting (/v1/pipeline, /metrics). */
   get slots(): { capacity: number | null; waiting: number } {
     return { capacity: Number.isFinite(this.gate.limit) ? this.gate.limit : null, waiting: this.gate.queued };
   }
