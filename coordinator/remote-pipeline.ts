@@ -7,7 +7,7 @@ import { HealthMonitor } from './health-monitor.ts';
 import { Recovery, type RecoveryOptions } from './recovery.ts';
 import { ReplayLog, replayExactly, type SessionLog } from './replay-log.ts';
 import { ResultsRoute } from './results-subscription.ts';
-import { DEFAULT_SLOT_WAIT_MS, SessionGate } from './session-gate.ts';
+import { SessionGate } from './session-gate.ts';
 import { configureStages, NO_STAGES, type ConfigureOptions, type StageSet } from './stage-set.ts';
 import { StepRouter } from './step-router.ts';
 
@@ -145,7 +145,7 @@ export class RemotePipeline implements Stepper {
     const deadline = Date.now() + (this.opts.recoveryTimeoutMs ?? 60_000);
     let replayNeeded = false;
     let slotWait = 50;
-    const slotDeadline = Date.now() + DEFAULT_SLOT_WAIT_MS;
+    const slotDeadline = Date.now() + this.gate.waitMs;
     for (;;) {
       const generation = this.generation;
       try {

@@ -22,7 +22,8 @@ export class SessionGate {
   private held = 0;
 
   constructor(
-    private readonly waitMs = DEFAULT_SLOT_WAIT_MS,
+    /** How long a session waits for a slot before kv_slots_exhausted (here, and in RemotePipeline's retries). */
+    readonly waitMs = DEFAULT_SLOT_WAIT_MS,
     private readonly onWait?: (waiting: number, held: number, capacity: number) => void,
   ) {}
 

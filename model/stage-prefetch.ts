@@ -1,5 +1,4 @@
 import * as fs from 'node:fs';
-import { readFileSync, statSync } from 'node:fs';
 import { Worker } from 'node:worker_threads';
 import { dirname, join } from 'node:path';
 import { onnx } from './onnx-builder.ts';
@@ -17,7 +16,7 @@ export function stageWeightSpans(graphPath: string): WeightSpan[] {
   const dir = dirname(graphPath);
   let model: ReturnType<typeof onnx.ModelProto.decode>;
   try {
-    model = onnx.ModelProto.decode(readFileSync(graphPath));
+    model = onnx.ModelProto.decode(fs.readFileSync(graphPath));
   } catch (e) {
     // The same error ONNX Runtime gives a graph it cannot parse: a cached one is then rebuilt (prepareAndOpen).
     throw new StrataError('stage_graph_invalid', `${graphPath} is not an ONNX model (${(e as Error).message}); delete the stage cache directory and retry`, 'internal');
@@ -33,7 +32,7 @@ export function stageWeightSpans(graphPath: string): WeightSpan[] {
       spans.set(`${kv.location}:${offset}`, [join(dir, kv.location), offset, length]);
     }
   }
-  return [[graphPath, 0, statSync(graphPath).size] as WeightSpan, ...spans.values()].sort((a, b) => a[0].localeCompare(b[0]) || a[1] - b[1]);
+  return [[graphPath, 0, fs.statSync(graphPath).size] as WeightSpan, ...spans.values()].sort((a, b) => a[0].localeCompare(b[0]) || a[1] - b[1]);
 }
 
 /**
