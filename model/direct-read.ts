@@ -9,7 +9,7 @@ import { constants, openSync, readSync } from 'node:fs';
  * memory back to its host) that cost more CPU than the quantizing. GPT-J's two int8 stages built side by side from a
  * cold page cache, as two workers build them: 22.9–27.9 s each with 15–20 s of system time; with O_DIRECT 13.1–15.7 s
  * with ~2 s, and with the next chunk read ahead on a helper thread (DirectReadAhead) 13.9–14.1 s; int4 32.1–36.6 →
- * 22.9–26.1 s (2026-12-04, README "Loading at size"). From a warm page cache O_DIRECT is slower (one stage: 4.3 → 6.8 s,
+ * 22.9–26.1 s (2026-12-04, bench/RESULTS.md "Loading at size"). From a warm page cache O_DIRECT is slower (one stage: 4.3 → 6.8 s,
  * since it goes to the disk again), so each tensor is probed first: a one-page buffered read of its first bytes that
  * returns at memory speed means the tensor is cached, and it is read through the page cache as before (4.7 → 4.1 s).
  *

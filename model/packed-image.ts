@@ -11,7 +11,7 @@ import { onnx } from './onnx-builder.ts';
  * CPU worker loads it (`save_external_prepacked_constant_initializers`), and loaded instead of it afterwards. ORT then
  * maps the packed weights from the file instead of keeping a packed copy of each in fresh memory: a GPT-J int8 stage
  * [20, 28) (2.0 GB, page cache warm) loaded in 3.1–3.3 s instead of 5.4–6.9 s, with 53–176 MB of anonymous memory
- * instead of 2.27 GB (README, "Loading at size"). The logits are bit for bit those of the stage graph (the same
+ * instead of 2.27 GB (bench/RESULTS.md, "Loading at size"). The logits are bit for bit those of the stage graph (the same
  * packed bytes; test/packed-image.test.ts).
  *
  * Two flaws of ORT 1.30's saved image are repaired before it is used (measured 2026-12-04; without the repair the
