@@ -171,8 +171,8 @@ export function quantThreads(threads?: number, env = process.env.STRATA_QUANT_TH
 }
 
 /**
- * Each helper thread is a V8 isolate (~8 MiB while a build runs), and 16 threads of int4's search (~40 M weights/s
- * each) already quantize faster than a disk reads F16: more would cost memory for nothing.
+ * Each helper thread is a V8 isolate (~8 MiB while a build runs), and 16 threads of int4's search (~450 M
+ * weights/s each) already quantize faster than a disk reads F16: more would cost memory for nothing.
  */
 const QUANT_THREADS_MAX = 16;
 
