@@ -10,8 +10,8 @@ import { constants, openSync, readSync } from 'node:fs';
  * cold page cache, as two workers build them: 22.9–27.9 s each with 15–20 s of system time; with O_DIRECT 13.1–15.7 s
  * with ~2 s, and with the next chunk read ahead on a helper thread (DirectReadAhead) 13.9–14.1 s; int4 32.1–36.6 →
  * 22.9–26.1 s (2026-12-04, bench/RESULTS.md "Loading at size"). From a warm page cache O_DIRECT is slower (one stage: 4.3 → 6.8 s,
- * since it goes to the disk again), so each tensor is probed first: a one-page buffered read of its first bytes that
- * returns at memory speed means the tensor is cached, and it is read through the page cache as before (4.7 → 4.1 s).
+ * since it goes to the disk again), so each tensor is probed first: one-page buffered reads of two of its pages that
+ * return at memory speed mean the tensor is cached, and it is read through the page cache as before (4.7 → 4.1 s).
  *
  * O_DIRECT wants the file offset, the length and the buffer address aligned to the device's block: reads go through a
  * bounce buffer inside a WebAssembly memory (its buffer starts on a page), over the aligned superset of the span,
@@ -25,8 +25,12 @@ const BOUNCE_BYTES = 16 << 20;
 const MIN_DIRECT = 1 << 20;
 /** One page: small enough that a cold probe sets off no readahead worth counting. */
 const PROBE_BYTES = 4096;
-/** A one-page buffered read faster than this came from the page cache (a disk read takes ≥ 0.08 ms). */
-const CACHED_PROBE_MS = 0.05;
+/**
+ * A one-page buffered read faster than this came from the page cache: on this VM page-cache hits took 3–16 µs (p10–p90,
+ * a GPT-J stage's probes), reads of the disk 45–56 µs even where its host had them cached. The former 50 µs (with the
+ * first page probed, below) took a sixth of a cold checkpoint's tensors for cached (2026-12-05, bench/RESULTS.md).
+ */
+const CACHED_PROBE_MS = 0.03;
 
 let bounce: Uint8Array | null = null;
 
@@ -53,16 +57,23 @@ export function openDirect(path: string): number | null {
 }
 
 /**
- * Whether a tensor of `length` bytes at `offset` is worth reading with O_DIRECT: by the mode, and in `auto` when its
- * first page does not come back through `fd` (buffered) at memory speed, i.e. the tensor is not in the page cache.
+ * Whether a tensor of `length` bytes at `offset` is worth reading with O_DIRECT: by the mode, and in `auto` unless its
+ * middle and last pages both come back through `fd` (buffered) at memory speed, i.e. the tensor is in the page cache.
+ * Not its first page: that is often cached when nothing else of the tensor is, brought in by the kernel's readahead
+ * behind the small tensors before it (read buffered; 8 MiB of readahead on this VM's disk), and it took a sixth of a
+ * cold GPT-J checkpoint's tensors for cached. Two pages, since one alone still read fast for a few uncached tensors.
  */
 export function worthDirect(fd: number, offset: number, length: number, mode = directMode()): boolean {
   if (mode === 'never' || length < MIN_DIRECT) return false;
   if (mode === 'always') return true;
   const probe = Buffer.allocUnsafe(PROBE_BYTES);
-  const t = performance.now();
-  readSync(fd, probe, 0, PROBE_BYTES, offset);
-  return performance.now() - t >= CACHED_PROBE_MS;
+  const pageAt = (at: number) => Math.floor(at / PROBE_BYTES) * PROBE_BYTES;
+  for (const page of [pageAt(offset + length / 2), pageAt(offset + length - 1)]) {
+    const t = performance.now();
+    readSync(fd, probe, 0, PROBE_BYTES, page);
+    if (performance.now() - t >= CACHED_PROBE_MS) return true;
+  }
+  return false;
 }
 
 /**
