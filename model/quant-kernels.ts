@@ -57,9 +57,10 @@ const call = (inst: Instance, kernel: KernelName, args: number[]): void => (inst
 /**
  * Helper threads that run the kernels on other blocks of the same chunk, over the same shared memory: a stage's build
  * then quantizes on as many cores as the worker was given (int4's search: ~440–490 M weights/s per core on an AMD
- * EPYC host, so a GPT-J stage of 3 G weights builds in ~10 s on one). The builder is synchronous, so a call blocks in Atomics.wait until its helpers are
- * done; each helper blocks the same way until it is given a part. Blocks are independent, so the codes, scales and
- * zero points are the same whatever the number of threads. close() ends the helpers.
+ * EPYC host, so a GPT-J stage of 3 G weights builds in ~10 s on one). The builder is synchronous, so a call blocks in
+ * Atomics.wait until its helpers are done; each helper blocks the same way until it is given a part. Blocks are
+ * independent, so the codes, scales and zero points are the same whatever the number of threads. close() ends the
+ * helpers.
  */
 export class QuantPool {
   private readonly helpers: Worker[] = [];
