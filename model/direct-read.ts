@@ -67,10 +67,9 @@ export function worthDirect(fd: number, offset: number, length: number, mode = d
   if (mode === 'never' || length < MIN_DIRECT) return false;
   if (mode === 'always') return true;
   const probe = Buffer.allocUnsafe(PROBE_BYTES);
-  const pageAt = (at: number) => Math.floor(at / PROBE_BYTES) * PROBE_BYTES;
-  for (const page of [pageAt(offset + length / 2), pageAt(offset + length - 1)]) {
+  for (const at of [offset + Math.floor(length / 2), offset + length - 1]) {
     const t = performance.now();
-    readSync(fd, probe, 0, PROBE_BYTES, page);
+    readSync(fd, probe, 0, PROBE_BYTES, alignedSpan(at, 1).start); // the page (ALIGN = PROBE_BYTES) holding byte `at`
     if (performance.now() - t >= CACHED_PROBE_MS) return true;
   }
   return false;
