@@ -113,14 +113,15 @@ async function serve(o: ServeOptions, addresses: string[], onStop: () => Promise
  * will make must fit a worker's share of memory (--memory-limit-mb, else the host's available memory / K).
  * Returns the per-worker limit the workers are started with.
  */
-function checkLocalPlan(spec: ModelSpec, k: number, o: { dtype: WeightDType; device?: string; kvBudgetMb?: string; memoryLimitMb?: string }): number {
+function checkLocalPlan(spec: ModelSpec, k: number, o: { dtype: WeightDType; device?: string; kvBudgetMb?: string; memoryLimitMb?: string; maxBatch?: string }): number {
   checkDtypeOnDevice(o.dtype, parseDevice(o.device).kind);
   const flag = memoryLimitFromFlag(o.memoryLimitMb);
   const limit = flag ?? Math.floor(availableMemory() / k);
   const kvBudgetBytes = Number(o.kvBudgetMb ?? 2048) * 2 ** 20;
   const plan = planPartition(spec, Array.from({ length: k }, (_, i) => ({ id: `worker ${i}`, memoryBytes: Infinity })), { dtype: o.dtype });
   const where = flag ? 'each worker (--memory-limit-mb)' : `each worker (the host's available memory shared by ${k} workers)`;
-  for (const s of plan.stages) checkStageFits(spec, s.range, o.dtype, { kvBudgetBytes, limitBytes: limit, where, stages: k });
+  const rows = o.maxBatch === undefined ? undefined : Number(o.maxBatch);
+  for (const s of plan.stages) checkStageFits(spec, s.range, o.dtype, { kvBudgetBytes, rows, deviceKind: parseDevice(o.device).kind, limitBytes: limit, where, stages: k });
   return limit;
 }
 

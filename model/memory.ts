@@ -7,6 +7,8 @@ import { MAX_SLOTS, slotBytes } from './kv-slots.ts';
 import { stageParamCount, stageWeights, keyPrefix } from './layout.ts';
 import { rangeLabel, type BlockRange } from './range.ts';
 import { DEFAULT_PREFILL_CHUNK } from './generation.ts';
+import { batch1GraphUsed } from './batch1-graph.ts';
+import { DEFAULT_SLOT_ROWS } from './graph/slot-attention.ts';
 
 /**
  * What a worker process holds for one stage, by part. Measured on this project's CPU workers (onnxruntime-node
@@ -21,6 +23,8 @@ export interface StageMemory {
   kv: number;
   activations: number;
   runtime: number;
+  /** A small stage's one-row graph for batch 1 (model/batch1-graph.ts): its weights again, with ORT's extra; else 0. */
+  batch1Graph: number;
   total: number;
 }
 
@@ -45,6 +49,10 @@ export const WEIGHT_OVERHEAD: Record<StageDType, number> = { float32: 0.1, float
 export interface StageMemoryOptions {
   /** The worker's KV budget (--kv-budget-mb); decoders only. */
   kvBudgetBytes: number;
+  /** Batch rows of the stage graph (--max-batch; default DEFAULT_SLOT_ROWS). */
+  rows?: number;
+  /** The worker's device kind (default cpu). */
+  deviceKind?: string;
 }
 
 /** The KV slots a decoder stage allocates for a budget (each holds one session at the model's full context); 0 for encoders. */
@@ -75,14 +83,15 @@ export function stageMemory(spec: ModelSpec, range: BlockRange, dtype: StageDTyp
   const queued = slots * Math.min(DEFAULT_PREFILL_CHUNK, T) * D * act * 2;
   const activations = ARENA_GROWTH * (blockPeak + newKv) + queued;
   const runtime = RUNTIME_BASE_BYTES + weights * WEIGHT_OVERHEAD[dtype];
-  return { weights, kv, activations, runtime, total: weights + kv + activations + runtime };
+  const batch1 = spec.causal && batch1GraphUsed(o.rows ?? DEFAULT_SLOT_ROWS, o.deviceKind ?? 'cpu', weights) ? weights * (1 + WEIGHT_OVERHEAD[dtype]) : 0;
+  return { weights, kv, activations, runtime, batch1Graph: batch1, total: weights + kv + activations + runtime + batch1 };
 }
 
 const fmt = (b: number) => (b >= 2 ** 30 ? `${(b / 2 ** 30).toFixed(2)} GiB` : `${(b / 2 ** 20).toFixed(0)} MiB`);
 
 /** "weights 12.10 GiB (float32) + KV cache 2.00 GiB + activations 812 MiB + runtime 1.41 GiB" */
 export const describeMemory = (m: StageMemory, dtype: StageDType): string =>
-  `weights ${fmt(m.weights)} (${dtype}) + KV cache ${fmt(m.kv)} + activations ${fmt(m.activations)} + runtime ${fmt(m.runtime)}`;
+  `weights ${fmt(m.weights)} (${dtype}) + KV cache ${fmt(m.kv)} + activations ${fmt(m.activations)} + runtime ${fmt(m.runtime)}${m.batch1Graph ? ` + one-row graph ${fmt(m.batch1Graph)}` : ''}`;
 
 /** Memory a new stage may use on this host now: MemAvailable (Linux), else os.freemem(). */
 export function availableMemory(): number {
@@ -115,6 +124,7 @@ export function checkStageFits(spec: ModelSpec, range: BlockRange, dtype: StageD
     `use more workers${o.stages ? ` (--workers ${o.stages + 1} or more)` : ''} so each holds fewer blocks`,
     ...smaller,
     m.kv > m.weights / 4 ? `a smaller --kv-budget-mb (the KV cache takes ${fmt(m.kv)})` : null,
+    m.batch1Graph ? `STRATA_BATCH1_GRAPH=off (no one-row graph: ${fmt(m.batch1Graph)} less, batch 1 a little slower)` : null,
     'or give the worker more memory (--memory-limit-mb / STRATA_MEMORY_LIMIT_MB)',
   ].filter(Boolean);
   throw new StrataError(

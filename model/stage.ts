@@ -28,6 +28,8 @@ export interface StageOptions {
   kvBudgetBytes?: number;
   /** Batch rows the stage graph was built with (its decode batch limit). */
   rows?: number;
+  /** A one-row graph's session for the runs of one row (model/batch1-graph.ts); the stage releases it with its own. */
+  batch1?: StageSession;
 }
 
 export const DEFAULT_KV_BUDGET_BYTES = 2 * 1024 ** 3;
@@ -50,6 +52,8 @@ export class Stage {
    * device failed to bind ("Tensor size mismatch" against the past they were fed as).
    */
   private readonly greedySkips: ReadonlySet<string> | undefined;
+  /** The one-row graph's session, when the stage holds one (model/batch1-graph.ts). */
+  readonly batch1: StageSession | null;
 
   constructor(
     readonly spec: ModelSpec,
@@ -61,6 +65,7 @@ export class Stage {
     // Activations (and KV) are float16 in fp16 stages, float32 otherwise (quantized weights included).
     this.actDType = dtype === 'float16' ? 'float16' : 'float32';
     this.rows = opts.rows ?? DEFAULT_SLOT_ROWS;
+    this.batch1 = opts.batch1 ?? null;
     const layers = Array.from({ length: range.last - range.first }, (_, i) => range.first + i);
     this.slots = spec.causal
       ? new KvSlots({ layers, heads: spec.heads, headDim: spec.headDim, maxLen: spec.maxPositions, dtype: this.actDType }, opts.kvBudgetBytes ?? DEFAULT_KV_BUDGET_BYTES, session.executionProvider === 'webgpu')
@@ -112,6 +117,11 @@ export class Stage {
     return this.stepOnce(input, cache, fetch);
   }
 
+  /** The session (and its graph's rows) that runs a batch of this many rows: the one-row graph's for one, if held. */
+  private graphFor(batch: number): [StageSession, number] {
+    return batch === 1 && this.batch1 ? [this.batch1, 1] : [this.session, this.rows];
+  }
+
   /** The outputs a run leaves unfetched. */
   private skips(fetch: StageFetch): ReadonlySet<string> | undefined {
     return fetch === 'greedy' ? this.greedySkips : undefined;
@@ -129,7 +139,8 @@ export class Stage {
     if (cache.slots.length !== batch) throw new StrataError('batch_input_invalid', `this session holds ${cache.slots.length} KV slot(s) but the step has ${batch} rows`);
     if (batch > this.rows) throw new StrataError('batch_input_invalid', `a step may have at most ${this.rows} rows here (--max-batch), got ${batch}`);
     checkCausalMask(input.attentionMask, batch, cache.length + seq, this.spec.maxPositions);
-    const out = await runInSlots(this.session, this.slots!, this.rows, feeds, cache.slots.map((slot) => ({ slot, past: cache.length })), seq, this.skips(fetch));
+    const [session, rows] = this.graphFor(batch);
+    const out = await runInSlots(session, this.slots!, rows, feeds, cache.slots.map((slot) => ({ slot, past: cache.length })), seq, this.skips(fetch));
     cache.length += seq;
     return stageOutputs(out, this.isLast);
   }
@@ -141,13 +152,15 @@ export class Stage {
   async stepBatch(inputs: StepInput[], caches: KvCache[], fetch: StageFetch = 'all'): Promise<StepOutput[]> {
     checkDecodeBatch(inputs, caches, this.rows, this.spec.maxPositions);
     const feeds = batchFeeds(this, inputs);
-    const out = stageOutputs(await runInSlots(this.session, this.slots!, this.rows, feeds, caches.map((c) => ({ slot: c.slots[0], past: c.length })), 1, this.skips(fetch)), this.isLast);
+    const [session, rows] = this.graphFor(inputs.length);
+    const out = stageOutputs(await runInSlots(session, this.slots!, rows, feeds, caches.map((c) => ({ slot: c.slots[0], past: c.length })), 1, this.skips(fetch)), this.isLast);
     caches.forEach((c) => (c.length += 1));
     return splitRows(out, inputs.length, this.isLast);
   }
 
   async close(): Promise<void> {
     this.slots?.dispose();
+    await this.batch1?.release();
     await this.session.release();
   }
 }

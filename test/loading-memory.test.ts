@@ -39,7 +39,10 @@ test('stage memory = weights in the stage dtype + KV slots within the budget + p
   assert.ok(m.kv <= MB);
   assert.ok(m.activations > 0);
   assert.ok(m.runtime >= RUNTIME_BASE_BYTES);
-  assert.equal(m.total, m.weights + m.kv + m.activations + m.runtime);
+  assert.equal(m.batch1Graph, m.weights * 1.1, 'a small decoder stage holds a one-row graph too: its weights again, with the extra');
+  assert.equal(m.total, m.weights + m.kv + m.activations + m.runtime + m.batch1Graph);
+  assert.equal(stageMemory(spec, range, 'float32', { kvBudgetBytes: MB, rows: 1 }).batch1Graph, 0, 'a one-row graph is the stage graph itself');
+  assert.equal(stageMemory(spec, range, 'float32', { kvBudgetBytes: MB, deviceKind: 'webgpu' }).batch1Graph, 0, 'WebGPU stages hold one graph');
   assert.equal(stageMemory(spec, range, 'int8', { kvBudgetBytes: MB }).weights, stageFootprint(spec, range).params * 1.125);
   // ORT's extra over the weights, as measured per dtype: quantized stages keep a packed copy and the scales too.
   const extra = (d: 'float32' | 'int8' | 'int4') => (({ runtime, weights }) => (runtime - RUNTIME_BASE_BYTES) / weights)(stageMemory(spec, range, d, { kvBudgetBytes: MB }));
@@ -53,7 +56,8 @@ test('a stage over the limit is refused with the typed error, its numbers and th
     () => checkStageFits(spec, { first: 0, last: 4 }, 'float32', { kvBudgetBytes: 64 * MB, limitBytes: limit, where: 'worker 0', stages: 1 }),
     (e: Error & { code?: string }) => {
       assert.equal(e.code, 'memory_limit_exceeded');
-      assert.match(e.message, /needs about \d+ MiB — weights \d+ MiB \(float32\) \+ KV cache 64 MiB \+ activations \d+ MiB \+ runtime \d+ MiB — but worker 0 has 150 MiB/);
+      assert.match(e.message, /needs about \d+ MiB — weights \d+ MiB \(float32\) \+ KV cache 64 MiB \+ activations \d+ MiB \+ runtime \d+ MiB \+ one-row graph \d+ MiB — but worker 0 has 150 MiB/);
+      assert.match(e.message, /STRATA_BATCH1_GRAPH=off/);
       assert.match(e.message, /--workers 2 or more/);
       assert.match(e.message, /--dtype int8/);
       assert.match(e.message, /--kv-budget-mb/);

@@ -1,0 +1,42 @@
+import { parseDevice, type StageSession } from './executor.ts';
+import { DEFAULT_SLOT_ROWS } from './graph/slot-attention.ts';
+import { rangeLabel } from './range.ts';
+import { prepareAndOpen, type PrepareOptions, type PreparedStage } from './stage-cache.ts';
+
+/**
+ * A one-row stage graph beside the batch graph, for the runs of one row (batch-1 decode, every prefill chunk).
+ *
+ * A graph of R > 1 rows runs a batch of one through an `If` in every layer (model/graph/slot-attention.ts): that keeps
+ * one packed copy of the weights for batch 1 and batch R, but ORT executes an If's branch as a subgraph, and that
+ * cost ~70 µs a layer: a GPT-2-small int8 step took 7.8–8.1 ms in the 8-row graph against 7.0–7.3 ms in a one-row
+ * graph (in process, 2026-12-06, Intel Xeon host; bench/RESULTS.md), ~1 ms on an AMD EPYC host. The cost is per
+ * layer, not per weight, so it counts where layers are small: there a stage also holds a one-row session (its own
+ * copy of the packed weights) and runs every one-row step in it. The two graphs compute row 0 with the same nodes,
+ * so a session's tokens do not depend on which graph ran it (test/batch1-graph.test.ts).
+ *
+ * STRATA_BATCH1_GRAPH: unset or `auto`, a CPU stage of at most BATCH1_GRAPH_MAX_BYTES of weights; `on`, every CPU
+ * stage of more than one row; `off`, none. Host slots only: a WebGPU graph has no If (its rows run GroupQueryAttention).
+ */
+export const BATCH1_GRAPH_MAX_BYTES = 256 * 2 ** 20;
+
+export function batch1GraphUsed(rows: number, deviceKind: string, weightBytes: number, env = process.env.STRATA_BATCH1_GRAPH): boolean {
+  if (rows <= 1 || deviceKind !== 'cpu' || env === 'off') return false;
+  return env === 'on' || weightBytes <= BATCH1_GRAPH_MAX_BYTES;
+}
+
+/**
+ * Opens the one-row graph of a stage whose batch graph `main` is open, when batch1GraphUsed says so (decoders only):
+ * built or taken from the stage cache like any stage graph (its own cache entry, rows 1). Its build reports text
+ * only: the stage's load state stays at loading until both sessions are open.
+ */
+export async function openBatch1Graph(
+  modelDir: string,
+  main: PreparedStage,
+  prepare: PrepareOptions,
+  open: (p: PreparedStage, log: (m: string) => void) => Promise<StageSession>,
+): Promise<StageSession | null> {
+  if (!main.spec.causal || !batch1GraphUsed(prepare.rows ?? DEFAULT_SLOT_ROWS, parseDevice(prepare.device).kind, main.paramBytes)) return null;
+  const say = (m: string) => prepare.onProgress?.(`one-row graph for batch 1: ${m}`);
+  say(`stage ${rangeLabel(main.range)} also holds a one-row graph for its runs of one row (STRATA_BATCH1_GRAPH=off: none)`);
+  return (await prepareAndOpen(modelDir, main.range, { ...prepare, rows: 1, onProgress: say }, (p) => open(p, say))).opened;
+}
