@@ -27,7 +27,8 @@ export function batch1GraphUsed(rows: number, deviceKind: string, weightBytes: n
 /**
  * Opens the one-row graph of a stage whose batch graph `main` is open, when batch1GraphUsed says so (decoders only):
  * built or taken from the stage cache like any stage graph (its own cache entry, rows 1). Its build reports text
- * only: the stage's load state stays at loading until both sessions are open.
+ * only: the stage's load state stays at loading until both sessions are open. It only ever saves time, so a one-row
+ * graph that cannot be built or opened (a full disk, say) is said and left out: the batch graph runs every batch.
  */
 export async function openBatch1Graph(
   modelDir: string,
@@ -38,5 +39,10 @@ export async function openBatch1Graph(
   if (!main.spec.causal || !batch1GraphUsed(prepare.rows ?? DEFAULT_SLOT_ROWS, parseDevice(prepare.device).kind, main.paramBytes)) return null;
   const say = (m: string) => prepare.onProgress?.(`one-row graph for batch 1: ${m}`);
   say(`stage ${rangeLabel(main.range)} also holds a one-row graph for its runs of one row (STRATA_BATCH1_GRAPH=off: none)`);
-  return (await prepareAndOpen(modelDir, main.range, { ...prepare, rows: 1, onProgress: say }, (p) => open(p, say))).opened;
+  try {
+    return (await prepareAndOpen(modelDir, main.range, { ...prepare, rows: 1, onProgress: say }, (p) => open(p, say))).opened;
+  } catch (e) {
+    say(`not used (${(e as Error).message.split('\n')[0]}): the ${prepare.rows ?? DEFAULT_SLOT_ROWS}-row graph runs batch 1 too`);
+    return null;
+  }
 }

@@ -1,7 +1,7 @@
 import { loadModelSpec, type ModelSpec } from './config.ts';
 import { evenSplit, type BlockRange } from './range.ts';
 import { prepareAndOpen, type PreparedStage } from './stage-cache.ts';
-import type { SessionOptions, StageSession } from './executor.ts';
+import type { SessionOptions } from './executor.ts';
 import { openBatch1Graph } from './batch1-graph.ts';
 import { openStageSession } from './stage-open.ts';
 import { Stage, type KvCache } from './stage.ts';
@@ -46,13 +46,7 @@ export class LocalPipeline implements Stepper {
     const prepared: PreparedStage[] = [];
     for (const r of ranges) {
       const { prepared: p, opened } = await prepareAndOpen(modelDir, r, prepare, (p) => openStageSession(p.path, dtype, opts, opts.onProgress));
-      let batch1: StageSession | null;
-      try {
-        batch1 = await openBatch1Graph(modelDir, p, prepare, (p1, log) => openStageSession(p1.path, dtype, opts, log));
-      } catch (e) {
-        await opened.release();
-        throw e;
-      }
+      const batch1 = await openBatch1Graph(modelDir, p, prepare, (p1, log) => openStageSession(p1.path, dtype, opts, log));
       prepared.push(p);
       stages.push(new Stage(spec, p.range, opened, activationDType(dtype), { kvBudgetBytes: opts.kvBudgetBytes, rows, batch1: batch1 ?? undefined }));
     }

@@ -1,7 +1,9 @@
 import { describe, test, before } from 'node:test';
 import assert from 'node:assert/strict';
 import { LocalPipeline } from '../model/local-pipeline.ts';
-import { BATCH1_GRAPH_MAX_BYTES, batch1GraphUsed } from '../model/batch1-graph.ts';
+import { BATCH1_GRAPH_MAX_BYTES, batch1GraphUsed, openBatch1Graph } from '../model/batch1-graph.ts';
+import { loadModelSpec } from '../model/config.ts';
+import { prepareStage } from '../model/stage-cache.ts';
 import type { Stage, StepInput } from '../model/stage.ts';
 import type { KvCache } from '../model/stage.ts';
 import type { WeightDType } from '../model/stage-graph.ts';
@@ -24,6 +26,17 @@ test('a stage holds a one-row graph when it has more than one row, on the CPU, a
   assert.equal(batch1GraphUsed(8, 'cpu', 100, 'off'), false);
   assert.equal(batch1GraphUsed(1, 'cpu', 100, 'on'), false, 'a one-row graph is the stage graph itself');
   assert.equal(batch1GraphUsed(8, 'webgpu', 100, 'on'), false, 'WebGPU graphs have no If');
+});
+
+test('a one-row graph that cannot be opened is said and left out: the batch graph runs every batch', async () => {
+  const dir = fixtureDir('gpt2-tiny');
+  const main = prepareStage(dir, { first: 0, last: loadModelSpec(dir).blocks }, { rows: 8 });
+  const log: string[] = [];
+  const got = await openBatch1Graph(dir, main, { rows: 8, onProgress: (m) => log.push(m) }, async () => {
+    throw new Error('ENOSPC: no space left on device');
+  });
+  assert.equal(got, null);
+  assert.ok(log.some((m) => m.includes('not used (ENOSPC: no space left on device): the 8-row graph runs batch 1 too')), log.join('\n'));
 });
 
 /**

@@ -4,7 +4,6 @@ import { prepareAndOpen } from '../model/stage-cache.ts';
 import type { LoadProgress } from '../model/progress.ts';
 import { openStageSession } from '../model/stage-open.ts';
 import { openBatch1Graph } from '../model/batch1-graph.ts';
-import type { StageSession } from '../model/executor.ts';
 import { readSpans, readSpansInBackground, stageWeightSpans } from '../model/stage-prefetch.ts';
 import { Stage, type KvCache } from '../model/stage.ts';
 import { finishStep, greedyOnly, nextDecodeStep, type PipelineStep } from '../model/generation.ts';
@@ -112,13 +111,7 @@ async function handle(req: Exclude<ThreadRequest, { type: 'step' }>): Promise<un
           if (process.env.STRATA_PREFETCH === 'first') return void readSpans(spans);
           return readSpansInBackground(spans);
         }));
-      let batch1: StageSession | null;
-      try {
-        batch1 = await openBatch1Graph(req.modelDir, prepared, prepare, (p, log) => openStageSession(p.path, req.dtype, { threads: req.threads, device: req.device }, log));
-      } catch (e) {
-        await session.release();
-        throw e;
-      }
+      const batch1 = await openBatch1Graph(req.modelDir, prepared, prepare, (p, log) => openStageSession(p.path, req.dtype, { threads: req.threads, device: req.device }, log));
       if (stage) await stage.close();
       stage = new Stage(prepared.spec, prepared.range, session, activationDType(req.dtype), { kvBudgetBytes: req.kvBudgetBytes, rows: maxBatch, batch1: batch1 ?? undefined });
       kv = new KvStore(stage, req.sessionTtlMs);
