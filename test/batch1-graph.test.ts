@@ -4,8 +4,7 @@ import { LocalPipeline } from '../model/local-pipeline.ts';
 import { BATCH1_GRAPH_MAX_BYTES, batch1GraphUsed, openBatch1Graph } from '../model/batch1-graph.ts';
 import { loadModelSpec } from '../model/config.ts';
 import { prepareStage } from '../model/stage-cache.ts';
-import type { Stage, StepInput } from '../model/stage.ts';
-import type { KvCache } from '../model/stage.ts';
+import type { KvCache, Stage, StepInput } from '../model/stage.ts';
 import type { WeightDType } from '../model/stage-graph.ts';
 import { CAUSAL_FIXTURES, fixtureDir, testCacheDir } from './helpers/fixtures.ts';
 
@@ -58,7 +57,7 @@ async function schedule(p: LocalPipeline): Promise<Float32Array[]> {
   let tb = take((await stage.step(prefill(pb), b)).logits);
   ta = take((await stage.step(decode(ta, a.length), a)).logits);
   const both = await stage.stepBatch([decode(ta, a.length), decode(tb, b.length)], [a, b]);
-  ta = take(both[0].logits);
+  take(both[0].logits);
   tb = take(both[1].logits);
   take((await stage.step(decode(tb, b.length), b)).logits);
   stage.closeCache(a);
