@@ -1,6 +1,7 @@
 import { describe, test, before } from 'node:test';
 import assert from 'node:assert/strict';
 import { LocalPipeline } from '../model/local-pipeline.ts';
+import { generate } from '../model/generation.ts';
 import { BATCH1_GRAPH_MAX_BYTES, batch1GraphUsed, openBatch1Graph } from '../model/batch1-graph.ts';
 import { loadModelSpec } from '../model/config.ts';
 import { prepareStage } from '../model/stage-cache.ts';
@@ -77,19 +78,25 @@ function countRuns(stage: Stage): { batch: number; one: number } {
   return n;
 }
 
+/** The same model loaded twice: with its one-row graphs (the default here) and with STRATA_BATCH1_GRAPH=off. */
+async function withAndWithout(dir: string, stages: number, dtype: WeightDType): Promise<{ withOne: LocalPipeline; batchOnly: LocalPipeline }> {
+  const withOne = await LocalPipeline.load(dir, stages, { dtype });
+  process.env.STRATA_BATCH1_GRAPH = 'off';
+  try {
+    return { withOne, batchOnly: await LocalPipeline.load(dir, stages, { dtype }) };
+  } catch (e) {
+    await withOne.close();
+    throw e;
+  } finally {
+    delete process.env.STRATA_BATCH1_GRAPH;
+  }
+}
+
 describe('one-row graph for batch 1: the same logits as the batch graph, bit for bit', () => {
   for (const name of CAUSAL_FIXTURES) {
     for (const dtype of ['float32', 'int8'] as WeightDType[]) {
       test(`${name} ${dtype}: runs of one row take the one-row graph, the batch of two the 8-row one, and every logit is the 8-row graph's alone`, async () => {
-        const dir = fixtureDir(name);
-        const withOne = await LocalPipeline.load(dir, 1, { dtype });
-        process.env.STRATA_BATCH1_GRAPH = 'off';
-        let batchOnly: LocalPipeline;
-        try {
-          batchOnly = await LocalPipeline.load(dir, 1, { dtype });
-        } finally {
-          delete process.env.STRATA_BATCH1_GRAPH;
-        }
+        const { withOne, batchOnly } = await withAndWithout(fixtureDir(name), 1, dtype);
         try {
           assert.ok(withOne.stages[0].batch1, 'a tiny stage of 8 rows holds a one-row graph');
           assert.equal(batchOnly.stages[0].batch1, null, 'STRATA_BATCH1_GRAPH=off: none');
@@ -101,23 +108,14 @@ describe('one-row graph for batch 1: the same logits as the batch graph, bit for
           got.forEach((g, i) => assert.deepEqual(g, want[i], `step ${i}: logits differ between the graphs`));
         } finally {
           await withOne.close();
-          await batchOnly!.close();
+          await batchOnly.close();
         }
       });
     }
   }
 
   test('a pipeline of two stages holds a one-row graph in each and generates what the 8-row graphs alone do', async () => {
-    const dir = fixtureDir('gptj-tiny');
-    const { generate } = await import('../model/generation.ts');
-    const withOne = await LocalPipeline.load(dir, 2, { dtype: 'int8' });
-    process.env.STRATA_BATCH1_GRAPH = 'off';
-    let batchOnly: LocalPipeline;
-    try {
-      batchOnly = await LocalPipeline.load(dir, 2, { dtype: 'int8' });
-    } finally {
-      delete process.env.STRATA_BATCH1_GRAPH;
-    }
+    const { withOne, batchOnly } = await withAndWithout(fixtureDir('gptj-tiny'), 2, 'int8');
     try {
       assert.ok(withOne.stages.every((s) => s.batch1));
       const runs = withOne.stages.map(countRuns);
@@ -127,7 +125,7 @@ describe('one-row graph for batch 1: the same logits as the batch graph, bit for
       assert.ok(runs.every((r) => r.one >= 8 && r.batch === 0), JSON.stringify(runs));
     } finally {
       await withOne.close();
-      await batchOnly!.close();
+      await batchOnly.close();
     }
   });
 });

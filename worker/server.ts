@@ -124,7 +124,7 @@ export class StageWorker {
     // Reconfiguring frees the old stage: count what this process holds beyond its baseline as available too.
     const available = availableMemory() + (a ? Math.max(0, process.memoryUsage.rss() - RUNTIME_BASE_BYTES) : 0);
     checkStageFits(this.spec, { first: req.first, last: req.last }, dtype, {
-      kvBudgetBytes: this.opts.kvBudgetBytes ?? 2 * 1024 ** 3, rows: this.opts.maxBatch ?? 8, deviceKind: parseDevice(this.opts.device).kind, limitBytes: limit ?? available,
+      kvBudgetBytes: this.opts.kvBudgetBytes ?? 2 * 1024 ** 3, rows: this.opts.maxBatch, deviceKind: parseDevice(this.opts.device).kind, limitBytes: limit ?? available,
       where: limit ? `worker ${this.address} (--memory-limit-mb)` : `worker ${this.address} (the host's available memory)`,
     });
   }
