@@ -14,7 +14,7 @@ export { rotaryTables } from './graph/rotary.ts';
 export type { StageGraphOptions, WeightDType, WeightSource } from './graph/context.ts';
 
 /** Bump when the graph a given checkpoint/range/dtype produces changes, so disk caches rebuild. */
-export const GRAPH_VERSION = 14; // 4: decoders keep KV in fixed slots (GroupQueryAttention per batch row); 5: host slots get the new K/V as outputs; 6: host slots attended by plain ops; 7: host rows 1… behind an If (batch > 1); 8: rows 1…' plans too (constants at batch 1); 9: batch 1 attends row 0 as it is; 10: host slots score K·qᵀ; 11: q·Kᵀ again, q scaled first (MLAS's one-row kernel); 12: device slots take each row's plan as inputs; 13: a one-row graph attends row 0 as it is, each row's slot capacity read once; 14: the last stage's greedy tokens (next_tokens)
+export const GRAPH_VERSION = 15; // 4: decoders keep KV in fixed slots (GroupQueryAttention per batch row); 5: host slots get the new K/V as outputs; 6: host slots attended by plain ops; 7: host rows 1… behind an If (batch > 1); 8: rows 1…' plans too (constants at batch 1); 9: batch 1 attends row 0 as it is; 10: host slots score K·qᵀ; 11: q·Kᵀ again, q scaled first (MLAS's one-row kernel); 12: device slots take each row's plan as inputs; 13: a one-row graph attends row 0 as it is, each row's slot capacity read once; 14: the last stage's greedy tokens (next_tokens); 15: batches of two or more attend the new tokens once for the whole batch, each row only its own slot
 
 /**
  * Builds the ONNX graph of blocks `[first, last)` of a model, exactly as Hugging Face computes them:

@@ -69,6 +69,8 @@ interface RowPlan {
   newAllowed: string;
   /** Host attention: the positions the row's bound past holds (int64 [1]), the same in every layer ('' with device slots). */
   cap: string;
+  /** Host attention, batches of two or more: Slice ends over [B, T] taking all T tokens of the row (an idle row: row B−1's). */
+  endsAll: string;
 }
 
 interface Rows {
@@ -103,6 +105,7 @@ function rowPlan(ctx: BlockContext, rows: number, firstLayer: number): Rows {
       pastAllowed: '',
       newAllowed: '',
       cap: '',
+      endsAll: '',
     }));
     const devicePlan = { rows: rowsIn, batch: B, many: '', outShape }; // many: the host path's If only
     plans.set(ctx.g, devicePlan);
@@ -122,7 +125,9 @@ function rowPlan(ctx: BlockContext, rows: number, firstLayer: number): Rows {
     const rowSeqlens = g.o('Where', [active, g.o('Gather', [seqlens, row], { axis: 0 }), g.constInt32([0])]); // int32 [1]
     const total = scalar(g.o('Add', [rowSeqlens, g.constInt32([1])])); // int32 scalar
     const starts = g.o('Concat', [row, zero], { axis: 0 });
-    const ends = g.o('Concat', [g.o('Add', [row, one]), len], { axis: 0 });
+    const next = g.o('Add', [row, one]);
+    const ends = g.o('Concat', [next, len], { axis: 0 });
+    const endsAll = g.o('Concat', [next, g.constInt64([2 ** 62])], { axis: 0 });
     const past = g.o('Sub', [g.o('Cast', [total], { to: I64 }), scalar(len)]); // cached positions before the step
     // The slot's capacity is the same in every layer: the first layer's past input tells it.
     const cap = g.o('Shape', [g.inputOnce(SLOT_IO.pastKey(firstLayer, r), ACT, [1, spec.heads, `slot_len_r${r}`, spec.headDim])], { start: 2, end: 3 });
@@ -130,21 +135,21 @@ function rowPlan(ctx: BlockContext, rows: number, firstLayer: number): Rows {
     const pastAllowed = g.o('Less', [range(cap), past]); // [cap]
     const pos = range(len);
     const newAllowed = g.o('LessOrEqual', [g.o('Unsqueeze', [pos, zero]), g.o('Unsqueeze', [pos, one])]); // [T,T]: key <= query
-    return [starts, ends, rowSeqlens, total, pastAllowed, newAllowed, cap];
+    return [starts, ends, rowSeqlens, total, pastAllowed, newAllowed, cap, endsAll];
   };
   // At batch 1 every row r >= 1 is idle and its plan is a constant (it reads row 0's one token against its one-position
   // scratch slot): an If hands those constants out rather than running ~20 nodes per row that batch 1 never needs.
   const idleRow = (): string[] => [
     g.constInt64([0, 0]), g.constInt64([1, 1]), g.constInt32([0]), g.constInt32([1], []),
-    g.constInt32([0], [1], BOOL), g.constInt32([1], [1, 1], BOOL), g.constInt64([1]),
+    g.constInt32([0], [1], BOOL), g.constInt32([1], [1, 1], BOOL), g.constInt64([1]), g.constInt64([1, 2 ** 62]),
   ];
   const many = g.o('Greater', [B, one]);
-  const types = [I64, I64, I32, I32, BOOL, BOOL, I64];
+  const types = [I64, I64, I32, I32, BOOL, BOOL, I64, I64];
   const rest = rows > 1
     ? g.ifThen(many, () => Array.from({ length: rows - 1 }, (_, i) => planRow(i + 1)).flat(), () => Array.from({ length: rows - 1 }, idleRow).flat(), Array.from({ length: rows - 1 }, () => types).flat())
     : [];
   const fields = [planRow(0), ...Array.from({ length: rows - 1 }, (_, i) => rest.slice(i * types.length, (i + 1) * types.length))];
-  const plan = fields.map(([starts, ends, rowSeqlens, total, pastAllowed, newAllowed, cap]) => ({ starts, ends, seqlens: rowSeqlens, total, pastAllowed, newAllowed, cap }));
+  const plan = fields.map(([starts, ends, rowSeqlens, total, pastAllowed, newAllowed, cap, endsAll]) => ({ starts, ends, seqlens: rowSeqlens, total, pastAllowed, newAllowed, cap, endsAll }));
   const rowsOut = { rows: plan, batch: B, many, outShape };
   plans.set(ctx.g, rowsOut);
   return rowsOut;
@@ -210,22 +215,22 @@ function hostSlotAttention(ctx: BlockContext, plan: Rows, q3: string, k3: string
   const three = g.constInt64([3]);
   const end = g.constInt64([2 ** 62]);
   const rowAxes = g.constInt64([0, 2]);
-  const rowShape = g.constInt64([1, -1, D]);
   // Every row's inputs are declared here, outside the If below: an If's branches cannot declare graph inputs.
   const past = plan.rows.map((_, r) => ({
     pk: g.inputOnce(SLOT_IO.pastKey(layer, r), ACT, [1, H, `slot_len_r${r}`, HD]),
     pv: g.input(SLOT_IO.pastValue(layer, r), ACT, [1, H, `slot_len_r${r}`, HD]),
   }));
+  /** q·bᵀ, float32 scores: [.., T, hd] × [.., S, hd] → [.., T, S] (q already scaled). */
+  const scores = (q: string, b: string) => {
+    const sc = g.o('FusedMatMul', [q, b], { transB: 1 }, 'com.microsoft');
+    return half ? g.o('Cast', [sc], { to: F32 }) : sc;
+  };
   // Row r's attention over its slot and its new tokens: q, k, vv [1,H,T,hd] → context [1,T,H,hd].
   const attend = (r: number, q: string, k: string, vv: string): string => {
     const p = plan.rows[r];
     const { pk, pv } = past[r];
     const cap = p.cap;
-    const scores = (b: string) => {
-      const sc = g.o('FusedMatMul', [q, b], { transB: 1 }, 'com.microsoft'); // [1,H,T,S], q already scaled
-      return half ? g.o('Cast', [sc], { to: F32 }) : sc;
-    };
-    const all = g.o('Concat', [g.o('Where', [p.pastAllowed, scores(pk), masked]), g.o('Where', [p.newAllowed, scores(k), masked])], { axis: 3 });
+    const all = g.o('Concat', [g.o('Where', [p.pastAllowed, scores(q, pk), masked]), g.o('Where', [p.newAllowed, scores(q, k), masked])], { axis: 3 });
     let probs = g.o('Softmax', [all], { axis: -1 });
     if (half) probs = g.o('Cast', [probs], { to: ACT });
     const pPast = g.o('Slice', [probs, zero, cap, three]);
@@ -234,16 +239,24 @@ function hostSlotAttention(ctx: BlockContext, plan: Rows, q3: string, k3: string
     return g.o('Transpose', [out], { perm: [0, 2, 1, 3] });
   };
   const flatRows = (t: string) => g.o('Reshape', [t, g.constInt64([-1, D])]); // [B·T, D]
-  // Every row of the graph: each reads its own row of q, k, v (an idle row reads a real row, clamped to one token),
-  // is padded back to T tokens, and the idle rows are cut off again.
+  // Batches of two or more: only the ragged part runs per row, each row's scores over its own slot and the softmax
+  // over [past | new]; the new tokens' scores, their value product, the sum and the layout are one node each for the
+  // whole batch. A row computes exactly what attend() does (the same products at the same shapes, the same softmax),
+  // so a session's values do not depend on what it is batched with: a replay after a fault, batched differently,
+  // stays bit-identical. 9 nodes per row and layer instead of 17: at 8 rows ~57 fewer dispatches a layer.
   const everyRow = (): string => {
-    const rows = plan.rows.map((p, r) => {
-      const rowOf = (t: string) => g.o('Slice', [t, p.starts, p.ends, rowAxes]);
-      const rowOut = g.o('Reshape', [attend(r, rowOf(qh), rowOf(kh), rowOf(vh)), rowShape]); // [1,T,D]
-      return g.o('Expand', [rowOut, plan.outShape]);
+    const sNew = g.o('Where', [plan.rows[0].newAllowed, scores(qh, kh), masked]); // [B,H,T,T], causal
+    const parts = plan.rows.map((p, r) => {
+      const rowOf = (t: string) => g.o('Slice', [t, p.starts, p.endsAll, rowAxes]); // an idle row reads row B−1's tokens
+      const { pk, pv } = past[r];
+      const all = g.o('Concat', [g.o('Where', [p.pastAllowed, scores(rowOf(qh), pk), masked]), rowOf(sNew)], { axis: 3 });
+      let probs = g.o('Softmax', [all], { axis: -1 });
+      if (half) probs = g.o('Cast', [probs], { to: ACT });
+      return { out: g.o('MatMul', [g.o('Slice', [probs, zero, p.cap, three]), pv]), pNew: g.o('Slice', [probs, p.cap, end, three]) };
     });
-    const all = g.o('Concat', rows, { axis: 0 }); // [ROWS, T, D]
-    return flatRows(g.o('Slice', [all, g.constInt64([0]), plan.batch, g.constInt64([0])]));
+    const batchRows = (ts: string[]) => g.o('Slice', [g.o('Concat', ts, { axis: 0 }), zero, plan.batch, zero]); // [B,…]
+    const out = g.o('Add', [batchRows(parts.map((x) => x.out)), g.o('MatMul', [batchRows(parts.map((x) => x.pNew)), vh])]); // [B,H,T,hd]
+    return flatRows(g.o('Transpose', [out], { perm: [0, 2, 1, 3] }));
   };
   // A batch of one row is row 0 as it is: no row slicing, padding or cutting, and rows 1… not run at all. At batch 1
   // the idle rows' ~18 nodes per row and layer, each a dispatch of a few µs, were 4-6 ms of a GPT-2-small step (a
