@@ -92,6 +92,27 @@ describe('continuous batching at a stage (decode steps of many sessions in one O
   }
 });
 
+describe('a session\'s logits do not depend on its batch (graph version 15: the batch\'s new tokens attended once)', () => {
+  for (const name of CAUSAL_FIXTURES) {
+    test(`${name}: alone and in a batch of 3 (5 idle graph rows, slots of different capacities), bit for bit`, async () => {
+      const dir = fixtureDir(name);
+      const spec = loadModelSpec(dir);
+      const p = await LocalPipeline.load(dir, 1);
+      // Lengths on both sides of a 64-position slot capacity where the context allows it, and a short one.
+      const half = spec.maxPositions / 2;
+      const prompts = [half - 5, half + 2, 7].map((n, i) => Array.from({ length: n }, (_, j) => (j * 31 + i * 7 + 3) % spec.vocab));
+      const alone = new Driver(p.stages), together = new Driver(p.stages);
+      for (const [i, pr] of prompts.entries()) (await alone.prefill(`s${i}`, pr), await together.prefill(`s${i}`, pr));
+      for (let step = 0; step < 5; step++) {
+        for (const sid of ['s0', 's1', 's2']) await alone.decode([sid]);
+        await together.decode(['s0', 's1', 's2']);
+      }
+      for (const sid of ['s0', 's1', 's2']) assert.deepEqual(together.logits.get(sid), alone.logits.get(sid), `${sid}: every step's logits`);
+      await p.close();
+    });
+  }
+});
+
 describe('greedy steps fetch only the graph\'s argmax (Stage.step / stepBatch with fetch \'greedy\')', () => {
   for (const name of CAUSAL_FIXTURES) {
     test(`${name}: the tokens are the argmax of the logits a full fetch returns, alone and batched; no logits leave the run`, async () => {
