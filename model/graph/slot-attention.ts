@@ -254,7 +254,13 @@ function hostSlotAttention(ctx: BlockContext, plan: Rows, q3: string, k3: string
       return { out: g.o('MatMul', [pPast, pv]), pNew };
     });
     const batchRows = (ts: string[]) => g.o('Slice', [g.o('Concat', ts, { axis: 0 }), zero, plan.batch, zero]); // [B,…]
-    const out = g.o('Add', [batchRows(parts.map((x) => x.out)), g.o('MatMul', [batchRows(parts.map((x) => x.pNew)), vh])]); // [B,H,T,hd]
+    // float16 (the host slots CUDA runs): the new tokens' value product stays per row. Batched, ORT's float16 MatMul
+    // rounded a row differently from the same product alone (CPU EP, test/batching.test.ts), and a row must compute
+    // what batch 1 computes.
+    const vRows = half ? byRow(vh) : [];
+    const out = half
+      ? batchRows(parts.map((x, r) => g.o('Add', [x.out, g.o('MatMul', [x.pNew, vRows[r]])])))
+      : g.o('Add', [batchRows(parts.map((x) => x.out)), g.o('MatMul', [batchRows(parts.map((x) => x.pNew)), vh])]); // [B,H,T,hd]
     return flatRows(g.o('Transpose', [out], { perm: [0, 2, 1, 3] }));
   };
   // A batch of one row is row 0 as it is: no row slicing, padding or cutting, and rows 1… not run at all. At batch 1
