@@ -93,8 +93,9 @@ describe('continuous batching at a stage (decode steps of many sessions in one O
 });
 
 describe('a session\'s logits do not depend on its batch (graph version 15: the batch\'s new tokens attended once)', () => {
-  // float16: the host-slot graph CUDA runs (its casts around the scores and probabilities), stepped on the CPU here.
-  for (const name of CAUSAL_FIXTURES) for (const dtype of ['float32', 'float16'] as const) {
+  // float16: the host-slot graph CUDA runs (its casts around the scores and probabilities), stepped on the CPU here;
+  // int8/int4: MLAS's quantized kernels at 1 row and at 8 (GPT-2-small was bit-identical too, a scratch run).
+  for (const name of CAUSAL_FIXTURES) for (const dtype of ['float32', 'float16', 'int8', 'int4'] as const) {
     test(`${name} ${dtype}: alone and in a batch of 3 (5 idle graph rows, slots of different capacities), bit for bit`, async () => {
       const dir = fixtureDir(name);
       const spec = loadModelSpec(dir);
