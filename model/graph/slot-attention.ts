@@ -60,16 +60,16 @@ export const SLOT_IO = {
 export const DEFAULT_SLOT_ROWS = 8;
 
 interface RowPlan {
+  /** Device slots: the row's Slice bounds over [B, T] and GroupQueryAttention's seqlens_k and total ('' with host slots). */
   starts: string;
   ends: string;
   seqlens: string;
   total: string;
-  /** Host attention: which slot positions hold this row's past, and the causal block of its new tokens ('' with device slots). */
+  /** Host attention: which slot positions hold this row's past ('' with device slots). */
   pastAllowed: string;
-  newAllowed: string;
   /** Host attention: the positions the row's bound past holds (int64 [1]), the same in every layer ('' with device slots). */
   cap: string;
-  /** Host attention, batches of two or more: Split sizes [cap, T] of the row's softmax over [past | new]. */
+  /** Host attention: Split sizes [cap, T] of the row's softmax over [past | new]. */
   probSplit: string;
 }
 
@@ -78,7 +78,10 @@ interface Rows {
   batch: string;
   /** bool [1]: the batch has more than one row. */
   many: string;
+  /** Device slots: [1, T, D], an idle row's output padded to T tokens. */
   outShape: string;
+  /** Host attention: bool [T, T], the causal block of the new tokens (key <= query), the same for every batch row. */
+  newAllowed: string;
   /** Host attention: int64 [ROWS], the batch row each graph row reads (an idle row: the last, B − 1). */
   rowIndex: string;
 }
@@ -94,7 +97,6 @@ function rowPlan(ctx: BlockContext, rows: number, firstLayer: number): Rows {
   const bt = g.o('Shape', [ctx.positionIds]); // [B, T]
   const B = g.o('Slice', [bt, g.constInt64([0]), g.constInt64([1])]);
   const T = g.o('Slice', [bt, g.constInt64([1]), g.constInt64([2])]);
-  const outShape = g.o('Concat', [g.constInt64([1]), T, g.constInt64([spec.dModel])], { axis: 0 });
   if (ctx.opts.kvInPlace ?? false) {
     // Device slots: the plan comes in as inputs, which stay on the CPU where Slice and GQA read them. Computed here,
     // the WebGPU EP ran its int ops (and the If below) on the GPU and copied each result back: 22 GPU→host syncs
@@ -105,11 +107,11 @@ function rowPlan(ctx: BlockContext, rows: number, firstLayer: number): Rows {
       seqlens: g.input(SLOT_IO.rowSeqlens(0, r), I32, [1]),
       total: g.input(SLOT_IO.rowTotal(0, r), I32, []),
       pastAllowed: '',
-      newAllowed: '',
       cap: '',
       probSplit: '',
     }));
-    const devicePlan = { rows: rowsIn, batch: B, many: '', outShape, rowIndex: '' }; // many, rowIndex: the host path's only
+    const outShape = g.o('Concat', [g.constInt64([1]), T, g.constInt64([spec.dModel])], { axis: 0 });
+    const devicePlan = { rows: rowsIn, batch: B, many: '', outShape, newAllowed: '', rowIndex: '' }; // many, newAllowed, rowIndex: the host path's only
     plans.set(ctx.g, devicePlan);
     return devicePlan;
   }
@@ -118,40 +120,33 @@ function rowPlan(ctx: BlockContext, rows: number, firstLayer: number): Rows {
   const one = g.constInt64([1]);
   const zero = g.constInt64([0]);
   const scalar = (t: string) => g.o('Squeeze', [t, zero]);
-  // A row's RowPlan fields, in its order.
+  const range = (n: string) => g.o('Range', [g.constInt64([0], []), scalar(n), g.constInt64([1], [])]);
+  // A row's host plan, in RowPlan's order: pastAllowed, cap, probSplit.
   const planRow = (r: number): string[] => {
     const rc = g.constInt64([r]);
     const active = g.o('Less', [rc, B]);
-    const row = g.o('Min', [rc, lastRow]); // idle rows read a real row's query, clamped to one token
-    const len = g.o('Where', [active, T, one]);
-    const rowSeqlens = g.o('Where', [active, g.o('Gather', [seqlens, row], { axis: 0 }), g.constInt32([0])]); // int32 [1]
+    const len = g.o('Where', [active, T, one]); // an idle row: one token
+    const rowSeqlens = g.o('Where', [active, g.o('Gather', [seqlens, g.o('Min', [rc, lastRow])], { axis: 0 }), g.constInt32([0])]); // int32 [1]
     const total = scalar(g.o('Add', [rowSeqlens, g.constInt32([1])])); // int32 scalar
-    const starts = g.o('Concat', [row, zero], { axis: 0 });
-    const ends = g.o('Concat', [g.o('Add', [row, one]), len], { axis: 0 });
     const past = g.o('Sub', [g.o('Cast', [total], { to: I64 }), scalar(len)]); // cached positions before the step
     // The slot's capacity is the same in every layer: the first layer's past input tells it.
     const cap = g.o('Shape', [g.inputOnce(SLOT_IO.pastKey(firstLayer, r), ACT, [1, spec.heads, `slot_len_r${r}`, spec.headDim])], { start: 2, end: 3 });
-    const range = (n: string) => g.o('Range', [g.constInt64([0], []), scalar(n), g.constInt64([1], [])]);
-    const pastAllowed = g.o('Less', [range(cap), past]); // [cap]
-    const pos = range(len);
-    const newAllowed = g.o('LessOrEqual', [g.o('Unsqueeze', [pos, zero]), g.o('Unsqueeze', [pos, one])]); // [T,T]: key <= query
-    return [starts, ends, rowSeqlens, total, pastAllowed, newAllowed, cap, g.o('Concat', [cap, T], { axis: 0 })];
+    return [g.o('Less', [range(cap), past]), cap, g.o('Concat', [cap, T], { axis: 0 })];
   };
-  // At batch 1 every row r >= 1 is idle and its plan is a constant (it reads row 0's one token against its one-position
-  // scratch slot): an If hands those constants out rather than running ~20 nodes per row that batch 1 never needs.
-  const idleRow = (): string[] => [
-    g.constInt64([0, 0]), g.constInt64([1, 1]), g.constInt32([0]), g.constInt32([1], []),
-    g.constInt32([0], [1], BOOL), g.constInt32([1], [1, 1], BOOL), g.constInt64([1]), g.constInt64([1, 1]),
-  ];
+  // At batch 1 every row r >= 1 is idle and its plan is a constant (its one-position scratch slot, masked): an If
+  // hands those constants out rather than running ~10 nodes per row that batch 1 never needs.
+  const idleRow = (): string[] => [g.constInt32([0], [1], BOOL), g.constInt64([1]), g.constInt64([1, 1])];
   const many = g.o('Greater', [B, one]);
-  const types = [I64, I64, I32, I32, BOOL, BOOL, I64, I64];
+  const types = [BOOL, I64, I64];
   const rest = rows > 1
     ? g.ifThen(many, () => Array.from({ length: rows - 1 }, (_, i) => planRow(i + 1)).flat(), () => Array.from({ length: rows - 1 }, idleRow).flat(), Array.from({ length: rows - 1 }, () => types).flat())
     : [];
   const fields = [planRow(0), ...Array.from({ length: rows - 1 }, (_, i) => rest.slice(i * types.length, (i + 1) * types.length))];
-  const plan = fields.map(([starts, ends, rowSeqlens, total, pastAllowed, newAllowed, cap, probSplit]) => ({ starts, ends, seqlens: rowSeqlens, total, pastAllowed, newAllowed, cap, probSplit }));
+  const plan = fields.map(([pastAllowed, cap, probSplit]) => ({ starts: '', ends: '', seqlens: '', total: '', pastAllowed, cap, probSplit }));
+  const pos = range(T);
+  const newAllowed = g.o('LessOrEqual', [g.o('Unsqueeze', [pos, zero]), g.o('Unsqueeze', [pos, one])]); // [T,T]: key <= query
   const rowIndex = g.o('Min', [g.constInt64(Array.from({ length: rows }, (_, r) => r)), lastRow]);
-  const rowsOut = { rows: plan, batch: B, many, outShape, rowIndex };
+  const rowsOut = { rows: plan, batch: B, many, outShape: '', newAllowed, rowIndex };
   plans.set(ctx.g, rowsOut);
   return rowsOut;
 }
@@ -227,7 +222,7 @@ function hostSlotAttention(ctx: BlockContext, plan: Rows, q3: string, k3: string
   const attend = (r: number, q: string, k: string, vv: string): string => {
     const p = plan.rows[r];
     const { pk, pv } = past[r];
-    const all = g.o('Concat', [g.o('Where', [p.pastAllowed, scores(q, pk), masked]), g.o('Where', [p.newAllowed, scores(q, k), masked])], { axis: 3 });
+    const all = g.o('Concat', [g.o('Where', [p.pastAllowed, scores(q, pk), masked]), g.o('Where', [plan.newAllowed, scores(q, k), masked])], { axis: 3 });
     let probs = g.o('Softmax', [all], { axis: -1 });
     if (half) probs = g.o('Cast', [probs], { to: ACT });
     const [pPast, pNew] = g.op('Split', [probs, p.probSplit], { axis: 3 }, 2);
@@ -241,7 +236,7 @@ function hostSlotAttention(ctx: BlockContext, plan: Rows, q3: string, k3: string
   // so a session's values do not depend on what it is batched with: a replay after a fault, batched differently,
   // stays bit-identical. 6 nodes per row and 14 per layer instead of 17 per row: at 8 rows 62 nodes a layer, not 139.
   const everyRow = (): string => {
-    const sNew = g.o('Where', [plan.rows[0].newAllowed, scores(qh, kh), masked]); // [B,H,T,T], causal
+    const sNew = g.o('Where', [plan.newAllowed, scores(qh, kh), masked]); // [B,H,T,T], causal
     // Each graph row's q and new scores, [1,H,T,…]: one Gather and one Split for all rows (an idle row reads row B−1).
     const byRow = (t: string) => g.op('Split', [g.o('Gather', [t, plan.rowIndex], { axis: 0 })], { axis: 0, num_outputs: plan.rows.length }, plan.rows.length);
     const [qRows, sRows] = [byRow(qh), byRow(sNew)];
