@@ -1,5 +1,6 @@
 import { parseDevice, type StageSession } from './executor.ts';
 import { DEFAULT_SLOT_ROWS } from './graph/slot-attention.ts';
+import { holdsBatch1Graph } from './memory.ts';
 import { rangeLabel } from './range.ts';
 import { prepareAndOpen, type PrepareOptions, type PreparedStage } from './stage-cache.ts';
 
@@ -12,20 +13,13 @@ import { prepareAndOpen, type PrepareOptions, type PreparedStage } from './stage
  * graph (in process, 2026-12-06, Intel Xeon host; bench/RESULTS.md), ~1 ms on an AMD EPYC host. The cost is per
  * layer, not per weight, so it counts where layers are small: there a stage also holds a one-row session (its own
  * copy of the packed weights) and runs every one-row step in it. The two graphs compute row 0 with the same nodes,
- * so a session's tokens do not depend on which graph ran it (test/batch1-graph.test.ts).
- *
- * STRATA_BATCH1_GRAPH: unset or `auto`, a CPU stage of at most BATCH1_GRAPH_MAX_BYTES of weights; `on`, every CPU
- * stage of more than one row; `off`, none. Host slots only: a WebGPU graph has no If (its rows run GroupQueryAttention).
+ * so a session's tokens do not depend on which graph ran it (test/batch1-graph.test.ts). Which stages hold one
+ * (STRATA_BATCH1_GRAPH): model/memory.ts, holdsBatch1Graph, the same decision the memory model counts.
  */
-export const BATCH1_GRAPH_MAX_BYTES = 256 * 2 ** 20;
-
-export function batch1GraphUsed(rows: number, deviceKind: string, weightBytes: number, env = process.env.STRATA_BATCH1_GRAPH): boolean {
-  if (rows <= 1 || deviceKind !== 'cpu' || env === 'off') return false;
-  return env === 'on' || weightBytes <= BATCH1_GRAPH_MAX_BYTES;
-}
+export { BATCH1_GRAPH_MAX_BYTES, batch1GraphUsed } from './memory.ts';
 
 /**
- * Opens the one-row graph of a stage whose batch graph `main` is open, when batch1GraphUsed says so (decoders only):
+ * Opens the one-row graph of a stage whose batch graph `main` is open, when holdsBatch1Graph says so:
  * built or taken from the stage cache like any stage graph (its own cache entry, rows 1). Its build reports text
  * only: the stage's load state stays at loading until both sessions are open. It only ever saves time, so a one-row
  * graph that cannot be built or opened (a full disk, say) is said and left out: the batch graph runs every batch.
@@ -36,7 +30,7 @@ export async function openBatch1Graph(
   prepare: PrepareOptions,
   open: (p: PreparedStage, log: (m: string) => void) => Promise<StageSession>,
 ): Promise<StageSession | null> {
-  if (!main.spec.causal || !batch1GraphUsed(prepare.rows ?? DEFAULT_SLOT_ROWS, parseDevice(prepare.device).kind, main.paramBytes)) return null;
+  if (!holdsBatch1Graph(main.spec, main.range, main.dtype, prepare.rows ?? DEFAULT_SLOT_ROWS, parseDevice(prepare.device).kind)) return null;
   const say = (m: string) => prepare.onProgress?.(`one-row graph for batch 1: ${m}`);
   say(`stage ${rangeLabel(main.range)} also holds a one-row graph for its runs of one row (STRATA_BATCH1_GRAPH=off: none)`);
   try {

@@ -7,7 +7,6 @@ import { MAX_SLOTS, slotBytes } from './kv-slots.ts';
 import { stageParamCount, stageWeights, keyPrefix } from './layout.ts';
 import { rangeLabel, type BlockRange } from './range.ts';
 import { DEFAULT_PREFILL_CHUNK } from './generation.ts';
-import { batch1GraphUsed } from './batch1-graph.ts';
 import { DEFAULT_SLOT_ROWS } from './graph/slot-attention.ts';
 
 /**
@@ -63,9 +62,28 @@ export function stageKvSlots(spec: ModelSpec, range: BlockRange, dtype: StageDTy
   return { slots: Math.min(MAX_SLOTS, Math.max(1, Math.floor(kvBudgetBytes / one))), slotBytes: one };
 }
 
+/** A stage's weight bytes in `dtype` as the planner counts them, before any graph is built. */
+const plannedWeightBytes = (spec: ModelSpec, range: BlockRange, dtype: StageDType): number =>
+  stageParamCount(stageWeights(spec, range, keyPrefix(spec, () => true))) * bytesPerWeight(dtype);
+
+/**
+ * Which decoder stages also hold a one-row graph for batch 1 (model/batch1-graph.ts), decided here from the planner's
+ * weight figure so that the memory model and the loaders agree. STRATA_BATCH1_GRAPH: unset or `auto`, a CPU stage of
+ * at most BATCH1_GRAPH_MAX_BYTES of weights; `on`, every CPU stage of more than one row; `off`, none. Host slots only:
+ * a WebGPU graph has no If (its rows run GroupQueryAttention).
+ */
+export const BATCH1_GRAPH_MAX_BYTES = 256 * 2 ** 20;
+
+export function batch1GraphUsed(rows: number, deviceKind: string, weightBytes: number, env = process.env.STRATA_BATCH1_GRAPH): boolean {
+  if (rows <= 1 || deviceKind !== 'cpu' || env === 'off') return false;
+  return env === 'on' || weightBytes <= BATCH1_GRAPH_MAX_BYTES;
+}
+
+export const holdsBatch1Graph = (spec: ModelSpec, range: BlockRange, dtype: StageDType, rows: number, deviceKind: string): boolean =>
+  spec.causal && batch1GraphUsed(rows, deviceKind, plannedWeightBytes(spec, range, dtype));
+
 export function stageMemory(spec: ModelSpec, range: BlockRange, dtype: StageDType, o: StageMemoryOptions): StageMemory {
-  const params = stageParamCount(stageWeights(spec, range, keyPrefix(spec, () => true)));
-  const weights = params * bytesPerWeight(dtype);
+  const weights = plannedWeightBytes(spec, range, dtype);
   const act = dtype === 'float16' ? 2 : 4;
   const { slots, slotBytes: one } = stageKvSlots(spec, range, dtype, o.kvBudgetBytes);
   const kv = slots * one;
@@ -83,7 +101,7 @@ export function stageMemory(spec: ModelSpec, range: BlockRange, dtype: StageDTyp
   const queued = slots * Math.min(DEFAULT_PREFILL_CHUNK, T) * D * act * 2;
   const activations = ARENA_GROWTH * (blockPeak + newKv) + queued;
   const runtime = RUNTIME_BASE_BYTES + weights * WEIGHT_OVERHEAD[dtype];
-  const batch1 = spec.causal && batch1GraphUsed(o.rows ?? DEFAULT_SLOT_ROWS, o.deviceKind ?? 'cpu', weights) ? weights * (1 + WEIGHT_OVERHEAD[dtype]) : 0;
+  const batch1 = holdsBatch1Graph(spec, range, dtype, o.rows ?? DEFAULT_SLOT_ROWS, o.deviceKind ?? 'cpu') ? weights * (1 + WEIGHT_OVERHEAD[dtype]) : 0;
   return { weights, kv, activations, runtime, batch1Graph: batch1, total: weights + kv + activations + runtime + batch1 };
 }
 
