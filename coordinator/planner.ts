@@ -16,8 +16,8 @@ import type { BlockRange } from '../model/range.ts';
 
 export type PlanDtype = StageDType;
 /**
- * Bytes per weight in each stage dtype. int8/int4 count their codes plus one float32 scale per 32-weight block
- * (1.125 and 0.625 bytes); the few tensors that stay float32 there (norms, biases, position tables: under 1 % of a
+ * Bytes per weight in each stage dtype. int8/int4 count their codes plus one float32 scale and one zero point per
+ * 32-weight block (int8: 1.156 bytes; int4: 0.641); the few tensors that stay float32 there (norms, biases, position tables: under 1 % of a
  * GPT's weights) are counted at the same rate, so quantized footprints read up to ~1 % low.
  */
 export const DTYPE_BYTES: Record<PlanDtype, number> = Object.fromEntries(WEIGHT_DTYPES.map((d) => [d, bytesPerWeight(d)])) as Record<PlanDtype, number>;
@@ -206,7 +206,7 @@ function doesNotFit(spec: ModelSpec, workers: WorkerCapacity[], dtype: PlanDtype
   const total = workers.reduce((a, w) => a + w.memoryBytes, 0);
   const largest = Math.max(...workers.map((w) => w.memoryBytes));
   const firstMin = fp.params(0, 1) * bytes + reserve, lastMin = fp.params(B - 1, B) * bytes + reserve;
-  const hint = [dtype === 'float32' ? 'use --dtype float16 (halves the weights) or int8 (about 28 %)' : dtype === 'float16' ? 'use --dtype int8 or int4 (weight-only quantized)' : null, 'add workers or give them more memory', reserve > 0 ? 'lower the KV reserve' : null].filter(Boolean).join(', or ');
+  const hint = [dtype === 'float32' ? 'use --dtype float16 (halves the weights) or int8 (about 29 %)' : dtype === 'float16' ? 'use --dtype int8 or int4 (weight-only quantized)' : null, 'add workers or give them more memory', reserve > 0 ? 'lower the KV reserve' : null].filter(Boolean).join(', or ');
   return new StrataError(
     'plan_does_not_fit',
     `${spec.family} (${B} blocks, ${fmtParams(fp.params(0, B))} params) does not fit ${workers.length} worker(s) in ${dtype}: ` +

@@ -41,7 +41,9 @@ export const ARENA_GROWTH = 2;
  * packed. Measured with /proc/self/smaps and VmHWM after ORT loaded a GPT-J stage (2026-12-03): int8 3.41 GB packed
  * + 0.34 GB scales for 3.18 GB of weights, VmHWM ×1.23–1.36; int4 [24, 28) 748 MB packed + 136 MB scales and zero
  * points for 649 MB, VmHWM ×1.43–1.61. With 0.1 for int8 the planner fell 5–9 % short of two GPT-J workers' peaks
- * at its own worst case (README, "The planner against its own worst case").
+ * at its own worst case (README, "The planner against its own worst case"). int8 with a zero point per block
+ * (2026-12-06) stores 1.156 bytes a weight for the same packed copy: a lower ratio, so 0.25 stays on the safe side;
+ * in blocks of 64 (STRATA_INT8_BLOCK) GPT-J's stages peaked at ×1.14 / ×1.27 of their weights after load.
  */
 export const WEIGHT_OVERHEAD: Record<StageDType, number> = { float32: 0.1, float16: 0.1, int8: 0.25, int4: 0.45 };
 
@@ -162,7 +164,7 @@ export function checkDtypeOnDevice(dtype: StageDType, deviceKind: string): void 
     throw new StrataError(
       'float16_on_cpu',
       '--dtype float16 on a CPU device: ONNX Runtime\'s CPU execution provider computes these layers in float32 and keeps float32 copies of the float16 weights, so the stage would take more memory than float32 (measured 2.7× its float16 bytes) and run no faster. ' +
-        'Use --dtype float32 on a CPU (same numbers, less memory), --dtype int8 or int4 (weight-only quantized: about 28 % / 16 % of float32), or --device cuda:N for real float16',
+        'Use --dtype float32 on a CPU (same numbers, less memory), --dtype int8 or int4 (weight-only quantized: about 29 % / 16 % of float32), or --device cuda:N for real float16',
     );
   }
 }

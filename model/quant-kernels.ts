@@ -9,8 +9,7 @@ import { Worker } from 'node:worker_threads';
  * on every install, so the loops are hand-written WebAssembly. STRATA_QUANT_SIMD=0 runs the JavaScript loops instead.
  */
 interface Kernels {
-  q8f16(src: number, blocks: number, blockSize: number, codes: number, scales: number): void;
-  q8f32(src: number, blocks: number, blockSize: number, codes: number, scales: number): void;
+  q8(src: number, width: number, blocks: number, blockSize: number, codes: number, scales: number, zeros: number): void;
   q4(src: number, width: number, blocks: number, blockSize: number, codes: number, scales: number, zeros: number, tmp: number): void;
   t32(src: number, rows: number, n: number, dst: number, k: number): void;
 }
@@ -49,7 +48,7 @@ function reserve(memory: WebAssembly.Memory, bytes: number): void {
 }
 
 type KernelName = Exclude<keyof Kernels, 't32'>; // the transpose runs on the builder's thread only
-const KERNEL_IDS: Record<KernelName, number> = { q8f16: 0, q8f32: 1, q4: 2 };
+const KERNEL_IDS: Record<KernelName, number> = { q8: 0, q4: 1 };
 
 /** One kernel call on this thread. */
 const call = (inst: Instance, kernel: KernelName, args: number[]): void => (inst.kernels[kernel] as (...a: number[]) => void)(...args);
@@ -134,7 +133,7 @@ const HELPER = `
 const { workerData } = require('node:worker_threads');
 const { module, memory, control, at } = workerData;
 const k = new WebAssembly.Instance(module, { env: { memory } }).exports;
-const kernels = [k.q8f16, k.q8f32, k.q4];
+const kernels = [k.q8, k.q4];
 const c = new Int32Array(control, at * 64, 16);
 for (let seen = 0; ; ) {
   Atomics.wait(c, 0, seen);
@@ -193,7 +192,7 @@ export class Transposer {
 /** Weights quantized per call: whole rows, about this many bytes of them. */
 const CHUNK_BYTES = 4 << 20;
 
-/** A matrix's int8 codes, produced a chunk of rows at a time, and its scales, complete once every chunk was taken. */
+/** A matrix's int8 codes, produced a chunk of rows at a time; scales and zero points complete after the last. */
 export interface Int8Stream {
   /**
    * The codes [n·k] in row order, a few MiB at a time. Each piece is a view of the kernels' memory that the next
@@ -202,48 +201,54 @@ export interface Int8Stream {
   codes(): Iterable<Uint8Array>;
   /** [n·k / blockSize] float32 scales: asked for after the last piece of the codes. */
   scales(): Float32Array;
+  /** [n·k / blockSize] zero points, a byte each: asked for after the last piece of the codes. */
+  zeroPoints(): Uint8Array;
 }
 
 /**
- * int8 absmax quantization of a row-major [n, k] matrix of binary16 bits (width 2) or float32 (width 4), whose
- * stored bytes `read(from, into)` fills `into` with from byte `from` on: from a file, only a few MiB of the matrix is
- * ever in memory. Null where the kernels cannot take it: a partial block at a row's end (k not a multiple of the
- * block), or no kernels; the caller's JavaScript loop does it then.
+ * int8 quantization (each block's own zero point, quantizeRows's) of a row-major [n, k] matrix of binary16 bits
+ * (width 2) or float32 (width 4), whose stored bytes `read(from, into)` fills `into` with from byte `from` on: from a
+ * file, only a few MiB of the matrix is ever in memory. Null where the kernels cannot take it: a partial block at a
+ * row's end (k not a multiple of the block), or no kernels; the caller's JavaScript loop does it then.
  */
-export function int8Stream(read: (from: number, into: Uint8Array) => void, width: 2 | 4, n: number, k: number, blockSize: number, scalesOut?: Float32Array, pool?: QuantPool | null): Int8Stream | null {
+export function int8Stream(read: (from: number, into: Uint8Array) => void, width: 2 | 4, n: number, k: number, blockSize: number, out?: { scales: Float32Array; zeroPoints: Uint8Array }, pool?: QuantPool | null): Int8Stream | null {
   const inst = instance();
   if (!inst || k % blockSize !== 0 || blockSize % 16 !== 0) return null;
-  const scales = scalesOut ?? new Float32Array((n * k) / blockSize);
+  const scales = out?.scales ?? new Float32Array((n * k) / blockSize);
+  const zeroPoints = out?.zeroPoints ?? new Uint8Array((n * k) / blockSize);
   let done = false;
+  const finished = <T>(part: T): T => {
+    if (!done) throw new Error('int8Stream: scales and zero points asked for before the last piece of the codes');
+    return part;
+  };
   return {
     *codes() {
       const rows = Math.max(1, Math.floor(CHUNK_BYTES / (k * width)));
       const codesAt = rows * k * width;
       const scalesAt = codesAt + rows * k;
-      const need = scalesAt + ((rows * k) / blockSize) * 4;
-      reserve(inst.memory, need);
+      const zerosAt = scalesAt + ((rows * k) / blockSize) * 4;
+      reserve(inst.memory, zerosAt + (rows * k) / blockSize);
       const heap = new Uint8Array(inst.memory.buffer);
       for (let r = 0; r < n; r += rows) {
         const m = Math.min(rows, n - r);
         const blocks = (m * k) / blockSize;
         read(r * k * width, heap.subarray(0, m * k * width));
-        runKernel(inst, pool, width === 2 ? 'q8f16' : 'q8f32', [0, blocks, blockSize, codesAt, scalesAt], [blockSize * width, 0, 0, blockSize, 4], 1);
+        runKernel(inst, pool, 'q8', [0, width, blocks, blockSize, codesAt, scalesAt, zerosAt], [blockSize * width, 0, 0, 0, blockSize, 4, 1], 2);
         scales.set(new Float32Array(heap.buffer, scalesAt, blocks), (r * k) / blockSize);
+        zeroPoints.set(heap.subarray(zerosAt, zerosAt + blocks), (r * k) / blockSize);
         yield heap.subarray(codesAt, codesAt + m * k);
       }
       done = true;
     },
-    scales() {
-      if (!done) throw new Error('int8Stream: scales asked for before the last piece of the codes');
-      return scales;
-    },
+    scales: () => finished(scales),
+    zeroPoints: () => finished(zeroPoints),
   };
 }
 
-/** int8Stream over a matrix in memory, into `data` [n·k] and `scales`; false where the kernels cannot take it. */
-export function quantizeInt8Blocks(w: Uint16Array | Float32Array, n: number, k: number, blockSize: number, data: Uint8Array, scales: Float32Array, pool?: QuantPool | null): boolean {
+/** int8Stream over a matrix in memory, into `data` [n·k], `scales` and `zeroPoints`; false where the kernels cannot take it. */
+export function quantizeInt8Blocks(w: Uint16Array | Float32Array, n: number, k: number, blockSize: number, data: Uint8Array, scales: Float32Array, zeroPoints: Uint8Array, pool?: QuantPool | null): boolean {
   const bytes = new Uint8Array(w.buffer, w.byteOffset, w.byteLength);
-  const stream = int8Stream((from, into) => into.set(bytes.subarray(from, from + into.byteLength)), w.BYTES_PER_ELEMENT as 2 | 4, n, k, blockSize, scales, pool);
+  const stream = int8Stream((from, into) => into.set(bytes.subarray(from, from + into.byteLength)), w.BYTES_PER_ELEMENT as 2 | 4, n, k, blockSize, { scales, zeroPoints }, pool);
   if (!stream) return false;
   drain(stream.codes(), data);
   return true;

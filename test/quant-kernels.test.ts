@@ -1,5 +1,5 @@
-// The int8 quantizer's WebAssembly kernels (model/quant-kernels.wat) against the JavaScript loops they replace:
-// identical codes and scales on random weights, on every kind of binary16 and float32 value a checkpoint can hold
+// The quantizer's WebAssembly kernels (model/quant-kernels.wat) against the JavaScript loops they replace:
+// identical codes, scales and zero points on random weights, on every kind of binary16 and float32 value a checkpoint can hold
 // (subnormals, ±0, ±∞, NaN, values exactly halfway between two codes), and the embedded module is the source's.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -20,54 +20,66 @@ import { dirname, join } from 'node:path';
 let seed = 20261203;
 const rnd = () => ((seed = (Math.imul(seed, 1664525) + 1013904223) >>> 0) / 2 ** 32);
 
-function both<T extends Uint16Array | Float32Array>(w: T, n: number, k: number, blockSize: number, reference: (w: T, n: number, k: number, b: number, d: Uint8Array, s: Float32Array) => void) {
+function both<T extends Uint16Array | Float32Array>(w: T, n: number, k: number, blockSize: number, reference: (w: T, n: number, k: number, b: number, d: Uint8Array, s: Float32Array, z: Uint8Array) => void) {
   const [d1, d2] = [new Uint8Array(n * k), new Uint8Array(n * k)];
   const [s1, s2] = [new Float32Array((n * k) / blockSize), new Float32Array((n * k) / blockSize)];
-  assert.equal(quantizeInt8Blocks(w, n, k, blockSize, d1, s1), true, 'the kernels took whole blocks');
-  reference(w, n, k, blockSize, d2, s2);
-  return { kernel: { d: d1, s: s1 }, reference: { d: d2, s: s2 } };
+  const [z1, z2] = [new Uint8Array((n * k) / blockSize), new Uint8Array((n * k) / blockSize)];
+  assert.equal(quantizeInt8Blocks(w, n, k, blockSize, d1, s1, z1), true, 'the kernels took whole blocks');
+  reference(w, n, k, blockSize, d2, s2, z2);
+  return { kernel: { d: d1, s: s1, z: z1 }, reference: { d: d2, s: s2, z: z2 } };
 }
 
 function assertSame(r: ReturnType<typeof both>) {
   const diff = r.kernel.d.findIndex((c, i) => c !== r.reference.d[i]);
   assert.equal(diff, -1, `first differing code at ${diff}: kernel ${r.kernel.d[diff]}, reference ${r.reference.d[diff]}`);
   assert.deepEqual(new Uint32Array(r.kernel.s.buffer), new Uint32Array(r.reference.s.buffer), 'scales bit for bit');
+  assert.deepEqual(r.kernel.z, r.reference.z, 'zero points');
 }
 
 test('the embedded kernels are model/quant-kernels.wat as assembled now (else: npm run build:wasm)', async () => {
   assert.equal(Buffer.from(await assembleQuantKernels()).toString('base64'), QUANT_KERNELS_WASM);
 });
 
-test('binary16 weights: every bit pattern, random rows, ties, non-finite values — codes and scales as the JS loop', () => {
+test('int8 from binary16 weights: every bit pattern, random rows, ties, non-finite values — codes, scales and zero points as the JS loop', () => {
   // All 65536 patterns, in blocks of 32 (so NaNs and infinities land among finite values and rule whole blocks).
   assertSame(both(Uint16Array.from({ length: 65536 }, (_, i) => i), 64, 1024, 32, int8BlocksF16));
-  // Gaussian-ish weights of several magnitudes, block sizes 16…128, more rows than one kernel call takes.
+  // Gaussian-ish weights of several magnitudes, block sizes 16…128, more rows than one kernel call takes; and blocks
+  // of one sign (0 is the range's end: zero point 0 or 255).
   for (const blockSize of [16, 32, 64, 128]) {
     const [n, k] = [300, 4096];
     const w = new Uint16Array(n * k);
     for (let i = 0; i < w.length; i++) w[i] = Math.floor(rnd() * 0x7800) | (rnd() < 0.5 ? 0x8000 : 0) & 0xffff;
+    for (let i = 0; i < k; i++) w[i] &= 0x7fff;
+    for (let i = k; i < 2 * k; i++) w[i] |= 0x8000;
     assertSame(both(w, n, k, blockSize, int8BlocksF16));
   }
-  // Exact ties: a block of amax 127 (scale 1) holding k + 0.5 and −(k + 0.5), which round away from zero.
+  // Exact ties: a block spanning [−127.5, 127.5] (scale 1, zero point 128) holding j + 0.5 and −(j + 0.5), which
+  // round half to even.
   const f16 = (x: number) => { const f = new Float32Array([x]); const u = new Uint32Array(f.buffer)[0]; return ((u >>> 16) & 0x8000) | ((((u >>> 23) & 0xff) - 112) << 10) | ((u >>> 13) & 0x3ff); };
-  const ties = Uint16Array.from({ length: 32 }, (_, i) => f16(i === 0 ? 127 : ((i % 2 ? 1 : -1) * (i + 0.5))));
+  const ties = Uint16Array.from({ length: 32 }, (_, i) => f16(i === 0 ? 127.5 : i === 31 ? -127.5 : ((i % 2 ? 1 : -1) * (i + 0.5))));
   const t = both(ties, 1, 32, 32, int8BlocksF16);
   assertSame(t);
+  assert.equal(t.kernel.s[0], 1);
+  assert.equal(t.kernel.z[0], 128);
   assert.equal(t.kernel.d[1], 128 + 2, '1.5 → 2');
-  assert.equal(t.kernel.d[2], 128 - 3, '−2.5 → −3');
-  assert.deepEqual(Array.from(float16ToFloat32(ties.subarray(0, 3))), [127, 1.5, -2.5]);
+  assert.equal(t.kernel.d[2], 128 - 2, '−2.5 → −2');
+  assert.equal(t.kernel.d[3], 128 + 4, '3.5 → 4');
+  assert.deepEqual(Array.from(float16ToFloat32(ties.subarray(0, 3))), [127.5, 1.5, -2.5]);
 });
 
-test('float32 weights: random, subnormal, ±0, ±∞, NaN, ties — codes and scales as the JS loop', () => {
+test('int8 from float32 weights: random, subnormal, ±0, ±∞, NaN, ties, one-signed blocks — codes, scales and zero points as the JS loop', () => {
   for (const blockSize of [16, 32, 64]) {
     const [n, k] = [200, 2560];
     const w = new Float32Array(n * k);
     for (let i = 0; i < w.length; i++) w[i] = (rnd() - 0.5) * 10 ** Math.floor(rnd() * 8 - 6);
     const special = [0, -0, Infinity, -Infinity, NaN, 1e-45, -1e-40, 3.4e38, 0.5, -0.5, 126.5, -126.5];
     for (let i = 0; i < 4000; i++) w[Math.floor(rnd() * w.length)] = special[i % special.length];
+    for (let i = 0; i < k; i++) w[i] = Math.abs(w[i]);
+    for (let i = k; i < 2 * k; i++) w[i] = -Math.abs(w[i]);
+    w.fill(0, 2 * k, 3 * k);
     assertSame(both(w, n, k, blockSize, int8BlocksF32));
   }
-  const ties = Float32Array.from({ length: 16 }, (_, i) => (i === 0 ? -127 : (i % 2 ? 1 : -1) * (i + 0.5)));
+  const ties = Float32Array.from({ length: 16 }, (_, i) => (i === 0 ? -127.5 : i === 15 ? 127.5 : (i % 2 ? 1 : -1) * (i + 0.5)));
   assertSame(both(ties, 1, 16, 16, int8BlocksF32));
 });
 
@@ -119,7 +131,7 @@ test('int4 from binary16 bits: every bit pattern, widened in the kernel, searche
 });
 
 test('a partial last block is left to the JavaScript loop', () => {
-  assert.equal(quantizeInt8Blocks(new Float32Array(40), 1, 40, 32, new Uint8Array(64), new Float32Array(2)), false);
+  assert.equal(quantizeInt8Blocks(new Float32Array(40), 1, 40, 32, new Uint8Array(64), new Float32Array(2), new Uint8Array(2)), false);
   assert.equal(quantizeInt4Blocks(new Float32Array(40), 1, 40, 32, new Uint8Array(32), new Float32Array(2), new Uint8Array(1)), false);
 });
 
@@ -164,11 +176,12 @@ test('int8 and int4 stages built from F16 and F32 checkpoints stream every [out,
         // The token table (GatherBlockQuantized), a 64 → 256 and a 256 → 64 matrix, in several shards.
         for (const [key, n, k] of [['transformer.wte.weight', 96, 64], ['transformer.h.0.mlp.fc_in.weight', 256, 64], ['transformer.h.1.mlp.fc_out.weight', 64, 256]] as const) {
           const raw = ck.readRaw(key, [n, k]);
-          const [data, scales] = [new Uint8Array(n * k), new Float32Array((n * k) / 32)];
-          if (dtype === 'F16') int8BlocksF16(new Uint16Array(raw.bytes.buffer), n, k, 32, data, scales);
-          else int8BlocksF32(new Float32Array(raw.bytes.buffer), n, k, 32, data, scales);
+          const [data, scales, zeros] = [new Uint8Array(n * k), new Float32Array((n * k) / 32), new Uint8Array((n * k) / 32)];
+          if (dtype === 'F16') int8BlocksF16(new Uint16Array(raw.bytes.buffer), n, k, 32, data, scales, zeros);
+          else int8BlocksF32(new Float32Array(raw.bytes.buffer), n, k, 32, data, scales, zeros);
           assert.deepEqual(init(`${key}.q8`), Buffer.from(data), `${dtype} ${key}: codes`);
           assert.deepEqual(init(`${key}.q8.scales`), Buffer.from(scales.buffer), `${dtype} ${key}: scales`);
+          assert.deepEqual(init(`${key}.q8.zp`), Buffer.from(zeros), `${dtype} ${key}: zero points`);
           const wide = dtype === 'F16' ? float16ToFloat32(new Uint16Array(raw.bytes.buffer)) : new Float32Array(raw.bytes.buffer);
           assertInt4Stored(init4, key, wide, n, k, dtype);
         }
@@ -197,10 +210,11 @@ test('a Conv1D checkpoint (GPT-2: [in, out] matrices) streams its transpose thro
           const f = dtype === 'F16' ? float16ToFloat32(new Uint16Array(raw.bytes.buffer)) : new Float32Array(raw.bytes.buffer);
           const t = transpose(f, rows, cols);
           const [n, k] = [cols, rows];
-          const [d8, s8] = [new Uint8Array(n * k), new Float32Array((n * k) / 32)];
-          int8BlocksF32(t, n, k, 32, d8, s8);
+          const [d8, s8, z8] = [new Uint8Array(n * k), new Float32Array((n * k) / 32), new Uint8Array((n * k) / 32)];
+          int8BlocksF32(t, n, k, 32, d8, s8, z8);
           assert.deepEqual(init8(`${key}.q8`), Buffer.from(d8), `${dtype} ${key}: int8 codes`);
           assert.deepEqual(init8(`${key}.q8.scales`), Buffer.from(s8.buffer), `${dtype} ${key}: int8 scales`);
+          assert.deepEqual(init8(`${key}.q8.zp`), Buffer.from(z8), `${dtype} ${key}: int8 zero points`);
           assertInt4Stored(init4, key, t, n, k, dtype);
         }
       } finally {
@@ -242,9 +256,9 @@ test('QuantPool: the kernels split across 2–4 threads give the codes, scales a
         const w = Float32Array.from({ length: n * k }, () => (rnd() - 0.5) * 10 ** Math.floor(rnd() * 4 - 3));
         const h = Uint16Array.from({ length: n * k }, () => Math.floor(rnd() * 0x7c00) | (rnd() < 0.5 ? 0x8000 : 0));
         const int8 = (x: Float32Array | Uint16Array, p: QuantPool | null) => {
-          const [d, sc] = [new Uint8Array(n * k), new Float32Array((n * k) / 32)];
-          assert.ok(quantizeInt8Blocks(x, n, k, 32, d, sc, p));
-          return [d, new Uint8Array(sc.buffer)];
+          const [d, sc, z] = [new Uint8Array(n * k), new Float32Array((n * k) / 32), new Uint8Array((n * k) / 32)];
+          assert.ok(quantizeInt8Blocks(x, n, k, 32, d, sc, z, p));
+          return [d, new Uint8Array(sc.buffer), z];
         };
         const int4 = (p: QuantPool | null) => {
           const [d, sc, z] = [new Uint8Array((n * k) / 2), new Float32Array((n * k) / 32), new Uint8Array(n * Math.ceil(k / 64))];

@@ -1,33 +1,39 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { checkQuantKernels, dequantizeRows, quantizedBytes, quantizeRows, quantizeRowsF16, QUANT_SCHEMES, schemeKey, transpose } from '../model/quantize.ts';
+import { checkQuantKernels, dequantizeRows, quantizedBytes, quantizeRows, quantizeRowsF16, QUANT_SCHEMES, quantScheme, schemeKey, transpose } from '../model/quantize.ts';
 import { bytesPerWeight, f32ToF16, float16ToFloat32, parseStageDType } from '../model/dtype.ts';
 import { isStrataError } from '../model/errors.ts';
 import { transposeInBands } from '../model/graph/linear.ts';
 
-// The quantizer itself: ggml's q8_0 rounding, int4's zero points, MatMulNBits's packing, error bounds.
+// The quantizer itself: int8's and int4's zero points, MatMulNBits's packing, error bounds.
 
 const rng = (seed: number) => () => ((seed = (seed * 1103515245 + 12345) >>> 0) / 2 ** 32 - 0.5);
 
-test('int8: scale = amax/127, codes round half away from zero, stored with zero point 128', () => {
-  const row = Float32Array.from({ length: 32 }, (_, i) => (i - 16) / 16); // amax = 1 at i = 0
-  row[5] = 0.5 * (1 / 127) * 3; // exactly 1.5 steps: rounds away from zero to 2
-  row[6] = -row[5];
-  const q = quantizeRows(row, 1, 32, QUANT_SCHEMES.int8);
-  assert.equal(q.scales[0], Math.fround(1 / 127));
-  assert.equal(q.data[0], 128 - 127);
-  assert.equal(q.data[5], 128 + 2);
-  assert.equal(q.data[6], 128 - 2);
-  assert.equal(q.data[16], 128);
+test('int8: each block of 32 spans its own [min, max] (0 included) over 255 steps, its zero point a code', () => {
+  const row = Float32Array.from({ length: 64 }, (_, i) => (i - 16) / 16); // block 0: [−1, 1) ; block 1: [1, 3)
+  const q = quantizeRows(row, 1, 64, QUANT_SCHEMES.int8);
+  assert.equal(q.kBlocks, 2);
+  assert.equal(q.scales[0], Math.fround(Math.fround(15 / 16 + 1) / 255));
+  assert.equal(q.zeroPoints[0], Math.round(1 / q.scales[0]), 'block 0: the zero point puts −1 on code 0');
+  assert.equal(q.data[0], 0);
+  assert.equal(q.data[31], 255);
+  assert.equal(q.data[16], q.zeroPoints[0], '0 is stored exactly: its code is the zero point');
+  // A block of one sign still holds 0: its zero point is the range's end.
+  assert.equal(q.zeroPoints[1], 0);
+  assert.equal(q.scales[1], Math.fround(Math.fround(47 / 16) / 255));
+  const back = dequantizeRows(q, 8);
+  for (let i = 0; i < row.length; i++) assert.ok(Math.abs(back[i] - row[i]) <= q.scales[i >> 5] / 2 + 1e-7, `weight ${i}: within half a step`);
 });
 
-test('int8: exact half-step ties round away from zero on both sides of it', () => {
-  // amax 127/16 makes the scale exactly 1/16, so these values sit exactly on ±0.5 and ±2.5 steps.
-  const row = new Float32Array(32);
-  row.set([127 / 16, -2.5 / 16, 2.5 / 16, -0.5 / 16, 0.5 / 16, -126.5 / 16]);
-  const q = quantizeRows(row, 1, 32, QUANT_SCHEMES.int8);
+test('int8: exact half-step ties round half to even', () => {
+  // A block spanning [−127.5/16, 127.5/16] has scale 1/16 and zero point 128 (127.5 rounds to even), so these values
+  // sit exactly on ±0.5, ±1.5 and ±2.5 steps.
+  const row = new Float32Array(64);
+  row.set([127.5 / 16, -127.5 / 16, -2.5 / 16, 2.5 / 16, -0.5 / 16, 0.5 / 16, 1.5 / 16, -1.5 / 16]);
+  const q = quantizeRows(row, 1, 64, QUANT_SCHEMES.int8);
   assert.equal(q.scales[0], 1 / 16);
-  assert.deepEqual([...q.data.subarray(0, 7)], [255, 125, 131, 127, 129, 1, 128]);
+  assert.equal(q.zeroPoints[0], 128);
+  assert.deepEqual([...q.data.subarray(0, 9)], [255, 0, 126, 130, 128, 128, 130, 126, 128]);
 });
 
 test('int8 from F16 bits: the same codes and scales as quantizing the widened matrix, partial and zero blocks included', () => {
@@ -36,7 +42,7 @@ test('int8 from F16 bits: the same codes and scales as quantizing the widened ma
     const halves = Uint16Array.from({ length: n * k }, (_, i) => f32ToF16(i % 7 === 0 ? 0 : r() * (i % 5 ? 0.05 : 3)));
     halves.fill(0, 32, 64); // an all-zero block
     halves[1] = f32ToF16(127 / 16); halves[2] = f32ToF16(-2.5 / 16); // a tie
-    halves[k + 3] = 0x7e00; // a NaN (in row 1's first block): skipped by amax, code 0, both ways
+    halves[k + 3] = 0x7e00; // a NaN (in row 1's first block): skipped by min and max, the value 0, both ways
     for (const s of Object.values(QUANT_SCHEMES)) {
       const want = quantizeRows(float16ToFloat32(halves), n, k, s);
       const got = quantizeRowsF16(halves, n, k, s);
@@ -123,15 +129,20 @@ test('a trailing partial block is padded, transpose turns Conv1D [in, out] into 
   const w = Float32Array.from({ length: 2 * 40 }, (_, i) => i / 80);
   const q = quantizeRows(w, 2, 40, QUANT_SCHEMES.int8);
   assert.equal(q.kBlocks, 2);
+  assert.ok([...q.data.subarray(32 + 8, 64)].every((c) => c === q.zeroPoints[1]), 'the padding is the value 0');
   const back = dequantizeRows(q, 8);
   for (let i = 0; i < w.length; i++) assert.ok(Math.abs(back[i] - w[i]) < 0.01);
   assert.deepEqual([...transpose(Float32Array.of(1, 2, 3, 4, 5, 6), 2, 3)], [1, 4, 2, 5, 3, 6]);
 });
 
 test('scheme keys and bytes per weight', () => {
-  assert.equal(schemeKey(QUANT_SCHEMES.int8), 'q8b32absmax');
+  assert.equal(schemeKey(QUANT_SCHEMES.int8), 'q8b32minmax');
+  assert.equal(schemeKey(quantScheme('int8', undefined, '64')), 'q8b64minmax', 'STRATA_INT8_BLOCK=64');
+  assert.equal(quantScheme('int8', 32, '64').blockSize, 32, 'an explicit block size wins');
+  assert.equal(quantScheme('int4', undefined, '64').blockSize, 32, 'int8 only');
+  assert.throws(() => quantScheme('int8', undefined, '48'), (e) => strataCode('quant_block_invalid')(e) && /STRATA_INT8_BLOCK/.test((e as Error).message));
   assert.equal(schemeKey(QUANT_SCHEMES.int4), 'q4b32asymf32e5');
-  assert.equal(bytesPerWeight('int8'), 1.125);
+  assert.equal(bytesPerWeight('int8'), 1.15625); // codes, a float32 scale and a zero-point byte per 32
   assert.equal(bytesPerWeight('int4'), 0.640625); // codes, a float32 scale and a 4-bit zero point per 32
   assert.equal(bytesPerWeight('float16'), 2);
 });
@@ -144,7 +155,7 @@ test('bad input: an unknown dtype, a device without the kernels, a bad scheme', 
   assert.throws(() => parseStageDType('int3'), (e) => strataCode('dtype_invalid')(e) && /float32, float16, int8, int4/.test((e as Error).message));
   assert.doesNotThrow(() => checkQuantKernels('webgpu', QUANT_SCHEMES.int4));
   assert.throws(() => checkQuantKernels('coreml', QUANT_SCHEMES.int8), (e) => strataCode('quant_kernel_unavailable')(e) && /--dtype float32/.test((e as Error).message));
-  assert.throws(() => quantizeRows(new Float32Array(24), 1, 24, { bits: 8, blockSize: 24, rounding: 'absmax' }), strataCode('quant_block_invalid'));
+  assert.throws(() => quantizeRows(new Float32Array(24), 1, 24, { bits: 8, blockSize: 24, rounding: 'minmax' }), strataCode('quant_block_invalid'));
 });
 
 test('BioMedLM-shaped on 2 workers at int8: weights ≤ 30 % of float32, computed from the stage graphs and the planner', async () => {
@@ -161,7 +172,7 @@ test('BioMedLM-shaped on 2 workers at int8: weights ≤ 30 % of float32, compute
   const [f32, i8, i4] = [graphBytes('float32'), graphBytes('int8'), graphBytes('int4')];
   i8.forEach((b, i) => assert.ok(b / f32[i] <= 0.3, `stage ${i}: int8 ${b} bytes is ${(b / f32[i]).toFixed(3)} of float32`));
   i4.forEach((b, i) => assert.ok(b / f32[i] <= 0.17, `stage ${i}: int4 ${(b / f32[i]).toFixed(3)} of float32`));
-  // The planner's memory model (1.125 bytes per int8 weight) stays within 1 % of the graphs.
+  // The planner's memory model (1.156 bytes per int8 weight) stays within 1 % of the graphs.
   const planned = planPartition(spec, workers, { dtype: 'int8' }).stages.map((s) => s.paramBytes);
   planned.forEach((b, i) => assert.ok(Math.abs(b - i8[i]) / i8[i] < 0.01, `stage ${i}: planner ${b} vs graph ${i8[i]}`));
 });

@@ -25,8 +25,8 @@ export function linear(ctx: StageContext, x: string, w: WeightRef, b: WeightRef 
   if (!isQuantized(dtype)) return ctx.g.o('Gemm', b ? [x, ctx.W(w), ctx.W(b)] : [x, ctx.W(w)], conv1d ? {} : { transB: 1 });
   const q = quantizedWeight(ctx, w, conv1d, dtype);
   const { bits, blockSize } = quantScheme(dtype, ctx.opts.quantBlockSize);
-  // Inputs: A, B, scales, zero_points (int4's own; int8: none, implicit 128), g_idx (deprecated), bias (stays float32).
-  const inputs = b ? [x, q.data, q.scales, q.zeroPoints, '', ctx.W(b)] : q.zeroPoints ? [x, q.data, q.scales, q.zeroPoints] : [x, q.data, q.scales];
+  // Inputs: A, B, scales, zero_points (each block's own), g_idx (deprecated), bias (stays float32).
+  const inputs = b ? [x, q.data, q.scales, q.zeroPoints, '', ctx.W(b)] : [x, q.data, q.scales, q.zeroPoints];
   return ctx.g.o('MatMulNBits', inputs, { K: q.k, N: q.n, bits, block_size: blockSize, accuracy_level: 4 }, 'com.microsoft');
 }
 
@@ -42,8 +42,7 @@ export function gatherRows(ctx: StageContext, table: WeightRef, ids: string): st
   const { bits, blockSize } = quantScheme(dtype, ctx.opts.quantBlockSize);
   // GatherBlockQuantized wants the codes 2-D: the same bytes as MatMulNBits's [N, blocks, blob], viewed [N, blocks·blob].
   const rows = ctx.g.weightView(`${q.data}.rows`, q.data, [q.n, q.kBlocks * q.blob]);
-  const inputs = q.zeroPoints ? [rows, ids, q.scales, q.zeroPoints] : [rows, ids, q.scales];
-  const out = ctx.g.o('GatherBlockQuantized', inputs, { bits, block_size: blockSize, gather_axis: 0, quantize_axis: 1 }, 'com.microsoft');
+  const out = ctx.g.o('GatherBlockQuantized', [rows, ids, q.scales, q.zeroPoints], { bits, block_size: blockSize, gather_axis: 0, quantize_axis: 1 }, 'com.microsoft');
   // A row narrower than whole blocks (the demo model's 16 against 32) comes back padded to whole blocks: cut it to D.
   return q.k % blockSize ? ctx.g.o('Slice', [out, ctx.g.constInt64([0]), ctx.g.constInt64([q.k]), ctx.g.constInt64([-1])]) : out;
 }
@@ -51,7 +50,7 @@ export function gatherRows(ctx: StageContext, table: WeightRef, ids: string): st
 interface QuantizedWeight {
   data: string;
   scales: string;
-  /** 4 bits: the packed zero points ('' for 8 bits). MatMulNBits and GatherBlockQuantized read the same layout. */
+  /** The zero points (8 bits: [N, kBlocks]; 4 bits: two a byte). MatMulNBits and GatherBlockQuantized read the same layout. */
   zeroPoints: string;
   n: number;
   k: number;
@@ -78,16 +77,15 @@ function quantizedWeight(ctx: StageContext, w: WeightRef, conv1d: boolean, dtype
   const stream = streamQuantized(ctx, w, n, k, scheme, conv1d);
   const data = ctx.g.weight(`${w.key}.q${scheme.bits}`, ElemType.UINT8, [n, kBlocks, blob], () => stream?.codes() ?? get().data);
   // The sink reads each initializer's bytes as it is added, in this order: the matrix is dropped after the last one.
-  const last = scheme.bits === 4 ? 'zeroPoints' : 'scales';
-  const release = <T>(part: 'scales' | 'zeroPoints', bytes: T): T => {
-    if (part === last) q = null;
-    return bytes;
-  };
   const scales = ctx.g.weight(`${w.key}.q${scheme.bits}.scales`, ElemType.FLOAT, [n, kBlocks], () => {
     const s = stream?.scales() ?? get().scales;
-    return release('scales', new Uint8Array(s.buffer, s.byteOffset, s.byteLength));
+    return new Uint8Array(s.buffer, s.byteOffset, s.byteLength);
   });
-  const zeroPoints = scheme.bits === 4 ? ctx.g.weight(`${w.key}.q4.zp`, ElemType.UINT8, [n, Math.ceil(kBlocks / 2)], () => release('zeroPoints', stream ? (stream as Int4Stream).zeroPoints() : get().zeroPoints!)) : '';
+  const zeroPoints = ctx.g.weight(`${w.key}.q${scheme.bits}.zp`, ElemType.UINT8, [n, scheme.bits === 8 ? kBlocks : Math.ceil(kBlocks / 2)], () => {
+    const z = stream?.zeroPoints() ?? get().zeroPoints;
+    q = null;
+    return z;
+  });
   return { data, scales, zeroPoints, n, k, kBlocks, blob };
 }
 
