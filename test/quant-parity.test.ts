@@ -210,6 +210,15 @@ describe('quantized stage cache and bad checkpoints', () => {
     assert.deepEqual(JSON.parse(readFileSync(join(a.path, '..', 'meta.json'), 'utf8')).quant, { bits: 8, blockSize: 32, rounding: 'minmax' });
     // Bigger blocks: fewer scales and zero points; int4 halves the codes.
     assert.ok(b64.paramBytes < a.paramBytes && i4.paramBytes < a.paramBytes && a.paramBytes < f32.paramBytes / 2);
+    // STRATA_INT8_BLOCK=64 where the graph is built: the same graph as the explicit block size.
+    process.env.STRATA_INT8_BLOCK = '64';
+    try {
+      const byEnv = prepareStage(dir, range, { dtype: 'int8', cacheDir });
+      assert.equal(byEnv.path, b64.path);
+      assert.equal(byEnv.built, false);
+    } finally {
+      delete process.env.STRATA_INT8_BLOCK;
+    }
     assert.throws(() => prepareStage(dir, range, { dtype: 'int8', cacheDir, quantBlockSize: 48 }), code('quant_block_invalid'));
   });
 
