@@ -52,7 +52,7 @@
         (local.set $scale (f32.div (f32.sub (f32x4.extract_lane 0 (local.get $hi)) (f32x4.extract_lane 0 (local.get $lo))) (f32.const 255)))
         (f32.store (local.get $scales) (local.get $scale))
         (local.set $inv (call $inverse (local.get $scale)))
-        ;; the zero point: lane 0 of roundEven(−lo · inv), clamped to 0…255 by the saturating narrows below
+        ;; the zero point: lane 0 of roundEven(−lo · inv) (a NaN truncates to 0), clamped to 0…255
         (local.set $zero (i32x4.splat (i32x4.extract_lane 0
           (i32x4.trunc_sat_f32x4_s (f32x4.nearest (f32x4.mul (f32x4.neg (local.get $lo)) (local.get $inv)))))))
         (local.set $zero (i32x4.min_s (i32x4.max_s (local.get $zero) (v128.const i32x4 0 0 0 0)) (v128.const i32x4 255 255 255 255)))
