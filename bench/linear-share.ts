@@ -89,17 +89,20 @@ export interface LinearShare {
   withoutLinearsMs: number;
   /** stepMs − withoutLinearsMs: the linear layers' time inside the step. */
   linearsMs: number;
-  samples: { stepMs: number[]; withoutLinearsMs: number[] };
+  /** Given `altBlock`: the same one-row step with the weights in blocks of that size, in the same rounds. */
+  alt?: { blockSize: number; stepMs: number };
+  samples: { stepMs: number[]; withoutLinearsMs: number[]; altStepMs?: number[] };
 }
 
 const CHILD = join(dirname(fileURLToPath(import.meta.url)), 'linear-share-child.ts');
 
 /** Runs bench/linear-share-child.ts in a process of its own (ORT's runs block the event loop they run on). */
-export function measureLinearShare(model: string, dtype: StageDType, threads: number, rounds: number, cacheDir?: string): LinearShare {
-  const r = spawnSync(process.execPath, ['--import', 'tsx', CHILD, JSON.stringify({ model, dtype, threads, rounds, steps: 24, cacheDir })], { encoding: 'utf8', maxBuffer: 16 << 20 });
+export function measureLinearShare(model: string, dtype: StageDType, threads: number, rounds: number, cacheDir?: string, altBlock?: number): LinearShare {
+  const r = spawnSync(process.execPath, ['--import', 'tsx', CHILD, JSON.stringify({ model, dtype, threads, rounds, steps: 24, cacheDir, altBlock })], { encoding: 'utf8', maxBuffer: 16 << 20 });
   const line = r.stdout.trim().split('\n').at(-1) ?? '';
   if (r.status !== 0 || !line.startsWith('{')) throw new StrataError('bench_flag_invalid', `the linear-share child failed: ${r.stderr.slice(-2000)}`);
   const samples = JSON.parse(line) as LinearShare['samples'];
   const [stepMs, withoutLinearsMs] = [median(samples.stepMs), median(samples.withoutLinearsMs)];
-  return { dtype, stepMs, withoutLinearsMs, linearsMs: stepMs - withoutLinearsMs, samples };
+  const alt = altBlock && samples.altStepMs ? { blockSize: altBlock, stepMs: median(samples.altStepMs) } : undefined;
+  return { dtype, stepMs, withoutLinearsMs, linearsMs: stepMs - withoutLinearsMs, ...(alt ? { alt } : {}), samples };
 }

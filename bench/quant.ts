@@ -15,6 +15,7 @@ import { LLAMA_WEIGHTS, runLlamaBench } from './llama.ts';
 import { renderAccuracy, runQuantAccuracy, type AccuracyReport } from './quant-accuracy.ts';
 import { measureLinearShare, type LinearShare } from './linear-share.ts';
 import { isQuantized } from '../model/dtype.ts';
+import { quantScheme } from '../model/quantize.ts';
 
 /**
  * `strata bench --suite quant`: memory and decode speed of each stage dtype on one worker, the float32 graph
@@ -191,12 +192,14 @@ export async function runQuantBench(o: QuantBenchOptions, launch: ClusterLaunche
     // What bounds batch 1: the linear layers' time inside the step, against llama.cpp's whole step at that width.
     const linears = dtypes.filter(isQuantized).map((d) => {
       progress.phase(`timing ${d}'s linear layers inside its one-row step`);
-      return measureLinearShare(model.dir, d, threads, Math.max(4, 2 * o.repeats), o.cacheDir);
+      // int8 also in blocks of 64 (STRATA_INT8_BLOCK=64), in the same rounds: what the option buys at batch 1.
+      return measureLinearShare(model.dir, d, threads, Math.max(4, 2 * o.repeats), o.cacheDir, d === 'int8' && quantScheme('int8').blockSize !== 64 ? 64 : undefined);
     });
     for (const s of linears) {
       const l = llamaRows.find((x) => x.weights === LLAMA_WEIGHTS[s.dtype]);
       // < 1: the linear layers alone take longer than llama.cpp's whole step.
       if (l) ratios[`${s.dtype}.linearsAloneVsLlamaStep.${l.weights}`] = ratio(l.batch1MsPerToken, s.linearsMs);
+      if (s.alt) ratios[`${s.dtype}.block${s.alt.blockSize}OneRowSpeedup`] = ratio(s.stepMs, s.alt.stepMs);
     }
     const accuracy = anchors && o.model ? await runQuantAccuracy({ model: o.model, anchors, threads, log: (m) => progress.phase(m) }) : null;
     return {
@@ -226,7 +229,8 @@ export function renderQuantReport(r: QuantBenchReport, outDir: string): string {
     ...r.llama.map((x) => `${('llama ' + x.weights).padEnd(9)} ${mib(x.fileBytes).padEnd(11)} ${'(file)'.padEnd(15)} ${x.batch1MsPerToken.toFixed(2).padStart(16)}  ${x.aggregateDecodeTokS.toFixed(1).padStart(14)}`),
     ...(r.linears ?? []).map((s) => {
       const l = r.llama.find((x) => x.weights === LLAMA_WEIGHTS[s.dtype]);
-      return `${s.dtype} one-row step in process ${s.stepMs.toFixed(2)} ms = linear layers ${s.linearsMs.toFixed(2)} + the rest ${s.withoutLinearsMs.toFixed(2)}${l ? ` (llama ${l.weights}'s whole step: ${l.batch1MsPerToken.toFixed(2)} ms)` : ''}`;
+      const alt = s.alt ? `; in blocks of ${s.alt.blockSize} (STRATA_INT8_BLOCK=${s.alt.blockSize}) ${s.alt.stepMs.toFixed(2)} ms, ×${ratio(s.stepMs, s.alt.stepMs).toFixed(2)}` : '';
+      return `${s.dtype} one-row step in process ${s.stepMs.toFixed(2)} ms = linear layers ${s.linearsMs.toFixed(2)} + the rest ${s.withoutLinearsMs.toFixed(2)}${l ? ` (llama ${l.weights}'s whole step: ${l.batch1MsPerToken.toFixed(2)} ms)` : ''}${alt}`;
     }),
     'ratios: ' + Object.entries(r.ratios).map(([k, v]) => `${k} ×${v.toFixed(2)}`).join(', '),
   ];

@@ -53,12 +53,15 @@ test('the copy without linear layers swaps every MatMulNBits and the quantized t
   }
 });
 
-test('measureLinearShare runs both graphs in a child process and leaves no copy behind', () => {
+test('measureLinearShare runs both graphs in a child process and leaves no copy behind; given a block size, that graph too', () => {
   const model = fixtureDir('gpt2-tiny');
-  const s = measureLinearShare(model, 'int8', 1, 1, testCacheDir());
+  const s = measureLinearShare(model, 'int8', 1, 1, testCacheDir(), 64);
   assert.equal(s.samples.stepMs.length, 24);
   assert.equal(s.samples.withoutLinearsMs.length, 24);
+  assert.equal(s.samples.altStepMs?.length, 24);
   assert.ok(s.stepMs > 0 && s.withoutLinearsMs > 0 && Number.isFinite(s.linearsMs));
+  assert.ok(s.alt && s.alt.blockSize === 64 && s.alt.stepMs > 0);
+  assert.ok(prepareStage(model, { first: 0, last: loadModelSpec(model).blocks }, { dtype: 'int8', rows: 1, cacheDir: testCacheDir(), quantBlockSize: 64 }).built === false, 'the child built the block-64 graph into the cache');
   const prepared = prepareStage(model, { first: 0, last: loadModelSpec(model).blocks }, { dtype: 'int8', rows: 1, cacheDir: testCacheDir() });
   assert.equal(existsSync(`${dirname(prepared.path)}-no-linears`), false);
 });
