@@ -16,8 +16,6 @@ import { prepareAndOpen, type PrepareOptions, type PreparedStage } from './stage
  * so a session's tokens do not depend on which graph ran it (test/batch1-graph.test.ts). Which stages hold one
  * (STRATA_BATCH1_GRAPH): model/memory.ts, holdsBatch1Graph, the same decision the memory model counts.
  */
-export { BATCH1_GRAPH_MAX_BYTES, batch1GraphUsed } from './memory.ts';
-
 /**
  * Opens the one-row graph of a stage whose batch graph `main` is open, when holdsBatch1Graph says so:
  * built or taken from the stage cache like any stage graph (its own cache entry, rows 1). Its build reports text

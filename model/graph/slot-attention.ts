@@ -218,21 +218,27 @@ function hostSlotAttention(ctx: BlockContext, plan: Rows, q3: string, k3: string
     const sc = g.o('FusedMatMul', [q, b], { transB: 1 }, 'com.microsoft');
     return half ? g.o('Cast', [sc], { to: F32 }) : sc;
   };
-  // Row r's attention over its slot and its new tokens: q, k, vv [1,H,T,hd] → context [1,T,H,hd].
-  const attend = (r: number, q: string, k: string, vv: string): string => {
+  /**
+   * Row r's probabilities over [its slot | the new tokens], split in two: q [1,H,T,hd], sNew its masked scores
+   * against the new keys [1,H,T,T]. The same nodes run a row alone (attend) and in a batch (everyRow).
+   */
+  const rowProbs = (r: number, q: string, sNew: string): string[] => {
     const p = plan.rows[r];
-    const { pk, pv } = past[r];
-    const all = g.o('Concat', [g.o('Where', [p.pastAllowed, scores(q, pk), masked]), g.o('Where', [plan.newAllowed, scores(q, k), masked])], { axis: 3 });
+    const all = g.o('Concat', [g.o('Where', [p.pastAllowed, scores(q, past[r].pk), masked]), sNew], { axis: 3 });
     let probs = g.o('Softmax', [all], { axis: -1 });
     if (half) probs = g.o('Cast', [probs], { to: ACT });
-    const [pPast, pNew] = g.op('Split', [probs, p.probSplit], { axis: 3 }, 2);
-    const out = g.o('Add', [g.o('MatMul', [pPast, pv]), g.o('MatMul', [pNew, vv])]); // [1,H,T,hd]
+    return g.op('Split', [probs, p.probSplit], { axis: 3 }, 2);
+  };
+  // Row r's attention over its slot and its new tokens: q, k, vv [1,H,T,hd] → context [1,T,H,hd].
+  const attend = (r: number, q: string, k: string, vv: string): string => {
+    const [pPast, pNew] = rowProbs(r, q, g.o('Where', [plan.newAllowed, scores(q, k), masked]));
+    const out = g.o('Add', [g.o('MatMul', [pPast, past[r].pv]), g.o('MatMul', [pNew, vv])]); // [1,H,T,hd]
     return g.o('Transpose', [out], { perm: [0, 2, 1, 3] });
   };
   const flatRows = (t: string) => g.o('Reshape', [t, g.constInt64([-1, D])]); // [B·T, D]
   // Batches of two or more: only the ragged part runs per row, each row's scores over its own slot and the softmax
   // over [past | new]; the new tokens' scores, their value product, the sum and the layout are one node each for the
-  // whole batch. A row computes exactly what attend() does (the same products at the same shapes, the same softmax),
+  // whole batch. A row computes exactly what attend() does (rowProbs, then the same products at the same shapes),
   // so a session's values do not depend on what it is batched with: a replay after a fault, batched differently,
   // stays bit-identical. 6 nodes per row and 14 per layer instead of 17 per row: at 8 rows 62 nodes a layer, not 139.
   const everyRow = (): string => {
@@ -240,13 +246,9 @@ function hostSlotAttention(ctx: BlockContext, plan: Rows, q3: string, k3: string
     // Each graph row's q and new scores, [1,H,T,…]: one Gather and one Split for all rows (an idle row reads row B−1).
     const byRow = (t: string) => g.op('Split', [g.o('Gather', [t, plan.rowIndex], { axis: 0 })], { axis: 0, num_outputs: plan.rows.length }, plan.rows.length);
     const [qRows, sRows] = [byRow(qh), byRow(sNew)];
-    const parts = plan.rows.map((p, r) => {
-      const { pk, pv } = past[r];
-      const all = g.o('Concat', [g.o('Where', [p.pastAllowed, scores(qRows[r], pk), masked]), sRows[r]], { axis: 3 });
-      let probs = g.o('Softmax', [all], { axis: -1 });
-      if (half) probs = g.o('Cast', [probs], { to: ACT });
-      const [pPast, pNew] = g.op('Split', [probs, p.probSplit], { axis: 3 }, 2);
-      return { out: g.o('MatMul', [pPast, pv]), pNew };
+    const parts = plan.rows.map((_, r) => {
+      const [pPast, pNew] = rowProbs(r, qRows[r], sRows[r]);
+      return { out: g.o('MatMul', [pPast, past[r].pv]), pNew };
     });
     const batchRows = (ts: string[]) => g.o('Slice', [g.o('Concat', ts, { axis: 0 }), zero, plan.batch, zero]); // [B,…]
     // float16 (the host slots CUDA runs): the new tokens' value product stays per row. Batched, ORT's float16 MatMul
