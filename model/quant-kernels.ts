@@ -217,10 +217,6 @@ export function int8Stream(read: (from: number, into: Uint8Array) => void, width
   const scales = out?.scales ?? new Float32Array((n * k) / blockSize);
   const zeroPoints = out?.zeroPoints ?? new Uint8Array((n * k) / blockSize);
   let done = false;
-  const finished = <T>(part: T): T => {
-    if (!done) throw new Error('int8Stream: scales and zero points asked for before the last piece of the codes');
-    return part;
-  };
   return {
     *codes() {
       const rows = Math.max(1, Math.floor(CHUNK_BYTES / (k * width)));
@@ -240,9 +236,15 @@ export function int8Stream(read: (from: number, into: Uint8Array) => void, width
       }
       done = true;
     },
-    scales: () => finished(scales),
-    zeroPoints: () => finished(zeroPoints),
+    scales: () => afterLastPiece('int8Stream', done, scales),
+    zeroPoints: () => afterLastPiece('int8Stream', done, zeroPoints),
   };
+}
+
+/** A stream's scales or zero points, which are complete only once its last piece of codes was taken. */
+function afterLastPiece<T>(stream: string, done: boolean, part: T): T {
+  if (!done) throw new Error(`${stream}: scales and zero points asked for before the last piece of the codes`);
+  return part;
 }
 
 /** int8Stream over a matrix in memory, into `data` [n·k], `scales` and `zeroPoints`; false where the kernels cannot take it. */
@@ -279,10 +281,6 @@ export function int4Stream(read: (from: number, into: Uint8Array) => void, width
   const scales = out?.scales ?? new Float32Array(n * kBlocks);
   const zeroPoints = out?.zeroPoints ?? new Uint8Array(n * zpBytes);
   let done = false;
-  const finished = <T>(part: T): T => {
-    if (!done) throw new Error('int4Stream: scales and zero points asked for before the last piece of the codes');
-    return part;
-  };
   return {
     *codes() {
       const rows = Math.max(1, Math.floor(CHUNK_BYTES / (k * 4)));
@@ -306,8 +304,8 @@ export function int4Stream(read: (from: number, into: Uint8Array) => void, width
       }
       done = true;
     },
-    scales: () => finished(scales),
-    zeroPoints: () => finished(zeroPoints),
+    scales: () => afterLastPiece('int4Stream', done, scales),
+    zeroPoints: () => afterLastPiece('int4Stream', done, zeroPoints),
   };
 }
 

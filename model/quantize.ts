@@ -51,7 +51,7 @@ export function quantScheme(dtype: QuantDType, blockSize?: number, int8Block = p
   let byDefault: number = QUANT_SCHEMES[dtype].blockSize;
   if (dtype === 'int8' && int8Block) {
     byDefault = Number(int8Block);
-    if (!(byDefault >= 16 && (byDefault & (byDefault - 1)) === 0)) throw new StrataError('quant_block_invalid', `STRATA_INT8_BLOCK must be a power of two ≥ 16, e.g. 64, or unset for 32 (got ${JSON.stringify(int8Block)})`);
+    if (!isBlockSize(byDefault)) throw new StrataError('quant_block_invalid', `STRATA_INT8_BLOCK must be a power of two ≥ 16, e.g. 64, or unset for 32 (got ${JSON.stringify(int8Block)})`);
   }
   const s: QuantScheme = { ...QUANT_SCHEMES[dtype], blockSize: blockSize ?? byDefault };
   checkScheme(s);
@@ -74,10 +74,13 @@ export interface QuantizedMatrix {
   blob: number;
 }
 
+/** A block size MatMulNBits takes: a power of two ≥ 16. */
+const isBlockSize = (n: number): boolean => n >= 16 && (n & (n - 1)) === 0;
+
 export function checkScheme(s: QuantScheme): void {
   if ((s.bits === 8) !== (s.rounding === 'minmax')) throw new StrataError('quant_bits_invalid', `quantization: ${s.bits}-bit weights use ${s.bits === 8 ? 'minmax' : 'asymf32e5'} rounding`);
   if (s.bits !== 4 && s.bits !== 8) throw new StrataError('quant_bits_invalid', `quantization bits must be 4 or 8 (got ${s.bits})`);
-  if (!(s.blockSize >= 16 && (s.blockSize & (s.blockSize - 1)) === 0)) {
+  if (!isBlockSize(s.blockSize)) {
     throw new StrataError('quant_block_invalid', `quantization block size must be a power of two ≥ 16, as MatMulNBits requires (got ${s.blockSize})`);
   }
 }
