@@ -108,6 +108,8 @@ export interface LoadBenchReport {
   threadsPerWorker: number;
   kvBudgetMb: number;
   rawRead: ReadTiming;
+  /** How fast this host backs memory touched for the first time: what a quantized stage's ORT load writes into. */
+  newMemory: NewMemoryRate;
   firstStart: StartReport & { vsRawRead: number };
   /**
    * vsCachedRead: a stage's start over reading its own weights alone; vsAllCachedReads: the slowest stage over reading
@@ -125,6 +127,30 @@ export interface LoadBenchReport {
 export function dropPageCache(): boolean {
   const r = spawnSync('sh', ['-c', 'sync && echo 3 > /proc/sys/vm/drop_caches'], { stdio: 'ignore' });
   return r.status === 0;
+}
+
+export interface NewMemoryRate {
+  bytes: number;
+  /** GB/s writing memory the process never touched before, and writing the same memory again. */
+  firstTouchGbPerSec: number;
+  againGbPerSec: number;
+}
+
+const NEW_MEMORY_SCRIPT = `const n = Number(process.argv[1]); const b = Buffer.alloc(n); const t = () => Number(process.hrtime.bigint()) / 1e9;
+let t0 = t(); b.fill(1); const first = t() - t0; t0 = t(); b.fill(2); const again = t() - t0;
+process.stdout.write(JSON.stringify({ first, again }));`;
+
+/**
+ * Writes `bytes` of new memory in a child process, then the same memory again. ORT packs a stage's weights (every
+ * quantized one) into new memory while it loads it, so where a VM backs fresh pages slowly (a host fault per page:
+ * 0.5–2 GB/s on these VMs, against 7–10 GB/s for memory already backed) a cache hit is bound by that rate, not by
+ * the disk (bench/RESULTS.md, "What bounds the targets still missed"). A child, so the bench keeps none of it.
+ */
+export function newMemoryRate(bytes = 2 ** 29): NewMemoryRate {
+  const r = spawnSync(process.execPath, ['-e', NEW_MEMORY_SCRIPT, String(bytes)], { encoding: 'utf8' });
+  if (r.status !== 0) throw new StrataError('bench_memory_failed', `measuring new memory failed: ${r.stderr.trim() || `exit ${r.status}`}`);
+  const { first, again } = JSON.parse(r.stdout) as { first: number; again: number };
+  return { bytes, firstTouchGbPerSec: bytes / first / 1e9, againGbPerSec: bytes / again / 1e9 };
 }
 
 /** Reads the files once with `cat > /dev/null` (a child process: the read is the kernel's, not Node's). */
@@ -271,6 +297,8 @@ export async function runLoadBench(o: LoadBenchOptions, launch: LoadLauncher, pr
 
     // 4. Each stage's cached files read once (cold), then a start from that cache (cold).
     const reads = first.report.stages.map((s) => timedSpans(cachedSpans(stageCache, fingerprint, s.blocks), cold));
+    const newMemory = newMemoryRate();
+    progress.phase(`new memory: ${newMemory.firstTouchGbPerSec.toFixed(2)} GB/s on first touch, ${newMemory.againGbPerSec.toFixed(2)} GB/s again`);
     if (cold) dropPageCache();
     progress.phase('cache-hit start');
     const recoveries: number[] = [];
@@ -298,7 +326,7 @@ export async function runLoadBench(o: LoadBenchOptions, launch: LoadLauncher, pr
     return {
       suite: 'load', startedAt, machine: machineInfo(),
       model: { preset, family: shape.family, blocks: shape.blocks, dModel: shape.dModel, params, dir: ckpt.dir, ckptDtype, shards: ckpt.shards.length, bytes: ckpt.bytes, writeMs },
-      dtype, workers: o.workers, threadsPerWorker: threads, kvBudgetMb, rawRead,
+      dtype, workers: o.workers, threadsPerWorker: threads, kvBudgetMb, rawRead, newMemory,
       firstStart: { ...first.report, vsRawRead: first.report.stageMs / rawRead.ms },
       cacheHit: { ms: hit.report.ms, stageMs: hit.report.stageMs, vsAllCachedReads: hit.report.stageMs / reads.reduce((n, x) => n + x.ms, 0), stages: hit.report.stages.map((s, i) => ({ ...s, cachedRead: reads[i], vsCachedRead: s.totalMs / reads[i].ms })) },
       decode: { promptTokens: o.promptTokens, newTokens: o.newTokens, ...decode },
@@ -372,6 +400,7 @@ export function renderLoadReport(r: LoadBenchReport, outDir: string): string {
     `first start (no cache): stages serving ${s(r.firstStart.stageMs)} after configure = ×${r.firstStart.vsRawRead.toFixed(2)} of the raw read (bound ×${r.bounds.firstStartX}); ${s(r.firstStart.ms)} from process launch`,
     ...r.firstStart.stages.map((x) => `  stage [${x.blocks.join(', ')}): build ${s(x.buildMs)} + ORT load ${s(x.loadMs)}; weights ${gib(x.weightBytes)}, peak RSS ${gib(x.peakRssBytes)} (×${x.peakRssVsWeights.toFixed(2)} of weights), planner's worst case ${gib(x.plannedBytes)} (×${x.plannedVsPeakRss.toFixed(2)} of this peak; --full-load measures it)`),
     `cache-hit start: stages serving ${s(r.cacheHit.stageMs)} after configure = ×${r.cacheHit.vsAllCachedReads.toFixed(2)} of reading every stage's cached weights once (one disk); ${s(r.cacheHit.ms)} from process launch`,
+    `  new memory on this host: ${r.newMemory.firstTouchGbPerSec.toFixed(2)} GB/s on first touch, ${r.newMemory.againGbPerSec.toFixed(2)} GB/s again (ORT's load packs the stage's weights into new memory)`,
     ...r.cacheHit.stages.map((x) => `  stage [${x.blocks.join(', ')}): ${s(x.totalMs)} vs reading its cached graph ${s(x.cachedRead.ms)} (${gib(x.cachedRead.bytes)}, ${x.cachedRead.cold ? 'cold' : 'warm'}) = ×${x.vsCachedRead.toFixed(2)} (bound ×${r.bounds.cacheHitX}); peak RSS ${gib(x.peakRssBytes)}, planner's worst case ×${x.plannedVsPeakRss.toFixed(2)} of it`),
     `first request after the first start: first token after ${s(r.decode.ttftMs)}, then ${r.decode.tokPerSec.toFixed(2)} tok/s decode (1 request, ${r.decode.promptTokens}-token prompt, ${r.decode.newTokens} new tokens)`,
   ];

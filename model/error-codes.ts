@@ -185,6 +185,7 @@ export const ERROR_CATALOGUE = {
   bench_read_failed: entry('internal'),
   bench_anchor_failed: entry('internal'),
   bench_cache_missing: entry('internal'),
+  bench_memory_failed: entry('internal'),
 
   // ---- raised only by tests (a stand-in transient failure) ----
   stage_unreachable: entry('unavailable'),

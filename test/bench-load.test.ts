@@ -59,6 +59,7 @@ test('strata bench --suite load on a tiny preset: starts, cache hit, memory, dec
     assert.ok(r.model.shards >= 2 && existsSync(join(r.model.dir, 'model.safetensors.index.json')));
     assert.equal(r.rawRead.cold, false);
     assert.ok(r.rawRead.bytes > 0 && r.rawRead.ms > 0);
+    assert.ok(r.newMemory.firstTouchGbPerSec > 0 && r.newMemory.againGbPerSec > 0, JSON.stringify(r.newMemory));
     assert.equal(r.firstStart.stages.length, 2);
     for (const s of r.firstStart.stages) {
       assert.equal(s.cached, false);
