@@ -1,5 +1,4 @@
-import { spawnSync } from 'node:child_process';
-import { mkdtempSync, readdirSync, rmSync, statSync } from 'node:fs';
+import { mkdtempSync, readdirSync, rmSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
 import { join } from 'node:path';
 import { loadModelSpec, type ModelSpec } from '../model/config.ts';
@@ -11,7 +10,7 @@ import { rangeLabel, type BlockRange } from '../model/range.ts';
 import { Checkpoint } from '../model/safetensors.ts';
 import { defaultCacheDir } from '../model/stage-cache.ts';
 import { embed, generate } from '../model/generation.ts';
-import { readSpans, stageWeightSpans, type WeightSpan } from '../model/stage-prefetch.ts';
+import { stageWeightSpans, type WeightSpan } from '../model/stage-prefetch.ts';
 import { RemotePipeline } from '../coordinator/remote-pipeline.ts';
 import { ensureShardedCheckpoint, type CkptDType } from './load-checkpoint.ts';
 import { resolveShape, type ShapeFlags } from './model.ts';
@@ -19,6 +18,7 @@ import { machineInfo } from './pipeline.ts';
 import type { Progress } from './progress.ts';
 import { runRecovery, type RecoveryReport } from './load-recover.ts';
 import { procStatusBytes } from './cpu.ts';
+import { dropPageCache, newMemoryRate, timedRead, timedSpans, type NewMemoryRate, type ReadTiming } from './host-probe.ts';
 
 /**
  * `strata bench --suite load`: how long a full-size checkpoint takes to serve, and what it holds in memory.
@@ -90,14 +90,6 @@ export interface StartReport {
   stages: StageLoad[];
 }
 
-export interface ReadTiming {
-  ms: number;
-  bytes: number;
-  mbPerSec: number;
-  /** The page cache was dropped before reading (false: some of it may have come from memory). */
-  cold: boolean;
-}
-
 export interface LoadBenchReport {
   suite: 'load';
   startedAt: string;
@@ -121,47 +113,6 @@ export interface LoadBenchReport {
   fullLoad: FullLoadReport | null;
   /** The issue's bounds: first start ≤ ×2 raw read, cache hit ≤ ×1.5 its stage's read, planner within 10 %. */
   bounds: { firstStartX: number; cacheHitX: number; plannerTolerance: number };
-}
-
-/** sync + drop the page cache (root only); false when not allowed, and the reads that follow are warm. */
-export function dropPageCache(): boolean {
-  const r = spawnSync('sh', ['-c', 'sync && echo 3 > /proc/sys/vm/drop_caches'], { stdio: 'ignore' });
-  return r.status === 0;
-}
-
-export interface NewMemoryRate {
-  bytes: number;
-  /** GB/s writing memory the process never touched before, and writing the same memory again. */
-  firstTouchGbPerSec: number;
-  againGbPerSec: number;
-}
-
-const NEW_MEMORY_SCRIPT = `const n = Number(process.argv[1]); const b = Buffer.alloc(n); const t = () => Number(process.hrtime.bigint()) / 1e9;
-let t0 = t(); b.fill(1); const first = t() - t0; t0 = t(); b.fill(2); const again = t() - t0;
-process.stdout.write(JSON.stringify({ first, again }));`;
-
-/**
- * Writes `bytes` of new memory in a child process, then the same memory again. ORT packs a stage's weights (every
- * quantized one) into new memory while it loads it, so where a VM backs fresh pages slowly (a host fault per page:
- * 0.5–2 GB/s on these VMs, against 7–10 GB/s for memory already backed) a cache hit is bound by that rate, not by
- * the disk (bench/RESULTS.md, "What bounds the targets still missed"). A child, so the bench keeps none of it.
- */
-export function newMemoryRate(bytes = 2 ** 29): NewMemoryRate {
-  const r = spawnSync(process.execPath, ['-e', NEW_MEMORY_SCRIPT, String(bytes)], { encoding: 'utf8' });
-  if (r.status !== 0) throw new StrataError('bench_memory_failed', `measuring new memory failed: ${r.stderr.trim() || `exit ${r.status}`}`);
-  const { first, again } = JSON.parse(r.stdout) as { first: number; again: number };
-  return { bytes, firstTouchGbPerSec: bytes / first / 1e9, againGbPerSec: bytes / again / 1e9 };
-}
-
-/** Reads the files once with `cat > /dev/null` (a child process: the read is the kernel's, not Node's). */
-export function timedRead(files: string[], cold: boolean): ReadTiming {
-  const dropped = cold ? dropPageCache() : false;
-  const bytes = files.reduce((n, f) => n + statSync(f).size, 0);
-  const t0 = performance.now();
-  const r = spawnSync('sh', ['-c', 'cat "$@" > /dev/null', 'cat', ...files], { stdio: ['ignore', 'ignore', 'pipe'] });
-  const ms = performance.now() - t0;
-  if (r.status !== 0) throw new StrataError('bench_read_failed', `cat ${files.join(' ')} failed: ${r.stderr}`);
-  return { ms, bytes, mbPerSec: bytes / 2 ** 20 / (ms / 1000), cold: dropped };
 }
 
 export const vmHwm = (pid: number): number => procStatusBytes(pid, 'VmHWM');
@@ -378,15 +329,6 @@ async function fullLoad(pipeline: RemotePipeline, cluster: LoadCluster, stages: 
       return { blocks: x.blocks, kvSlots: slots[i], peakRssBytes, plannedBytes: x.plannedBytes, plannedVsPeakRss: x.plannedBytes / peakRssBytes };
     }),
   };
-}
-
-/** Reads the spans once (the page cache dropped first when `cold`). */
-export function timedSpans(spans: WeightSpan[], cold: boolean): ReadTiming {
-  const dropped = cold ? dropPageCache() : false;
-  const t0 = performance.now();
-  const bytes = readSpans(spans);
-  const ms = performance.now() - t0;
-  return { ms, bytes, mbPerSec: bytes / 2 ** 20 / (ms / 1000), cold: dropped };
 }
 
 const gib = (b: number) => `${(b / 2 ** 30).toFixed(2)} GiB`;
